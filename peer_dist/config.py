@@ -1,0 +1,310 @@
+"""One config tree: dataclass defaults <- YAML file <- dotted command-line overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["model.peer.num_experts=65536", "train.steps=10"])
+
+Unknown keys, wrong types and invalid values raise ConfigError before anything is built; the
+message names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the config; the message says which and what is allowed."""
+
+
+@dataclass
+class PEERConfig:
+    num_experts: int = 65536  # N = n * n experts, n sub-keys per set
+    heads: int = 8  # h independent retrievals sharing the same expert tables
+    topk: int = 16  # k experts per head
+    d_key: int = 128  # query dim per head; each sub-key has d_key / 2 dims
+    activation: str = "gelu"  # gelu | relu
+    query_batchnorm: bool = True  # paper default
+    shared_keys: bool = False  # one sub-key pair shared by all heads (paper wording)
+    chunk_tokens: int = 4096  # tokens per chunk in the fallback u.x kernel
+
+    def validate(self, prefix: str = "model.peer") -> None:
+        n = math.isqrt(self.num_experts) if self.num_experts > 0 else 0
+        _check(n * n == self.num_experts and n > 0, f"{prefix}.num_experts", self.num_experts,
+               "a perfect square > 0 (N = n*n), e.g. 65536 or 1048576")
+        _check(self.heads >= 1, f"{prefix}.heads", self.heads, "an integer >= 1")
+        _check(1 <= self.topk <= n, f"{prefix}.topk", self.topk,
+               f"1 <= topk <= sqrt(num_experts) = {n}")
+        _check(self.d_key >= 2 and self.d_key % 2 == 0, f"{prefix}.d_key", self.d_key,
+               "an even integer >= 2")
+        _check(self.activation in ACTIVATIONS, f"{prefix}.activation", self.activation,
+               f"one of {list(ACTIVATIONS)}")
+        _check(self.chunk_tokens >= 1, f"{prefix}.chunk_tokens", self.chunk_tokens, ">= 1")
+
+
+ACTIVATIONS = ("gelu", "relu")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # byte-level tokenizer by default
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4  # attention heads
+    max_seq_len: int = 256
+    ffw_mult: int = 4  # dense FFW hidden = ffw_mult * dim
+    # Which blocks use PEER instead of the dense FFW: "middle" (the paper), "none", "all",
+    # or a comma-separated list of block indices such as "1,3".
+    peer_blocks: str = "middle"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    peer: PEERConfig = field(default_factory=PEERConfig)
+
+    def peer_block_ids(self) -> list[int]:
+        spec = self.peer_blocks.strip()
+        if spec == "middle":
+            return [self.n_layers // 2]
+        if spec == "none":
+            return []
+        if spec == "all":
+            return list(range(self.n_layers))
+        try:
+            ids = sorted({int(s) for s in spec.split(",") if s.strip()})
+        except ValueError:
+            ids = [-1]
+        if not ids or ids[0] < 0 or ids[-1] >= self.n_layers:
+            raise ConfigError(
+                f"model.peer_blocks={self.peer_blocks!r}: allowed are 'middle', 'none', 'all' or "
+                f"comma-separated block indices in [0, {self.n_layers - 1}]")
+        return ids
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffw_mult"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.dim % self.n_heads == 0 and (self.dim // self.n_heads) % 2 == 0,
+               "model.n_heads", self.n_heads,
+               f"a divisor of model.dim={self.dim} leaving an even head dim")
+        self.peer_block_ids()
+        self.peer.validate()
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/stdlib"  # a prepared shard folder (see peer-prepare)
+    # Raw text used when `path` does not exist yet: "stdlib" (this Python's own library source
+    # and docs, always present), or files / folders, comma-separated.
+    source: str = "stdlib"
+    tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizers JSON file
+    val_fraction: float = 0.01
+    max_bytes: int = 50_000_000  # cap on raw text read when preparing
+
+    def validate(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
+               "a fraction in (0, 1)")
+        _check(self.max_bytes > 0, "data.max_bytes", self.max_bytes, "> 0")
+
+
+STRATEGIES = ("auto", "fetch", "dispatch")
+BN_SYNC = ("global", "local")
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 0  # expert-parallel degree; 0 = the whole world (one table copy in all)
+    strategy: str = "auto"  # auto (cost model) | fetch | dispatch
+    balance_ids: bool = False  # permute expert ids e -> (a*e + c) mod N before choosing owners
+    bn_sync: str = "global"  # query BatchNorm statistics: global (all ranks) | local (per rank)
+
+    def validate(self) -> None:
+        _check(self.ep >= 0, "parallel.ep", self.ep, "0 (the whole world) or a divisor of it")
+        _check(self.strategy in STRATEGIES, "parallel.strategy", self.strategy,
+               f"one of {list(STRATEGIES)}")
+        _check(self.bn_sync in BN_SYNC, "parallel.bn_sync", self.bn_sync, f"one of {list(BN_SYNC)}")
+
+
+TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # dense part (AdamW through DeepSpeed)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    table_optimizer: str = "lazy_adam"  # lazy_adam | adagrad | dense_adam | sgd
+    table_lr: float = 0.0  # 0 = use lr; the tables follow the same schedule shape
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # global norm over dense and table gradients; 0 = off
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _check(self.table_lr >= 0, "optim.table_lr", self.table_lr, ">= 0 (0 = same as optim.lr)")
+        _check(self.table_optimizer in TABLE_OPTIMIZERS, "optim.table_optimizer",
+               self.table_optimizer, f"one of {list(TABLE_OPTIMIZERS)}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
+               "in [0, 1]")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 = off)")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               self.betas, "two numbers in [0, 1)")
+
+
+DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # sequences per rank per micro-batch
+    seq_len: int = 128
+    grad_accum: int = 1
+    zero_stage: int = 0
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto (from run_dir/latest if present) | never | a checkpoint path
+    run_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                    "eval_batches", "keep_last"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage,
+               "one of [0, 1, 2, 3]")
+        _check(self.dtype in DTYPES, "train.dtype", self.dtype, f"one of {list(DTYPES)}")
+        _check(self.ckpt_every >= 0, "train.ckpt_every", self.ckpt_every, ">= 0 (0 = end only)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        self.model.validate()
+        self.data.validate()
+        self.parallel.validate()
+        self.optim.validate()
+        self.train.validate()
+        _check(self.train.seq_len <= self.model.max_seq_len, "train.seq_len", self.train.seq_len,
+               f"<= model.max_seq_len={self.model.max_seq_len}")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: allowed is {allowed}")
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then `a.b.c=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        _merge(cfg, data, prefix="")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is invalid: allowed is key.path=value")
+        _set_dotted(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return cfg.validate()
+
+
+def _merge(node: Any, data: dict, prefix: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(node)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}: allowed keys under "
+                              f"{prefix.rstrip('.') or 'the top level'} are {sorted(names)}")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a mapping of {sorted(_field_names(current))}")
+            _merge(current, value, prefix=f"{full}.")
+        else:
+            setattr(node, key, _coerce(full, value, _field_type(node, key)))
+
+
+def _set_dotted(cfg: Config, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node: Any = cfg
+    walked = ""
+    for part in parents:
+        if part not in _field_names(node) or not dataclasses.is_dataclass(getattr(node, part)):
+            raise ConfigError(f"unknown config key {key!r}: {walked + part!r} is not a section; "
+                              f"allowed are {sorted(_field_names(node))}")
+        node = getattr(node, part)
+        walked += part + "."
+    _merge(node, {leaf: value}, prefix=walked)
+
+
+def _field_names(node: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _field_type(node: Any, key: str) -> Any:
+    return typing.get_type_hints(type(node))[key]
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} is invalid: allowed is a list of {len(args)} "
+                              f"numbers, e.g. [0.9, 0.95]")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}={value!r} has the wrong type: allowed is {tp.__name__}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (tuples as lists) so it can be loaded back."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(plain(to_dict(cfg)), sort_keys=False))

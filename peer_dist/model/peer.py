@@ -1,0 +1,124 @@
+"""The PEER layer (arXiv 2407.04153): product-key routing plus a million single-neuron experts.
+
+Shape legend: T = tokens, D = model dim, H = heads, K = topk per head, S = H * K,
+n = sqrt(N) sub-keys per set, Q = d_key (query dim per head).
+
+The layer has two halves with a narrow seam between them, so that parallelism can swap one:
+  router:  x (T, D) -> ids (T, S) int64, gates (T, S)   replicated on every rank
+  experts: (x, ids, gates) -> y (T, D)                  single-process here, sharded in parallel/
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peer_dist.config import PEERConfig
+from peer_dist.model.kernels import peer_mix
+
+INIT_BLOCK_ROWS = 16384
+
+
+def init_rows(seed: int, start: int, stop: int, dim: int, std: float,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows [start, stop) of an N x dim table drawn from normal(0, std).
+
+    Row r's value depends only on (seed, r): the table is generated in fixed blocks of
+    INIT_BLOCK_ROWS rows, each from its own generator, so a shard can be initialised to exactly
+    the single-process rows without building the whole table.
+    """
+    out = torch.empty(max(stop - start, 0), dim, dtype=dtype)
+    block = start // INIT_BLOCK_ROWS
+    while block * INIT_BLOCK_ROWS < stop:
+        b0 = block * INIT_BLOCK_ROWS
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2**63 - 1))
+        rows = torch.randn(INIT_BLOCK_ROWS, dim, generator=gen).mul_(std)
+        lo, hi = max(start, b0), min(stop, b0 + INIT_BLOCK_ROWS)
+        out[lo - start:hi - start] = rows[lo - b0:hi - b0]
+        block += 1
+    return out
+
+
+class ProductKeyRouter(nn.Module):
+    """Query network, optional BatchNorm, per-head (or shared) sub-keys; exact top-k."""
+
+    def __init__(self, dim: int, cfg: PEERConfig):
+        super().__init__()
+        self.heads, self.topk, self.d_key = cfg.heads, cfg.topk, cfg.d_key
+        self.n = math.isqrt(cfg.num_experts)
+        self.query = nn.Linear(dim, cfg.heads * cfg.d_key, bias=False)
+        self.norm = nn.BatchNorm1d(cfg.heads * cfg.d_key) if cfg.query_batchnorm else nn.Identity()
+        key_sets = 1 if cfg.shared_keys else cfg.heads
+        # (key_sets, 2, n, Q/2): two sub-key sets per head, PKM's uniform(+-1/sqrt(Q/2)) init
+        bound = 1.0 / math.sqrt(cfg.d_key // 2)
+        self.sub_keys = nn.Parameter(
+            torch.empty(key_sets, 2, self.n, cfg.d_key // 2).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, D) -> ids (T, H*K) int64, gates (T, H*K) softmax over each head's K."""
+        t = x.shape[0]
+        q = self.norm(self.query(x)).view(t, self.heads, 2, self.d_key // 2)
+        keys = self.sub_keys.expand(self.heads, -1, -1, -1)  # (H, 2, n, Q/2)
+        s1 = torch.einsum("thq,hnq->thn", q[:, :, 0], keys[:, 0])  # (T, H, n)
+        s2 = torch.einsum("thq,hnq->thn", q[:, :, 1], keys[:, 1])
+        v1, i1 = s1.topk(self.topk, dim=-1)  # (T, H, K)
+        v2, i2 = s2.topk(self.topk, dim=-1)
+        cand = (v1[..., :, None] + v2[..., None, :]).flatten(-2)  # (T, H, K*K)
+        scores, best = cand.topk(self.topk, dim=-1)  # (T, H, K)
+        ids = i1.gather(-1, best // self.topk) * self.n + i2.gather(-1, best % self.topk)
+        gates = F.softmax(scores, dim=-1)
+        return ids.reshape(t, -1), gates.reshape(t, -1)
+
+
+class ExpertTables(nn.Module):
+    """The two N x D tables U (down) and V (up) of one PEER layer, on one process.
+
+    Built on the meta device by default (`materialize()` allocates and initialises them), so a
+    sharded twin can replace them without the full tables ever being allocated.
+    """
+
+    def __init__(self, num_experts: int, dim: int, activation: str, seed: int,
+                 device: torch.device | str = "meta"):
+        super().__init__()
+        self.num_experts, self.dim, self.activation, self.seed = num_experts, dim, activation, seed
+        self.std = dim ** -0.5  # PKM / Memory Layers init: normal(0, D^-1/2)
+        self.u = nn.Parameter(torch.empty(num_experts, dim, device=device))
+        self.v = nn.Parameter(torch.empty(num_experts, dim, device=device))
+        if torch.device(device).type != "meta":
+            self.materialize(device)
+
+    def table_seeds(self) -> tuple[int, int]:
+        return 2 * self.seed + 1, 2 * self.seed + 2
+
+    def materialize(self, device: torch.device | str = "cpu", dtype=torch.float32) -> None:
+        su, sv = self.table_seeds()
+        n, d = self.num_experts, self.dim
+        self.u = nn.Parameter(init_rows(su, 0, n, d, self.std, dtype).to(device))
+        self.v = nn.Parameter(init_rows(sv, 0, n, d, self.std, dtype).to(device))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return peer_mix(x, ids, gates, self.u, self.v, self.activation, sparse_grad=True)
+
+
+class PEER(nn.Module):
+    """Drop-in FFW replacement: x (..., D) -> (..., D)."""
+
+    def __init__(self, dim: int, cfg: PEERConfig, seed: int = 0,
+                 table_device: torch.device | str = "meta"):
+        super().__init__()
+        self.cfg = cfg
+        self.router = ProductKeyRouter(dim, cfg)
+        self.experts = ExpertTables(cfg.num_experts, dim, cfg.activation, seed, table_device)
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.record_routing = False  # set by evaluation to collect expert statistics
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        ids, gates = self.router(x)
+        if self.record_routing:
+            self.last_routing = (ids.detach(), gates.detach())
+        return self.experts(x, ids, gates).view(shape)
