@@ -1,0 +1,24 @@
+"""peer-bench: `peer-bench layer ...` (one device, against PEER-pytorch) or
+`peer-bench dist ...` (sharded strategies under torchrun, against replicated tables)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = "usage: peer-bench {layer,dist} [options]   (peer-bench layer --help for options)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("layer", "dist"):
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] == "layer":
+        from peer_dist.tools.bench_layer import main as run
+    else:
+        from peer_dist.tools.bench_dist import main as run
+    run(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
