@@ -1,0 +1,242 @@
+"""Tokenizers, prepared token shards and deterministic batches.
+
+A prepared dataset is a folder written by `peer-prepare` (peer_dist/tools/prepare.py):
+
+    meta.json    vocab size, dtype, token counts, tokenizer spec, sources, documents
+    train.bin    flat token ids (uint16 when vocab_size <= 65536, else uint32)
+    val.bin      the held-out documents, same format
+    tokenizer.json   only for a Hugging Face tokenizer (a copy, so the folder is self-contained)
+
+Documents are concatenated, each followed by the tokenizer's end-of-document id when it has one
+(byte 0 for the byte tokenizer: text files never contain NUL).
+
+Batches are a pure function of (seed, split, step, rank): each rank walks its own random order of
+non-overlapping (seq_len + 1)-token windows, epoch after epoch. Nothing depends on the world size
+or on earlier steps, so a run resumed at step s (on any number of ranks) reads exactly the batches
+an uninterrupted run would have read at step s on the same ranks; there is no loader state to save.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
+# Tried in order to find a Hugging Face tokenizer's end-of-document token.
+HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int | None
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Any) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocab 256, no unknowns, no training. Byte 0 ends a document."""
+
+    vocab_size = 256
+    eos_id: int | None = 0
+    spec = "byte"
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Any) -> str:
+        arr = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"byte tokenizer: ids must lie in [0, 255], got [{arr.min()}, "
+                             f"{arr.max()}]")
+        return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` JSON file (the `tokenizers` package is imported lazily)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError as e:
+            raise ImportError(
+                f"tokenizer {str(path)!r} needs the `tokenizers` package, which is not "
+                "installed: pip install tokenizers (or pip install 'peer_dist[hf]'), or use "
+                "data.tokenizer=byte") from e
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist: allowed are "
+                                    "'byte' or the path of a tokenizers JSON file")
+        self.path = path
+        self._tok = _HFTokenizer.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = next((i for t in HF_EOS_CANDIDATES
+                            if (i := self._tok.token_to_id(t)) is not None), None)
+        self.spec = str(path)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        out = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in out]
+
+    def decode(self, ids: Any) -> str:
+        arr = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
+        return self._tok.decode(arr.astype(np.int64).tolist(), skip_special_tokens=False)
+
+
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    """'byte' -> ByteTokenizer; a path to a tokenizers JSON file -> HFTokenizer."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if not spec.endswith(".json"):
+        raise ValueError(f"tokenizer={spec!r} is invalid: allowed are 'byte' or the path of a "
+                         "Hugging Face tokenizers .json file")
+    return HFTokenizer(spec)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds ids < 65536; larger vocabularies need uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+# --------------------------------------------------------------------------- preparing
+
+def prepare_dataset(data_cfg: Any, log: Any = print) -> Path:
+    """Create data_cfg.path from data_cfg.source if it has no meta.json yet; return the path.
+
+    Call this on rank 0 only, then barrier before any rank opens the folder:
+
+        if rank == 0:
+            prepare_dataset(cfg.data)
+        dist.barrier()
+        data = TokenDataset(cfg.data.path)
+
+    The folder appears whole or not at all (written to a temporary name, then renamed).
+    """
+    path = Path(data_cfg.path)
+    if (path / META_FILE).is_file():
+        return path
+    from peer_dist.tools.prepare import prepare  # the tool owns corpus reading and writing
+
+    sources = [s.strip() for s in str(data_cfg.source).split(",") if s.strip()]
+    prepare(sources, path, tokenizer=data_cfg.tokenizer, val_fraction=data_cfg.val_fraction,
+            max_bytes=data_cfg.max_bytes, log=log)
+    return path
+
+
+# --------------------------------------------------------------------------- loading
+
+class TokenDataset:
+    """Memory-mapped token shards of a prepared folder; see the module docstring."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / META_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{str(meta_file)!r} does not exist: prepare the data with "
+                                    f"`peer-prepare <inputs> --out {self.path}`")
+        self.meta = json.loads(meta_file.read_text())
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.eos_id = self.meta.get("eos_id")
+        dtype = np.dtype(self.meta["dtype"])
+        self.tokens = {s: self._open(s, dtype) for s in SPLITS}
+        self._perm_cache: dict[tuple[int, str, int, int, int], np.ndarray] = {}
+
+    def _open(self, split: str, dtype: np.dtype) -> np.ndarray:
+        n = int(self.meta["tokens"][split])
+        if n == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(self.path / f"{split}.bin", dtype=dtype, mode="r", shape=(n,))
+
+    def tokenizer(self) -> ByteTokenizer | HFTokenizer:
+        spec = self.meta["tokenizer"]
+        return ByteTokenizer() if spec == "byte" else HFTokenizer(self.path / spec)
+
+    def num_tokens(self, split: str) -> int:
+        return len(self._split(split))
+
+    def _split(self, split: str) -> np.ndarray:
+        if split not in self.tokens:
+            raise ValueError(f"split={split!r} is invalid: allowed are {list(SPLITS)}")
+        return self.tokens[split]
+
+    def _num_windows(self, split: str, seq_len: int) -> int:
+        n = len(self._split(split))
+        if seq_len < 1 or n < seq_len + 1:
+            raise ValueError(f"split {split!r} of {str(self.path)!r} has {n} tokens: it needs at "
+                             f"least seq_len + 1 = {seq_len + 1} (seq_len must be >= 1); use a "
+                             "smaller seq_len or more data (or a larger val_fraction)")
+        return n // (seq_len + 1)
+
+    def _epoch_order(self, split: str, seq_len: int, seed: int, rank: int,
+                     epoch: int) -> tuple[np.ndarray, int]:
+        """Window order and start offset of one rank's epoch, from (seed, split, rank, epoch)."""
+        key = (seed, split, rank, epoch, seq_len)
+        w = self._num_windows(split, seq_len)
+        rng = np.random.Generator(np.random.PCG64(
+            [seed, SPLITS.index(split), rank, epoch, seq_len]))
+        # Shift the window grid by up to the slack so epochs see different boundaries.
+        slack = len(self.tokens[split]) - w * (seq_len + 1)
+        shift = int(rng.integers(0, slack + 1))
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 8:
+                self._perm_cache.clear()
+            self._perm_cache[key] = rng.permutation(w)
+        return self._perm_cache[key], shift
+
+    def batch(self, split: str, step: int, rank: int, batch_size: int, seq_len: int,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (B, L) int64; targets are inputs shifted by one token.
+
+        Rank `rank` at step `step` reads samples [step*B, (step+1)*B) of its own endless stream
+        (an independent random order of windows per epoch).
+        """
+        if batch_size < 1 or step < 0 or rank < 0:
+            raise ValueError(f"batch_size={batch_size}, step={step}, rank={rank}: allowed are "
+                             "batch_size >= 1, step >= 0, rank >= 0")
+        w = self._num_windows(split, seq_len)
+        starts = np.empty(batch_size, dtype=np.int64)
+        for i, sample in enumerate(range(step * batch_size, (step + 1) * batch_size)):
+            epoch, pos = divmod(sample, w)
+            order, shift = self._epoch_order(split, seq_len, seed, rank, epoch)
+            starts[i] = shift + int(order[pos]) * (seq_len + 1)
+        return self._windows(split, starts, seq_len)
+
+    def _windows(self, split: str, starts: np.ndarray,
+                 seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.tokens[split]
+        rows = np.stack([np.asarray(data[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+        rows_t = torch.from_numpy(rows)  # (B, L + 1)
+        return rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous()
+
+    def eval_batches(self, batch_size: int, seq_len: int, split: str = "val",
+                     max_batches: int | None = None, rank: int = 0,
+                     world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive windows from the start of `split`, in order; the same on every run.
+
+        Global batch b holds windows [b*B, (b+1)*B) (the last one may be shorter); rank r yields
+        the batches with b % world_size == r among the first `max_batches` (all when None), so
+        callers must weight losses by tokens when they average over ranks.
+        """
+        w = self._num_windows(split, seq_len)
+        total = -(-w // batch_size)
+        if max_batches is not None:
+            total = min(total, max_batches)
+        for b in range(rank, total, world_size):
+            ids = np.arange(b * batch_size, min((b + 1) * batch_size, w), dtype=np.int64)
+            yield self._windows(split, ids * (seq_len + 1), seq_len)
