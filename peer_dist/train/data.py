@@ -126,7 +126,9 @@ def prepare_dataset(data_cfg: Any, log: Any = print) -> Path:
         dist.barrier()
         data = TokenDataset(cfg.data.path)
 
-    The folder appears whole or not at all (written to a temporary name, then renamed).
+    Without a shared filesystem, call it on each node's local rank 0 and barrier the same way.
+    The folder appears whole or not at all (written to a temporary name, then renamed), so a
+    crashed preparation is simply redone on the next start.
     """
     path = Path(data_cfg.path)
     if (path / META_FILE).is_file():
@@ -155,7 +157,7 @@ class TokenDataset:
         self.eos_id = self.meta.get("eos_id")
         dtype = np.dtype(self.meta["dtype"])
         self.tokens = {s: self._open(s, dtype) for s in SPLITS}
-        self._perm_cache: dict[tuple[int, str, int, int, int], np.ndarray] = {}
+        self._perm_cache: dict[tuple[int, str, int, int, int], tuple[np.ndarray, int]] = {}
 
     def _open(self, split: str, dtype: np.dtype) -> np.ndarray:
         n = int(self.meta["tokens"][split])
@@ -185,19 +187,19 @@ class TokenDataset:
 
     def _epoch_order(self, split: str, seq_len: int, seed: int, rank: int,
                      epoch: int) -> tuple[np.ndarray, int]:
-        """Window order and start offset of one rank's epoch, from (seed, split, rank, epoch)."""
+        """Window order and grid shift of one rank's epoch, from (seed, split, rank, epoch)."""
         key = (seed, split, rank, epoch, seq_len)
-        w = self._num_windows(split, seq_len)
-        rng = np.random.Generator(np.random.PCG64(
-            [seed, SPLITS.index(split), rank, epoch, seq_len]))
-        # Shift the window grid by up to the slack so epochs see different boundaries.
-        slack = len(self.tokens[split]) - w * (seq_len + 1)
-        shift = int(rng.integers(0, slack + 1))
         if key not in self._perm_cache:
-            if len(self._perm_cache) > 8:
+            w = self._num_windows(split, seq_len)
+            rng = np.random.Generator(np.random.PCG64(
+                [seed, SPLITS.index(split), rank, epoch, seq_len]))
+            # Shift the window grid by up to the slack so epochs see different boundaries.
+            slack = len(self.tokens[split]) - w * (seq_len + 1)
+            shift = int(rng.integers(0, slack + 1))
+            if len(self._perm_cache) >= 8:
                 self._perm_cache.clear()
-            self._perm_cache[key] = rng.permutation(w)
-        return self._perm_cache[key], shift
+            self._perm_cache[key] = (rng.permutation(w), shift)
+        return self._perm_cache[key]
 
     def batch(self, split: str, step: int, rank: int, batch_size: int, seq_len: int,
               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,15 +208,17 @@ class TokenDataset:
         Rank `rank` at step `step` reads samples [step*B, (step+1)*B) of its own endless stream
         (an independent random order of windows per epoch).
         """
-        if batch_size < 1 or step < 0 or rank < 0:
-            raise ValueError(f"batch_size={batch_size}, step={step}, rank={rank}: allowed are "
-                             "batch_size >= 1, step >= 0, rank >= 0")
+        if batch_size < 1 or step < 0 or rank < 0 or seed < 0:
+            raise ValueError(f"batch_size={batch_size}, step={step}, rank={rank}, seed={seed}: "
+                             "allowed are batch_size >= 1 and step, rank, seed >= 0")
         w = self._num_windows(split, seq_len)
+        samples = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+        epochs, pos = np.divmod(samples, w)
         starts = np.empty(batch_size, dtype=np.int64)
-        for i, sample in enumerate(range(step * batch_size, (step + 1) * batch_size)):
-            epoch, pos = divmod(sample, w)
-            order, shift = self._epoch_order(split, seq_len, seed, rank, epoch)
-            starts[i] = shift + int(order[pos]) * (seq_len + 1)
+        for epoch in np.unique(epochs):  # a batch spans at most a few epochs
+            order, shift = self._epoch_order(split, seq_len, seed, rank, int(epoch))
+            sel = epochs == epoch
+            starts[sel] = shift + order[pos[sel]] * (seq_len + 1)
         return self._windows(split, starts, seq_len)
 
     def _windows(self, split: str, starts: np.ndarray,
