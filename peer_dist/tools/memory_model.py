@@ -1,0 +1,261 @@
+"""Per-rank memory model of a sharded PEER training run: pure arithmetic, no torch.
+
+Shape legend: N = experts (table rows), d = model dim (= table width), L = PEER layers,
+E = expert-parallel degree, W = world size, T = tokens per rank per micro-batch,
+S = heads * topk selections per token, P = dense parameters, e = bytes per element.
+
+What is exact and what is an estimate:
+  expert params     exact: every PEER layer has two N x d tables (U, V); rank r of an EP group
+                    holds rows [r*b, (r+1)*b) with b = ceil(N / E) (the torch.chunk layout), so
+                    the largest shard, the one that decides whether a run fits, has b rows:
+                    b * d * 2 tables * L * e.
+  table optimizer   exact: lazy_adam / dense_adam keep two fp32 moments per entry (2x params in
+                    fp32), adagrad one fp32 accumulator per row, sgd nothing.
+  expert grads      an estimate: gradients are row-sparse (COO, coalesced), so they hold only the
+                    rows touched in a step, bounded by min(b, expected unique selections):
+                    b * (1 - (1 - 1/N)^(T*W*S)) rows under uniform routing, each d values plus an
+                    int64 index. Learned routing concentrates on fewer rows, so this is an upper
+                    estimate of the steady state.
+  dense part        exact parameter count (attention, dense FFWs, routers, embeddings); bytes
+                    per parameter as DeepSpeed ZeRO counts them (see `dense_bytes_per_param`).
+  activations       rough: a per-token count of the tensors autograd keeps (see
+                    `activation_bytes`); attention score matrices and allocator slack are left out.
+  all-to-all        rough, our own formulas (peer_dist/parallel has none to reuse): the buffers
+                    one PEER layer holds while it exchanges, plus what each layer keeps for
+                    backward (see `a2a_bytes`). Zero at E = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from peer_dist.config import ModelConfig
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
+STRATEGIES = ("fetch", "dispatch")
+ZERO_STAGES = (0, 1, 2, 3)
+STATE_BYTES = 4  # the table optimizer keeps its state in fp32
+INDEX_BYTES = 8  # int64 row ids (COO indices, ids sent to owners)
+
+
+@dataclass
+class Setup:
+    """One point of a scaling study: a model and how it is trained and spread over ranks."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ep: int = 1
+    world_size: int = 1
+    dtype: str = "fp32"
+    table_optimizer: str = "lazy_adam"
+    zero_stage: int = 0
+    strategy: str = "dispatch"
+    tokens_per_rank: int = 1024  # per micro-batch
+
+    def validate(self) -> Setup:
+        self.model.validate()
+        checks = [
+            (self.ep >= 1 and self.world_size % self.ep == 0, "ep", self.ep,
+             f"a divisor of world_size={self.world_size}"),
+            (self.world_size >= 1, "world_size", self.world_size, "an integer >= 1"),
+            (self.dtype in DTYPE_BYTES, "dtype", self.dtype, f"one of {list(DTYPE_BYTES)}"),
+            (self.table_optimizer in TABLE_OPTIMIZERS, "table_optimizer", self.table_optimizer,
+             f"one of {list(TABLE_OPTIMIZERS)}"),
+            (self.zero_stage in ZERO_STAGES, "zero_stage", self.zero_stage,
+             f"one of {list(ZERO_STAGES)}"),
+            (self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {list(STRATEGIES)}"),
+            (self.tokens_per_rank >= 1, "tokens_per_rank", self.tokens_per_rank, ">= 1"),
+        ]
+        for ok, key, value, allowed in checks:
+            if not ok:
+                raise ValueError(f"{key}={value!r} is invalid: allowed is {allowed}")
+        return self
+
+    # Short names used by every formula below.
+    @property
+    def n(self) -> int:
+        return self.model.peer.num_experts
+
+    @property
+    def d(self) -> int:
+        return self.model.dim
+
+    @property
+    def layers(self) -> int:
+        return len(self.model.peer_block_ids())
+
+    @property
+    def elem(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def selections(self) -> int:
+        return self.model.peer.heads * self.model.peer.topk
+
+
+# --------------------------------------------------------------------------- expert tables
+
+def rows_per_rank(num_experts: int, ep: int) -> int:
+    """Rows of the largest shard: ceil(N / E) (torch.chunk; later ranks may hold fewer)."""
+    return -(-num_experts // ep)
+
+
+def expected_unique(pool: int, draws: float) -> float:
+    """Expected number of distinct values among `draws` uniform draws from `pool` values."""
+    if pool <= 0 or draws <= 0:
+        return 0.0
+    # pool * (1 - (1 - 1/pool)^draws), written to stay accurate for pool ~ 1e6 and up
+    return pool * -math.expm1(draws * math.log1p(-1.0 / pool))
+
+
+def expert_param_bytes(s: Setup) -> int:
+    return rows_per_rank(s.n, s.ep) * s.d * 2 * s.layers * s.elem
+
+
+def table_state_bytes(s: Setup) -> int:
+    rows = rows_per_rank(s.n, s.ep)
+    per_table = {"lazy_adam": 2 * rows * s.d, "dense_adam": 2 * rows * s.d,
+                 "adagrad": rows, "sgd": 0}[s.table_optimizer]
+    return per_table * STATE_BYTES * 2 * s.layers
+
+
+def touched_rows(s: Setup) -> float:
+    """Expected rows of this rank's shard that get a gradient in one step (per table, layer):
+    every rank's tokens (T*W*S draws) can select a row, and the owner sums them all."""
+    rows = rows_per_rank(s.n, s.ep)
+    return min(float(rows), rows * expected_unique(s.n, s.tokens_per_rank * s.world_size
+                                                   * s.selections) / s.n)
+
+
+def expert_grad_bytes(s: Setup) -> int:
+    return int(touched_rows(s) * (s.d * s.elem + INDEX_BYTES)) * 2 * s.layers
+
+
+# --------------------------------------------------------------------------- dense part
+
+def dense_param_count(m: ModelConfig) -> int:
+    """Parameters outside the expert tables (what DeepSpeed trains), exactly as transformer.py
+    builds them: embeddings, head, norms, attention, dense FFWs, PEER routers."""
+    d, p = m.dim, m.peer
+    peer_ids = set(m.peer_block_ids())
+    q = p.heads * p.d_key
+    key_sets = 1 if p.shared_keys else p.heads
+    router = d * q + (2 * q if p.query_batchnorm else 0) + key_sets * 2 * math.isqrt(
+        p.num_experts) * (p.d_key // 2)
+    ffw = 2 * d * m.ffw_mult * d
+    blocks = sum(2 * d + 4 * d * d + (router if i in peer_ids else ffw)
+                 for i in range(m.n_layers))
+    return 2 * m.vocab_size * d + d + blocks
+
+
+def dense_bytes_per_param(dtype: str, zero_stage: int, world_size: int) -> float:
+    """Per-rank bytes per dense parameter (params + grads + AdamW state) under ZeRO.
+
+    bf16 (mixed precision): 2 B param + 2 B grad + 12 B fp32 state (master copy, m, v).
+    fp32: 4 B param + 4 B grad + 8 B state (m, v). Stage 1 partitions the state over the W
+    data-parallel ranks, stage 2 also the grads, stage 3 also the params.
+    """
+    param, grad, state = (2.0, 2.0, 12.0) if dtype == "bf16" else (4.0, 4.0, 8.0)
+    w = float(world_size)
+    if zero_stage >= 1:
+        state /= w
+    if zero_stage >= 2:
+        grad /= w
+    if zero_stage >= 3:
+        param /= w
+    return param + grad + state
+
+
+def dense_bytes(s: Setup) -> int:
+    return int(dense_param_count(s.model) * dense_bytes_per_param(s.dtype, s.zero_stage,
+                                                                  s.world_size))
+
+
+# --------------------------------------------------------------------------- activations, buffers
+
+def activation_bytes(s: Setup) -> int:
+    """Rough: tensors autograd keeps per token, times T tokens.
+
+    Dense block ~ (7 + 2*ffw_mult) * D values (residual, 2 norms, qkv, attention out, FFW up and
+    its activation); a PEER block replaces the FFW part with the router (query before and after
+    BN, 2*H*n sub-key scores, H*K*K candidates, ids and gates) and two values per selection
+    (u.x before and after the activation). Plus embeddings and fp32 logits for the loss.
+    """
+    m, p = s.model, s.model.peer
+    n_sub = math.isqrt(p.num_experts)
+    attn = 6 * m.dim
+    dense_ffw = (1 + 2 * m.ffw_mult) * m.dim
+    peer = (m.dim + 2 * p.heads * p.d_key + 2 * p.heads * n_sub + p.heads * p.topk * p.topk
+            + 3 * s.selections)
+    peer_ids = set(m.peer_block_ids())
+    per_token = sum(attn + (peer if i in peer_ids else dense_ffw) for i in range(m.n_layers))
+    values = per_token + 2 * m.dim
+    ids = s.layers * s.selections * INDEX_BYTES
+    logits = m.vocab_size * (s.elem + 2 * 4)  # logits, fp32 copy and its softmax grad
+    return int(s.tokens_per_rank * (values * s.elem + ids + logits))
+
+
+def a2a_bytes(s: Setup) -> int:
+    """Rough all-to-all buffers per rank: one layer's transient send/receive buffers plus what
+    every layer keeps for backward. f = (E-1)/E of the traffic leaves the rank.
+
+    fetch: R = expected unique ids among the rank's T*S selections; ids out and in, R*2d rows
+    received (kept for backward) and, as an owner, about as many sent.
+    dispatch: each token goes once to each remote owner holding one of its experts
+    (E * (1 - (1-1/E)^S) owners); x and the result are d values per (token, owner), plus
+    (id, gate) per selection; the owner keeps the received x and two values per selection.
+    """
+    if s.ep == 1:
+        return 0
+    f = (s.ep - 1) / s.ep
+    t, d, e, sel = s.tokens_per_rank, s.d, s.elem, s.selections
+    if s.strategy == "fetch":
+        r = expected_unique(s.n, t * sel)
+        transient = 2 * f * r * INDEX_BYTES + f * r * 2 * d * e
+        kept = f * r * 2 * d * e
+    else:
+        owners = s.ep * -math.expm1(sel * math.log1p(-1.0 / s.ep))
+        pairs = f * t * sel * (INDEX_BYTES + e)
+        x_in = f * t * owners * d * e
+        transient = 2 * pairs + 2 * x_in  # pairs both ways, x out and results in
+        kept = x_in + pairs + f * t * sel * 2 * e
+    return int(transient + s.layers * kept)
+
+
+def a2a_bytes_moved(s: Setup) -> int:
+    """Rough bytes one rank sends per step (forward + backward, all PEER layers)."""
+    if s.ep == 1:
+        return 0
+    f = (s.ep - 1) / s.ep
+    t, d, e, sel = s.tokens_per_rank, s.d, s.elem, s.selections
+    if s.strategy == "fetch":
+        r = expected_unique(s.n, t * sel)
+        per_layer = f * r * (INDEX_BYTES + 2 * d * e + 2 * d * e)  # ids, rows, row grads
+    else:
+        owners = s.ep * -math.expm1(sel * math.log1p(-1.0 / s.ep))
+        # forward: x and (id, gate) pairs out; backward: dL/dy out
+        per_layer = f * t * (2 * owners * d * e + sel * (INDEX_BYTES + e))
+    return int(per_layer * s.layers)
+
+
+# --------------------------------------------------------------------------- the breakdown
+
+COMPONENTS = ("expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a")
+
+
+def breakdown(s: Setup) -> dict[str, int]:
+    """Bytes per rank for each component, the expert table total (params + optimizer state,
+    the exact part) and the grand total."""
+    s.validate()
+    out = {
+        "expert_params": expert_param_bytes(s),
+        "expert_optim": table_state_bytes(s),
+        "expert_grads": expert_grad_bytes(s),
+        "dense": dense_bytes(s),
+        "activations": activation_bytes(s),
+        "a2a": a2a_bytes(s),
+    }
+    out["expert_tables"] = out["expert_params"] + out["expert_optim"]
+    out["total"] = sum(out[k] for k in COMPONENTS)
+    return out

@@ -1,0 +1,140 @@
+"""The memory model's arithmetic on hand-checked cases, and peer-scale predict / plan."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from peer_dist.config import ModelConfig, PEERConfig
+from peer_dist.model.transformer import build_model
+from peer_dist.tools import memory_model as mm
+from peer_dist.tools.scale import main
+
+GIB = 1024 ** 3
+
+
+def setup(n: int = 1024 ** 2, d: int = 1024, **kw) -> mm.Setup:
+    peer = PEERConfig(num_experts=n, heads=kw.pop("heads", 8), topk=kw.pop("topk", 16))
+    model = ModelConfig(dim=d, n_layers=4, n_heads=4, peer=peer,
+                        peer_blocks=kw.pop("peer_blocks", "middle"))
+    return mm.Setup(model, **kw).validate()
+
+
+def test_paper_scale_table_bytes_match_design_numbers():
+    # N = 1024^2, d = 1024, one layer, fp32: 2 * N * d * 4 B = 8 GiB of tables, Adam 2x that.
+    s = setup(ep=1)
+    assert mm.expert_param_bytes(s) == 2 * 1024 ** 2 * 1024 * 4 == 8 * GIB
+    assert mm.table_state_bytes(s) == 16 * GIB
+    s8 = setup(ep=8, world_size=8, dtype="bf16")
+    assert mm.expert_param_bytes(s8) == 2 * 131072 * 1024 * 2  # 512 MiB per rank in bf16
+    assert mm.table_state_bytes(s8) == 2 * GIB  # fp32 moments whatever the table dtype
+
+
+def test_uneven_shard_uses_ceil_rows_and_optimizer_kinds():
+    # N = 9 rows over EP = 2: torch.chunk gives 5 + 4 rows; the largest shard decides.
+    kw = dict(n=9, d=8, heads=1, topk=2, ep=2, world_size=2)
+    assert mm.rows_per_rank(9, 2) == 5 and mm.rows_per_rank(9, 4) == 3
+    assert mm.expert_param_bytes(setup(**kw)) == 5 * 8 * 2 * 4  # rows * d * 2 tables * fp32
+    assert mm.table_state_bytes(setup(table_optimizer="lazy_adam", **kw)) == 2 * 5 * 8 * 4 * 2
+    assert mm.table_state_bytes(setup(table_optimizer="dense_adam", **kw)) == 640
+    assert mm.table_state_bytes(setup(table_optimizer="adagrad", **kw)) == 5 * 4 * 2
+    assert mm.table_state_bytes(setup(table_optimizer="sgd", **kw)) == 0
+    four = setup(peer_blocks="all", **kw)  # four PEER layers
+    assert mm.expert_param_bytes(four) == 4 * 320
+
+
+def test_expected_unique_hand_values():
+    assert mm.expected_unique(2, 1) == pytest.approx(1.0)
+    assert mm.expected_unique(2, 2) == pytest.approx(1.5)  # 2 * (1 - 1/4)
+    assert mm.expected_unique(10 ** 6, 10) == pytest.approx(10.0, rel=1e-4)
+    assert mm.expected_unique(100, 10 ** 6) == pytest.approx(100.0)
+    assert mm.expected_unique(0, 5) == 0.0
+
+
+def test_sparse_grads_bounded_by_touched_rows():
+    # 1024 tokens x 128 selections on 1M rows: 1M * (1 - exp(-1/8)) ~ 123,200 rows touched.
+    s = setup(ep=1, tokens_per_rank=1024)
+    touched = 1024 ** 2 * -math.expm1(131072 * math.log1p(-2 ** -20))
+    assert mm.touched_rows(s) == pytest.approx(touched)
+    assert mm.expert_grad_bytes(s) == int(touched * (1024 * 4 + 8)) * 2
+    # A batch far larger than the table touches every local row, never more.
+    big = setup(n=4096, d=8, ep=2, world_size=2, tokens_per_rank=10 ** 6)
+    assert mm.touched_rows(big) == 2048
+
+
+def test_zero_stage_bytes_per_param():
+    assert mm.dense_bytes_per_param("bf16", 0, 4) == 16.0  # 2 + 2 + 12
+    assert mm.dense_bytes_per_param("bf16", 1, 4) == 7.0  # 2 + 2 + 12/4
+    assert mm.dense_bytes_per_param("bf16", 2, 4) == 5.5  # 2 + (2 + 12)/4
+    assert mm.dense_bytes_per_param("bf16", 3, 4) == 4.0  # 16/4
+    assert mm.dense_bytes_per_param("fp32", 0, 2) == 16.0  # 4 + 4 + 8
+    assert mm.dense_bytes_per_param("fp32", 3, 2) == 8.0
+
+
+@pytest.mark.parametrize("model", [
+    ModelConfig(),
+    ModelConfig(dim=64, n_layers=3, peer_blocks="all", vocab_size=100,
+                peer=PEERConfig(num_experts=1024, heads=2, topk=4, d_key=16, shared_keys=True,
+                                query_batchnorm=False)),
+])
+def test_dense_param_count_matches_built_model(model):
+    built = build_model(model, seed=0, materialize=False)
+    count = sum(p.numel() for name, p in built.named_parameters()
+                if not name.endswith(("experts.u", "experts.v")))
+    assert mm.dense_param_count(model) == count
+
+
+def test_all_to_all_buffers():
+    assert mm.a2a_bytes(setup(ep=1)) == 0 and mm.a2a_bytes_moved(setup(ep=1)) == 0
+    # dispatch, S = 1 selection, EP = 2: a token has one owner, remote with probability 1/2;
+    # it sends x forward and dL/dy backward (d values each) plus one (id, gate) pair.
+    s = setup(n=16, d=8, heads=1, topk=1, ep=2, world_size=2, strategy="dispatch",
+              tokens_per_rank=100)
+    # f = 1/2, owners = 1: 100 * 0.5 * (2 * 1 * 8 * 4 + 1 * (8 + 4)) = 3800 bytes
+    assert mm.a2a_bytes_moved(s) == 3800
+    fetch = setup(n=16, d=8, heads=1, topk=1, ep=2, world_size=2, strategy="fetch",
+                  tokens_per_rank=10 ** 4)  # every one of the 16 rows is fetched
+    assert mm.a2a_bytes_moved(fetch) == int(0.5 * 16 * (8 + 2 * 8 * 4 * 2))
+
+
+def test_breakdown_total_and_validation():
+    b = mm.breakdown(setup(ep=2, world_size=4))
+    assert b["total"] == sum(b[k] for k in mm.COMPONENTS)
+    assert b["expert_tables"] == b["expert_params"] + b["expert_optim"]
+    with pytest.raises(ValueError, match="ep=3 is invalid"):
+        setup(ep=3, world_size=4)
+    with pytest.raises(ValueError, match="table_optimizer='adam'"):
+        setup(table_optimizer="adam")
+
+
+def test_predict_cli_writes_table_csv_plot(tmp_path, capsys):
+    main(["predict", "--num-experts", "4096,16384", "--dim", "64", "--ep", "1,2",
+          "--out", str(tmp_path), "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 4 and {r["ep"] for r in rows} == {1, 2}
+    r = next(r for r in rows if r["num_experts"] == 16384 and r["ep"] == 2)
+    assert r["expert_params"] == 8192 * 64 * 2 * 4  # one middle PEER layer, fp32
+    assert r["expert_bytes_per_rank_predicted"] == 3 * r["expert_params"]  # lazy_adam
+    png = (tmp_path / "plot.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    with open(tmp_path / "table.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert "| num_experts |" in (tmp_path / "table.md").read_text()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_plan_lists_fitting_settings_best_first(capsys):
+    # 1M experts x d=1024 x 1 layer in bf16 with lazy_adam needs 4 + 16 GiB of tables and
+    # fp32 moments at EP = 1:
+    # it cannot fit 16 GiB GPUs at EP 1, so the best setting uses EP > 1.
+    main(["plan", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "16",
+          "--num-experts", "1048576", "--dim", "1024", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows and all(r["fits"] for r in rows)
+    assert all(r["total_bytes_per_rank_predicted"] <= 16 * GIB * 0.9 for r in rows)
+    assert rows[0]["table_optimizer"] == "lazy_adam" and rows[0]["ep"] > 1
+    assert not any(r["ep"] == 1 and r["table_optimizer"] == "lazy_adam" for r in rows)
+    assert rows[0]["ep"] == min(r["ep"] for r in rows if r["table_optimizer"] == "lazy_adam")
