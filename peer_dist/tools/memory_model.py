@@ -153,10 +153,13 @@ def dense_bytes_per_param(dtype: str, zero_stage: int, world_size: int) -> float
     """Per-rank bytes per dense parameter (params + grads + AdamW state) under ZeRO.
 
     bf16 (mixed precision): 2 B param + 2 B grad + 12 B fp32 state (master copy, m, v).
-    fp32: 4 B param + 4 B grad + 8 B state (m, v). Stage 1 partitions the state over the W
-    data-parallel ranks, stage 2 also the grads, stage 3 also the params.
+    fp32: 4 B param + 4 B grad + 8 B state (m, v) at stage 0; at stages 1-3 DeepSpeed's ZeRO
+    optimizer keeps its own fp32 copy of the partition even when the params are fp32, so the
+    state is 12 B there too. Stage 1 partitions the state over the W data-parallel ranks,
+    stage 2 also the grads, stage 3 also the params.
     """
-    param, grad, state = (2.0, 2.0, 12.0) if dtype == "bf16" else (4.0, 4.0, 8.0)
+    param, grad = (2.0, 2.0) if dtype == "bf16" else (4.0, 4.0)
+    state = 8.0 if dtype == "fp32" and zero_stage == 0 else 12.0
     w = float(world_size)
     if zero_stage >= 1:
         state /= w

@@ -70,8 +70,9 @@ def test_zero_stage_bytes_per_param():
     assert mm.dense_bytes_per_param("bf16", 1, 4) == 7.0  # 2 + 2 + 12/4
     assert mm.dense_bytes_per_param("bf16", 2, 4) == 5.5  # 2 + (2 + 12)/4
     assert mm.dense_bytes_per_param("bf16", 3, 4) == 4.0  # 16/4
-    assert mm.dense_bytes_per_param("fp32", 0, 2) == 16.0  # 4 + 4 + 8
-    assert mm.dense_bytes_per_param("fp32", 3, 2) == 8.0
+    assert mm.dense_bytes_per_param("fp32", 0, 2) == 16.0  # 4 + 4 + 8 (no master copy)
+    assert mm.dense_bytes_per_param("fp32", 1, 2) == 14.0  # 4 + 4 + (4 + 8)/2
+    assert mm.dense_bytes_per_param("fp32", 3, 2) == 10.0  # (4 + 4 + 12)/2
 
 
 @pytest.mark.parametrize("model", [
