@@ -1,0 +1,111 @@
+"""Variable-split all-to-all over an EP group, with byte and time accounting.
+
+Every exchange has the same shape: one equal-split all-to-all of int64 counts (the only host
+sync, done once per layer in the forward pass; backward reuses the splits), then payload
+all-to-alls whose splits are those counts. `all_to_all_single` is used throughout: gloo supports
+variable splits there, while the list form `all_to_all` is missing on some gloo builds.
+
+Byte accounting: `bytes_sent` / `bytes_recv` count what is handed to and returned by
+`all_to_all_single` for OTHER ranks: the slice a rank addresses to itself is a local copy and
+never leaves the process, so it is not counted (the cost model counts the same way).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    """Cumulative traffic of one sharded layer, by direction ("fwd", "bwd")."""
+
+    strategy: str = ""  # strategy of the latest step
+    bytes_sent: dict[str, int] = field(default_factory=lambda: {"fwd": 0, "bwd": 0})
+    bytes_recv: dict[str, int] = field(default_factory=lambda: {"fwd": 0, "bwd": 0})
+    seconds: float = 0.0
+    calls: int = 0  # forward calls
+    strategy_calls: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0  # tokens this rank sent through the layer
+
+    def add(self, direction: str, sent: int, recv: int, seconds: float) -> None:
+        self.bytes_sent[direction] += int(sent)
+        self.bytes_recv[direction] += int(recv)
+        self.seconds += seconds
+
+    def note_call(self, strategy: str, tokens: int) -> None:
+        self.strategy = strategy
+        self.calls += 1
+        self.tokens += int(tokens)
+        self.strategy_calls[strategy] = self.strategy_calls.get(strategy, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "bytes_sent": sum(self.bytes_sent.values()),
+            "bytes_recv": sum(self.bytes_recv.values()),
+            "bytes_sent_fwd": self.bytes_sent["fwd"], "bytes_sent_bwd": self.bytes_sent["bwd"],
+            "bytes_recv_fwd": self.bytes_recv["fwd"], "bytes_recv_bwd": self.bytes_recv["bwd"],
+            "seconds": self.seconds,
+            "calls": self.calls,
+            "tokens": self.tokens,
+            "strategy_calls": dict(self.strategy_calls),
+        }
+
+    def reset(self) -> None:
+        fresh = CommStats()
+        self.__dict__.update(fresh.__dict__)
+
+
+class Exchange:
+    """One EP group's all-to-all endpoint: the group, this rank's index in it, the stats sink."""
+
+    def __init__(self, group, size: int, rank: int, stats: CommStats):
+        self.group, self.size, self.rank, self.stats = group, size, rank, stats
+
+    def counts(self, send: torch.Tensor, direction: str = "fwd") -> list[list[int]]:
+        """send (W, C) int64: C counts per destination -> received (W, C) counts as lists.
+
+        The single host sync of an exchange (`.tolist()` waits for the collective)."""
+        send = send.to(torch.int64).contiguous()
+        if self.size == 1:
+            return send.tolist()
+        t0 = time.perf_counter()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        out = recv.cpu().tolist()
+        remote = (self.size - 1) * send.shape[1] * 8
+        self.stats.add(direction, remote, remote, time.perf_counter() - t0)
+        return out
+
+    def send(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+             direction: str) -> torch.Tensor:
+        """Rows of x (sum(send_splits), ...) grouped by destination -> received rows, by source."""
+        if self.size == 1:
+            return x
+        t0 = time.perf_counter()
+        x = x.contiguous()
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x, output_split_sizes=recv_splits,
+                               input_split_sizes=send_splits, group=self.group)
+        row_bytes = x.element_size() * math.prod(x.shape[1:])
+        sent = (sum(send_splits) - send_splits[self.rank]) * row_bytes
+        recv = (sum(recv_splits) - recv_splits[self.rank]) * row_bytes
+        self.stats.add(direction, sent, recv, time.perf_counter() - t0)
+        return out
+
+
+def owner_starts(splits: list[int], device: torch.device) -> torch.Tensor:
+    """(W,) offset of each source's block in a received buffer."""
+    t = torch.tensor(splits, dtype=torch.int64, device=device)
+    return torch.cumsum(t, 0) - t
+
+
+def source_of_rows(splits: list[int], device: torch.device) -> torch.Tensor:
+    """(sum(splits),) the source rank of each received row."""
+    t = torch.tensor(splits, dtype=torch.int64, device=device)
+    return torch.repeat_interleave(torch.arange(len(splits), device=device), t)

@@ -1,0 +1,142 @@
+"""The sharded expert store: the sharded twin of model.peer.ExpertTables.
+
+Each rank of an EP group holds the block of table positions [r*b, min((r+1)*b, N)),
+b = ceil(N / EP) (DTensor Shard(0) / torch.chunk layout; possibly zero rows). Position = expert
+id, or (a*e + c) mod N with the optional balancing bijection (idmap.py).
+
+The shard tensors live in an ExpertShard (a dataclass, not an nn.Module) attached to the
+module: they are not parameters of the model, so an engine given model.parameters() (DeepSpeed)
+never sees them, and model.state_dict() excludes them (checkpoint them with shard_dtensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from peer_dist.model.kernels import peer_mix
+from peer_dist.model.peer import INIT_BLOCK_ROWS, ExpertTables, init_rows
+from peer_dist.parallel import cost
+from peer_dist.parallel.comm import CommStats, Exchange
+from peer_dist.parallel.dispatch import dispatch_counts_out, dispatch_mix
+from peer_dist.parallel.fetch import fetch_mix, fetch_rows_out
+from peer_dist.parallel.idmap import IdMap
+from peer_dist.parallel.topology import Topology
+
+STRATEGIES = ("auto", "fetch", "dispatch")
+
+
+@dataclass
+class ExpertShard:
+    """One PEER layer's local rows of U and V (leaf tensors with sparse COO gradients)."""
+
+    name: str
+    u: torch.Tensor  # (rows, D) positions [row_start, row_start + rows)
+    v: torch.Tensor
+    row_start: int
+    num_experts: int
+    dim: int
+    idmap: IdMap = field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.u.shape[0]
+
+    def expert_ids(self) -> torch.Tensor:
+        """(rows,) the expert id stored in each local row."""
+        pos = torch.arange(self.row_start, self.row_start + self.rows, device=self.u.device)
+        return self.idmap.expert(pos)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.u, self.v]
+
+
+def shard_rows(seed: int, std: float, idmap: IdMap, start: int, stop: int, dim: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Positions [start, stop) of a table whose expert e has init_rows(seed, e, e+1) values.
+
+    Identity map: one init_rows call. Permuted map: the experts are scattered, so the table is
+    regenerated one INIT_BLOCK_ROWS block at a time and the rows kept (memory: one block)."""
+    if idmap.identity:
+        return init_rows(seed, start, stop, dim, std, dtype)
+    experts = idmap.expert(torch.arange(start, stop))
+    out = torch.empty(stop - start, dim, dtype=dtype)
+    blocks = torch.div(experts, INIT_BLOCK_ROWS, rounding_mode="floor")
+    for blk in torch.unique(blocks).tolist():
+        where = (blocks == blk).nonzero().squeeze(1)
+        lo = blk * INIT_BLOCK_ROWS
+        rows = init_rows(seed, lo, min(lo + INIT_BLOCK_ROWS, idmap.n), dim, std, dtype)
+        out[where] = rows[experts[where] - lo]
+    return out
+
+
+def build_shard(name: str, tables: ExpertTables, idmap: IdMap, owner: int,
+                device: torch.device) -> ExpertShard:
+    """This owner's rows: copied from materialised tables, else initialised from the seeds."""
+    start, stop = idmap.rows_of(owner)
+    n, d = tables.num_experts, tables.dim
+    if tables.u.device.type != "meta":
+        pos = torch.arange(start, stop, device=tables.u.device)
+        u, v = (t.detach()[idmap.expert(pos)] for t in (tables.u, tables.v))
+    else:
+        su, sv = tables.table_seeds()
+        u = shard_rows(su, tables.std, idmap, start, stop, d)
+        v = shard_rows(sv, tables.std, idmap, start, stop, d)
+    u = u.to(device).contiguous().requires_grad_(True)
+    v = v.to(device).contiguous().requires_grad_(True)
+    return ExpertShard(name, u, v, start, n, d, idmap)
+
+
+class ShardedExperts(nn.Module):
+    """(x (T, D), ids (T, S), gates (T, S)) -> y (T, D), with the tables sharded over EP ranks."""
+
+    def __init__(self, name: str, tables: ExpertTables, topo: Topology, strategy: str = "auto",
+                 balance_ids: bool = False):
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"parallel.strategy={strategy!r}: allowed are {list(STRATEGIES)}")
+        self.activation, self.strategy, self.topo = tables.activation, strategy, topo
+        self.idmap = IdMap(tables.num_experts, topo.ep, balance=balance_ids)
+        self._shard = build_shard(name, tables, self.idmap, topo.ep_rank, topo.device)
+        self.stats = CommStats()
+        self._exchange = Exchange(topo.ep_group, topo.ep, topo.ep_rank, self.stats)
+
+    @property
+    def shard(self) -> ExpertShard:
+        return self._shard
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        strategy = self.choose(ids, x.element_size())
+        self.stats.note_call(strategy, x.shape[0])
+        u, v = self._shard.u, self._shard.v
+        if strategy == "local":  # EP = 1: every row is here, no exchange at all
+            return peer_mix(x, self.idmap.position(ids), gates, u, v, self.activation, True)
+        mix = fetch_mix if strategy == "fetch" else dispatch_mix
+        return mix(x, ids, gates, u, v, self.idmap, self._exchange, self.activation)
+
+    def predicted_bytes(self, ids: torch.Tensor, elem: int) -> tuple[float, float]:
+        """(fetch, dispatch) bytes this rank would send this step, from the ids it holds."""
+        me, d, ep = self.topo.ep_rank, self._shard.dim, self.topo.ep
+        pairs, sels = dispatch_counts_out(ids, self.idmap, me)
+        return (cost.fetch_bytes(fetch_rows_out(ids, self.idmap, me), ep, d, elem),
+                cost.dispatch_bytes(pairs, sels, ep, d, elem))
+
+    def choose(self, ids: torch.Tensor, elem: int) -> str:
+        """The strategy for this step; identical on every rank of the EP group."""
+        if self.strategy != "auto":
+            return self.strategy
+        if self.topo.ep == 1:
+            return "local"
+        # Each rank knows its own traffic; the EP group's total decides (one tiny all_reduce).
+        est = torch.tensor(self.predicted_bytes(ids, elem), dtype=torch.float64,
+                           device=ids.device)
+        dist.all_reduce(est, group=self.topo.ep_group)
+        return "fetch" if float(est[0]) < float(est[1]) else "dispatch"
+
+    def extra_repr(self) -> str:
+        s = self._shard
+        return (f"{s.name}: rows [{s.row_start}, {s.row_start + s.rows}) of {s.num_experts}, "
+                f"dim={s.dim}, strategy={self.strategy}, balanced={not self.idmap.identity}")

@@ -1,0 +1,116 @@
+"""World = DP x EP. Every rank trains on its own tokens; EP only decides where table rows live.
+
+Rank layout (row-major over the mesh (dp, ep)): rank = dp_rank * ep + ep_rank, so an
+expert-parallel group is EP consecutive ranks (one node, when EP <= GPUs per node) and a DP group
+holds the ranks with the same ep_rank (replicas of one shard).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Process groups are built once per (world, ep): building them again would create new
+# communicators on every rank, and every rank must do it in the same order.
+_BUILT: dict[tuple[int, int], Topology] = {}
+
+
+class TopologyError(ValueError):
+    """A parallel degree that does not fit the world; the message names the allowed values."""
+
+
+def pick_backend() -> str:
+    """nccl on CUDA (unless PEER_BACKEND=gloo), gloo otherwise."""
+    wanted = os.environ.get("PEER_BACKEND", "")
+    if wanted not in ("", "nccl", "gloo"):
+        raise TopologyError(f"PEER_BACKEND={wanted!r}: allowed are 'nccl', 'gloo' or unset")
+    if wanted == "gloo" or not torch.cuda.is_available():
+        return "gloo"
+    return "nccl"
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise the default process group from torchrun's environment (idempotent).
+
+    Without torchrun's variables it starts a world of one (handy for tools and tests).
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or pick_backend()
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_degrees(world_size: int, ep: int) -> tuple[int, int]:
+    """(ep, dp) for a requested ep (0 = the whole world); raises TopologyError if it cannot fit."""
+    if world_size < 1:
+        raise TopologyError(f"world_size={world_size}: must be >= 1")
+    if ep < 0:
+        raise TopologyError(f"parallel.ep={ep}: allowed are 0 (the whole world) or a divisor of "
+                            f"the world size {world_size}")
+    ep = ep or world_size
+    if world_size % ep != 0:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise TopologyError(f"parallel.ep={ep} does not divide the world size {world_size}: "
+                            f"allowed are 0 or one of {divisors}")
+    return ep, world_size // ep
+
+
+@dataclass
+class Topology:
+    rank: int
+    world_size: int
+    ep: int
+    dp: int
+    ep_rank: int
+    dp_rank: int
+    ep_group: Any  # ProcessGroup of the EP ranks holding one copy of the tables
+    dp_group: Any  # ProcessGroup of the DP replicas of this rank's shard
+    device: torch.device
+    mesh: Any  # DeviceMesh of shape (dp, ep), names ("dp", "ep")
+    backend: str = "gloo"
+
+    @classmethod
+    def build(cls, ep: int = 0) -> Topology:
+        """Topology of the initialised default process group; ep=0 means the whole world."""
+        if not dist.is_initialized():
+            raise TopologyError("torch.distributed is not initialised: call "
+                                "peer_dist.parallel.init_distributed() (or run under torchrun)")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ep, dp = check_degrees(world, ep)
+        if (world, ep) in _BUILT:
+            return _BUILT[(world, ep)]
+        backend = dist.get_backend()
+        if backend == "nccl":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            device = torch.device("cpu")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
+        topo = cls(rank=rank, world_size=world, ep=ep, dp=dp, ep_rank=rank % ep,
+                   dp_rank=rank // ep, ep_group=mesh.get_group("ep"),
+                   dp_group=mesh.get_group("dp"), device=device, mesh=mesh, backend=backend)
+        _BUILT[(world, ep)] = topo
+        return topo
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: ep={self.ep} (ep_rank {self.ep_rank}), "
+                f"dp={self.dp} (dp_rank {self.dp_rank}), {self.backend} on {self.device}")
