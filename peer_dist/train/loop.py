@@ -1,0 +1,301 @@
+"""The training job: set-up, then a loop that reads top to bottom
+(lr, forward, backward, clip, step, log), evaluation, checkpoints and the final summary.
+
+Shapes: B = micro-batch per rank, L = sequence length, W = world size, G = grad_accum.
+Global batch of step s = G micro-batches of W*B sequences; rank r reads sequences
+[r*B, (r+1)*B) of each, so the global batch does not depend on W (1 rank with B*W sequences
+sees exactly what W ranks with B each see).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from peer_dist.config import Config, save_config
+from peer_dist.model.transformer import build_model, lm_loss
+from peer_dist.train import checkpoint as ckpt
+from peer_dist.train.deepspeed_setup import (
+    apply_dense_clip,
+    build_engine,
+    clip_factor,
+    dense_grad_norm,
+    resolve_dtype,
+    set_lr,
+)
+from peer_dist.train.metrics import (
+    Logger,
+    expert_memory_bytes,
+    gather_objects,
+    memory_stats,
+    summary_lines,
+)
+from peer_dist.train.sparse_optim import RowSparseOptimizer, grad_sq_norm, scale_grads
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from base to base * min_ratio."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1, progress))))
+
+
+@dataclass
+class Job:
+    cfg: Config
+    topo: Any
+    engine: Any
+    shards: list
+    table_opt: RowSparseOptimizer
+    data: Any
+    dtype: torch.dtype
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def table_params(self) -> list[torch.Tensor]:
+        return [t for s in self.shards for t in (s.u, s.v)]
+
+
+# --------------------------------------------------------------------------- set-up
+
+def setup(cfg: Config) -> Job:
+    """Process group, data, model -> parallelize -> DeepSpeed engine + table optimizer."""
+    from peer_dist.parallel import Topology, expert_shards, parallelize
+    from peer_dist.parallel.topology import init_distributed
+    from peer_dist.train.data import TokenDataset, prepare_dataset
+
+    init_distributed()
+    topo = Topology.build(cfg.parallel.ep)
+    if topo.rank == 0:
+        prepare_dataset(cfg.data)
+    dist.barrier()
+    data = TokenDataset(cfg.data.path)
+    dtype = resolve_dtype(cfg, topo.device)
+    model = build_model(cfg.model, cfg.train.seed, materialize=False)
+    model = parallelize(model, topo, cfg.parallel).to(topo.device)  # shards are on the device
+    engine = build_engine(model, cfg, dtype)
+    shards = expert_shards(engine.module)
+    o = cfg.optim
+    table_opt = RowSparseOptimizer([t for s in shards for t in (s.u, s.v)],
+                                   kind=o.table_optimizer, lr=o.table_lr or o.lr,
+                                   betas=tuple(o.betas), eps=o.eps)
+    for s in shards:  # allocate state now: memory is visible and checkpoints are complete
+        table_opt.init_state(s.u)
+        table_opt.init_state(s.v)
+    return Job(cfg, topo, engine, shards, table_opt, data, dtype)
+
+
+def micro_batch(job: Job, step: int, micro: int, split: str = "train") -> tuple[torch.Tensor, ...]:
+    """Rank r's slice of global micro-batch (step, micro): (inputs, targets), each (B, L)."""
+    t, topo = job.cfg.train, job.topo
+    global_micro = step * t.grad_accum + micro
+    # The loader reads samples [i*B, (i+1)*B) of one stream for index i: index
+    # global_micro * W + r is rank r's slice of global micro-batch `global_micro`.
+    x, y = job.data.batch(split, global_micro * topo.world_size + topo.rank, 0, t.batch_size,
+                          t.seq_len, t.seed)
+    return x.to(topo.device), y.to(topo.device)
+
+
+# --------------------------------------------------------------------------- one step
+
+def train_step(job: Job, step: int) -> dict[str, float]:
+    """One optimizer step over G micro-batches; returns this step's metrics (all ranks)."""
+    from peer_dist.parallel import sync_expert_grads
+
+    cfg, engine = job.cfg, job.engine
+    o, g_acc = cfg.optim, cfg.train.grad_accum
+    t0 = time.perf_counter()
+
+    # lr: one schedule shape for both parts; the tables may have their own base lr.
+    lr = lr_at(step, cfg.train.steps, o.lr, o.warmup_steps, o.min_lr_ratio)
+    set_lr(engine, lr)
+    for group in job.table_opt.param_groups:
+        group["lr"] = lr / o.lr * (o.table_lr or o.lr)
+
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for micro in range(g_acc):
+        inputs, targets = micro_batch(job, step, micro)
+        # forward + backward: engine.backward scales the loss gradient by 1/G, which reaches
+        # the table gradients too (they hang off the same graph).
+        loss = lm_loss(engine(inputs), targets)
+        engine.backward(loss)
+        loss_sum += loss.detach().double().cpu()
+        if micro < g_acc - 1:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    # clip: one global norm over dense and table gradients.
+    sync_expert_grads(job.model)
+    dense_norm = dense_grad_norm(engine)
+    table_sq = _table_sq_norm(job)
+    total_norm, factor = clip_factor(o.grad_clip, dense_norm, table_sq)
+    apply_dense_clip(engine, factor, dense_norm)
+    if factor < 1.0:
+        scale_grads(job.table_params(), factor)
+
+    # step: DeepSpeed for the dense part, ours for the shards.
+    engine.step()
+    job.table_opt.step()
+    for p in job.table_params():
+        p.grad = None
+
+    # log: mean loss over the global batch (equal token counts per rank and micro-batch).
+    dist.all_reduce(loss_sum)
+    loss_mean = float(loss_sum) / (g_acc * job.topo.world_size)
+    seconds = time.perf_counter() - t0
+    tokens = g_acc * job.topo.world_size * cfg.train.batch_size * cfg.train.seq_len
+    return {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50)), "lr": lr,
+            "grad_norm": total_norm, "dense_grad_norm": dense_norm,
+            "table_grad_norm": math.sqrt(table_sq), "clip_factor": factor,
+            "tokens_per_s": tokens / seconds, "step_seconds": seconds}
+
+
+def _table_sq_norm(job: Job) -> float:
+    """Squared norm of all table gradients: each row is owned by one EP rank and DP replicas
+    hold copies after sync_expert_grads, so the sum runs over the EP group only."""
+    sq = grad_sq_norm(job.table_params()).to(job.topo.device)
+    if job.topo.ep > 1:
+        dist.all_reduce(sq, group=job.topo.ep_group)
+    return float(sq)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(job: Job) -> dict[str, float]:
+    """Validation loss / perplexity over train.eval_batches global batches, and expert usage and
+    unevenness per PEER layer. Every rank runs the same number of forwards (the sharded layers
+    are collective); a rank with no batch left repeats one with weight 0."""
+    from peer_dist.train.expert_stats import ExpertStats
+
+    cfg, topo, engine = job.cfg, job.topo, job.engine
+    layers = {name: m for name, m in job.model.named_modules() if hasattr(m, "record_routing")}
+    stats = {name: ExpertStats(m.cfg.num_experts) for name, m in layers.items()}
+    batches = list(job.data.eval_batches(cfg.train.batch_size, cfg.train.seq_len, "val",
+                                         max_batches=cfg.train.eval_batches * topo.world_size,
+                                         rank=topo.rank, world_size=topo.world_size))
+    n_iter = torch.tensor([len(batches)])
+    dist.all_reduce(n_iter, op=dist.ReduceOp.MAX)
+    engine.eval()
+    for m in layers.values():
+        m.record_routing = True
+    sums = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, tokens)
+    for i in range(int(n_iter)):
+        weight = 1.0 if i < len(batches) else 0.0
+        inputs, targets = batches[min(i, len(batches) - 1)]
+        logits = engine(inputs.to(topo.device))
+        loss = lm_loss(logits, targets.to(topo.device))
+        sums += torch.tensor([float(loss) * targets.numel(), targets.numel()]) * weight
+        for name, m in layers.items():
+            if weight and m.last_routing is not None:
+                ids, gates = m.last_routing
+                stats[name].add(ids.cpu(), gates.float().cpu())
+    for m in layers.values():
+        m.record_routing, m.last_routing = False, None
+    engine.train()
+    dist.all_reduce(sums)
+    val_loss = float(sums[0] / sums[1])
+    out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    for name, s in stats.items():
+        dist.all_reduce(s.counts)
+        if float(s.counts.sum()) > 0:
+            out[f"experts/{name}/usage"] = s.usage()
+            out[f"experts/{name}/unevenness"] = s.unevenness()
+    return out
+
+
+# --------------------------------------------------------------------------- the job
+
+def comm_scalars(job: Job, steps: int) -> dict[str, float]:
+    """All-to-all bytes and seconds per PEER layer per step since the last call (this rank)."""
+    from peer_dist.parallel import comm_stats, reset_comm_stats
+
+    out = {}
+    for layer, s in comm_stats(job.model).items():
+        out[f"comm/{layer}/bytes_sent"] = s["bytes_sent"] / steps
+        out[f"comm/{layer}/bytes_recv"] = s["bytes_recv"] / steps
+        out[f"comm/{layer}/seconds"] = s["seconds"] / steps
+    reset_comm_stats(job.model)
+    return out
+
+
+def memory_scalars(job: Job) -> dict[str, float]:
+    """Memory of every rank (gathered), in MiB."""
+    mine = memory_stats(job.topo.device)
+    mine["expert_mib"] = expert_memory_bytes(job.shards, job.table_opt) / 2**20
+    out = {}
+    for r, stats in enumerate(gather_objects(mine)):
+        out.update({f"memory/rank{r}/{k}": v for k, v in stats.items()})
+    return out
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train per cfg (every rank calls this); returns the summary (on every rank)."""
+    job = setup(cfg)
+    t = cfg.train
+    resume = ckpt.find_resume(cfg)
+    if resume is not None:
+        job.step = ckpt.load_checkpoint(resume, cfg, job.engine, job.shards, job.table_opt,
+                                        job.topo)
+    log = Logger(t.run_dir, job.topo.rank, t.steps, job.step)
+    if job.topo.rank == 0:
+        save_config(cfg, Path(t.run_dir) / "config.yaml")
+    log.text(f"peer-train: {job.topo.describe()}; {t.steps} steps, ZeRO {t.zero_stage}, "
+             f"{str(job.dtype).replace('torch.', '')}"
+             + (f"; resumed from {resume} at step {job.step}" if resume else ""))
+    last: dict[str, float] = {}
+    timed_tokens, timed_seconds, since_log = 0.0, 0.0, 0
+    while job.step < t.steps:
+        last = train_step(job, job.step)
+        job.step += 1
+        since_log += 1
+        if job.step > 1 or resume is not None:  # the first step includes warm-up costs
+            timed_tokens += last["tokens_per_s"] * last["step_seconds"]
+            timed_seconds += last["step_seconds"]
+        log.scalars(job.step, last)
+        if job.step % t.log_every == 0 or job.step == t.steps:
+            log.scalars(job.step, {**comm_scalars(job, since_log), **memory_scalars(job)})
+            log.progress(job.step, last)
+            since_log = 0
+        if job.step % t.eval_every == 0 and job.step < t.steps:
+            log.scalars(job.step, evaluate(job), kind="val")
+        if t.ckpt_every and job.step % t.ckpt_every == 0 and job.step < t.steps:
+            ckpt.save_checkpoint(job.step, cfg, job.engine, job.shards, job.table_opt, job.topo)
+    final_eval = evaluate(job)
+    log.scalars(job.step, final_eval, kind="val")
+    path = ckpt.save_checkpoint(job.step, cfg, job.engine, job.shards, job.table_opt, job.topo)
+    summary = _summary(job, last, final_eval, timed_tokens, timed_seconds, log, path)
+    for line in summary_lines(summary):
+        log.text(line)
+    if job.topo.rank == 0:
+        (Path(t.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.close()
+    return summary
+
+
+def _summary(job: Job, last: dict, final_eval: dict, tokens: float, seconds: float,
+             log: Logger, path: Path) -> dict[str, Any]:
+    mem = gather_objects({"expert": expert_memory_bytes(job.shards, job.table_opt) / 2**20,
+                          "rss": memory_stats(job.topo.device)["peak_rss_mib"]})
+    usage = {k: v for k, v in final_eval.items() if k.startswith("experts/")}
+    return {
+        "steps": job.step, "world_size": job.topo.world_size, "ep": job.topo.ep,
+        "zero_stage": job.cfg.train.zero_stage, "dtype": str(job.dtype).replace("torch.", ""),
+        "final_loss": last.get("loss", float("nan")), "val_loss": final_eval["val_loss"],
+        "val_ppl": final_eval["val_ppl"],
+        "tokens_per_s": tokens / seconds if seconds > 0 else last.get("tokens_per_s", 0.0),
+        "expert_mib_per_rank": [m["expert"] for m in mem],
+        "peak_rss_mib_per_rank": [m["rss"] for m in mem],
+        "experts": usage, "log_dir": str(log.log_dir), "checkpoint": str(path),
+    }

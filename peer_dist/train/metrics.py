@@ -1,0 +1,128 @@
+"""Logging: TensorBoard scalars and a console progress line (rank 0), a JSON-lines metrics file
+(rank 0, used by tests and plots), per-rank memory, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def expert_memory_bytes(shards: list, table_opt: Any) -> int:
+    """Bytes of this rank's table shards plus their optimizer state."""
+    total = 0
+    for shard in shards:
+        for p in (shard.u, shard.v):
+            total += tensor_bytes([p])
+            total += tensor_bytes([v for v in table_opt.init_state(p).values()
+                                   if torch.is_tensor(v)])
+    return total
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """This rank's memory in MiB: peak RSS of the process, and CUDA allocator peaks on GPU."""
+    mib = 1024 ** 2
+    stats = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / mib}
+    if device.type == "cuda":
+        stats["cuda_allocated_mib"] = torch.cuda.memory_allocated(device) / mib
+        stats["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / mib
+        stats["cuda_reserved_mib"] = torch.cuda.memory_reserved(device) / mib
+    return stats
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """obj from every rank, in rank order (on every rank)."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def fmt_count(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+class Logger:
+    """Rank 0 writes TensorBoard, metrics.jsonl and the console; other ranks do nothing."""
+
+    def __init__(self, run_dir: str | Path, rank: int, total_steps: int, start_step: int):
+        self.rank, self.total, self.start_step = rank, total_steps, start_step
+        self.log_dir = Path(run_dir) / "tb"
+        self.t0 = time.perf_counter()
+        self.writer = None
+        self.jsonl = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir))
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115
+
+    def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if self.rank != 0:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key if "/" in key else f"{kind}/{key}", value, step)
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def progress(self, step: int, values: dict[str, float]) -> None:
+        """One console line: step, loss, perplexity, lr, grad norm, tokens/s, ETA."""
+        if self.rank != 0:
+            return
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else float("inf")
+        line = (f"step {step:>6d}/{self.total} | loss {values['loss']:.4f} | "
+                f"ppl {math.exp(min(values['loss'], 50)):.2f} | lr {values['lr']:.2e} | "
+                f"gnorm {values['grad_norm']:.3f} | {fmt_count(values['tokens_per_s'])} tok/s | "
+                f"ETA {fmt_duration(eta)}")
+        print(line, flush=True)
+
+    def text(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The end-of-run summary as console lines."""
+    lines = ["", "=== summary ===",
+             f"steps            {summary['steps']} ({summary['world_size']} ranks, ZeRO "
+             f"{summary['zero_stage']}, {summary['dtype']})",
+             f"final loss       {summary['final_loss']:.4f} (train, last step)"]
+    if summary.get("val_loss") is not None:
+        lines.append(f"validation       loss {summary['val_loss']:.4f}, perplexity "
+                     f"{summary['val_ppl']:.2f}")
+    lines.append(f"throughput       {summary['tokens_per_s']:.0f} tokens/s (all ranks)")
+    for r, mem in enumerate(summary["expert_mib_per_rank"]):
+        lines.append(f"rank {r} experts    {mem:.2f} MiB (table shards + optimizer state), peak "
+                     f"RSS {summary['peak_rss_mib_per_rank'][r]:.0f} MiB")
+    lines += [f"logs             {summary['log_dir']} (tensorboard --logdir {summary['log_dir']})",
+              f"checkpoint       {summary['checkpoint']}"]
+    return lines
