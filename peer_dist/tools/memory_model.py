@@ -1,4 +1,4 @@
-"""Per-rank memory model of a sharded PEER training run: pure arithmetic, no torch.
+"""Per-rank memory model of a sharded PEER training run: pure arithmetic.
 
 Shape legend: N = experts (table rows), d = model dim (= table width), L = PEER layers,
 E = expert-parallel degree, W = world size, T = tokens per rank per micro-batch,
@@ -20,9 +20,9 @@ What is exact and what is an estimate:
                     per parameter as DeepSpeed ZeRO counts them (see `dense_bytes_per_param`).
   activations       rough: a per-token count of the tensors autograd keeps (see
                     `activation_bytes`); attention score matrices and allocator slack are left out.
-  all-to-all        rough, our own formulas (peer_dist/parallel has none to reuse): the buffers
-                    one PEER layer holds while it exchanges, plus what each layer keeps for
-                    backward (see `a2a_bytes`). Zero at E = 1.
+  all-to-all        bytes moved per step from peer_dist/parallel/cost.py; the buffers one PEER
+                    layer holds while it exchanges, plus what each layer keeps for backward, are
+                    rough (see `a2a_bytes`). Zero at E = 1.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 
 from peer_dist.config import ModelConfig
+from peer_dist.parallel import cost
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
@@ -199,47 +200,46 @@ def activation_bytes(s: Setup) -> int:
     return int(s.tokens_per_rank * (values * s.elem + ids + logits))
 
 
+def _layer_shape(s: Setup) -> cost.LayerShape:
+    return cost.LayerShape(num_experts=s.n, dim=s.d, selections=s.selections,
+                           tokens=s.tokens_per_rank, ep=s.ep, world=s.world_size, elem=s.elem)
+
+
 def a2a_bytes(s: Setup) -> int:
     """Rough all-to-all buffers per rank: one layer's transient send/receive buffers plus what
-    every layer keeps for backward. f = (E-1)/E of the traffic leaves the rank.
+    every layer keeps for backward. Counts as in peer_dist/parallel/cost.py (uniform routing):
+    R distinct rows a rank selects, a remote share f = (E-1)/E of them; P (token, remote owner)
+    pairs; Q remote selections.
 
-    fetch: R = expected unique ids among the rank's T*S selections; ids out and in, R*2d rows
-    received (kept for backward) and, as an owner, about as many sent.
-    dispatch: each token goes once to each remote owner holding one of its experts
-    (E * (1 - (1-1/E)^S) owners); x and the result are d values per (token, owner), plus
-    (id, gate) per selection; the owner keeps the received x and two values per selection.
+    fetch: R*f int32 ids out and in, R*f rows of 2d served and as many received; every layer
+    keeps its R fetched rows (U and V, d each) for backward.
+    dispatch: x out and in, partial y out and in (d per pair), 12 B of (id, pair, gate) per
+    selection each way; the owner keeps the received x, the metadata and u.x before and after
+    the activation per selection.
     """
     if s.ep == 1:
         return 0
     f = (s.ep - 1) / s.ep
     t, d, e, sel = s.tokens_per_rank, s.d, s.elem, s.selections
     if s.strategy == "fetch":
-        r = expected_unique(s.n, t * sel)
-        transient = 2 * f * r * INDEX_BYTES + f * r * 2 * d * e
-        kept = f * r * 2 * d * e
+        r = cost.expected_distinct(s.n, t * sel)
+        transient = 2 * f * r * cost.ID_BYTES + 2 * f * r * 2 * d * e
+        kept = r * 2 * d * e
     else:
-        owners = s.ep * -math.expm1(sel * math.log1p(-1.0 / s.ep))
-        pairs = f * t * sel * (INDEX_BYTES + e)
-        x_in = f * t * owners * d * e
-        transient = 2 * pairs + 2 * x_in  # pairs both ways, x out and results in
-        kept = x_in + pairs + f * t * sel * 2 * e
+        pairs = t * _layer_shape(s).owners_touched() * f
+        sels = t * sel * f
+        transient = 4 * pairs * d * e + 2 * sels * cost.META_BYTES
+        kept = pairs * d * e + sels * (cost.META_BYTES + 2 * e)
     return int(transient + s.layers * kept)
 
 
 def a2a_bytes_moved(s: Setup) -> int:
-    """Rough bytes one rank sends per step (forward + backward, all PEER layers)."""
+    """Bytes one rank sends per step (forward + backward, all PEER layers, one micro-batch):
+    peer_dist/parallel/cost.py's per-token formulas for uniform routing."""
     if s.ep == 1:
         return 0
-    f = (s.ep - 1) / s.ep
-    t, d, e, sel = s.tokens_per_rank, s.d, s.elem, s.selections
-    if s.strategy == "fetch":
-        r = expected_unique(s.n, t * sel)
-        per_layer = f * r * (INDEX_BYTES + 2 * d * e + 2 * d * e)  # ids, rows, row grads
-    else:
-        owners = s.ep * -math.expm1(sel * math.log1p(-1.0 / s.ep))
-        # forward: x and (id, gate) pairs out; backward: dL/dy out
-        per_layer = f * t * (2 * owners * d * e + sel * (INDEX_BYTES + e))
-    return int(per_layer * s.layers)
+    per_token = cost.predict_per_token(_layer_shape(s))[s.strategy]
+    return int(per_token * s.tokens_per_rank * s.layers)
 
 
 # --------------------------------------------------------------------------- the breakdown

@@ -19,7 +19,6 @@ import csv
 import itertools
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -90,12 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
     m.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     m.add_argument("--keep-runs", action="store_true", help="keep each run's folder")
+    m.add_argument("--data-bytes", type=int, default=2_000_000,
+                   help="raw text bytes to prepare when the data folder does not exist yet")
     m.add_argument("--data", default=None,
                    help="prepared data folder for the runs (default: OUT/data, made on first use)")
     _plan_args(sub.add_parser("plan", help="settings that fit a cluster, best first"))
-    probe = sub.add_parser("probe", help=argparse.SUPPRESS)  # one rank of a measure run
-    probe.add_argument("--report", required=True)
-    probe.add_argument("trainer_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -338,9 +336,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- measure
 
 MEASURE_KEYS = ("expert_bytes_per_rank_predicted", "expert_bytes_per_rank_measured",
-                "expert_rel_err", "tracked_bytes_per_rank", "total_bytes_per_rank_predicted",
-                "peak_bytes_per_rank", "rss_at_start_bytes", "step_s", "bytes_moved_per_step",
-                "a2a_bytes_moved_predicted")
+                "expert_rel_err", "total_bytes_per_rank_predicted", "peak_bytes_per_rank",
+                "peak_over_runtime_bytes", "step_s", "a2a_bytes_moved_predicted",
+                "bytes_moved_per_step")
 
 
 def trainer_overrides(s: mm.Setup, args: argparse.Namespace, run_dir: Path, data: Path
@@ -353,7 +351,8 @@ def trainer_overrides(s: mm.Setup, args: argparse.Namespace, run_dir: Path, data
         f"parallel.strategy={s.strategy}", f"optim.table_optimizer={s.table_optimizer}",
         f"train.zero_stage={s.zero_stage}", f"train.dtype={s.dtype}",
         f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps + 1}",
-        f"train.run_dir={run_dir}", "train.resume=never", f"data.path={data}",
+        f"train.run_dir={run_dir}", "train.resume=never", "train.eval_batches=1",
+        f"data.path={data}", f"data.max_bytes={args.data_bytes}",
     ]
     if args.tokens_per_rank:
         cfg = base_config(args)
@@ -366,55 +365,74 @@ def trainer_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
 
 def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> dict:
-    """One torchrun launch of the trainer under the probe; returns the merged rank reports."""
-    run_dir = work / f"n{s.n}_d{s.d}_ep{s.ep}_w{s.world_size}_{s.strategy}_{s.table_optimizer}"
+    """One torchrun launch of peer-train; returns what it measured (see read_run)."""
+    name = f"n{s.n}_d{s.d}_L{s.layers}_ep{s.ep}_w{s.world_size}_{s.strategy}_{s.table_optimizer}"
+    run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    report = run_dir / "probe"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={s.world_size}", "-m", "peer_dist.tools.scale", "probe",
-           "--report", str(report), "--",
-           *trainer_argv(args, trainer_overrides(s, args, run_dir / "run", data))]
+           f"--nproc-per-node={s.world_size}", "-m", "peer_dist.train",
+           *trainer_argv(args, trainer_overrides(s, args, run_dir, data))]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-3000:]
-        raise RuntimeError(f"peer-scale measure: the run for {setup_row(s)} failed "
-                           f"(exit {proc.returncode}):\n{tail}")
-    ranks = [json.loads(Path(f"{report}.rank{r}.json").read_text())
-             for r in range(s.world_size)]
-    merged = merge_ranks(ranks)
-    merged["wall_s"] = time.perf_counter() - t0
+        raise SystemExit(f"peer-scale measure: the run {name} failed (exit {proc.returncode}):"
+                         f"\n{tail}")
+    out = read_run(run_dir)
+    out["wall_s"] = time.perf_counter() - t0
     if not args.keep_runs:
-        shutil.rmtree(run_dir / "run", ignore_errors=True)
-    return merged
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
 
 
-def merge_ranks(ranks: list[dict]) -> dict:
-    """Per-rank reports -> one point: the largest rank decides memory; the slowest, time."""
-    def most(key: str):
-        vals = [r[key] for r in ranks if r.get(key) is not None]
-        return max(vals) if vals else None
+def read_run(run_dir: Path) -> dict:
+    """What peer-train measured: summary.json (per-rank expert bytes = local shard tensors plus
+    their optimizer state, per-rank peak RSS) and metrics.jsonl (step seconds, all-to-all bytes
+    sent per layer and step, CUDA allocator peaks per rank). The largest rank decides memory."""
+    mib = 2 ** 20
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    steps = [r["step_seconds"] for r in train if "step_seconds" in r][1:]  # skip warm-up step
+    sent = [sum(v for k, v in r.items() if k.startswith("comm/") and k.endswith("/bytes_sent"))
+            for r in train if any(k.startswith("comm/") for k in r)]
+    cuda = [v for r in train[-1:] for k, v in r.items() if k.endswith("/cuda_peak_allocated_mib")]
+    rss = max(summary["peak_rss_mib_per_rank"]) * mib
+    return {"expert_bytes_per_rank_measured": round(max(summary["expert_mib_per_rank"]) * mib),
+            "peak_bytes_per_rank": round(max(cuda) * mib) if cuda else round(rss),
+            "peak_source": "cuda_max_allocated" if cuda else "ru_maxrss",
+            "peak_rss_bytes_per_rank": round(rss),
+            "step_s": statistics.median(steps) if steps else None,
+            "bytes_moved_per_step": statistics.median(sent) if sent else None}
 
-    return {"expert_bytes_per_rank_measured": most("expert_bytes"),
-            "tracked_bytes_per_rank": most("tracked_bytes"),
-            "peak_bytes_per_rank": most("peak_bytes"), "rss_at_start_bytes": most("rss_start"),
-            "step_s": most("step_s"), "bytes_moved_per_step": most("bytes_sent_per_step"),
-            "peak_source": ranks[0].get("peak_source")}
+
+def runtime_rss_bytes() -> int:
+    """Peak RSS of a rank that has only imported the trainer (python, torch, deepspeed): the
+    part of peak RSS that the memory model does not count."""
+    code = ("import resource, peer_dist.train.loop, deepspeed; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    return int(proc.stdout.split()[-1]) * 1024
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
     points = grid(args)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="peer-scale-"))
     data = Path(args.data) if args.data else out / "data"
+    base_rss = runtime_rss_bytes()
     rows = []
     for s in points:
         row = predict_row(s)
         row.update(run_point(s, args, out / "runs", data))
         meas = row["expert_bytes_per_rank_measured"]
-        row["expert_rel_err"] = ((row["expert_bytes_per_rank_predicted"] - meas) / meas
-                                 if meas else None)
+        row["expert_rel_err"] = (row["expert_bytes_per_rank_predicted"] - meas) / meas
+        row["runtime_rss_bytes"] = base_rss
+        # peak RSS less the runtime's own, against the predicted total (a rough check)
+        row["peak_over_runtime_bytes"] = row["peak_bytes_per_rank"] - (
+            base_rss if row["peak_source"] == "ru_maxrss" else 0)
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
@@ -427,106 +445,6 @@ def cmd_measure(args: argparse.Namespace) -> None:
         print(markdown(rows, shown + list(MEASURE_KEYS)), end="")
 
 
-# --------------------------------------------------------------------------- probe (one rank)
-
-def _tensor_bytes(t) -> int:
-    if t is None:
-        return 0
-    if t.is_sparse:
-        return t._values().nbytes + t._indices().nbytes
-    return t.nbytes
-
-
-def _state_bytes(opt) -> int:
-    import torch
-
-    return sum(v.nbytes for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
-
-
-class Probe:
-    """Watches one trainer rank through global optimizer hooks: the table optimizer's params
-    (the local shards) and state give the measured expert bytes; its step times give step_s;
-    every optimizer's params, grads and state give the tracked tensor bytes."""
-
-    def __init__(self) -> None:
-        self.step_times: list[float] = []
-        self.grad_bytes: dict[int, int] = {}
-        self.bytes: dict[int, dict[str, int]] = {}  # id(optimizer) -> params / state / grads
-        self.expert_bytes = 0
-        self.model = None
-
-    def before_step(self, opt, args, kwargs) -> None:
-        self.grad_bytes[id(opt)] = sum(_tensor_bytes(p.grad) for g in opt.param_groups
-                                       for p in g["params"])
-
-    def after_step(self, opt, args, kwargs) -> None:
-        from peer_dist.train.sparse_optim import RowSparseOptimizer
-
-        params = sum(p.nbytes for g in opt.param_groups for p in g["params"])
-        self.bytes[id(opt)] = {"params": params, "state": _state_bytes(opt),
-                               "grads": self.grad_bytes.get(id(opt), 0)}
-        if isinstance(opt, RowSparseOptimizer):
-            self.step_times.append(time.perf_counter())
-            self.expert_bytes = params + _state_bytes(opt)
-
-    def report(self, rss_start: int) -> dict:
-        import torch
-
-        gaps = [b - a for a, b in zip(self.step_times, self.step_times[1:], strict=False)]
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        peak = (torch.cuda.max_memory_allocated() if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        return {"expert_bytes": self.expert_bytes,
-                "tracked_bytes": sum(sum(b.values()) for b in self.bytes.values()),
-                "peak_bytes": peak, "peak_source": "cuda_max_allocated" if cuda else "ru_maxrss",
-                "rss_start": rss_start, "steps": len(self.step_times),
-                "step_s": statistics.median(gaps) if gaps else None,
-                "bytes_sent_per_step": self.bytes_sent_per_step()}
-
-    def bytes_sent_per_step(self) -> float | None:
-        if self.model is None or not self.step_times:
-            return None
-        from peer_dist.parallel import comm_stats
-
-        sent = sum(v.get("bytes_sent", 0) for v in comm_stats(self.model).values())
-        return sent / len(self.step_times)
-
-
-def _watch_parallelize(probe: Probe) -> None:
-    """Keep the parallelized model (for comm_stats) by wrapping peer_dist.parallel.parallelize
-    before the trainer imports it."""
-    import peer_dist.parallel as par
-
-    original = par.parallelize
-
-    def parallelize(model, *a, **kw):
-        probe.model = original(model, *a, **kw)
-        return probe.model
-
-    par.parallelize = parallelize
-
-
-def cmd_probe(args: argparse.Namespace) -> None:
-    from torch.optim.optimizer import (
-        register_optimizer_step_post_hook,
-        register_optimizer_step_pre_hook,
-    )
-
-    probe = Probe()
-    register_optimizer_step_pre_hook(probe.before_step)
-    register_optimizer_step_post_hook(probe.after_step)
-    _watch_parallelize(probe)
-    from peer_dist.train.__main__ import main as train_main
-
-    # the runtime's own footprint (python, torch, deepspeed) before the trainer builds anything
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    argv = args.trainer_args[1:] if args.trainer_args[:1] == ["--"] else args.trainer_args
-    train_main(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    Path(f"{args.report}.rank{rank}.json").write_text(json.dumps(probe.report(rss_start)))
-
-
 # --------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> None:
@@ -537,8 +455,6 @@ def main(argv: list[str] | None = None) -> None:
         cmd_plan(args)
     elif args.command == "measure":
         cmd_measure(args)
-    else:
-        cmd_probe(args)
 
 
 if __name__ == "__main__":

@@ -88,17 +88,21 @@ def test_dense_param_count_matches_built_model(model):
     assert mm.dense_param_count(model) == count
 
 
-def test_all_to_all_buffers():
+def test_all_to_all_buffers_and_bytes_moved():
     assert mm.a2a_bytes(setup(ep=1)) == 0 and mm.a2a_bytes_moved(setup(ep=1)) == 0
-    # dispatch, S = 1 selection, EP = 2: a token has one owner, remote with probability 1/2;
-    # it sends x forward and dL/dy backward (d values each) plus one (id, gate) pair.
+    # dispatch, S = 1 selection, EP = 2, 100 tokens: each token has one owner, remote with
+    # probability 1/2 -> P = Q = 50. Sent per step (cost.py): counts 2*8*(E-1) = 16,
+    # x and dy out 2 * P * d * 4 = 3200, the partial y and dx back the same 3200 (P_in = P_out),
+    # 16 B of metadata and dgate per remote selection = 800: 7216 B.
     s = setup(n=16, d=8, heads=1, topk=1, ep=2, world_size=2, strategy="dispatch",
               tokens_per_rank=100)
-    # f = 1/2, owners = 1: 100 * 0.5 * (2 * 1 * 8 * 4 + 1 * (8 + 4)) = 3800 bytes
-    assert mm.a2a_bytes_moved(s) == 3800
+    assert mm.a2a_bytes_moved(s) == 16 + 3200 + 3200 + 800
+    # buffers: 4 * P * d * 4 transient + 2 * Q * 12 meta; kept: P*d*4 + Q * (12 + 2*4)
+    assert mm.a2a_bytes(s) == 4 * 50 * 8 * 4 + 2 * 50 * 12 + 50 * 8 * 4 + 50 * 20
+    # fetch with every one of the 16 rows selected: 8 remote rows, int32 ids, 4*d*4 B per row
     fetch = setup(n=16, d=8, heads=1, topk=1, ep=2, world_size=2, strategy="fetch",
-                  tokens_per_rank=10 ** 4)  # every one of the 16 rows is fetched
-    assert mm.a2a_bytes_moved(fetch) == int(0.5 * 16 * (8 + 2 * 8 * 4 * 2))
+                  tokens_per_rank=10 ** 4)
+    assert mm.a2a_bytes_moved(fetch) == 8 + int(8 * (4 + 4 * 8 * 4))
 
 
 def test_breakdown_total_and_validation():
