@@ -1,0 +1,274 @@
+"""Sharded PEER (gloo ranks) against the single-process model on the global batch.
+
+One spawn per (world, ep) runs every check: both strategies (and auto), outputs, gradients of
+the input, of the routing parameters and of the table rows, rows after optimizer steps (dense and
+lazy Adam), BN running statistics, byte counters against an independent count, zero-size splits,
+and (for EP x DP = 2 x 2) a whole transformer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from spawn import run_ranks
+
+from peer_dist.config import ModelConfig, ParallelConfig, PEERConfig
+from peer_dist.model.kernels import peer_mix
+from peer_dist.model.peer import PEER
+from peer_dist.model.transformer import build_model, lm_loss
+from peer_dist.parallel import (
+    Topology,
+    comm_stats,
+    expert_shards,
+    parallelize,
+    reset_comm_stats,
+    sync_expert_grads,
+)
+from peer_dist.parallel.cost import dispatch_bytes, fetch_bytes
+from peer_dist.parallel.dispatch import dispatch_counts_out
+from peer_dist.parallel.fetch import fetch_rows_out
+from peer_dist.train.sparse_optim import RowSparseOptimizer
+
+DIM, T_GLOBAL = 16, 24  # 24 tokens split evenly over 1, 2, 3 and 4 ranks
+PEER_CFG = PEERConfig(num_experts=1024, heads=2, topk=4, d_key=8)  # 1024 / 3 is not integral
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def _pair(strategy: str, ep: int, balance: bool, seed: int = 3) -> tuple[PEER, PEER, Topology]:
+    torch.manual_seed(0)
+    ref = PEER(DIM, PEER_CFG, seed=seed, table_device="cpu")
+    torch.manual_seed(0)
+    sharded = PEER(DIM, PEER_CFG, seed=seed)  # meta tables: never materialised
+    topo = Topology.build(ep)
+    parallelize(sharded, topo, ParallelConfig(ep=ep, strategy=strategy, balance_ids=balance))
+    return ref, sharded, topo
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(T_GLOBAL, DIM, generator=g), torch.randn(T_GLOBAL, DIM, generator=g)
+
+
+def _mine(t: torch.Tensor, topo: Topology) -> torch.Tensor:
+    n = t.shape[0] // topo.world_size
+    return t[topo.rank * n:(topo.rank + 1) * n]
+
+
+def _avg_grad(p: torch.Tensor, world: int) -> torch.Tensor:
+    g = p.grad.clone()
+    dist.all_reduce(g)
+    return g / world
+
+
+def _forward_backward(ref: PEER, sharded: PEER, topo: Topology, step: int):
+    """Global-batch mean loss on ref; this rank's mean loss on the sharded twin."""
+    x, c = _batch(step)
+    xr = x.clone().requires_grad_(True)
+    yr = ref(xr)
+    (yr * c).sum(-1).mean().backward()
+    xs = _mine(x, topo).clone().requires_grad_(True)
+    ys = sharded(xs)
+    (ys * _mine(c, topo)).sum(-1).mean().backward()
+    sync_expert_grads(sharded)
+    return yr, xr, ys, xs
+
+
+def _check_tables(ref: PEER, sharded: PEER, grads: bool) -> None:
+    shard = expert_shards(sharded)[0]
+    e = shard.expert_ids()
+    for mine, full in ((shard.u, ref.experts.u), (shard.v, ref.experts.v)):
+        torch.testing.assert_close(mine.detach(), full.detach()[e], **TOL)
+        if grads:
+            torch.testing.assert_close(mine.grad.to_dense(), full.grad.to_dense()[e], **TOL)
+            touched = set(mine.grad.coalesce().indices()[0].tolist())
+            ref_rows = set(full.grad.coalesce().indices()[0].tolist())
+            assert touched == {i for i, x in enumerate(e.tolist()) if x in ref_rows}
+
+
+def _check_step(ref: PEER, sharded: PEER, topo: Topology, step: int) -> None:
+    yr, xr, ys, xs = _forward_backward(ref, sharded, topo, step)
+    torch.testing.assert_close(ys, _mine(yr.detach(), topo), **TOL)
+    # rank r's loss is a mean over T/W tokens: its input gradient is W x the global one
+    torch.testing.assert_close(xs.grad, _mine(xr.grad, topo) * topo.world_size, **TOL)
+    pairs = zip(sharded.router.named_parameters(), ref.router.parameters(), strict=True)
+    for (name, p), q in pairs:
+        torch.testing.assert_close(_avg_grad(p, topo.world_size), q.grad, **TOL, msg=name)
+    _check_tables(ref, sharded, grads=True)
+
+
+def check_layer_parity(topo_ep: int, balance: bool) -> None:
+    for strategy in ("fetch", "dispatch", "auto"):
+        ref, sharded, topo = _pair(strategy, topo_ep, balance)
+        _check_tables(ref, sharded, grads=False)  # init: exactly the single-process rows
+        _check_step(ref, sharded, topo, step=0)
+
+
+def check_optimizer_parity(topo_ep: int, balance: bool) -> None:
+    for strategy, kind in (("fetch", "dense_adam"), ("dispatch", "lazy_adam"),
+                           ("dispatch", "dense_adam"), ("fetch", "lazy_adam")):
+        ref, sharded, topo = _pair(strategy, topo_ep, balance)
+        opt_ref = RowSparseOptimizer([ref.experts.u, ref.experts.v], kind, lr=1e-2)
+        opt_sh = RowSparseOptimizer(expert_shards(sharded)[0].params(), kind, lr=1e-2)
+        dense_ref = torch.optim.SGD(ref.router.parameters(), lr=0.1)
+        dense_sh = torch.optim.SGD(sharded.router.parameters(), lr=0.1)
+        for step in range(3):
+            for m in (ref, sharded):
+                m.zero_grad(set_to_none=True)
+            for p in expert_shards(sharded)[0].params():
+                p.grad = None
+            _forward_backward(ref, sharded, topo, step)
+            for p in sharded.router.parameters():
+                p.grad = _avg_grad(p, topo.world_size)  # what DeepSpeed does for dense params
+            for opt in (opt_ref, opt_sh, dense_ref, dense_sh):
+                opt.step()
+        _check_tables(ref, sharded, grads=False)
+        for a, b in zip(sharded.router.parameters(), ref.router.parameters(), strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(sharded.router.norm, name),
+                                       getattr(ref.router.norm, name), **TOL, msg=name)
+
+
+def _expected_bytes(ids: list[torch.Tensor], shard, me: int, strategy: str) -> tuple[int, ...]:
+    """(sent_fwd, sent_bwd, recv_fwd, recv_bwd) of group member `me`, counted from the ids
+    with Python sets (independently of the plans): ids[j] are member j's (T, S) selections."""
+    idmap, ep, d, elem = shard.idmap, len(ids), shard.dim, 4
+    b = -(-idmap.n // ep)
+
+    def owner(e: int) -> int:
+        return ((e * idmap.a + idmap.c) % idmap.n) // b
+
+    if strategy == "fetch":
+        wanted = [{e for e in t.reshape(-1).tolist()} for t in ids]  # distinct rows per member
+        out = sum(1 for e in wanted[me] if owner(e) != me)
+        inn = sum(1 for j in range(ep) if j != me for e in wanted[j] if owner(e) == me)
+        counts = 8 * (ep - 1)
+        return (counts + 4 * out + 2 * d * elem * inn, 2 * d * elem * out,
+                counts + 4 * inn + 2 * d * elem * out, 2 * d * elem * inn)
+    pairs = [{(t, owner(e)) for t, row in enumerate(x.tolist()) for e in row} for x in ids]
+    sels = [[owner(e) for e in x.reshape(-1).tolist()] for x in ids]
+    p_out = sum(1 for _, o in pairs[me] if o != me)
+    p_in = sum(1 for j in range(ep) if j != me for _, o in pairs[j] if o == me)
+    q_out = sum(1 for o in sels[me] if o != me)
+    q_in = sum(1 for j in range(ep) if j != me for o in sels[j] if o == me)
+    counts, de = 16 * (ep - 1), d * elem
+    return (counts + de * p_out + 12 * q_out + de * p_in, de * p_out + de * p_in + 4 * q_in,
+            counts + de * p_in + 12 * q_in + de * p_out, de * p_in + de * p_out + 4 * q_out)
+
+
+def check_byte_counters(topo_ep: int, balance: bool) -> None:
+    for strategy in ("fetch", "dispatch"):
+        ref, sharded, topo = _pair(strategy, topo_ep, balance)
+        x, _ = _batch(0)
+        ref.record_routing = True
+        ref(x)
+        ids_all = ref.last_routing[0].view(topo.world_size, -1, PEER_CFG.heads * PEER_CFG.topk)
+        group = ids_all[topo.dp_rank * topo.ep:(topo.dp_rank + 1) * topo.ep]
+        reset_comm_stats(sharded)
+        _forward_backward(ref, sharded, topo, step=0)
+        st = next(iter(comm_stats(sharded).values()))
+        got = (st["bytes_sent_fwd"], st["bytes_sent_bwd"], st["bytes_recv_fwd"],
+               st["bytes_recv_bwd"])
+        shard = expert_shards(sharded)[0]
+        assert got == _expected_bytes(list(group), shard, topo.ep_rank, strategy), strategy
+        _check_cost_model_total(st, group, shard, topo, strategy)
+
+
+def _check_cost_model_total(st: dict, group: torch.Tensor, shard, topo: Topology,
+                            strategy: str) -> None:
+    """The cost model's per-rank formula, summed over the EP group, equals the bytes sent."""
+    total = torch.tensor([float(st["bytes_sent"])], dtype=torch.float64)
+    dist.all_reduce(total, group=topo.ep_group)
+    predicted = 0.0
+    for j, ids in enumerate(group):
+        if strategy == "fetch":
+            predicted += fetch_bytes(fetch_rows_out(ids, shard.idmap, j), topo.ep, shard.dim, 4)
+        else:
+            predicted += dispatch_bytes(*dispatch_counts_out(ids, shard.idmap, j), topo.ep,
+                                        shard.dim, 4)
+    assert abs(float(total) - predicted) < 1e-6, (strategy, float(total), predicted)
+
+
+def check_zero_size_splits(topo_ep: int) -> None:
+    """Rank 0 selects only its own rows; rank 1 selects only rows of owner 0: many zero splits."""
+    for strategy in ("fetch", "dispatch"):
+        ref, sharded, topo = _pair(strategy, topo_ep, balance=False)
+        b = -(-PEER_CFG.num_experts // topo.ep)
+        g = torch.Generator().manual_seed(7)
+        t, s = 3, 4
+        ids = torch.randint(0, PEER_CFG.num_experts, (topo.world_size, t, s), generator=g)
+        ids[0] = torch.randint(0, b, (t, s), generator=g)
+        ids[1] = torch.randint(0, b, (t, s), generator=g)
+        if topo.world_size > 2:
+            ids[2, 1:] = torch.randint(b, 2 * b, (t - 1, s), generator=g)
+        gates = torch.rand(topo.world_size, t, s, generator=g)
+        x = torch.randn(topo.world_size, t, DIM, generator=g)
+        u = ref.experts.u.detach().clone().requires_grad_(True)
+        y_ref = peer_mix(x.view(-1, DIM), ids.view(-1, s), gates.view(-1, s), u,
+                         ref.experts.v.detach(), "gelu", sparse_grad=False)
+        y_ref.sum().backward()
+        xs = x[topo.rank].clone().requires_grad_(True)
+        y = sharded.experts(xs, ids[topo.rank], gates[topo.rank])
+        y.sum().backward()
+        torch.testing.assert_close(y, y_ref.view(topo.world_size, t, DIM)[topo.rank].detach(),
+                                   **TOL)
+        sync_expert_grads(sharded)
+        shard = expert_shards(sharded)[0]
+        # sum-of-losses here, so undo the 1/W mean scaling before comparing
+        torch.testing.assert_close(shard.u.grad.to_dense() * topo.world_size,
+                                   u.grad[shard.expert_ids()], **TOL)
+
+
+def check_transformer(topo_ep: int) -> None:
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=16,
+                      peer_blocks="all", peer=PEERConfig(num_experts=256, heads=2, topk=4,
+                                                         d_key=8))
+    ref = build_model(cfg, seed=11)
+    model = build_model(cfg, seed=11, materialize=False)
+    topo = Topology.build(topo_ep)
+    parallelize(model, topo, ParallelConfig(ep=topo_ep, strategy="auto", balance_ids=True))
+    tokens = torch.randint(0, 64, (topo.world_size * 2, 9), generator=torch.Generator()
+                           .manual_seed(3))
+    ref_loss = lm_loss(ref(tokens[:, :-1]), tokens[:, 1:])
+    ref_loss.backward()
+    mine = tokens[topo.rank * 2:(topo.rank + 1) * 2]
+    loss = lm_loss(model(mine[:, :-1]), mine[:, 1:])
+    loss.backward()
+    sync_expert_grads(model)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    torch.testing.assert_close(mean_loss / topo.world_size, ref_loss.detach(), **TOL)
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(_avg_grad(p, topo.world_size), ref_params[name].grad, **TOL,
+                                   msg=name)
+    assert not any(p is s.u or p is s.v for p in model.parameters()
+                   for s in expert_shards(model))
+    for layer, shard in zip(ref.peer_layers(), expert_shards(model), strict=True):
+        e = shard.expert_ids()
+        torch.testing.assert_close(shard.v.grad.to_dense(), layer.experts.v.grad.to_dense()[e],
+                                   **TOL)
+
+
+def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ...]) -> None:
+    torch.set_num_threads(1)
+    check_layer_parity(ep, balance)
+    check_optimizer_parity(ep, balance)
+    check_byte_counters(ep, balance)
+    if "zero_splits" in extras:
+        check_zero_size_splits(ep)
+    if "transformer" in extras:
+        check_transformer(ep)
+
+
+@pytest.mark.parametrize("world, ep, balance, extras", [
+    (1, 0, False, ()),
+    (2, 0, False, ()),
+    (3, 0, True, ()),  # 1024 rows over 3 owners: 342, 342, 340
+    (4, 0, False, ("zero_splits",)),
+    (4, 2, True, ("transformer",)),  # EP x DP = 2 x 2
+], ids=["w1", "w2", "w3-balanced", "w4", "ep2xdp2"])
+def test_sharded_equals_single_process(world: int, ep: int, balance: bool,
+                                       extras: tuple[str, ...]) -> None:
+    run_ranks(_worker, world, ep, balance, extras)
