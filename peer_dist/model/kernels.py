@@ -152,3 +152,41 @@ def peer_mix(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, u: torch.T
              v: torch.Tensor, act: str = "gelu", sparse_grad: bool = True) -> torch.Tensor:
     """x (T, D), ids (T, S) int64 rows of u/v (N, D), gates (T, S) -> y (T, D)."""
     return PeerMix.apply(x, ids, gates, u, v, act, sparse_grad)
+
+
+class KeyScores(torch.autograd.Function):
+    """Scores of the selected sub-keys only: out[c, t, j] = keys[c, sel[c, t, j]] . q[c, t].
+
+    q (C, T, Qh), sel (C, T, K) int64 in [0, n), keys (C, n, Qh) -> (C, T, K).
+    The full (C, T, n) score matrix is only needed (without gradient) to find sel; the
+    gradient of the selected scores is sparse in n, so dq is a K-row bag per (c, t) instead of
+    a (T, n) x (n, Qh) product.
+    """
+
+    @staticmethod
+    def forward(ctx, q, sel, keys):
+        c, t, k = sel.shape
+        n = keys.shape[1]
+        flat = (sel + torch.arange(c, device=sel.device)[:, None, None] * n).view(c * t, k)
+        ctx.save_for_backward(q, sel, keys, flat)
+        out = gather_dot(q.reshape(c * t, -1), flat, keys.reshape(c * n, -1))
+        return out.view(c, t, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, sel, keys, flat = ctx.saved_tensors
+        c, t, k = sel.shape
+        grad = grad.contiguous()
+        dq = dkeys = None
+        if ctx.needs_input_grad[0]:
+            dq = bag_sum(flat, keys.reshape(-1, keys.shape[-1]), grad.view(c * t, k))
+            dq = dq.view_as(q)
+        if ctx.needs_input_grad[2]:  # (C, n, T) scatter of the K grads, then one product
+            dense = grad.new_zeros(c, t, keys.shape[1]).scatter_add_(2, sel, grad)
+            dkeys = torch.bmm(dense.transpose(1, 2), q)
+        return dq, None, dkeys
+
+
+def key_scores(q: torch.Tensor, sel: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(C, T, K): keys[c, sel[c, t, j]] . q[c, t] with gradients for q and keys."""
+    return KeyScores.apply(q, sel, keys)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
-from peer_dist.model.kernels import peer_mix
+from peer_dist.model.kernels import key_scores, peer_mix
 
 INIT_BLOCK_ROWS = 16384
 
@@ -59,18 +59,41 @@ class ProductKeyRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> ids (T, H*K) int64, gates (T, H*K) softmax over each head's K."""
-        t = x.shape[0]
-        q = self.norm(self.query(x)).view(t, self.heads, 2, self.d_key // 2)
-        keys = self.sub_keys.expand(self.heads, -1, -1, -1)  # (H, 2, n, Q/2)
-        s1 = torch.einsum("thq,hnq->thn", q[:, :, 0], keys[:, 0])  # (T, H, n)
-        s2 = torch.einsum("thq,hnq->thn", q[:, :, 1], keys[:, 1])
-        v1, i1 = s1.topk(self.topk, dim=-1)  # (T, H, K)
-        v2, i2 = s2.topk(self.topk, dim=-1)
-        cand = (v1[..., :, None] + v2[..., None, :]).flatten(-2)  # (T, H, K*K)
-        scores, best = cand.topk(self.topk, dim=-1)  # (T, H, K)
-        ids = i1.gather(-1, best // self.topk) * self.n + i2.gather(-1, best % self.topk)
-        gates = F.softmax(scores, dim=-1)
-        return ids.reshape(t, -1), gates.reshape(t, -1)
+        t, h, k, n = x.shape[0], self.heads, self.topk, self.n
+        if t == 0:
+            return (torch.zeros(0, h * k, dtype=torch.long, device=x.device),
+                    x.new_zeros(0, h * k))
+        q = self.norm(self.query(x)).view(t, 2 * h, self.d_key // 2)  # channel c = 2*head + half
+        q = q.transpose(0, 1)  # (2H, T, Q/2)
+        keys = self.sub_keys.expand(h, -1, -1, -1).reshape(2 * h, n, -1)  # (2H, n, Q/2)
+        sel1, sel2 = self._select(q.detach(), keys.detach())  # (H, T, K) each
+        sel = torch.stack([sel1, sel2], dim=1).view(2 * h, t, k)
+        scores = key_scores(q, sel, keys).view(h, 2, t, k).sum(1)  # (H, T, K)
+        ids = (sel1 * n + sel2).transpose(0, 1).reshape(t, h * k)
+        gates = F.softmax(scores, dim=-1).transpose(0, 1).reshape(t, h * k)
+        return ids, gates
+
+    def _pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate pairs (i, j) of the two sorted top-k lists with (i+1)(j+1) <= K.
+
+        Pair (i, j) scores below the (i+1)(j+1) - 1 pairs (i' <= i, j' <= j), so only these
+        can be in the top K: 50 of the K*K = 256 candidates for K = 16, still exact.
+        """
+        k = self.topk
+        pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+        pi, pj = torch.tensor(pairs, dtype=torch.long, device=device).unbind(1)
+        return pi, pj
+
+    @torch.no_grad()
+    def _select(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact product-key top-k: q (2H, T, Q/2), keys (2H, n, Q/2) -> sub-key ids (H, T, K)."""
+        h, t, k = self.heads, q.shape[1], self.topk
+        top_v, top_i = torch.bmm(q, keys.transpose(1, 2)).topk(k, dim=-1)  # (2H, T, K) sorted
+        top_v, top_i = top_v.view(h, 2, t, k), top_i.view(h, 2, t, k)
+        pi, pj = self._pairs(q.device)
+        cand = top_v[:, 0][..., pi] + top_v[:, 1][..., pj]  # (H, T, P)
+        best = cand.topk(k, dim=-1).indices  # (H, T, K), sorted by score
+        return top_i[:, 0].gather(-1, pi[best]), top_i[:, 1].gather(-1, pj[best])
 
 
 class ExpertTables(nn.Module):

@@ -1,0 +1,115 @@
+"""Config tree: unknown keys, wrong types and bad values fail early, naming key and allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from peer_dist.config import Config, ConfigError, PEERConfig, load_config, save_config
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_paper_like():
+    cfg = load_config()
+    p = cfg.model.peer
+    assert (p.heads, p.topk, p.activation, p.query_batchnorm) == (8, 16, "gelu", True)
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = _write(tmp_path, "model:\n  dim: 64\n  peer:\n    num_experts: 1024\n    topk: 8\n")
+    cfg = load_config(path, ["model.peer.heads=2", "optim.betas=[0.8, 0.9]",
+                             "model.peer.query_batchnorm=false", "optim.lr=0.01"])
+    assert cfg.model.dim == 64
+    assert (cfg.model.peer.num_experts, cfg.model.peer.topk, cfg.model.peer.heads) == (1024, 8, 2)
+    assert cfg.model.peer.query_batchnorm is False
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.optim.lr == 0.01
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_override_beats_file(tmp_path):
+    path = _write(tmp_path, "train:\n  steps: 5\n")
+    assert load_config(path, ["train.steps=7"]).train.steps == 7
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("model.peer.num_experts=1000", "model.peer.num_experts", "perfect square"),
+    ("model.peer.num_experts=0", "model.peer.num_experts", "perfect square"),
+    ("model.peer.topk=257", "model.peer.topk", "sqrt(num_experts) = 256"),
+    ("model.peer.topk=0", "model.peer.topk", "1 <= topk"),
+    ("model.peer.d_key=7", "model.peer.d_key", "even"),
+    ("model.peer.heads=0", "model.peer.heads", ">= 1"),
+    ("model.peer.activation=swish", "model.peer.activation", "['gelu', 'relu']"),
+    ("parallel.strategy=scatter", "parallel.strategy", "['auto', 'fetch', 'dispatch']"),
+    ("parallel.bn_sync=maybe", "parallel.bn_sync", "['global', 'local']"),
+    ("optim.table_optimizer=rmsprop", "optim.table_optimizer", "lazy_adam"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas", "[0, 1)"),
+    ("train.zero_stage=4", "train.zero_stage", "[0, 1, 2, 3]"),
+    ("train.dtype=fp16", "train.dtype", "'bf16'"),
+    ("model.peer_blocks=7", "model.peer_blocks", "block indices"),
+])
+def test_invalid_values_name_key_and_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert key in msg and allowed in msg, msg
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("model.peer.heads=two", "int"),
+    ("model.peer.heads=2.5", "int"),
+    ("model.peer.query_batchnorm=1", "bool"),
+    ("optim.lr=fast", "float"),
+    ("optim.betas=0.9", "list of 2"),
+    ("train.steps=true", "int"),
+])
+def test_wrong_types(override, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(err.value) and allowed in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["model.peer.num_expert=4", "modle.dim=4", "dim=4",
+                                      "model.peer.heads.x=1"])
+def test_unknown_override_keys(override):
+    with pytest.raises(ConfigError, match="unknown config key|not a section|must be a mapping"):
+        load_config(None, [override])
+
+
+def test_unknown_file_key_lists_allowed(tmp_path):
+    path = _write(tmp_path, "model:\n  peer:\n    experts: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "model.peer.experts" in str(err.value) and "num_experts" in str(err.value)
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["model.dim"])
+    with pytest.raises(ConfigError, match="seq_len"):
+        load_config(None, ["train.seq_len=512", "model.max_seq_len=256"])
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(None, ["model.peer.num_experts=4096", "model.peer.shared_keys=true",
+                             "optim.betas=[0.85, 0.99]", "parallel.strategy=dispatch"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    back = load_config(path)
+    assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+    assert isinstance(back, Config) and back.optim.betas == (0.85, 0.99)
+
+
+def test_peer_config_validate_directly():
+    PEERConfig(num_experts=16, topk=4, d_key=2).validate()
+    with pytest.raises(ConfigError, match="x.topk"):
+        PEERConfig(num_experts=16, topk=5).validate(prefix="x")

@@ -1,0 +1,156 @@
+"""The fast PEER layer against a literal Algorithm 1 (the paper's pseudo-code) in float64.
+
+The oracle below is written the slow, obvious way: query -> BN -> per-head product-key
+get_indices as in the PKM notebook -> gather w_down = U[indices], w_up = V[indices] as
+(T, H, K, D) tensors -> einsum -> act -> * softmax(scores) -> einsum. The fast layer must match
+its output and every gradient (x, query weight, BN affine, sub-keys, U, V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peer_dist.config import PEERConfig
+from peer_dist.model import kernels
+from peer_dist.model.peer import PEER
+
+
+def get_indices(q: torch.Tensor, sub_keys: torch.Tensor, k: int, n: int):
+    """PKM notebook: q (T, H, Q), sub_keys (H, 2, n, Q/2) -> indices, scores (T, H, K)."""
+    half = q.shape[-1] // 2
+    q1, q2 = q[..., :half], q[..., half:]
+    s1 = torch.einsum("thd,hnd->thn", q1, sub_keys[:, 0])  # (T, H, n)
+    s2 = torch.einsum("thd,hnd->thn", q2, sub_keys[:, 1])
+    top1, idx1 = s1.topk(k, dim=-1)
+    top2, idx2 = s2.topk(k, dim=-1)
+    all_scores = (top1[..., :, None] + top2[..., None, :]).flatten(-2)  # (T, H, K*K)
+    all_idx = (idx1[..., :, None] * n + idx2[..., None, :]).flatten(-2)
+    scores, best = all_scores.topk(k, dim=-1)
+    return all_idx.gather(-1, best), scores
+
+
+def algorithm1(x, params: dict, cfg: PEERConfig) -> torch.Tensor:
+    """The paper's Algorithm 1 for x (T, D) with the given (leaf) parameters."""
+    t = x.shape[0]
+    q = x @ params["query"].T  # (T, H*Q)
+    if cfg.query_batchnorm:
+        q = F.batch_norm(q, None, None, params["bn_w"], params["bn_b"], training=True)
+    q = q.view(t, cfg.heads, cfg.d_key)
+    keys = params["keys"].expand(cfg.heads, -1, -1, -1)
+    indices, scores = get_indices(q, keys, cfg.topk, math.isqrt(cfg.num_experts))
+    w_down = params["u"][indices]  # (T, H, K, D)
+    w_up = params["v"][indices]
+    h = torch.einsum("td,thkd->thk", x, w_down)
+    h = F.gelu(h) if cfg.activation == "gelu" else F.relu(h)
+    h = h * F.softmax(scores, dim=-1)
+    return torch.einsum("thk,thkd->td", h, w_up)
+
+
+def _fast_params(layer: PEER) -> dict:
+    p = {"query": layer.router.query.weight, "keys": layer.router.sub_keys,
+         "u": layer.experts.u, "v": layer.experts.v}
+    if layer.cfg.query_batchnorm:
+        p["bn_w"], p["bn_b"] = layer.router.norm.weight, layer.router.norm.bias
+    return p
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.to_dense() if p.grad.is_sparse else p.grad
+
+
+CASES = [  # (N, D, H, K, Q, T, options)
+    (64, 8, 1, 2, 4, 5, {}),
+    (256, 16, 4, 8, 16, 33, {}),
+    (1024, 32, 8, 16, 32, 40, {}),
+    (256, 16, 4, 8, 16, 33, {"shared_keys": True}),
+    (256, 16, 2, 4, 8, 17, {"activation": "relu"}),
+    (256, 16, 3, 5, 12, 21, {"query_batchnorm": False}),
+    (400, 12, 2, 20, 6, 9, {"shared_keys": True, "activation": "relu",
+                             "query_batchnorm": False}),
+]
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["private_kernel", "fallback"])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_fast_layer_matches_algorithm1(case, seed, private):
+    n_exp, d, h, k, q, t, opts = case
+    cfg = PEERConfig(num_experts=n_exp, heads=h, topk=k, d_key=q, **opts)
+    cfg.validate()
+    torch.manual_seed(seed)
+    layer = PEER(d, cfg, seed=seed, table_device="cpu").double()
+    if cfg.query_batchnorm:  # non-trivial affine so its gradients are checked for real
+        layer.router.norm.weight.data.uniform_(0.5, 1.5)
+        layer.router.norm.bias.data.normal_()
+    fast = _fast_params(layer)
+    ref = {name: p.detach().clone().requires_grad_() for name, p in fast.items()}
+    x = torch.randn(t, d, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad_y = torch.randn(t, d, dtype=torch.float64)
+
+    kernels.use_private_gather_dot(private)
+    try:
+        y = layer(x)
+        (y * grad_y).sum().backward()
+    finally:
+        kernels.use_private_gather_dot(None)
+    y_ref = algorithm1(x_ref, ref, cfg)
+    (y_ref * grad_y).sum().backward()
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    for name, p in fast.items():
+        assert p.grad is not None, name
+        torch.testing.assert_close(_grad(p), ref[name].grad, rtol=1e-9, atol=1e-11,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert layer.experts.u.grad.is_sparse and layer.experts.v.grad.is_sparse
+
+
+def test_table_grads_are_row_sparse():
+    cfg = PEERConfig(num_experts=4096, heads=2, topk=4, d_key=8)
+    layer = PEER(16, cfg, table_device="cpu")
+    x = torch.randn(7, 16)
+    ids, _ = layer.router(x)
+    layer(x).sum().backward()
+    for p in (layer.experts.u, layer.experts.v):
+        assert p.grad.is_sparse
+        rows = p.grad.coalesce().indices()[0]
+        assert set(rows.tolist()) == set(ids.flatten().tolist())  # exactly the touched rows
+        assert p.grad._nnz() <= 7 * 2 * 4
+
+
+def test_dense_grad_option_matches_sparse():
+    torch.manual_seed(3)
+    x, u, v = torch.randn(6, 8), torch.randn(50, 8), torch.randn(50, 8)
+    ids, gates = torch.randint(0, 50, (6, 5)), torch.rand(6, 5)
+    grads = []
+    for sparse in (True, False):
+        uu, vv = u.clone().requires_grad_(), v.clone().requires_grad_()
+        kernels.peer_mix(x, ids, gates, uu, vv, "gelu", sparse_grad=sparse).sum().backward()
+        assert uu.grad.is_sparse == sparse and vv.grad.is_sparse == sparse
+        grads.append((_grad(uu), _grad(vv)))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_gather_dot_paths_agree():
+    torch.manual_seed(0)
+    x, w = torch.randn(13, 9), torch.randn(40, 9)
+    ids = torch.randint(0, 40, (13, 6))
+    want = torch.einsum("td,tsd->ts", x, w[ids])
+    kernels.use_private_gather_dot(False)
+    try:
+        torch.testing.assert_close(kernels.gather_dot(x, ids, w, chunk_tokens=4), want)
+    finally:
+        kernels.use_private_gather_dot(None)
+    torch.testing.assert_close(kernels.gather_dot(x, ids, w), want)
+
+
+def test_shapes_and_empty_batch():
+    cfg = PEERConfig(num_experts=256, heads=2, topk=4, d_key=8, query_batchnorm=False)
+    layer = PEER(12, cfg, table_device="cpu")
+    assert layer(torch.randn(2, 3, 12)).shape == (2, 3, 12)
+    assert layer(torch.randn(0, 12)).shape == (0, 12)

@@ -1,0 +1,138 @@
+"""Row-sparse table optimizer against torch's own optimizers and a hand-checked Adagrad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peer_dist.train.sparse_optim import RowSparseOptimizer, grad_sq_norm, scale_grads
+
+N, D = 40, 6
+
+
+def _sparse_grad(rows: list[int], seed: int, coalesced: bool = True) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.tensor(rows)
+    values = torch.randn(len(rows), D, generator=g, dtype=torch.float64)
+    out = torch.sparse_coo_tensor(idx[None], values, (N, D), check_invariants=True)
+    return out.coalesce() if coalesced else out
+
+
+STEPS = [[0, 3, 7], [3, 4, 39], [7, 3, 3, 10], [1, 2], [0, 39, 20]]  # step 3 has a duplicate
+
+
+def _run(opt_ours, opt_ref, p_ours, p_ref, dense_ref: bool):
+    for i, rows in enumerate(STEPS):
+        g = _sparse_grad(rows, seed=i, coalesced=i != 2)
+        p_ours.grad = g.clone()
+        p_ref.grad = g.to_dense() if dense_ref else g.coalesce()
+        opt_ours.step()
+        opt_ref.step()
+        torch.testing.assert_close(p_ours, p_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.9)])
+def test_dense_adam_equals_torch_adam(betas):
+    init = torch.randn(N, D, dtype=torch.float64)
+    p_ours, p_ref = init.clone().requires_grad_(), init.clone().requires_grad_()
+    ours = RowSparseOptimizer([p_ours], kind="dense_adam", lr=0.01, betas=betas, eps=1e-8)
+    ref = torch.optim.Adam([p_ref], lr=0.01, betas=betas, eps=1e-8)
+    _run(ours, ref, p_ours, p_ref, dense_ref=True)
+
+
+def test_lazy_adam_equals_sparse_adam_and_touches_only_rows():
+    init = torch.randn(N, D, dtype=torch.float64)
+    p_ours, p_ref = init.clone().requires_grad_(), init.clone().requires_grad_()
+    # tiny eps: torch's SparseAdam adds eps before dividing by sqrt(bias correction), Adam (and
+    # ours) after; they agree exactly as eps -> 0 (SparseAdam refuses eps = 0)
+    ours = RowSparseOptimizer([p_ours], kind="lazy_adam", lr=0.01, eps=1e-30)
+    ref = torch.optim.SparseAdam([p_ref], lr=0.01, eps=1e-30)
+    _run(ours, ref, p_ours, p_ref, dense_ref=False)
+    state = ours.state[p_ours]
+    touched = sorted({r for rows in STEPS for r in rows})
+    untouched = [r for r in range(N) if r not in touched]
+    assert torch.equal(p_ours.detach()[untouched], init[untouched])
+    assert not state["exp_avg"][untouched].any() and not state["exp_avg_sq"][untouched].any()
+    assert state["exp_avg_sq"][touched].gt(0).all()
+
+
+def test_lazy_adam_with_eps_close_to_sparse_adam():
+    init = torch.randn(N, D, dtype=torch.float64)
+    p_ours, p_ref = init.clone().requires_grad_(), init.clone().requires_grad_()
+    ours = RowSparseOptimizer([p_ours], kind="lazy_adam", lr=0.01, eps=1e-8)
+    ref = torch.optim.SparseAdam([p_ref], lr=0.01, eps=1e-8)
+    for i, rows in enumerate(STEPS):
+        g = _sparse_grad(rows, seed=i)
+        p_ours.grad, p_ref.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(p_ours, p_ref, rtol=1e-6, atol=1e-7)
+
+
+def _coo(rows: list, values: list) -> torch.Tensor:
+    return torch.sparse_coo_tensor(rows, torch.tensor(values, dtype=torch.float64), (4, 2),
+                                   check_invariants=True)
+
+
+def test_adagrad_hand_checked():
+    p = torch.zeros(4, 2, dtype=torch.float64, requires_grad=True)
+    opt = RowSparseOptimizer([p], kind="adagrad", lr=0.5, eps=0.0)
+    # step 1: row 1 grad (3, 4): row accumulator = mean(9, 16) = 12.5
+    p.grad = _coo([[1]], [[3.0, 4.0]])
+    opt.step()
+    want = torch.zeros(4, 2, dtype=torch.float64)
+    want[1] = -0.5 * torch.tensor([3.0, 4.0]) / 12.5 ** 0.5
+    torch.testing.assert_close(p.detach(), want)
+    # step 2: rows 1 and 3; row 1 acc = 12.5 + mean(1, 1) = 13.5, row 3 acc = mean(4, 0) = 2
+    p.grad = _coo([[3, 1]], [[2.0, 0.0], [1.0, -1.0]])
+    opt.step()
+    want[1] -= 0.5 * torch.tensor([1.0, -1.0]) / 13.5 ** 0.5
+    want[3] = -0.5 * torch.tensor([2.0, 0.0]) / 2.0 ** 0.5
+    torch.testing.assert_close(p.detach(), want)
+    torch.testing.assert_close(opt.state[p]["sum_sq"],
+                               torch.tensor([0.0, 13.5, 0.0, 2.0], dtype=torch.float64))
+
+
+def test_adagrad_sparse_equals_dense_grad():
+    init = torch.randn(N, D, dtype=torch.float64)
+    a, b = init.clone().requires_grad_(), init.clone().requires_grad_()
+    oa = RowSparseOptimizer([a], kind="adagrad", lr=0.1)
+    ob = RowSparseOptimizer([b], kind="adagrad", lr=0.1)
+    for i, rows in enumerate(STEPS):
+        g = _sparse_grad(rows, seed=i)
+        a.grad, b.grad = g.clone(), g.to_dense()
+        oa.step()
+        ob.step()
+    # dense grads include explicit zero rows, whose update is 0 / (sqrt(acc) + eps) = 0
+    torch.testing.assert_close(a, b)
+
+
+def test_sgd_and_unknown_kind():
+    p = torch.ones(N, D, dtype=torch.float64, requires_grad=True)
+    opt = RowSparseOptimizer([p], kind="sgd", lr=0.5)
+    p.grad = _sparse_grad([2, 5, 2], seed=0, coalesced=False)
+    opt.step()
+    torch.testing.assert_close(p.detach(), 1 - 0.5 * p.grad.to_dense())
+    with pytest.raises(ValueError, match="lazy_adam"):
+        RowSparseOptimizer([p], kind="adamw")
+
+
+def test_grad_norm_and_scaling():
+    p = torch.zeros(N, D, dtype=torch.float64, requires_grad=True)
+    p.grad = _sparse_grad([1, 1, 4], seed=3, coalesced=False)
+    dense = p.grad.to_dense()
+    torch.testing.assert_close(grad_sq_norm([p]), dense.pow(2).sum())
+    scale_grads([p], 0.5)
+    torch.testing.assert_close(p.grad.to_dense(), dense * 0.5)
+
+
+def test_float32_tables_and_state_dtype():
+    p = torch.randn(N, D, requires_grad=True)
+    opt = RowSparseOptimizer([p], kind="lazy_adam", lr=0.1)
+    state = opt.init_state(p)
+    assert state["exp_avg"].dtype == torch.float32 and state["exp_avg"].shape == (N, D)
+    p.grad = _sparse_grad([3], seed=0).float()
+    before = p.detach().clone()
+    opt.step()
+    changed = (p.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [3]
