@@ -53,12 +53,17 @@ def sync_expert_grads(model: nn.Module) -> None:
     means: divide by the world size (as DDP averages). With DP > 1 the replicas of a shard saw
     different tokens: their gradients are summed over the DP group first."""
     for m in sharded_modules(model):
-        topo = m.topo
-        for p in m.shard.params():
-            g = _as_sparse(p)
-            if topo.dp > 1:
-                g = reduce_rows(g, topo.dp_group, topo.dp)
-            p.grad = g * (1.0 / topo.world_size)
+        sync_layer_grads(m)
+
+
+def sync_layer_grads(m: ShardedExperts) -> None:
+    """sync_expert_grads for one sharded layer."""
+    topo = m.topo
+    for p in m.shard.params():
+        g = _as_sparse(p)
+        if topo.dp > 1:
+            g = reduce_rows(g, topo.dp_group, topo.dp)
+        p.grad = g * (1.0 / topo.world_size)
 
 
 def _as_sparse(p: torch.Tensor) -> torch.Tensor:
