@@ -218,11 +218,12 @@ def series_name(row: dict, keys: list[str]) -> str:
 
 def write_outputs(rows: list[dict], keys: list[str], out: Path, kind: str,
                   plot_series: list[tuple[str, str]]) -> dict[str, str]:
-    """table.md, table.csv, plot.png and TensorBoard scalars under out/tb.
+    """table.md (N, the setup keys that vary, results), table.csv (every key), plot.png and
+    TensorBoard scalars under out/tb.
 
     plot_series: (row key, style) pairs drawn against N, one series per varying setup."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(markdown(rows, keys))
+    (out / "table.md").write_text(markdown(rows, shown_keys(rows, keys)))
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -239,6 +240,12 @@ def write_outputs(rows: list[dict], keys: list[str], out: Path, kind: str,
     write_tensorboard(out / "tb", kind, groups, [k for k, _ in plot_series])
     return {"table_md": str(out / "table.md"), "table_csv": str(out / "table.csv"),
             "plot": str(out / "plot.png"), "renderer": renderer, "tb": str(out / "tb")}
+
+
+def shown_keys(rows: list[dict], keys: list[str]) -> list[str]:
+    """keys less the setup keys (other than N) that have one value in every row."""
+    fixed = set(SETUP_KEYS) - {"num_experts"} - set(varying(rows, SETUP_KEYS))
+    return [k for k in keys if k not in fixed]
 
 
 def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
@@ -276,11 +283,10 @@ def emit(rows: list[dict], keys: list[str], as_json: bool) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     rows = [predict_row(s) for s in grid(args)]
     keys = list(SETUP_KEYS) + list(PREDICT_KEYS)
-    shown = [k for k in SETUP_KEYS if k == "num_experts" or k in varying(rows, SETUP_KEYS)]
     if args.out:
         write_outputs(rows, keys, Path(args.out), "predict",
                       [("total_bytes_per_rank_predicted", "line")])
-    emit(rows, keys if args.json else shown + list(PREDICT_KEYS), args.json)
+    emit(rows, keys if args.json else shown_keys(rows, keys), args.json)
 
 
 # --------------------------------------------------------------------------- plan
@@ -398,12 +404,17 @@ def read_run(run_dir: Path) -> dict:
     steps = [r["step_seconds"] for r in train if "step_seconds" in r][1:]  # skip warm-up step
     sent = [sum(v for k, v in r.items() if k.startswith("comm/") and k.endswith("/bytes_sent"))
             for r in train if any(k.startswith("comm/") for k in r)]
-    cuda = [v for r in train[-1:] for k, v in r.items() if k.endswith("/cuda_peak_allocated_mib")]
-    rss = max(summary["peak_rss_mib_per_rank"]) * mib
+    last = next((r for r in reversed(train) if any(k.startswith("memory/") for k in r)), {})
+    cuda = [v for k, v in last.items() if k.endswith("/cuda_peak_allocated_mib")]
+    # ru_maxrss only grows: its value at the last logged step is the peak over the training
+    # steps; the summary's also covers the final evaluation and checkpoint.
+    rss_train = [v for k, v in last.items() if k.endswith("/peak_rss_mib")]
+    rss_run = max(summary["peak_rss_mib_per_rank"]) * mib
+    peak = max(cuda) if cuda else max(rss_train) if rss_train else rss_run / mib
     return {"expert_bytes_per_rank_measured": round(max(summary["expert_mib_per_rank"]) * mib),
-            "peak_bytes_per_rank": round(max(cuda) * mib) if cuda else round(rss),
+            "peak_bytes_per_rank": round(peak * mib),
             "peak_source": "cuda_max_allocated" if cuda else "ru_maxrss",
-            "peak_rss_bytes_per_rank": round(rss),
+            "run_peak_rss_bytes_per_rank": round(rss_run),
             "step_s": statistics.median(steps) if steps else None,
             "bytes_moved_per_step": statistics.median(sent) if sent else None}
 
@@ -441,8 +452,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
                   [("expert_bytes_per_rank_predicted", "line"),
                    ("expert_bytes_per_rank_measured", "points"), ("peak_bytes_per_rank", "cross")])
     if not args.json:
-        shown = [k for k in SETUP_KEYS if k == "num_experts" or k in varying(rows, SETUP_KEYS)]
-        print(markdown(rows, shown + list(MEASURE_KEYS)), end="")
+        print(markdown(rows, shown_keys(rows, keys)), end="")
 
 
 # --------------------------------------------------------------------------- entry point

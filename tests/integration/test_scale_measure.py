@@ -4,19 +4,20 @@ each measurement beside its prediction; the table, CSV, plot and TensorBoard fil
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from peer_dist.tools.scale import main
 
-TINY = ["--set", "model.n_layers=2", "--set", "model.peer.heads=2", "--set", "model.peer.topk=4",
-        "--set", "model.peer.d_key=16", "--set", "model.max_seq_len=32",
-        "--set", "train.batch_size=2", "--set", "train.seq_len=32"]
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
 KEYS = ("num_experts", "dim", "ep", "world_size", "expert_bytes_per_rank_predicted",
         "expert_bytes_per_rank_measured", "peak_bytes_per_rank", "step_s")
 
 
 def test_measure_tiny_grid(tmp_path, capsys):
-    main(["measure", "--num-experts", "4096", "--dim", "32", "--ep", "1,2", "--world-size", "2",
-          "--steps", "3", "--data-bytes", "300000", "--out", str(tmp_path), "--json", *TINY])
+    main(["measure", "--config", str(TINY), "--num-experts", "4096", "--dim", "32",
+          "--ep", "1,2", "--world-size", "2", "--steps", "3", "--data-bytes", "300000",
+          "--out", str(tmp_path), "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
             if line.startswith("{")]
     assert [(r["ep"], r["world_size"]) for r in rows] == [(1, 2), (2, 2)]
