@@ -67,20 +67,23 @@ class Exchange:
     def __init__(self, group, size: int, rank: int, stats: CommStats):
         self.group, self.size, self.rank, self.stats = group, size, rank, stats
 
-    def counts(self, send: torch.Tensor, direction: str = "fwd") -> list[list[int]]:
-        """send (W, C) int64: C counts per destination -> received (W, C) counts as lists.
+    def counts(self, send: torch.Tensor,
+               direction: str = "fwd") -> tuple[list[list[int]], list[list[int]]]:
+        """send (W, C) int64: C counts per destination -> (sent, received) (W, C) as lists.
 
-        The single host sync of an exchange (`.tolist()` waits for the collective)."""
+        The single host sync of an exchange: one copy of both tables to the host after the
+        collective."""
         send = send.to(torch.int64).contiguous()
         if self.size == 1:
-            return send.tolist()
+            both = send.tolist()
+            return both, both
         t0 = time.perf_counter()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        out = recv.cpu().tolist()
+        both = torch.stack([send, recv]).cpu().tolist()
         remote = (self.size - 1) * send.shape[1] * 8
         self.stats.add(direction, remote, remote, time.perf_counter() - t0)
-        return out
+        return both[0], both[1]
 
     def send(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
              direction: str) -> torch.Tensor:

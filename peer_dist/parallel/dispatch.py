@@ -47,9 +47,9 @@ def plan_dispatch(ids: torch.Tensor, idmap: IdMap, ex: Exchange) -> DispatchPlan
     first_pair = torch.cumsum(pair_count, 0) - pair_count
     in_block = sel_pair - first_pair[owner[order]]
     meta = torch.stack([local[order], in_block], 1).to(torch.int32)
-    recv = ex.counts(torch.stack([pair_count, sel_count], 1))
-    return DispatchPlan(order, pair_key - pair_owner * t, meta, pair_count.tolist(),
-                        sel_count.tolist(), [c[0] for c in recv], [c[1] for c in recv])
+    sent, recv = ex.counts(torch.stack([pair_count, sel_count], 1))
+    return DispatchPlan(order, pair_key - pair_owner * t, meta, [c[0] for c in sent],
+                        [c[1] for c in sent], [c[0] for c in recv], [c[1] for c in recv])
 
 
 def dispatch_counts_out(ids: torch.Tensor, idmap: IdMap, me: int) -> tuple[int, int]:

@@ -33,9 +33,8 @@ def plan_fetch(ids: torch.Tensor, idmap: IdMap, ex: Exchange) -> FetchPlan:
     uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)  # (R,), (T*S,)
     pos, order = idmap.position(uniq).sort()  # owner-major order (owner = pos // b)
     owner, local = idmap.split(pos)
-    send = torch.bincount(owner, minlength=ex.size)
-    send_splits = send.tolist()
-    recv_splits = [c[0] for c in ex.counts(send[:, None])]
+    sent, recv = ex.counts(torch.bincount(owner, minlength=ex.size)[:, None])
+    send_splits, recv_splits = [c[0] for c in sent], [c[0] for c in recv]
     served = ex.send(local.to(torch.int32), send_splits, recv_splits, "fwd").to(torch.int64)
     where = torch.empty_like(order)
     where[order] = torch.arange(order.numel(), device=order.device)  # uniq j -> fetched row
