@@ -185,8 +185,9 @@ def load_checkpoint(path: Path, cfg: Config, engine: Any, shards: list, table_op
                     topo: Any) -> int:
     """Restore everything from `path` (collectively); returns the step to continue from.
 
-    Same world size and ZeRO stage: the engine's own checkpoint (weights and optimizer state).
-    Otherwise: the consolidated weights, and the dense optimizer state starts afresh (warned).
+    Same world size and ZeRO stage, or ZeRO 0 on both sides: the engine's own checkpoint
+    (weights and optimizer state). Otherwise: the consolidated weights, and the dense optimizer
+    state starts afresh (warned).
     The tables and their optimizer state reshard to this world size and EP either way.
     """
     import torch.distributed.checkpoint as dcp
@@ -198,7 +199,8 @@ def load_checkpoint(path: Path, cfg: Config, engine: Any, shards: list, table_op
                          f"{meta['table_optimizer']!r}")
     same_layout = (meta["world_size"] == topo.world_size
                    and meta["zero_stage"] == cfg.train.zero_stage)
-    if same_layout:
+    # ZeRO 0 state is not partitioned: the engine checkpoint loads at any world size.
+    if same_layout or meta["zero_stage"] == cfg.train.zero_stage == 0:
         engine.load_checkpoint(str(path), tag="dense", load_module_strict=True)
     else:
         load_dense_weights(engine, torch.load(path / "dense_full.pt", weights_only=True))
@@ -259,13 +261,13 @@ def _refresh_master_weights(engine: Any) -> None:
 def read_full_state(path: Path) -> dict[str, torch.Tensor]:
     """Every weight of a checkpoint as a full tensor, in one process (for tests and tools)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMeta
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     out = dict(torch.load(path / "dense_full.pt", weights_only=True))
     reader = dcp.FileSystemReader(str(path / "tables"))
     md = reader.read_metadata()
     tables = {k: torch.empty(m.size, dtype=m.properties.dtype)
-              for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMeta)}
+              for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     dcp.load(tables, storage_reader=reader, no_dist=True)
     out.update({f"tables.{k}": v for k, v in tables.items()})
     return out

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One node: the main job. Installs the package first if needed, then
+#   torchrun --standalone --nproc_per_node=$NPROC -m peer_dist.train [--config FILE] [key=value ...]
+# NPROC defaults to the number of GPUs, or 2 ranks on CPU. Without --config: configs/small.yaml.
+#   bash launch/run.sh                                   # the default job
+#   bash launch/run.sh --config configs/tiny.yaml train.steps=20
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -c "import peer_dist, deepspeed, torch.utils.tensorboard" 2>/dev/null || bash launch/setup.sh
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+ARGS=("$@")
+case " $* " in *" --config "*|*" --config="*) ;; *) ARGS=(--config configs/small.yaml "$@") ;; esac
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m peer_dist.train "${ARGS[@]}"
