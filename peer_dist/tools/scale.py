@@ -292,10 +292,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- plan
 
 def plan_rows(args: argparse.Namespace) -> list[dict]:
-    """Every EP (divisor of the world) x ZeRO stage x table optimizer that fits, best first:
-    the strongest table optimizer, then an EP group inside one node (all-to-all stays on the
-    node's links), then the lowest ZeRO stage (least communication), then the smallest EP, then
-    the least memory."""
+    """Every EP (divisor of the world) x ZeRO stage x table optimizer, best first: the
+    strongest table optimizer, then an EP group inside one node (all-to-all stays on the node's
+    links), then the smallest EP (fewest owners per token), then ZeRO 0-2 before 3 (stages 1
+    and 2 move the same bytes as plain data parallelism, stage 3 adds parameter all-gathers),
+    then the least memory. `fits` marks those within the usable memory."""
     cfg = base_config(args)
     m = model_for(cfg.model, args.num_experts or cfg.model.peer.num_experts,
                   args.dim or cfg.model.dim, args.layers)
@@ -312,7 +313,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
         row["fits"] = row["total_bytes_per_rank_predicted"] <= budget
         rows.append(row)
     rows.sort(key=lambda r: (OPTIMIZER_RANK[r["table_optimizer"]], r["ep"] > args.gpus_per_node,
-                             r["zero_stage"], r["ep"], r["total_bytes_per_rank_predicted"]))
+                             r["ep"], r["zero_stage"] == 3, r["total_bytes_per_rank_predicted"]))
     return rows
 
 

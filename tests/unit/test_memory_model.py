@@ -143,3 +143,5 @@ def test_plan_lists_fitting_settings_best_first(capsys):
     assert rows[0]["table_optimizer"] == "lazy_adam" and rows[0]["ep"] > 1
     assert not any(r["ep"] == 1 and r["table_optimizer"] == "lazy_adam" for r in rows)
     assert rows[0]["ep"] == min(r["ep"] for r in rows if r["table_optimizer"] == "lazy_adam")
+    # same EP: ZeRO 1/2 (no extra traffic) before 3, least memory first -> stage 2 leads
+    assert rows[0]["zero_stage"] == 2
