@@ -46,13 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.nproc > 1 and "RANK" not in os.environ:
         return relaunch(args.nproc, argv)
+    import torch.distributed as dist
+
     from peer_dist.train.loop import run
 
     try:
         run(cfg)
+        # No rank may tear down its communicators while another still uses them (with several
+        # torchrun agents the ranks would otherwise exit at different times).
+        dist.barrier()
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

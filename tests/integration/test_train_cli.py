@@ -1,0 +1,149 @@
+"""The main job through the real CLI on CPU: peer-train (one process) and torchrun (2-4 ranks).
+
+Base run: configs/tiny.yaml, 8 steps, 2 ranks x 4 sequences, checkpoints at steps 4 and 8,
+gradient clipping active (the early norms exceed 1), so clipping, the LR schedule and both
+optimizers are inside every comparison.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_cli_helpers import (
+    ROOT,
+    TINY,
+    check,
+    env,
+    free_port,
+    peer_train,
+    read_run,
+    run_cli,
+    torchrun,
+)
+
+from peer_dist.train.checkpoint import read_full_state
+
+BASE = ("train.ckpt_every=4", "train.keep_last=3")
+LOSS_TOL = 2e-5  # relative; float32 sums in a different order across layouts
+
+
+def assert_losses_close(a: dict, b: dict, steps=None) -> None:
+    steps = steps or sorted(a)
+    for s in steps:
+        assert b[s] == pytest.approx(a[s], rel=LOSS_TOL), f"step {s}: {a[s]} vs {b[s]}"
+
+
+def assert_states_equal(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
+        assert diff <= atol, f"{k}: max |diff| {diff}"
+
+
+def ckpt(run: dict, step: int):
+    return run["run_dir"] / "checkpoints" / f"step_{step:08d}"
+
+
+def test_two_ranks_lower_the_loss_and_report(runs):
+    r = runs.get(2, *BASE)
+    losses = r["losses"]
+    assert sorted(losses) == list(range(1, 9))
+    assert losses[8] < losses[1] - 1.0, losses
+    s = r["summary"]
+    assert s["world_size"] == 2 and s["steps"] == 8 and s["val_ppl"] > 1
+    assert len(s["expert_mib_per_rank"]) == 2 and min(s["expert_mib_per_rank"]) > 0
+    assert "=== summary ===" in r["log"] and "ETA" in r["log"]
+    usage = [v for k, v in s["experts"].items() if k.endswith("/usage")]
+    assert usage and 0 < usage[0] <= 1
+    rows = r["rows"]
+    assert any("comm/" in k for row in rows for k in row), "all-to-all stats not logged"
+    assert any("memory/rank1/peak_rss_mib" in row for row in rows)
+    assert list((r["run_dir"] / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_give_the_same_losses(runs, stage):
+    base = runs.get(2, *BASE)
+    other = runs.get(2, *BASE, f"train.zero_stage={stage}")
+    assert_losses_close(base["losses"], other["losses"])
+
+
+def test_sharded_two_ranks_match_one_rank(runs):
+    """1 rank x 8 sequences (peer-train, no torchrun) == 2 ranks x 4 sequences."""
+    single = runs.get(1, *BASE, "train.batch_size=8")
+    assert single["summary"]["world_size"] == 1
+    assert_losses_close(single["losses"], runs.get(2, *BASE)["losses"])
+
+
+def test_grad_accum_matches_larger_micro_batch(runs):
+    """2 micro-batches of 2 == 1 of 4: dense and table gradients follow the same 1/G scale.
+    (The query BatchNorm is off: its batch statistics depend on the micro-batch size.)"""
+    no_bn = (*BASE, "model.peer.query_batchnorm=false")
+    acc = runs.get(2, *no_bn, "train.batch_size=2", "train.grad_accum=2")
+    assert_losses_close(runs.get(2, *no_bn)["losses"], acc["losses"])
+
+
+def test_resume_matches_uninterrupted_run(runs, tmp_path):
+    """A run stopped after its step-4 checkpoint and resumed (resume=auto) == uninterrupted."""
+    full = runs.get(2, *BASE)
+    run_dir = tmp_path / "resumed"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt(full, 4), run_dir / "checkpoints" / "step_00000004")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000004\n")
+    resumed = run_cli(torchrun(2), run_dir, list(BASE), runs.data)
+    assert "resumed from" in resumed["log"]
+    assert sorted(resumed["losses"]) == [5, 6, 7, 8]
+    assert_losses_close(full["losses"], resumed["losses"], steps=[5, 6, 7, 8])
+    assert_states_equal(read_full_state(ckpt(full, 8)),
+                        read_full_state(run_dir / "checkpoints" / "step_00000008"))
+
+
+@pytest.mark.parametrize("nproc,stage", [(1, 0), (3, 3), (4, 0)])
+def test_checkpoint_reshards_to_other_world_sizes(runs, tmp_path, nproc, stage):
+    """Written at world 2 (ZeRO `stage`), loaded at world 1/3/4: identical tables, table
+    optimizer state and dense weights (the loaded run saves again without training)."""
+    src = runs.get(2, *BASE) if stage == 0 else runs.get(2, *BASE, f"train.zero_stage={stage}")
+    cmd = peer_train() if nproc == 1 else torchrun(nproc)
+    out = run_cli(cmd, tmp_path / "loaded", [*BASE, f"train.resume={ckpt(src, 8)}",
+                                             f"train.zero_stage={stage}"], runs.data)
+    assert out["summary"]["world_size"] == nproc
+    before = read_full_state(ckpt(src, 8))
+    after = read_full_state(tmp_path / "loaded" / "checkpoints" / "step_00000008")
+    assert any(k.startswith("tables.") and k.endswith(".u") for k in before)
+    assert_states_equal(before, after)
+
+
+def test_two_torchrun_agents_train_together(runs, tmp_path):
+    """--nnodes=2 on 127.0.0.1 (c10d rendezvous), one rank each == the 2-rank standalone run."""
+    port = free_port()
+    run_dir = tmp_path / "nodes"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=itest",
+           "-m", "peer_dist.train", "--config", str(TINY), f"train.run_dir={run_dir}",
+           f"data.path={runs.data}", *BASE]
+    runs.get(2, *BASE)  # the data folder exists before two agents start
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for a in agents:
+        out, _ = a.communicate(timeout=240)
+        check(subprocess.CompletedProcess(a.args, a.returncode, out))
+    nodes = read_run(run_dir)
+    assert nodes["summary"]["world_size"] == 2
+    assert_losses_close(runs.get(2, *BASE)["losses"], nodes["losses"])
+
+
+def test_bad_override_fails_with_a_clear_message(tmp_path):
+    proc = subprocess.run([*peer_train(), "--config", str(TINY), "train.zero_stage=5"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "train.zero_stage=5" in proc.stderr and "[0, 1, 2, 3]" in proc.stderr
+
+
+def test_full_state_reader_sees_table_shapes(runs):
+    state = read_full_state(ckpt(runs.get(2, *BASE), 8))
+    u = next(v for k, v in state.items() if k.startswith("tables.") and k.endswith(".u"))
+    assert u.shape == (1024, 64) and torch.isfinite(u).all()
