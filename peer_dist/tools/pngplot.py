@@ -48,7 +48,7 @@ def _matplotlib_chart(path: Path, series: list[Series], title: str, xlabel: str,
                       ylabel: str) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     for i, s in enumerate(series):
         color = tuple(c / 255 for c in _color(s, i))
         fmt = {"line": "-o", "points": "s", "cross": "x"}[s.style]
@@ -58,7 +58,7 @@ def _matplotlib_chart(path: Path, series: list[Series], title: str, xlabel: str,
     ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -80,8 +80,8 @@ def _text_width(text: str, scale: int) -> int:
 
 
 class _BuiltinChart:
-    W, H = 800, 500
-    LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 50
+    W, H = 1000, 500
+    LEFT, RIGHT, TOP, BOTTOM = 70, 270, 40, 50  # the legend sits right of the axes
 
     def __init__(self, series: list[Series], title: str, xlabel: str, ylabel: str):
         self.px = bytearray(b"\xff" * (self.W * self.H * 3))
@@ -150,7 +150,7 @@ class _BuiltinChart:
         self.line((left, top), (left, bottom), black)
         self.text(left, 12, self.title, scale=2)
         self.text((left + right - _text_width(self.xlabel, 2)) // 2, self.H - 20, self.xlabel)
-        self.text(4, top - 12, self.ylabel, scale=1)
+        self.text(4, top - 13, self.ylabel, scale=2)
 
     def _x_step(self) -> int:
         return max(1, math.ceil((self.x1 - self.x0) / 12))
@@ -169,14 +169,17 @@ class _BuiltinChart:
                 self.rect(x - size // 2, y - size // 2, size, size, c)
 
     def legend(self) -> None:
-        x, y = self.LEFT + 8, self.TOP + 6
+        x, y = self.W - self.RIGHT + 12, self.TOP
         for i, s in enumerate(self.series):
             c = _color(s, i)
             if s.style == "line":
                 self.rect(x, y + 4, 16, 3, c)
+            elif s.style == "cross":
+                self.line((x + 4, y + 1), (x + 12, y + 9), c, width=2)
+                self.line((x + 4, y + 9), (x + 12, y + 1), c, width=2)
             else:
                 self.rect(x + 5, y + 2, 7, 7, c)
-            self.text(x + 22, y + 1, s.label, scale=2)
+            self.text(x + 22, y + 1, s.label[:28], scale=2)
             y += 14
 
 
