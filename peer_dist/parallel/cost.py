@@ -5,7 +5,7 @@ group, bytes sent equal bytes received. D = dim, e = element bytes of activation
 S = selections per token (heads * topk), W = EP group size.
 
 fetch (rows travel):
-    fwd  counts (W-1)*8, local ids R_out*4, rows back R_in*2De      bwd  row grads R_out*2De
+    fwd  counts (W-1)*8, local ids R_out*4, U and V rows back R_in*2De   bwd  row grads R_out*2De
 dispatch (tokens travel, one x per (token, owner) pair):
     fwd  counts (W-1)*16, x P_out*De, (id, pair, gate) Q_out*12, partial y back P_in*De
     bwd  dy P_out*De, dx back P_in*De, dgate back Q_in*4

@@ -48,23 +48,20 @@ class FetchRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, v, plan: FetchPlan, ex: Exchange):
-        d = u.shape[1]
-        rows = torch.cat([u[plan.served], v[plan.served]], 1)  # (R_in, 2D), one message
-        got = ex.send(rows, plan.recv_splits, plan.send_splits, "fwd")  # (R, 2D)
+        # U and V rows travel as two messages: no (R, 2D) concatenation and split copies
         ctx.plan, ctx.ex, ctx.shape = plan, ex, u.shape
-        return got[:, :d].contiguous(), got[:, d:].contiguous()
+        return tuple(ex.send(t[plan.served], plan.recv_splits, plan.send_splits, "fwd")
+                     for t in (u, v))  # (R, D) each
 
     @staticmethod
     def backward(ctx, gu, gv):
         plan, ex, shape = ctx.plan, ctx.ex, ctx.shape
-        d = shape[1]
         gu = gu if gu is not None else torch.zeros_like(gv)
         gv = gv if gv is not None else torch.zeros_like(gu)
-        g = torch.cat([gu, gv], 1)  # (R, 2D)
-        g_in = ex.send(g, plan.send_splits, plan.recv_splits, "bwd")  # (R_in, 2D)
         idx = plan.served[None]
-        du = torch.sparse_coo_tensor(idx, g_in[:, :d], shape, check_invariants=False)
-        dv = torch.sparse_coo_tensor(idx, g_in[:, d:], shape, check_invariants=False)
+        du, dv = (torch.sparse_coo_tensor(
+            idx, ex.send(g.contiguous(), plan.send_splits, plan.recv_splits, "bwd"), shape,
+            check_invariants=False) for g in (gu, gv))  # (R_in, D) rows at the owner
         return du, dv, None, None
 
 
