@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from peer_dist.model import fused_cpu
+
 _MODE_SUM = 0
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -112,12 +114,24 @@ def activation_grad(name: str, s: torch.Tensor) -> torch.Tensor:
     return (s > 0).to(s.dtype)
 
 
-def _table_grad(groups: RowGroups, rows_grad: torch.Tensor, n: int, sparse: bool) -> torch.Tensor:
+def _rows_to_grad(rows: torch.Tensor, rows_grad: torch.Tensor, n: int,
+                  sparse: bool) -> torch.Tensor:
+    """Sorted unique rows (R,) and their gradients (R, D) -> sparse COO (or dense) (N, D)."""
     if sparse:
-        return torch.sparse_coo_tensor(groups.rows[None], rows_grad, (n, rows_grad.shape[1]),
+        return torch.sparse_coo_tensor(rows[None], rows_grad, (n, rows_grad.shape[1]),
                                        is_coalesced=True, check_invariants=False)
     dense = rows_grad.new_zeros(n, rows_grad.shape[1])
-    return dense.index_copy_(0, groups.rows, rows_grad)
+    return dense.index_copy_(0, rows, rows_grad)
+
+
+def _table_grad(groups: RowGroups, rows_grad: torch.Tensor, n: int, sparse: bool) -> torch.Tensor:
+    return _rows_to_grad(groups.rows, rows_grad, n, sparse)
+
+
+def _fused_ok(x, ids, gates, u, v) -> bool:
+    """The fused CPU kernels take contiguous CPU fp32/fp64 tables of one dtype."""
+    return (u.is_contiguous() and v.is_contiguous() and u.dtype == v.dtype == x.dtype
+            and ids.numel() > 0 and fused_cpu.usable(x, gates, u, v))
 
 
 class PeerMix(torch.autograd.Function):
@@ -125,23 +139,42 @@ class PeerMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ids, gates, u, v, act: str, sparse_grad: bool):
-        s = gather_dot(x, ids, u)  # (T, S) pre-activations
-        w = gates * activation(act, s)  # (T, S) mixing weights
-        ctx.save_for_backward(x, ids, gates, u, v, s)
         ctx.act, ctx.sparse_grad = act, sparse_grad
-        return bag_sum(ids, v, w)  # (T, D)
+        ctx.fused = _fused_ok(x, ids, gates, u, v)
+        if ctx.fused:
+            x, ids, gates = x.contiguous(), ids.contiguous(), gates.to(x.dtype).contiguous()
+            if int(ids.min()) < 0 or int(ids.max()) >= u.shape[0]:
+                raise IndexError(f"expert ids must be in [0, {u.shape[0]}), got "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
+            y, s = fused_cpu.mix_forward(x, ids, gates, u, v, act == "gelu")
+        else:
+            s = gather_dot(x, ids, u)  # (T, S) pre-activations
+            y = bag_sum(ids, v, gates * activation(act, s))  # (T, D)
+        ctx.save_for_backward(x, ids, gates, u, v, s)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, ids, gates, u, v, s = ctx.saved_tensors
         dy = dy.contiguous()
+        tables = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        if ctx.fused:
+            dx, dgates, cu, cv = fused_cpu.mix_backward(dy, ids, gates, s, u, v,
+                                                        ctx.act == "gelu")
+            if not tables:
+                return dx, None, dgates, None, None, None, None
+            rows, offsets, order = fused_cpu.group_rows(ids.reshape(-1), u.shape[0])
+            du, dv = fused_cpu.row_sums(offsets, order, ids.shape[1], x, dy, cu, cv)
+            n = u.shape[0]
+            return (dx, None, dgates, _rows_to_grad(rows, du, n, ctx.sparse_grad),
+                    _rows_to_grad(rows, dv, n, ctx.sparse_grad), None, None)
         a = activation(ctx.act, s)
         dw = gather_dot(dy, ids, v)  # (T, S) dL/dw = dy . v
         dgates = dw * a
         ds = dw * gates * activation_grad(ctx.act, s)  # (T, S) dL/ds
         dx = bag_sum(ids, u, ds)
         du = dv = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        if tables:
             groups = RowGroups(ids)
             du = _table_grad(groups, groups.sums(x, ds), u.shape[0], ctx.sparse_grad)
             dv = _table_grad(groups, groups.sums(dy, gates * a), v.shape[0], ctx.sparse_grad)

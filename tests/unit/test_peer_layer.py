@@ -8,6 +8,7 @@ its output and every gradient (x, query weight, BN affine, sub-keys, U, V).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
-from peer_dist.model import kernels
+from peer_dist.model import fused_cpu, kernels
 from peer_dist.model.peer import PEER
 
 
@@ -74,10 +75,28 @@ CASES = [  # (N, D, H, K, Q, T, options)
 ]
 
 
-@pytest.mark.parametrize("private", [True, False], ids=["private_kernel", "fallback"])
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """fused: the compiled CPU kernels; private: PyTorch ops with the private aten gather-dot;
+    fallback: PyTorch ops only."""
+    if path == "fused" and fused_cpu.library() is None:
+        pytest.skip("no C compiler: fused CPU kernels unavailable")
+    fused_cpu.use_fused_cpu(path == "fused")
+    kernels.use_private_gather_dot(path == "private")
+    try:
+        yield
+    finally:
+        fused_cpu.use_fused_cpu(None)
+        kernels.use_private_gather_dot(None)
+
+
+PATHS = ["fused", "private", "fallback"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_fast_layer_matches_algorithm1(case, seed, private):
+def test_fast_layer_matches_algorithm1(case, seed, path):
     n_exp, d, h, k, q, t, opts = case
     cfg = PEERConfig(num_experts=n_exp, heads=h, topk=k, d_key=q, **opts)
     cfg.validate()
@@ -92,12 +111,9 @@ def test_fast_layer_matches_algorithm1(case, seed, private):
     x_ref = x.detach().clone().requires_grad_()
     grad_y = torch.randn(t, d, dtype=torch.float64)
 
-    kernels.use_private_gather_dot(private)
-    try:
+    with kernel_path(path):
         y = layer(x)
         (y * grad_y).sum().backward()
-    finally:
-        kernels.use_private_gather_dot(None)
     y_ref = algorithm1(x_ref, ref, cfg)
     (y_ref * grad_y).sum().backward()
 
@@ -123,17 +139,40 @@ def test_table_grads_are_row_sparse():
         assert p.grad._nnz() <= 7 * 2 * 4
 
 
-def test_dense_grad_option_matches_sparse():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_peer_mix_paths_agree_with_dense_grads(path, dtype):
+    """peer_mix (duplicate ids in a token, float32 too) against plain autograd on gathered rows,
+    with sparse and dense table gradients."""
     torch.manual_seed(3)
-    x, u, v = torch.randn(6, 8), torch.randn(50, 8), torch.randn(50, 8)
-    ids, gates = torch.randint(0, 50, (6, 5)), torch.rand(6, 5)
-    grads = []
+    x = torch.randn(6, 8, dtype=dtype, requires_grad=True)
+    u, v = torch.randn(50, 8, dtype=dtype), torch.randn(50, 8, dtype=dtype)
+    ids, gates = torch.randint(0, 50, (6, 5)), torch.rand(6, 5, dtype=dtype, requires_grad=True)
+    ids[0, 1] = ids[0, 0]
+    grad_y = torch.randn(6, 8, dtype=dtype)
+    uu, vv = u.clone().requires_grad_(), v.clone().requires_grad_()
+    y_ref = torch.einsum("ts,tsd->td", gates * F.gelu(torch.einsum("td,tsd->ts", x, uu[ids])),
+                         vv[ids])
+    want = torch.autograd.grad((y_ref * grad_y).sum(), [x, gates, uu, vv])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     for sparse in (True, False):
         uu, vv = u.clone().requires_grad_(), v.clone().requires_grad_()
-        kernels.peer_mix(x, ids, gates, uu, vv, "gelu", sparse_grad=sparse).sum().backward()
-        assert uu.grad.is_sparse == sparse and vv.grad.is_sparse == sparse
-        grads.append((_grad(uu), _grad(vv)))
-    torch.testing.assert_close(grads[0], grads[1])
+        with kernel_path(path):
+            y = kernels.peer_mix(x, ids, gates, uu, vv, "gelu", sparse_grad=sparse)
+            got = torch.autograd.grad((y * grad_y).sum(), [x, gates, uu, vv])
+        torch.testing.assert_close(y, y_ref, **tol)
+        assert got[2].is_sparse == sparse and got[3].is_sparse == sparse
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w, **tol)
+
+
+def test_peer_mix_rejects_out_of_range_ids():
+    if fused_cpu.library() is None:
+        pytest.skip("no C compiler: fused CPU kernels unavailable")
+    u = v = torch.randn(10, 4)
+    with pytest.raises(IndexError, match=r"\[0, 10\)"):
+        kernels.peer_mix(torch.randn(2, 4), torch.tensor([[0, 10], [1, 2]]), torch.ones(2, 2),
+                         u, v)
 
 
 def test_gather_dot_paths_agree():

@@ -1,0 +1,366 @@
+"""Fused CPU kernels for the PEER expert mix and the row-sparse table optimizers.
+
+Plain C, compiled once with the system C compiler (about a second) into a per-user cache and
+called through ctypes on the tensors' memory; no torch headers, so it builds fast and against
+any torch version. Every kernel has a pure-PyTorch twin in kernels.py / sparse_optim.py that is
+used when no compiler is present, for other devices, and in the tests as the reference.
+
+Why: the PyTorch ops each make a full pass (and a fresh, page-faulting allocation) per step;
+here one pass per token reads each selected row of U and V once (forward and backward), the
+per-row gradient sums need no sort (a counting pass over the ids), and the optimizers update
+touched rows in place without (rows, D) temporaries.
+
+Work is split over threads by the caller (Python threads; ctypes releases the GIL), so no
+second OpenMP runtime is loaded beside torch's.
+
+Shape legend: T = tokens, S = selections per token, D = dim, N = table rows, M = T * S,
+R = unique rows selected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PF 4 /* selections ahead: random table rows are latency-bound without prefetch */
+
+static inline void prefetch_row(const void* p, int64_t bytes) {
+    const char* c = (const char*)p;
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+static inline void prefetch_row_w(const void* p, int64_t bytes) {
+    const char* c = (const char*)p;
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
+}
+
+#define GELU_F(s, ERF) (0.5 * (s) * (1.0 + ERF((s) * 0.70710678118654752440)))
+
+#define DEFINE_KERNELS(T_, SFX, ERF, SQRT, EXP)                                                 \
+static inline T_ act_##SFX(T_ s, int gelu) {                                                  \
+    return gelu ? (T_)GELU_F(s, ERF) : (s > 0 ? s : (T_)0);                                   \
+}                                                                                             \
+static inline T_ dact_##SFX(T_ s, int gelu) {                                                 \
+    if (!gelu) return s > 0 ? (T_)1 : (T_)0;                                                  \
+    return (T_)(0.5 * (1.0 + ERF(s * 0.70710678118654752440))                                 \
+                + s * EXP(-0.5 * s * s) * 0.39894228040143267794);                            \
+}                                                                                             \
+static inline T_ dot_##SFX(const T_* a, const T_* b, int64_t d) {                             \
+    T_ acc = 0;                                                                               \
+    _Pragma("omp simd reduction(+:acc)")                                                      \
+    for (int64_t j = 0; j < d; ++j) acc += a[j] * b[j];                                       \
+    return acc;                                                                               \
+}                                                                                             \
+static inline void axpy_##SFX(T_* y, T_ a, const T_* x, int64_t d) {                          \
+    _Pragma("omp simd")                                                                       \
+    for (int64_t j = 0; j < d; ++j) y[j] += a * x[j];                                         \
+}                                                                                             \
+/* y[t] = sum_s g[t,s] * act(u[id] . x[t]) * v[id]; pre[t,s] = u[id] . x[t].                 \
+   Two passes per token (all dots, then all row sums) keep the dots independent. */           \
+void mix_fwd_##SFX(int64_t t0, int64_t t1, int64_t S, int64_t D, const T_* x,                 \
+                   const int64_t* ids, const T_* g, const T_* u, const T_* v, int gelu,       \
+                   T_* pre, T_* y) {                                                          \
+    const int64_t B = D * (int64_t)sizeof(T_);                                                \
+    for (int64_t t = t0; t < t1; ++t) {                                                       \
+        const int64_t* it = ids + t * S;                                                      \
+        T_* yt = y + t * D;                                                                   \
+        for (int64_t s = 0; s < S; ++s) {                                                     \
+            if (s + PF < S) prefetch_row(u + it[s + PF] * D, B);                              \
+            pre[t * S + s] = dot_##SFX(u + it[s] * D, x + t * D, D);                          \
+        }                                                                                     \
+        memset(yt, 0, sizeof(T_) * D);                                                        \
+        for (int64_t s = 0; s < S; ++s) {                                                     \
+            if (s + PF < S) prefetch_row(v + it[s + PF] * D, B);                              \
+            else if (t + 1 < t1) prefetch_row(u + it[S + s + PF - S] * D, B);                 \
+            axpy_##SFX(yt, g[t * S + s] * act_##SFX(pre[t * S + s], gelu), v + it[s] * D, D); \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* dx, dgates and the per-selection coefficients of the table gradients:                     \
+   cu = dL/dpre (du[id] += cu * x[t]), cv = g * act(pre) (dv[id] += cv * dy[t]) */            \
+void mix_bwd_##SFX(int64_t t0, int64_t t1, int64_t S, int64_t D, const T_* dy,                \
+                   const int64_t* ids, const T_* g, const T_* pre, const T_* u, const T_* v,  \
+                   int gelu, T_* dx, T_* dg, T_* cu, T_* cv) {                                \
+    const int64_t B = D * (int64_t)sizeof(T_);                                                \
+    for (int64_t t = t0; t < t1; ++t) {                                                       \
+        const int64_t* it = ids + t * S;                                                      \
+        T_* dxt = dx + t * D;                                                                 \
+        for (int64_t s = 0; s < S; ++s) {                                                     \
+            int64_t i = t * S + s;                                                            \
+            if (s + PF < S) prefetch_row(v + it[s + PF] * D, B);                              \
+            T_ dw = dot_##SFX(v + it[s] * D, dy + t * D, D);                                  \
+            T_ a = act_##SFX(pre[i], gelu);                                                   \
+            dg[i] = dw * a;                                                                   \
+            cu[i] = dw * g[i] * dact_##SFX(pre[i], gelu);                                     \
+            cv[i] = g[i] * a;                                                                 \
+        }                                                                                     \
+        memset(dxt, 0, sizeof(T_) * D);                                                       \
+        for (int64_t s = 0; s < S; ++s) {                                                     \
+            if (s + PF < S) prefetch_row(u + it[s + PF] * D, B);                              \
+            else if (t + 1 < t1) prefetch_row(v + it[S + s + PF - S] * D, B);                 \
+            axpy_##SFX(dxt, cu[t * S + s], u + it[s] * D, D);                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* For unique rows r in [r0, r1): du[r] = sum cu[i] x[i/S], dv[r] = sum cv[i] dy[i/S] over    \
+   the selections i = order[offsets[r] .. offsets[r+1]) */                                    \
+void row_sums_##SFX(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* offsets,     \
+                    const int64_t* order, const T_* x, const T_* dy, const T_* cu,            \
+                    const T_* cv, T_* du, T_* dv) {                                           \
+    for (int64_t r = r0; r < r1; ++r) {                                                       \
+        T_* dur = du + r * D;                                                                 \
+        T_* dvr = dv + r * D;                                                                 \
+        memset(dur, 0, sizeof(T_) * D);                                                       \
+        memset(dvr, 0, sizeof(T_) * D);                                                       \
+        for (int64_t k = offsets[r]; k < offsets[r + 1]; ++k) {                               \
+            int64_t i = order[k], t = i / S;                                                  \
+            axpy_##SFX(dur, cu[i], x + t * D, D);                                             \
+            axpy_##SFX(dvr, cv[i], dy + t * D, D);                                            \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* lazy Adam on rows[r0..r1): moments and params of touched rows only, in place */            \
+void adam_rows_##SFX(int64_t r0, int64_t r1, int64_t D, const int64_t* rows, const T_* grad,  \
+                     T_* p, T_* m, T_* v, double lr, double b1, double b2, double eps,        \
+                     double bc1, double bc2) {                                                \
+    const T_ step = (T_)(lr / bc1), ib2 = (T_)(1.0 / bc2);                                    \
+    const T_ c1 = (T_)(1.0 - b1), c2 = (T_)(1.0 - b2), tb1 = (T_)b1, tb2 = (T_)b2;           \
+    const T_ te = (T_)eps;                                                                    \
+    for (int64_t r = r0; r < r1; ++r) {                                                       \
+        int64_t o = rows[r] * D;                                                              \
+        const T_* gr = grad + r * D;                                                          \
+        if (r + PF < r1) {                                                                    \
+            int64_t f = rows[r + PF] * D;                                                     \
+            prefetch_row_w(p + f, D * sizeof(T_));                                            \
+            prefetch_row_w(m + f, D * sizeof(T_));                                            \
+            prefetch_row_w(v + f, D * sizeof(T_));                                            \
+        }                                                                                     \
+        _Pragma("omp simd")                                                                   \
+        for (int64_t j = 0; j < D; ++j) {                                                     \
+            T_ gj = gr[j];                                                                    \
+            T_ mj = m[o + j] * tb1 + c1 * gj;                                                 \
+            T_ vj = v[o + j] * tb2 + c2 * gj * gj;                                            \
+            m[o + j] = mj;                                                                    \
+            v[o + j] = vj;                                                                    \
+            p[o + j] -= step * mj / (SQRT(vj * ib2) + te);                                    \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* row-wise Adagrad: acc[row] += mean(g^2); p[row] -= lr * g / (sqrt(acc[row]) + eps) */      \
+void adagrad_rows_##SFX(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,               \
+                        const T_* grad, T_* p, T_* acc, double lr, double eps) {              \
+    for (int64_t r = r0; r < r1; ++r) {                                                       \
+        int64_t e = rows[r];                                                                  \
+        const T_* gr = grad + r * D;                                                          \
+        if (r + PF < r1) prefetch_row_w(p + rows[r + PF] * D, D * sizeof(T_));               \
+        T_ a = acc[e] + dot_##SFX(gr, gr, D) / (T_)D;                                         \
+        acc[e] = a;                                                                           \
+        axpy_##SFX(p + e * D, (T_)(-lr) / (SQRT(a) + (T_)eps), gr, D);                        \
+    }                                                                                         \
+}
+
+DEFINE_KERNELS(float, f32, erff, sqrtf, expf)
+DEFINE_KERNELS(double, f64, erf, sqrt, exp)
+
+/* Counting sort of M ids in [0, N): count (N, zeroed by the caller) is left holding each
+   row's start offset. Writes rows (R), offsets (R+1) and order (M: selections by row, stable);
+   returns R. */
+int64_t group_rows(int64_t M, int64_t N, const int64_t* ids, int64_t* count, int64_t* rows,
+                   int64_t* offsets, int64_t* order) {
+    for (int64_t i = 0; i < M; ++i) count[ids[i]]++;
+    int64_t R = 0, pos = 0;
+    for (int64_t e = 0; e < N; ++e) {
+        int64_t c = count[e];
+        if (c) { rows[R] = e; offsets[R] = pos; ++R; }
+        count[e] = pos;
+        pos += c;
+    }
+    offsets[R] = pos;
+    for (int64_t i = 0; i < M; ++i) order[count[ids[i]]++] = i;
+    return R;
+}
+"""
+
+_I64, _F64 = ctypes.c_int64, ctypes.c_double
+_P = ctypes.c_void_p
+_SIGNATURES = {
+    "mix_fwd": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
+    "mix_bwd": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P],
+    "row_sums": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P],
+    "adam_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _F64, _F64, _F64, _F64, _F64, _F64],
+    "adagrad_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64],
+}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_enabled: bool | None = None  # None: use when it builds; False: never; True: must build
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PEER_DIST_KERNEL_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "peer_dist")
+    return Path(root)
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    flags = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
+    key = hashlib.sha256(f"{_SOURCE}{flags}{platform.machine()}{cc}".encode()).hexdigest()[:16]
+    target = _cache_dir() / f"peer_kernels_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+            src.write_text(_SOURCE)
+            for fl in (flags, [f for f in flags if f != "-march=native"]):
+                done = subprocess.run([cc, *fl, str(src), "-o", str(out), "-lm"],
+                                      capture_output=True, text=True)
+                if done.returncode == 0:
+                    os.replace(out, target)  # atomic: concurrent builders agree
+                    break
+            else:
+                return None
+    lib = ctypes.CDLL(str(target))
+    for name, args in _SIGNATURES.items():
+        for sfx in ("f32", "f64"):
+            fn = getattr(lib, f"{name}_{sfx}")
+            fn.argtypes, fn.restype = args, None
+    lib.group_rows.argtypes = [_I64, _I64, _P, _P, _P, _P, _P]
+    lib.group_rows.restype = _I64
+    return lib
+
+
+def use_fused_cpu(enabled: bool | None) -> None:
+    """Force the fused CPU kernels on (True: error if they cannot be built), off (False), or
+    back to the default (None: on when a C compiler is present)."""
+    global _enabled
+    _enabled = enabled
+
+
+def library() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _enabled is False:
+        return None
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _lib = _build()
+            except OSError:
+                _lib = None
+    if _lib is None and _enabled:
+        raise RuntimeError("fused CPU kernels were requested but could not be built: "
+                           "is a C compiler (cc/gcc) on PATH?")
+    return _lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the fused kernels can take these tensors (CPU, fp32/fp64, one dtype)."""
+    float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    return (len(float_dtypes) == 1 and float_dtypes <= {torch.float32, torch.float64}
+            and all(t.device.type == "cpu" for t in tensors) and library() is not None)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _parallel(fn, total: int, *args) -> None:
+    """fn(lo, hi, *args) over [0, total) split into torch.get_num_threads() ranges."""
+    global _pool, _pool_size
+    nt = max(1, min(torch.get_num_threads(), total // 16 or 1))
+    if nt == 1:
+        fn(0, total, *args)
+        return
+    if _pool is None or _pool_size < nt:
+        _pool = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="peer_kernel")
+        _pool_size = nt
+    bounds = [total * i // nt for i in range(nt + 1)]
+    futures = [_pool.submit(fn, bounds[i], bounds[i + 1], *args) for i in range(nt)]
+    for f in futures:
+        f.result()
+
+
+def _sfx(t: torch.Tensor) -> str:
+    return "f32" if t.dtype == torch.float32 else "f64"
+
+
+def mix_forward(x, ids, gates, u, v, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> y (T, D), pre-activations (T, S). All contiguous, one float dtype."""
+    t, s = ids.shape
+    d = x.shape[1]
+    y = torch.empty(t, d, dtype=x.dtype)
+    pre = torch.empty(t, s, dtype=x.dtype)
+    fn = getattr(library(), f"mix_fwd_{_sfx(x)}")
+    _parallel(fn, t, s, d, _ptr(x), _ptr(ids), _ptr(gates), _ptr(u), _ptr(v), int(gelu),
+              _ptr(pre), _ptr(y))
+    return y, pre
+
+
+def mix_backward(dy, ids, gates, pre, u, v, gelu: bool):
+    """-> dx (T, D), dgates (T, S), cu (T, S), cv (T, S) (coefficients of the table grads)."""
+    t, s = ids.shape
+    d = dy.shape[1]
+    dx = torch.empty(t, d, dtype=dy.dtype)
+    dg, cu, cv = (torch.empty(t, s, dtype=dy.dtype) for _ in range(3))
+    fn = getattr(library(), f"mix_bwd_{_sfx(dy)}")
+    _parallel(fn, t, s, d, _ptr(dy), _ptr(ids), _ptr(gates), _ptr(pre), _ptr(u), _ptr(v),
+              int(gelu), _ptr(dx), _ptr(dg), _ptr(cu), _ptr(cv))
+    return dx, dg, cu, cv
+
+
+def group_rows(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (M,) in [0, n) -> rows (R,) sorted unique, offsets (R+1,), order (M,)."""
+    m = ids.numel()
+    count = torch.zeros(n, dtype=torch.int64)
+    rows = torch.empty(m, dtype=torch.int64)
+    offsets = torch.empty(m + 1, dtype=torch.int64)
+    order = torch.empty(m, dtype=torch.int64)
+    r = library().group_rows(m, n, _ptr(ids), _ptr(count), _ptr(rows), _ptr(offsets),
+                             _ptr(order))
+    return rows[:r], offsets[:r + 1], order
+
+
+def row_sums(offsets, order, s: int, x, dy, cu, cv) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, D) each: du[r] = sum cu[i] x[i // s], dv[r] = sum cv[i] dy[i // s] over row r."""
+    r, d = offsets.numel() - 1, x.shape[1]
+    du = torch.empty(r, d, dtype=x.dtype)
+    dv = torch.empty(r, d, dtype=x.dtype)
+    fn = getattr(library(), f"row_sums_{_sfx(x)}")
+    _parallel(fn, r, s, d, _ptr(offsets), _ptr(order), _ptr(x), _ptr(dy), _ptr(cu), _ptr(cv),
+              _ptr(du), _ptr(dv))
+    return du, dv
+
+
+def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, bc1: float,
+              bc2: float) -> None:
+    """Lazy Adam in place on p, m, v (N, D) for unique rows (R,) with grad (R, D)."""
+    fn = getattr(library(), f"adam_rows_{_sfx(p)}")
+    _parallel(fn, rows.numel(), p.shape[1], _ptr(rows), _ptr(grad), _ptr(p), _ptr(m), _ptr(v),
+              lr, b1, b2, eps, bc1, bc2)
+
+
+def adagrad_rows(p, acc, rows, grad, lr: float, eps: float) -> None:
+    """Row-wise Adagrad in place on p (N, D), acc (N,) for unique rows (R,), grad (R, D)."""
+    fn = getattr(library(), f"adagrad_rows_{_sfx(p)}")
+    _parallel(fn, rows.numel(), p.shape[1], _ptr(rows), _ptr(grad), _ptr(p), _ptr(acc), lr, eps)
