@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import torch
 
+from peer_dist.model import fused_cpu
+
 KINDS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
 
 
 def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    if grad.is_sparse:
-        grad = grad.coalesce()
-        return grad.indices()[0], grad.values()
-    return None, grad
+    """(unique rows, (R, D) values) of a sparse grad, or (None, grad) for a dense one.
+
+    Autograd drops the coalesced flag when it stores a sparse grad, so a grad whose rows are
+    already strictly increasing (what the PEER kernel produces) is used as is: the O(R) check
+    replaces coalesce()'s sort and copy.
+    """
+    if not grad.is_sparse:
+        return None, grad
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            grad = grad.coalesce()
+    return grad._indices()[0], grad._values()
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
@@ -62,17 +73,21 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         b1, b2 = group["betas"]
         t = float(state["step"])
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        if rows is not None and _fused(p, g, m, v):  # in place, one pass over touched rows
+            fused_cpu.adam_rows(p.data, m, v, rows.contiguous(), g.contiguous(), group["lr"],
+                                b1, b2, group["eps"], 1 - b1 ** t, 1 - b2 ** t)
+            return
         if rows is not None:  # lazy: only the touched rows' moments move
-            m_r = m[rows].mul_(b1).add_(g, alpha=1 - b1)
-            v_r = v[rows].mul_(b2).addcmul_(g, g, value=1 - b2)
+            m_r = m.index_select(0, rows).mul_(b1).add_(g, alpha=1 - b1)
+            v_r = v.index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
             m.index_copy_(0, rows, m_r)
             v.index_copy_(0, rows, v_r)
         else:
             m_r = m.mul_(b1).add_(g, alpha=1 - b1)
             v_r = v.mul_(b2).addcmul_(g, g, value=1 - b2)
         step_size = group["lr"] / (1 - b1 ** t)
-        denom = (v_r / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-        update = m_r / denom * (-step_size)
+        denom = v_r.div(1 - b2 ** t).sqrt_().add_(group["eps"])  # the one (R, D) temporary
+        update = denom.reciprocal_().mul_(m_r).mul_(-step_size)
         if rows is None:
             p.add_(update)
         else:
@@ -80,6 +95,10 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     def _adagrad(self, p, rows, g, group, state):
         acc = state["sum_sq"]
+        if rows is not None and _fused(p, g, acc):
+            fused_cpu.adagrad_rows(p.data, acc, rows.contiguous(), g.contiguous(), group["lr"],
+                                   group["eps"])
+            return
         sq = g.pow(2).mean(dim=1)  # one accumulator per row
         if rows is None:
             acc.add_(sq)
@@ -94,6 +113,12 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             p.add_(g, alpha=-group["lr"])
         else:
             p.index_add_(0, rows, g, alpha=-group["lr"])
+
+
+def _fused(p: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Fused row updates need contiguous CPU tables and state of one float dtype."""
+    return (p.is_contiguous() and all(t.is_contiguous() for t in others)
+            and fused_cpu.usable(p, *others))
 
 
 def grad_sq_norm(params) -> torch.Tensor:

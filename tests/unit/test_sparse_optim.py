@@ -5,9 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peer_dist.model import fused_cpu
 from peer_dist.train.sparse_optim import RowSparseOptimizer, grad_sq_norm, scale_grads
 
 N, D = 40, 6
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def kernel_path(request):
+    """Every test runs on the fused CPU row updates and on the pure-PyTorch ones."""
+    if request.param == "fused" and fused_cpu.library() is None:
+        pytest.skip("no C compiler: fused CPU kernels unavailable")
+    fused_cpu.use_fused_cpu(request.param == "fused")
+    yield request.param
+    fused_cpu.use_fused_cpu(None)
 
 
 def _sparse_grad(rows: list[int], seed: int, coalesced: bool = True) -> torch.Tensor:
