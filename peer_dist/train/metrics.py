@@ -115,10 +115,17 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = ["", "=== summary ===",
              f"steps            {summary['steps']} ({summary['world_size']} ranks, ZeRO "
              f"{summary['zero_stage']}, {summary['dtype']})",
-             f"final loss       {summary['final_loss']:.4f} (train, last step)"]
+             f"final loss       {summary['final_loss']:.4f} (train, last step)"
+             if math.isfinite(summary["final_loss"]) else
+             "final loss       n/a (no step run: the checkpoint was already at train.steps)"]
     if summary.get("val_loss") is not None:
         lines.append(f"validation       loss {summary['val_loss']:.4f}, perplexity "
                      f"{summary['val_ppl']:.2f}")
+    for key, value in sorted(summary.get("experts", {}).items()):
+        if key.endswith("/usage"):
+            layer = key[len("experts/"):-len("/usage")]
+            uneven = summary["experts"].get(f"experts/{layer}/unevenness", float("nan"))
+            lines.append(f"experts {layer}: usage {100 * value:.1f}%, unevenness {uneven:.3f}")
     lines.append(f"throughput       {summary['tokens_per_s']:.0f} tokens/s (all ranks)")
     for r, mem in enumerate(summary["expert_mib_per_rank"]):
         lines.append(f"rank {r} experts    {mem:.2f} MiB (table shards + optimizer state), peak "
