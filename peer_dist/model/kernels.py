@@ -214,7 +214,9 @@ class KeyScores(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dq = bag_sum(flat, keys.reshape(-1, keys.shape[-1]), grad.view(c * t, k))
             dq = dq.view_as(q)
-        if ctx.needs_input_grad[2]:  # (C, n, T) scatter of the K grads, then one product
+        if ctx.needs_input_grad[2] and fused_cpu.usable(q, grad):
+            dkeys = fused_cpu.key_grad(sel.contiguous(), grad, q.contiguous(), keys.shape[1])
+        elif ctx.needs_input_grad[2]:  # (C, n, T) scatter of the K grads, then one product
             dense = grad.new_zeros(c, t, keys.shape[1]).scatter_add_(2, sel, grad)
             dkeys = torch.bmm(dense.transpose(1, 2), q)
         return dq, None, dkeys

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
+from peer_dist.model import fused_cpu
 from peer_dist.model.kernels import key_scores, peer_mix
 
 INIT_BLOCK_ROWS = 16384
@@ -56,6 +57,7 @@ class ProductKeyRouter(nn.Module):
         bound = 1.0 / math.sqrt(cfg.d_key // 2)
         self.sub_keys = nn.Parameter(
             torch.empty(key_sets, 2, self.n, cfg.d_key // 2).uniform_(-bound, bound))
+        self._pair_cache: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> ids (T, H*K) int64, gates (T, H*K) softmax over each head's K."""
@@ -79,18 +81,26 @@ class ProductKeyRouter(nn.Module):
         Pair (i, j) scores below the (i+1)(j+1) - 1 pairs (i' <= i, j' <= j), so only these
         can be in the top K: 50 of the K*K = 256 candidates for K = 16, still exact.
         """
-        k = self.topk
-        pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
-        pi, pj = torch.tensor(pairs, dtype=torch.long, device=device).unbind(1)
-        return pi, pj
+        cached = self._pair_cache.get(device)
+        if cached is None:
+            k = self.topk
+            pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+            cached = torch.tensor(pairs, dtype=torch.long, device=device).T.contiguous()
+            self._pair_cache[device] = cached
+        return cached[0], cached[1]
 
     @torch.no_grad()
     def _select(self, q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact product-key top-k: q (2H, T, Q/2), keys (2H, n, Q/2) -> sub-key ids (H, T, K)."""
         h, t, k = self.heads, q.shape[1], self.topk
-        top_v, top_i = torch.bmm(q, keys.transpose(1, 2)).topk(k, dim=-1)  # (2H, T, K) sorted
-        top_v, top_i = top_v.view(h, 2, t, k), top_i.view(h, 2, t, k)
         pi, pj = self._pairs(q.device)
+        if fused_cpu.usable(q, keys):  # one pass per row, no sort, no (H, T, P) temporaries
+            scores = fused_cpu.empty(2 * h, t, keys.shape[1], dtype=q.dtype)
+            torch.bmm(q, keys.transpose(1, 2), out=scores)  # (2H, T, n)
+            return fused_cpu.pk_select(scores, pi, pj, k)
+        scores = torch.bmm(q, keys.transpose(1, 2))  # (2H, T, n)
+        top_v, top_i = scores.topk(k, dim=-1)  # (2H, T, K) sorted
+        top_v, top_i = top_v.view(h, 2, t, k), top_i.view(h, 2, t, k)
         cand = top_v[:, 0][..., pi] + top_v[:, 1][..., pj]  # (H, T, P)
         best = cand.topk(k, dim=-1).indices  # (H, T, K), sorted by score
         return top_i[:, 0].gather(-1, pi[best]), top_i[:, 1].gather(-1, pj[best])
