@@ -81,7 +81,7 @@ def _text_width(text: str, scale: int) -> int:
 
 class _BuiltinChart:
     W, H = 1000, 500
-    LEFT, RIGHT, TOP, BOTTOM = 70, 270, 40, 50  # the legend sits right of the axes
+    LEFT, RIGHT, TOP, BOTTOM = 70, 270, 56, 50  # the legend sits right of the axes
 
     def __init__(self, series: list[Series], title: str, xlabel: str, ylabel: str):
         self.px = bytearray(b"\xff" * (self.W * self.H * 3))
@@ -148,9 +148,9 @@ class _BuiltinChart:
             self.text(px - _text_width(label, 2) // 2, bottom + 8, label)
         self.line((left, bottom), (right, bottom), black)
         self.line((left, top), (left, bottom), black)
-        self.text(left, 12, self.title, scale=2)
+        self.text(left, 8, self.title, scale=2)
         self.text((left + right - _text_width(self.xlabel, 2)) // 2, self.H - 20, self.xlabel)
-        self.text(4, top - 13, self.ylabel, scale=2)
+        self.text(4, top - 26, self.ylabel, scale=2)
 
     def _x_step(self) -> int:
         return max(1, math.ceil((self.x1 - self.x0) / 12))

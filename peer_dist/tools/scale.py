@@ -2,7 +2,8 @@
 
   peer-scale predict --num-experts 65536,262144,1048576 --dim 256,1024 --ep 1,2,4,8 \\
                      --world-size 8 --out runs/scale/predict
-  peer-scale measure --num-experts 4096,16384,65536 --dim 64 --ep 1,2,4 --out runs/scale/measure
+  peer-scale measure --config configs/tiny.yaml --num-experts 16384,65536,262144,1048576 \
+                     --dim 64 --ep 1,2,4 --steps 5 --out runs/scale/measure
   peer-scale plan --nodes 2 --gpus-per-node 8 --gpu-mem-gib 80 --num-experts 1048576 --dim 1024
 
 predict and measure write DIR/table.md, DIR/table.csv, DIR/plot.png and TensorBoard scalars
@@ -34,7 +35,7 @@ from peer_dist.tools.pngplot import Series, write_plot
 GIB = 1024 ** 3
 OPTIMIZER_RANK = {"lazy_adam": 0, "dense_adam": 1, "adagrad": 2, "sgd": 3}  # plan: best first
 
-# Columns of predict's table: (key, header, is_bytes)
+# Row keys: the setup of a point, then predict's byte counts (per rank).
 SETUP_KEYS = ("num_experts", "dim", "layers", "ep", "world_size", "dtype", "table_optimizer",
               "zero_stage", "strategy", "tokens_per_rank")
 PREDICT_KEYS = ("expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a",
@@ -189,7 +190,7 @@ def human(v: float) -> str:
 
 def _cell(key: str, value) -> str:
     if isinstance(value, float) and key.endswith(("_err", "error")):
-        return f"{100 * value:+.1f}%"
+        return f"{100 * value:+.3f}%"
     if isinstance(value, float) and key.endswith("_s"):
         return f"{value:.3f}"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and (
