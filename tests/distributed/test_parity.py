@@ -23,6 +23,7 @@ from peer_dist.parallel import (
     expert_shards,
     parallelize,
     reset_comm_stats,
+    shard_dtensors,
     sync_expert_grads,
 )
 from peer_dist.parallel.cost import dispatch_bytes, fetch_bytes
@@ -101,7 +102,17 @@ def check_layer_parity(topo_ep: int, balance: bool) -> None:
     for strategy in ("fetch", "dispatch", "auto"):
         ref, sharded, topo = _pair(strategy, topo_ep, balance)
         _check_tables(ref, sharded, grads=False)  # init: exactly the single-process rows
+        _check_dtensors(ref, sharded, topo)
         _check_step(ref, sharded, topo, step=0)
+
+
+def _check_dtensors(ref: PEER, sharded: PEER, topo: Topology) -> None:
+    """The checkpoint view: DTensor Shard(0) over the mesh gathers to the (permuted) table."""
+    shard = expert_shards(sharded)[0]
+    pos = torch.arange(shard.num_experts)
+    for name, dt in shard_dtensors(shard, topo).items():
+        full = getattr(ref.experts, name).detach()[shard.idmap.expert(pos)]
+        torch.testing.assert_close(dt.full_tensor(), full)
 
 
 def check_optimizer_parity(topo_ep: int, balance: bool) -> None:
