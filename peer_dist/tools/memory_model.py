@@ -8,7 +8,8 @@ What is exact and what is an estimate:
   expert params     exact: every PEER layer has two N x d tables (U, V); rank r of an EP group
                     holds rows [r*b, (r+1)*b) with b = ceil(N / E) (the torch.chunk layout), so
                     the largest shard, the one that decides whether a run fits, has b rows:
-                    b * d * 2 tables * L * e.
+                    b * d * 2 tables * L * e_table (fp32 unless table_dtype says otherwise:
+                    the shards stay fp32 when the dense part trains in bf16).
   table optimizer   exact: lazy_adam / dense_adam keep two fp32 moments per entry (2x params in
                     fp32), adagrad one fp32 accumulator per row, sgd nothing.
   expert grads      an estimate: gradients are row-sparse (COO, coalesced), so they hold only the
@@ -48,7 +49,8 @@ class Setup:
     model: ModelConfig = field(default_factory=ModelConfig)
     ep: int = 1
     world_size: int = 1
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # dense part, activations, messages
+    table_dtype: str = "fp32"  # the shards (peer_dist/parallel keeps them fp32 under bf16 too)
     table_optimizer: str = "lazy_adam"
     zero_stage: int = 0
     strategy: str = "dispatch"
@@ -61,6 +63,8 @@ class Setup:
              f"a divisor of world_size={self.world_size}"),
             (self.world_size >= 1, "world_size", self.world_size, "an integer >= 1"),
             (self.dtype in DTYPE_BYTES, "dtype", self.dtype, f"one of {list(DTYPE_BYTES)}"),
+            (self.table_dtype in DTYPE_BYTES, "table_dtype", self.table_dtype,
+             f"one of {list(DTYPE_BYTES)}"),
             (self.table_optimizer in TABLE_OPTIMIZERS, "table_optimizer", self.table_optimizer,
              f"one of {list(TABLE_OPTIMIZERS)}"),
             (self.zero_stage in ZERO_STAGES, "zero_stage", self.zero_stage,
@@ -91,6 +95,10 @@ class Setup:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def table_elem(self) -> int:
+        return DTYPE_BYTES[self.table_dtype]
+
+    @property
     def selections(self) -> int:
         return self.model.peer.heads * self.model.peer.topk
 
@@ -111,7 +119,7 @@ def expected_unique(pool: int, draws: float) -> float:
 
 
 def expert_param_bytes(s: Setup) -> int:
-    return rows_per_rank(s.n, s.ep) * s.d * 2 * s.layers * s.elem
+    return rows_per_rank(s.n, s.ep) * s.d * 2 * s.layers * s.table_elem
 
 
 def table_state_bytes(s: Setup) -> int:
@@ -130,7 +138,7 @@ def touched_rows(s: Setup) -> float:
 
 
 def expert_grad_bytes(s: Setup) -> int:
-    return int(touched_rows(s) * (s.d * s.elem + INDEX_BYTES)) * 2 * s.layers
+    return int(touched_rows(s) * (s.d * s.table_elem + INDEX_BYTES)) * 2 * s.layers
 
 
 # --------------------------------------------------------------------------- dense part

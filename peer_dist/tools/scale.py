@@ -36,8 +36,8 @@ GIB = 1024 ** 3
 OPTIMIZER_RANK = {"lazy_adam": 0, "dense_adam": 1, "adagrad": 2, "sgd": 3}  # plan: best first
 
 # Row keys: the setup of a point, then predict's byte counts (per rank).
-SETUP_KEYS = ("num_experts", "dim", "layers", "ep", "world_size", "dtype", "table_optimizer",
-              "zero_stage", "strategy", "tokens_per_rank")
+SETUP_KEYS = ("num_experts", "dim", "layers", "ep", "world_size", "dtype", "table_dtype",
+              "table_optimizer", "zero_stage", "strategy", "tokens_per_rank")
 PREDICT_KEYS = ("expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a",
                 "expert_bytes_per_rank_predicted", "total_bytes_per_rank_predicted",
                 "a2a_bytes_moved_predicted")
@@ -69,7 +69,10 @@ def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--ep", type=_ints, default=[1, 2] if measure else [1, 2, 4, 8])
     p.add_argument("--world-size", type=_ints, default=None,
                    help="ranks; default: each point's EP (one expert-parallel group)")
-    p.add_argument("--dtype", type=_strs, default=["fp32"], help="fp32 | bf16")
+    p.add_argument("--dtype", type=_strs, default=["fp32"],
+                   help="fp32 | bf16: dense part, activations and messages")
+    p.add_argument("--table-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES),
+                   help="expert shards (the trainer keeps them fp32; bf16 is what-if only)")
     p.add_argument("--table-optimizer", type=_strs, default=["lazy_adam"],
                    help=f"any of {list(mm.TABLE_OPTIMIZERS)}")
     p.add_argument("--zero-stage", type=_ints, default=[0])
@@ -110,6 +113,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--dtype", default="bf16", choices=sorted(mm.DTYPE_BYTES))
+    p.add_argument("--table-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES))
     p.add_argument("--strategy", default="dispatch", choices=mm.STRATEGIES)
     p.add_argument("--tokens-per-rank", type=int, default=None)
     p.add_argument("--top", type=int, default=20, help="rows to print")
@@ -152,8 +156,8 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
             continue
         try:
             s = mm.Setup(model_for(cfg.model, n, d, layers), ep=ep, world_size=world, dtype=dtype,
-                         table_optimizer=opt, zero_stage=zero, strategy=strat,
-                         tokens_per_rank=tokens).validate()
+                         table_dtype=args.table_dtype, table_optimizer=opt, zero_stage=zero,
+                         strategy=strat, tokens_per_rank=tokens).validate()
         except (ValueError, ConfigError) as err:
             raise SystemExit(f"peer-scale: {err}") from err
         points.append(s)
@@ -164,7 +168,8 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
 
 def setup_row(s: mm.Setup) -> dict:
     return {"num_experts": s.n, "dim": s.d, "layers": s.layers, "ep": s.ep,
-            "world_size": s.world_size, "dtype": s.dtype, "table_optimizer": s.table_optimizer,
+            "world_size": s.world_size, "dtype": s.dtype, "table_dtype": s.table_dtype,
+            "table_optimizer": s.table_optimizer,
             "zero_stage": s.zero_stage, "strategy": s.strategy,
             "tokens_per_rank": s.tokens_per_rank}
 
@@ -307,8 +312,9 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     for ep, zero, opt in itertools.product([e for e in range(1, world + 1) if world % e == 0],
                                            mm.ZERO_STAGES, mm.TABLE_OPTIMIZERS):
-        s = mm.Setup(m, ep=ep, world_size=world, dtype=args.dtype, table_optimizer=opt,
-                     zero_stage=zero, strategy=args.strategy, tokens_per_rank=tokens)
+        s = mm.Setup(m, ep=ep, world_size=world, dtype=args.dtype, table_dtype=args.table_dtype,
+                     table_optimizer=opt, zero_stage=zero, strategy=args.strategy,
+                     tokens_per_rank=tokens)
         row = predict_row(s)
         row["dp"] = world // ep
         row["fits"] = row["total_bytes_per_rank_predicted"] <= budget
@@ -432,6 +438,9 @@ def runtime_rss_bytes() -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
+    if args.table_dtype != "fp32":
+        raise SystemExit("peer-scale measure: --table-dtype=bf16 is invalid: the trainer keeps "
+                         "the shards in fp32 (allowed: fp32); use predict for what-if studies")
     points = grid(args)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="peer-scale-"))
     data = Path(args.data) if args.data else out / "data"

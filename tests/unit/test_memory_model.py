@@ -28,7 +28,9 @@ def test_paper_scale_table_bytes_match_design_numbers():
     s = setup(ep=1)
     assert mm.expert_param_bytes(s) == 2 * 1024 ** 2 * 1024 * 4 == 8 * GIB
     assert mm.table_state_bytes(s) == 16 * GIB
-    s8 = setup(ep=8, world_size=8, dtype="bf16")
+    s8 = setup(ep=8, world_size=8, dtype="bf16")  # bf16 training keeps fp32 shards
+    assert mm.expert_param_bytes(s8) == 2 * 131072 * 1024 * 4  # 1 GiB per rank
+    s8 = setup(ep=8, world_size=8, dtype="bf16", table_dtype="bf16")
     assert mm.expert_param_bytes(s8) == 2 * 131072 * 1024 * 2  # 512 MiB per rank in bf16
     assert mm.table_state_bytes(s8) == 2 * GIB  # fp32 moments whatever the table dtype
 
