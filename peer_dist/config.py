@@ -275,7 +275,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r} is invalid: allowed is a list of {len(args)} "
                               f"numbers, e.g. [0.9, 0.95]")
-        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: union types are not supported in the config")
     if tp is bool:
