@@ -5,10 +5,12 @@ called through ctypes on the tensors' memory; no torch headers, so it builds fas
 any torch version. Every kernel has a pure-PyTorch twin in kernels.py / sparse_optim.py that is
 used when no compiler is present, for other devices, and in the tests as the reference.
 
-Why: the PyTorch ops each make a full pass (and a fresh, page-faulting allocation) per step;
-here one pass per token reads each selected row of U and V once (forward and backward), the
-per-row gradient sums need no sort (a counting pass over the ids), and the optimizers update
-touched rows in place without (rows, D) temporaries.
+Why: the PyTorch ops each make a full pass (and a fresh, page-faulting allocation) per step.
+Here the selections are grouped by table row once (a counting pass over the ids, no sort), and
+forward and backward each walk the unique rows in ascending order: each selected row of U and V
+is read once per pass however many tokens chose it, and the backward writes dx, dgates and both
+row-sparse table gradients in that same pass. The optimizers update touched rows in place
+without (rows, D) temporaries. Product-key selection is one pass per score row.
 
 Work is split over threads by the caller (Python threads; ctypes releases the GIL), so no
 second OpenMP runtime is loaded beside torch's.
@@ -37,7 +39,7 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-#define PF 4 /* selections ahead: random table rows are latency-bound without prefetch */
+#define PF 4 /* rows ahead: scattered table rows are latency-bound without prefetch */
 
 static inline void prefetch_row(const void* p, int64_t bytes) {
     const char* c = (const char*)p;
@@ -70,67 +72,53 @@ static inline void axpy_##SFX(T_* y, T_ a, const T_* x, int64_t d) {            
     _Pragma("omp simd")                                                                       \
     for (int64_t j = 0; j < d; ++j) y[j] += a * x[j];                                         \
 }                                                                                             \
-/* y[t] = sum_s g[t,s] * act(u[id] . x[t]) * v[id]; pre[t,s] = u[id] . x[t].                 \
-   Two passes per token (all dots, then all row sums) keep the dots independent. */           \
-void mix_fwd_##SFX(int64_t t0, int64_t t1, int64_t S, int64_t D, const T_* x,                 \
-                   const int64_t* ids, const T_* g, const T_* u, const T_* v, int gelu,       \
-                   T_* pre, T_* y) {                                                          \
-    const int64_t B = D * (int64_t)sizeof(T_);                                                \
-    for (int64_t t = t0; t < t1; ++t) {                                                       \
-        const int64_t* it = ids + t * S;                                                      \
-        T_* yt = y + t * D;                                                                   \
-        for (int64_t s = 0; s < S; ++s) {                                                     \
-            if (s + PF < S) prefetch_row(u + it[s + PF] * D, B);                              \
-            pre[t * S + s] = dot_##SFX(u + it[s] * D, x + t * D, D);                          \
-        }                                                                                     \
-        memset(yt, 0, sizeof(T_) * D);                                                        \
-        for (int64_t s = 0; s < S; ++s) {                                                     \
-            if (s + PF < S) prefetch_row(v + it[s + PF] * D, B);                              \
-            else if (t + 1 < t1) prefetch_row(u + it[S + s + PF - S] * D, B);                 \
-            axpy_##SFX(yt, g[t * S + s] * act_##SFX(pre[t * S + s], gelu), v + it[s] * D, D); \
-        }                                                                                     \
-    }                                                                                         \
-}                                                                                             \
-/* dx, dgates and the per-selection coefficients of the table gradients:                     \
-   cu = dL/dpre (du[id] += cu * x[t]), cv = g * act(pre) (dv[id] += cv * dy[t]) */            \
-void mix_bwd_##SFX(int64_t t0, int64_t t1, int64_t S, int64_t D, const T_* dy,                \
-                   const int64_t* ids, const T_* g, const T_* pre, const T_* u, const T_* v,  \
-                   int gelu, T_* dx, T_* dg, T_* cu, T_* cv) {                                \
-    const int64_t B = D * (int64_t)sizeof(T_);                                                \
-    for (int64_t t = t0; t < t1; ++t) {                                                       \
-        const int64_t* it = ids + t * S;                                                      \
-        T_* dxt = dx + t * D;                                                                 \
-        for (int64_t s = 0; s < S; ++s) {                                                     \
-            int64_t i = t * S + s;                                                            \
-            if (s + PF < S) prefetch_row(v + it[s + PF] * D, B);                              \
-            T_ dw = dot_##SFX(v + it[s] * D, dy + t * D, D);                                  \
-            T_ a = act_##SFX(pre[i], gelu);                                                   \
-            dg[i] = dw * a;                                                                   \
-            cu[i] = dw * g[i] * dact_##SFX(pre[i], gelu);                                     \
-            cv[i] = g[i] * a;                                                                 \
-        }                                                                                     \
-        memset(dxt, 0, sizeof(T_) * D);                                                       \
-        for (int64_t s = 0; s < S; ++s) {                                                     \
-            if (s + PF < S) prefetch_row(u + it[s + PF] * D, B);                              \
-            else if (t + 1 < t1) prefetch_row(v + it[S + s + PF - S] * D, B);                 \
-            axpy_##SFX(dxt, cu[t * S + s], u + it[s] * D, D);                                 \
-        }                                                                                     \
-    }                                                                                         \
-}                                                                                             \
-/* For unique rows r in [r0, r1): du[r] = sum cu[i] x[i/S], dv[r] = sum cv[i] dy[i/S] over    \
-   the selections i = order[offsets[r] .. offsets[r+1]) */                                    \
-void row_sums_##SFX(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* offsets,     \
-                    const int64_t* order, const T_* x, const T_* dy, const T_* cu,            \
-                    const T_* cv, T_* du, T_* dv) {                                           \
+/* Row-major forward over unique rows [r0, r1) (sorted ascending, so U and V stream in order,    \
+   each row read once however many tokens chose it): pre[i] = u[row] . x[t];                   \
+   y[t] += g[i] * act(pre[i]) * v[row] into this thread's own y (T, D). */                     \
+void rows_fwd_##SFX(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* rows,        \
+                    const int64_t* offsets, const int64_t* order, const T_* x, const T_* g,   \
+                    const T_* u, const T_* v, int gelu, T_* pre, T_* y) {                     \
     for (int64_t r = r0; r < r1; ++r) {                                                       \
+        const T_* ur = u + rows[r] * D;                                                       \
+        const T_* vr = v + rows[r] * D;                                                       \
+        if (r + PF < r1) {                                                                    \
+            prefetch_row(u + rows[r + PF] * D, D * (int64_t)sizeof(T_));                      \
+            prefetch_row(v + rows[r + PF] * D, D * (int64_t)sizeof(T_));                      \
+        }                                                                                     \
+        for (int64_t k = offsets[r]; k < offsets[r + 1]; ++k) {                               \
+            int64_t i = order[k], t = i / S;                                                  \
+            T_ p = dot_##SFX(ur, x + t * D, D);                                               \
+            pre[i] = p;                                                                       \
+            axpy_##SFX(y + t * D, g[i] * act_##SFX(p, gelu), vr, D);                          \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* Row-major backward: per unique row, dw = v . dy[t], dgates, dx[t] += ds * u (this thread's \
+   own dx), and the row's table gradients du[r] = sum ds * x[t], dv[r] = sum g a dy[t]. */    \
+void rows_bwd_##SFX(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* rows,        \
+                    const int64_t* offsets, const int64_t* order, const T_* x, const T_* dy,  \
+                    const T_* g, const T_* pre, const T_* u, const T_* v, int gelu, T_* dg,   \
+                    T_* du, T_* dv, T_* dx) {                                                 \
+    for (int64_t r = r0; r < r1; ++r) {                                                       \
+        const T_* ur = u + rows[r] * D;                                                       \
+        const T_* vr = v + rows[r] * D;                                                       \
+        if (r + PF < r1) {                                                                    \
+            prefetch_row(u + rows[r + PF] * D, D * (int64_t)sizeof(T_));                      \
+            prefetch_row(v + rows[r + PF] * D, D * (int64_t)sizeof(T_));                      \
+        }                                                                                     \
         T_* dur = du + r * D;                                                                 \
         T_* dvr = dv + r * D;                                                                 \
         memset(dur, 0, sizeof(T_) * D);                                                       \
         memset(dvr, 0, sizeof(T_) * D);                                                       \
         for (int64_t k = offsets[r]; k < offsets[r + 1]; ++k) {                               \
             int64_t i = order[k], t = i / S;                                                  \
-            axpy_##SFX(dur, cu[i], x + t * D, D);                                             \
-            axpy_##SFX(dvr, cv[i], dy + t * D, D);                                            \
+            T_ dw = dot_##SFX(vr, dy + t * D, D);                                             \
+            T_ a = act_##SFX(pre[i], gelu);                                                   \
+            T_ ds = dw * g[i] * dact_##SFX(pre[i], gelu);                                     \
+            dg[i] = dw * a;                                                                   \
+            axpy_##SFX(dx + t * D, ds, ur, D);                                                \
+            axpy_##SFX(dur, ds, x + t * D, D);                                                \
+            axpy_##SFX(dvr, g[i] * a, dy + t * D, D);                                         \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
@@ -257,11 +245,11 @@ int64_t group_rows(int64_t M, int64_t N, const int64_t* ids, int64_t* count, int
 _I64, _F64 = ctypes.c_int64, ctypes.c_double
 _P = ctypes.c_void_p
 _SIGNATURES = {
-    "mix_fwd": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
-    "mix_bwd": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P],
-    "row_sums": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P],
     "adam_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _F64, _F64, _F64, _F64, _F64, _F64],
     "adagrad_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64],
+    "rows_fwd": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
+    "rows_bwd": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P,
+                 _P, _P, _P],
     "pk_select": [_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P],
     "key_grad": [_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P],
 }
@@ -395,32 +383,28 @@ def _parallel(fn, total: int, *args, grain: int = 16) -> None:
         f.result()
 
 
-def _sfx(t: torch.Tensor) -> str:
-    return "f32" if t.dtype == torch.float32 else "f64"
+def _parallel_partials(fn, total: int, out: torch.Tensor, *args, grain: int = 64) -> torch.Tensor:
+    """Like _parallel, but each range accumulates into its own zeroed copy of `out` (passed
+    as fn's last argument); returns their sum. For scattered adds without atomics."""
+    nt = max(1, min(torch.get_num_threads(), total // grain))
+    if nt == 1:
+        out.zero_()
+        fn(0, total, *args, _ptr(out))
+        return out
+    parts = torch.zeros(nt, *out.shape, dtype=out.dtype)
+    bounds = [total * i // nt for i in range(nt + 1)]
+    calls = [(bounds[i], bounds[i + 1], *args, _ptr(parts[i])) for i in range(nt)]
+    _run_all(fn, calls)
+    return torch.sum(parts, dim=0, out=out)
 
 
-def mix_forward(x, ids, gates, u, v, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> y (T, D), pre-activations (T, S). All contiguous, one float dtype."""
-    t, s = ids.shape
-    d = x.shape[1]
-    y = torch.empty(t, d, dtype=x.dtype)
-    pre = torch.empty(t, s, dtype=x.dtype)
-    fn = getattr(library(), f"mix_fwd_{_sfx(x)}")
-    _parallel(fn, t, s, d, _ptr(x), _ptr(ids), _ptr(gates), _ptr(u), _ptr(v), int(gelu),
-              _ptr(pre), _ptr(y))
-    return y, pre
-
-
-def mix_backward(dy, ids, gates, pre, u, v, gelu: bool):
-    """-> dx (T, D), dgates (T, S), cu (T, S), cv (T, S) (coefficients of the table grads)."""
-    t, s = ids.shape
-    d = dy.shape[1]
-    dx = torch.empty(t, d, dtype=dy.dtype)
-    dg, cu, cv = (torch.empty(t, s, dtype=dy.dtype) for _ in range(3))
-    fn = getattr(library(), f"mix_bwd_{_sfx(dy)}")
-    _parallel(fn, t, s, d, _ptr(dy), _ptr(ids), _ptr(gates), _ptr(pre), _ptr(u), _ptr(v),
-              int(gelu), _ptr(dx), _ptr(dg), _ptr(cu), _ptr(cv))
-    return dx, dg, cu, cv
+def _run_all(fn, calls: list[tuple]) -> None:
+    global _pool, _pool_size
+    if _pool is None or _pool_size < len(calls):
+        _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="peer_kernel")
+        _pool_size = len(calls)
+    for f in [_pool.submit(fn, *c) for c in calls]:
+        f.result()
 
 
 def group_rows(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -435,15 +419,42 @@ def group_rows(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, t
     return rows[:r], offsets[:r + 1], order
 
 
-def row_sums(offsets, order, s: int, x, dy, cu, cv) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, D) each: du[r] = sum cu[i] x[i // s], dv[r] = sum cv[i] dy[i // s] over row r."""
-    r, d = offsets.numel() - 1, x.shape[1]
-    du = empty(r, d, dtype=x.dtype)
-    dv = empty(r, d, dtype=x.dtype)
-    fn = getattr(library(), f"row_sums_{_sfx(x)}")
-    _parallel(fn, r, s, d, _ptr(offsets), _ptr(order), _ptr(x), _ptr(dy), _ptr(cu), _ptr(cv),
-              _ptr(du), _ptr(dv))
-    return du, dv
+class Groups:
+    """Selections grouped by table row (counting sort): rows (R,) ascending, offsets (R+1,),
+    order (M,) selection indices by row. Built once in forward, reused in backward."""
+
+    def __init__(self, ids: torch.Tensor, n: int):
+        self.rows, self.offsets, self.order = group_rows(ids.reshape(-1), n)
+
+
+def rows_forward(groups: Groups, x, ids, gates, u, v, gelu: bool):
+    """Row-major forward: -> y (T, D), pre-activations (T, S)."""
+    t, s = ids.shape
+    pre = torch.empty(t, s, dtype=x.dtype)
+    y = torch.empty(t, x.shape[1], dtype=x.dtype)
+    fn = getattr(library(), f"rows_fwd_{_sfx(x)}")
+    y = _parallel_partials(fn, groups.rows.numel(), y, s, x.shape[1], _ptr(groups.rows),
+                           _ptr(groups.offsets), _ptr(groups.order), _ptr(x), _ptr(gates),
+                           _ptr(u), _ptr(v), int(gelu), _ptr(pre))
+    return y, pre
+
+
+def rows_backward(groups: Groups, x, dy, ids, gates, pre, u, v, gelu: bool):
+    """Row-major backward: -> dx (T, D), dgates (T, S), du (R, D), dv (R, D)."""
+    t, s = ids.shape
+    d, r = x.shape[1], groups.rows.numel()
+    dg = torch.empty(t, s, dtype=x.dtype)
+    du, dv = empty(r, d, dtype=x.dtype), empty(r, d, dtype=x.dtype)
+    dx = torch.empty(t, d, dtype=x.dtype)
+    fn = getattr(library(), f"rows_bwd_{_sfx(x)}")
+    dx = _parallel_partials(fn, r, dx, s, d, _ptr(groups.rows), _ptr(groups.offsets),
+                            _ptr(groups.order), _ptr(x), _ptr(dy), _ptr(gates), _ptr(pre),
+                            _ptr(u), _ptr(v), int(gelu), _ptr(dg), _ptr(du), _ptr(dv))
+    return dx, dg, du, dv
+
+
+def _sfx(t: torch.Tensor) -> str:
+    return "f32" if t.dtype == torch.float32 else "f64"
 
 
 def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, bc1: float,

@@ -146,7 +146,8 @@ class PeerMix(torch.autograd.Function):
             if int(ids.min()) < 0 or int(ids.max()) >= u.shape[0]:
                 raise IndexError(f"expert ids must be in [0, {u.shape[0]}), got "
                                  f"[{int(ids.min())}, {int(ids.max())}]")
-            y, s = fused_cpu.mix_forward(x, ids, gates, u, v, act == "gelu")
+            ctx.groups = fused_cpu.Groups(ids, u.shape[0])
+            y, s = fused_cpu.rows_forward(ctx.groups, x, ids, gates, u, v, act == "gelu")
         else:
             s = gather_dot(x, ids, u)  # (T, S) pre-activations
             y = bag_sum(ids, v, gates * activation(act, s))  # (T, D)
@@ -158,16 +159,14 @@ class PeerMix(torch.autograd.Function):
         x, ids, gates, u, v, s = ctx.saved_tensors
         dy = dy.contiguous()
         tables = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        if ctx.fused:
-            dx, dgates, cu, cv = fused_cpu.mix_backward(dy, ids, gates, s, u, v,
-                                                        ctx.act == "gelu")
+        if ctx.fused:  # one pass over the unique rows: dx, dgates and both table gradients
+            groups, n = ctx.groups, u.shape[0]
+            dx, dgates, du, dv = fused_cpu.rows_backward(groups, x, dy, ids, gates, s, u, v,
+                                                         ctx.act == "gelu")
             if not tables:
                 return dx, None, dgates, None, None, None, None
-            rows, offsets, order = fused_cpu.group_rows(ids.reshape(-1), u.shape[0])
-            du, dv = fused_cpu.row_sums(offsets, order, ids.shape[1], x, dy, cu, cv)
-            n = u.shape[0]
-            return (dx, None, dgates, _rows_to_grad(rows, du, n, ctx.sparse_grad),
-                    _rows_to_grad(rows, dv, n, ctx.sparse_grad), None, None)
+            return (dx, None, dgates, _rows_to_grad(groups.rows, du, n, ctx.sparse_grad),
+                    _rows_to_grad(groups.rows, dv, n, ctx.sparse_grad), None, None)
         a = activation(ctx.act, s)
         dw = gather_dot(dy, ids, v)  # (T, S) dL/dw = dy . v
         dgates = dw * a
