@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -362,6 +363,53 @@ def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return out
 
 
+def _storage_refs(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class BufferPool:
+    """Large scratch and gradient buffers, handed out again once nobody else holds them.
+
+    Fresh memory costs a page fault per page on first touch (the gradient rows alone are
+    2 * R * D * 4 bytes per layer and step): a buffer whose storage is referenced only by this
+    pool (the previous step's grads were freed) is reused instead. Reuse is decided by the
+    storage reference count, so a buffer still held anywhere (a .grad kept for accumulation,
+    a user's reference) is never handed out twice.
+    """
+
+    def __init__(self, max_buffers: int = 16, headroom: float = 1.05, min_bytes: int = 1 << 20):
+        self.max_buffers, self.headroom, self.min_bytes = max_buffers, headroom, min_bytes
+        self._bufs: list[tuple[torch.Tensor, int]] = []  # (flat buffer, refs when idle)
+        try:
+            _storage_refs(torch.empty(1))
+            self.enabled = True
+        except (AttributeError, RuntimeError):  # private API gone: allocate every time
+            self.enabled = False
+
+    def take(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if not self.enabled or nbytes < self.min_bytes:
+            return empty(*shape, dtype=dtype)
+        for buf, idle in self._bufs:
+            if buf.dtype == dtype and buf.numel() >= numel and _storage_refs(buf) == idle:
+                return buf[:numel].view(shape)
+        buf = empty(int(numel * self.headroom), dtype=dtype)
+        self._bufs.append((buf, _storage_refs(buf)))
+        if len(self._bufs) > self.max_buffers:  # drop the oldest idle one
+            for i, (b, idle) in enumerate(self._bufs):
+                if _storage_refs(b) == idle:
+                    del self._bufs[i]
+                    break
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+pool = BufferPool()
+
+
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
@@ -410,7 +458,7 @@ def _run_all(fn, calls: list[tuple]) -> None:
 def group_rows(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids (M,) in [0, n) -> rows (R,) sorted unique, offsets (R+1,), order (M,)."""
     m = ids.numel()
-    count = empty(n, dtype=torch.int64).zero_()
+    count = pool.take(n, dtype=torch.int64).zero_()
     rows = torch.empty(m, dtype=torch.int64)
     offsets = torch.empty(m + 1, dtype=torch.int64)
     order = torch.empty(m, dtype=torch.int64)
@@ -444,7 +492,7 @@ def rows_backward(groups: Groups, x, dy, ids, gates, pre, u, v, gelu: bool):
     t, s = ids.shape
     d, r = x.shape[1], groups.rows.numel()
     dg = torch.empty(t, s, dtype=x.dtype)
-    du, dv = empty(r, d, dtype=x.dtype), empty(r, d, dtype=x.dtype)
+    du, dv = pool.take(r, d, dtype=x.dtype), pool.take(r, d, dtype=x.dtype)
     dx = torch.empty(t, d, dtype=x.dtype)
     fn = getattr(library(), f"rows_bwd_{_sfx(x)}")
     dx = _parallel_partials(fn, r, dx, s, d, _ptr(groups.rows), _ptr(groups.offsets),

@@ -95,7 +95,7 @@ class ProductKeyRouter(nn.Module):
         h, t, k = self.heads, q.shape[1], self.topk
         pi, pj = self._pairs(q.device)
         if fused_cpu.usable(q, keys):  # one pass per row, no sort, no (H, T, P) temporaries
-            scores = fused_cpu.empty(2 * h, t, keys.shape[1], dtype=q.dtype)
+            scores = fused_cpu.pool.take(2 * h, t, keys.shape[1], dtype=q.dtype)
             torch.bmm(q, keys.transpose(1, 2), out=scores)  # (2H, T, n)
             return fused_cpu.pk_select(scores, pi, pj, k)
         scores = torch.bmm(q, keys.transpose(1, 2))  # (2H, T, n)

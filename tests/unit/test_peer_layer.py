@@ -193,3 +193,35 @@ def test_shapes_and_empty_batch():
     layer = PEER(12, cfg, table_device="cpu")
     assert layer(torch.randn(2, 3, 12)).shape == (2, 3, 12)
     assert layer(torch.randn(0, 12)).shape == (0, 12)
+
+
+def test_reused_gradient_buffers_never_overwrite_held_grads():
+    """The fused path reuses freed gradient buffers; grads still referenced (kept by a user,
+    or accumulated over two backward passes) must stay intact."""
+    if fused_cpu.library() is None or not fused_cpu.pool.enabled:
+        pytest.skip("fused CPU kernels or buffer reuse unavailable")
+    cfg = PEERConfig(num_experts=1024, heads=2, topk=4, d_key=8, query_batchnorm=False)
+    layer = PEER(16, cfg, table_device="cpu").double()
+    x1, x2 = torch.randn(30, 16, dtype=torch.float64), torch.randn(30, 16, dtype=torch.float64)
+    old_min = fused_cpu.pool.min_bytes
+    fused_cpu.pool.min_bytes = 0  # pool even these small buffers
+    try:
+        grads = []
+        for x in (x1, x2):  # separate grads, each kept alive
+            layer.zero_grad(set_to_none=True)
+            layer(x).sum().backward()
+            grads.append((layer.experts.u.grad, layer.experts.u.grad.to_dense().clone()))
+        for held, copy in grads:
+            torch.testing.assert_close(held.to_dense(), copy)
+        layer.zero_grad(set_to_none=True)
+        layer(x1).sum().backward()
+        layer(x2).sum().backward()  # accumulates into the held first grad
+        first = grads[0][1]
+        torch.testing.assert_close(layer.experts.u.grad.to_dense(), first + grads[1][1])
+        grads.clear()
+        for _ in range(2):  # now free: later backward passes reuse the buffers
+            layer.zero_grad(set_to_none=True)
+            layer(x1).sum().backward()
+            torch.testing.assert_close(layer.experts.u.grad.to_dense(), first)
+    finally:
+        fused_cpu.pool.min_bytes = old_min
