@@ -95,9 +95,11 @@ class ProductKeyRouter(nn.Module):
         h, t, k = self.heads, q.shape[1], self.topk
         pi, pj = self._pairs(q.device)
         if fused_cpu.usable(q, keys):  # one pass per row, no sort, no (H, T, P) temporaries
-            scores = fused_cpu.pool.take(2 * h, t, keys.shape[1], dtype=q.dtype)
-            torch.bmm(q, keys.transpose(1, 2), out=scores)  # (2H, T, n)
-            return fused_cpu.pk_select(scores, pi, pj, k)
+            # token chunks of ~4 MiB of scores: selection reads them from cache, not memory
+            step = max(16, (1 << 20) // (2 * h * keys.shape[1]))
+            sels = [fused_cpu.pk_select(torch.bmm(q[:, a:a + step], keys.transpose(1, 2)),
+                                        pi, pj, k) for a in range(0, t, step)]
+            return torch.cat([s1 for s1, _ in sels], 1), torch.cat([s2 for _, s2 in sels], 1)
         scores = torch.bmm(q, keys.transpose(1, 2))  # (2H, T, n)
         top_v, top_i = scores.topk(k, dim=-1)  # (2H, T, K) sorted
         top_v, top_i = top_v.view(h, 2, t, k), top_i.view(h, 2, t, k)
