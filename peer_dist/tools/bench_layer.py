@@ -10,6 +10,8 @@
    minus the RSS after imports) is that row's alone. fwd_bwd = forward + backward of
    sum(y * g) for a fixed random g; step = fwd_bwd + optimizer step (ours: the row-sparse table
    optimizer + torch Adam on the router; PEER-pytorch: torch Adam on all parameters).
+   work memory = peak RSS minus RSS once the layer and optimizer state are built (what a step
+   adds on top of parameters and state).
    tokens/s comes from the best (least) time over --repeats after --warmup iterations; the
    median is in the JSON too.
 """
@@ -166,6 +168,7 @@ def run_child(args: argparse.Namespace, spec: dict) -> dict:
     torch.set_num_threads(args.threads)
     base = _current_rss_bytes()
     iteration = _make_step(args, spec["impl"], spec["mode"], spec["optimizer"])
+    built = _current_rss_bytes()  # parameters (and optimizer state, allocated up front)
     for _ in range(args.warmup):
         iteration()
     times = []
@@ -176,7 +179,8 @@ def run_child(args: argparse.Namespace, spec: dict) -> dict:
     peak = _peak_rss_bytes()
     return dict(tokens_per_s=args.tokens / min(times),
                 tokens_per_s_median=args.tokens / statistics.median(times),
-                peak_mem_bytes=peak - base, peak_rss_bytes=peak, base_rss_bytes=base)
+                peak_mem_bytes=peak - base, work_mem_bytes=peak - built, peak_rss_bytes=peak,
+                base_rss_bytes=base)
 
 
 def _spawn(argv: list[str], spec: dict) -> dict:
@@ -207,15 +211,16 @@ def _rows(args: argparse.Namespace) -> list[dict]:
 def _table(results: list[dict]) -> str:
     ref = {r["mode"]: r for r in results if r["impl"] == "peer-pytorch"}
     head = (f"{'impl':<13}{'mode':<9}{'optimizer':<11}{'tokens/s':>10}{'peak MB':>10}"
-            f"{'speed x':>9}{'mem x':>8}")
+            f"{'work MB':>10}{'speed x':>9}{'mem x':>8}{'work x':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
         other = ref.get(r["mode"])
         speed = r["tokens_per_s"] / other["tokens_per_s"] if other else math.nan
         mem = r["peak_mem_bytes"] / other["peak_mem_bytes"] if other else math.nan
+        work = r["work_mem_bytes"] / other["work_mem_bytes"] if other else math.nan
         lines.append(f"{r['impl']:<13}{r['mode']:<9}{r.get('optimizer', ''):<11}"
                      f"{r['tokens_per_s']:>10.0f}{r['peak_mem_bytes'] / 2**20:>10.0f}"
-                     f"{speed:>9.2f}{mem:>8.2f}")
+                     f"{r['work_mem_bytes'] / 2**20:>10.0f}{speed:>9.2f}{mem:>8.2f}{work:>8.2f}")
     return "\n".join(lines)
 
 
@@ -250,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"N={args.num_experts} d={args.dim} h={args.heads} k={args.topk} "
               f"d_key={args.d_key} tokens={args.tokens} threads={args.threads}; tokens/s from "
               f"the best of {args.repeats} after {args.warmup} warmup; peak = peak RSS minus "
-              f"RSS after imports; x = ours / PEER-pytorch")
+              f"RSS after imports; work = peak RSS minus RSS once the layer and optimizer "
+              f"state are built; x = ours / PEER-pytorch")
         print(_table(results))
 
 
