@@ -393,6 +393,7 @@ class BufferPool:
     def __init__(self, max_buffers: int = 16, headroom: float = 1.05, min_bytes: int = 1 << 20):
         self.max_buffers, self.headroom, self.min_bytes = max_buffers, headroom, min_bytes
         self._bufs: list[tuple[torch.Tensor, int]] = []  # (flat buffer, refs when idle)
+        self._lock = threading.Lock()
         try:
             _storage_refs(torch.empty(1))
             self.enabled = True
@@ -404,20 +405,23 @@ class BufferPool:
         nbytes = numel * torch.empty(0, dtype=dtype).element_size()
         if not self.enabled or nbytes < self.min_bytes:
             return empty(*shape, dtype=dtype)
-        for buf, idle in self._bufs:
-            if buf.dtype == dtype and buf.numel() >= numel and _storage_refs(buf) == idle:
-                return buf[:numel].view(shape)
-        buf = empty(int(numel * self.headroom), dtype=dtype)
-        self._bufs.append((buf, _storage_refs(buf)))
-        if len(self._bufs) > self.max_buffers:  # drop the oldest idle one
-            for i, (b, idle) in enumerate(self._bufs):
-                if _storage_refs(b) == idle:
-                    del self._bufs[i]
-                    break
-        return buf[:numel].view(shape)
+        with self._lock:  # the idle check and the hand-out (a new view) must be one step
+            for buf, idle in self._bufs:
+                if buf.dtype == dtype and buf.numel() >= numel and _storage_refs(buf) == idle:
+                    return buf[:numel].view(shape)
+            buf = empty(int(numel * self.headroom), dtype=dtype)
+            self._bufs.append((buf, _storage_refs(buf)))
+            if len(self._bufs) > self.max_buffers:  # drop the oldest idle one
+                for i, (b, idle) in enumerate(self._bufs):
+                    if _storage_refs(b) == idle:
+                        del self._bufs[i]
+                        break
+            return buf[:numel].view(shape)
 
     def clear(self) -> None:
-        self._bufs.clear()
+        """Let the idle buffers go (memory held between steps returns to the system)."""
+        with self._lock:
+            self._bufs.clear()
 
 
 pool = BufferPool()
@@ -430,18 +434,12 @@ def _ptr(t: torch.Tensor) -> int:
 def _parallel(fn, total: int, *args, grain: int = 16) -> None:
     """fn(lo, hi, *args) over [0, total) split into torch.get_num_threads() ranges of at
     least `grain` items."""
-    global _pool, _pool_size
     nt = max(1, min(torch.get_num_threads(), total // grain))
     if nt == 1:
         fn(0, total, *args)
         return
-    if _pool is None or _pool_size < nt:
-        _pool = ThreadPoolExecutor(max_workers=nt, thread_name_prefix="peer_kernel")
-        _pool_size = nt
     bounds = [total * i // nt for i in range(nt + 1)]
-    futures = [_pool.submit(fn, bounds[i], bounds[i + 1], *args) for i in range(nt)]
-    for f in futures:
-        f.result()
+    _run_all(fn, [(bounds[i], bounds[i + 1], *args) for i in range(nt)])
 
 
 def _parallel_partials(fn, total: int, out: torch.Tensor, *args, grain: int = 64) -> torch.Tensor:
