@@ -40,7 +40,7 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-#define PF 4 /* rows ahead: scattered table rows are latency-bound without prefetch */
+#define PF 8 /* rows ahead: scattered table rows are latency-bound without prefetch */
 
 static inline void prefetch_row(const void* p, int64_t bytes) {
     const char* c = (const char*)p;
