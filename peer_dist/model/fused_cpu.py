@@ -390,7 +390,7 @@ class BufferPool:
     a user's reference) is never handed out twice.
     """
 
-    def __init__(self, max_buffers: int = 16, headroom: float = 1.05, min_bytes: int = 1 << 20):
+    def __init__(self, max_buffers: int = 16, headroom: float = 1.02, min_bytes: int = 1 << 20):
         self.max_buffers, self.headroom, self.min_bytes = max_buffers, headroom, min_bytes
         self._bufs: list[tuple[torch.Tensor, int]] = []  # (flat buffer, refs when idle)
         self._lock = threading.Lock()
@@ -409,6 +409,9 @@ class BufferPool:
             for buf, idle in self._bufs:
                 if buf.dtype == dtype and buf.numel() >= numel and _storage_refs(buf) == idle:
                     return buf[:numel].view(shape)
+            # idle buffers too small for this request would only add to the peak: let them go
+            self._bufs = [(b, idle) for b, idle in self._bufs
+                          if b.dtype != dtype or b.numel() >= numel or _storage_refs(b) != idle]
             buf = empty(int(numel * self.headroom), dtype=dtype)
             self._bufs.append((buf, _storage_refs(buf)))
             if len(self._bufs) > self.max_buffers:  # drop the oldest idle one

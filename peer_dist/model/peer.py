@@ -36,9 +36,14 @@ def init_rows(seed: int, start: int, stop: int, dim: int, std: float,
     while block * INIT_BLOCK_ROWS < stop:
         b0 = block * INIT_BLOCK_ROWS
         gen = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2**63 - 1))
-        rows = torch.randn(INIT_BLOCK_ROWS, dim, generator=gen).mul_(std)
         lo, hi = max(start, b0), min(stop, b0 + INIT_BLOCK_ROWS)
-        out[lo - start:hi - start] = rows[lo - b0:hi - b0]
+        if hi - lo == INIT_BLOCK_ROWS and dtype == torch.float32:
+            # whole block: draw straight into the table (no temporary the allocator keeps)
+            torch.randn(INIT_BLOCK_ROWS, dim, generator=gen, out=out[lo - start:hi - start])
+            out[lo - start:hi - start].mul_(std)
+        else:
+            rows = torch.randn(INIT_BLOCK_ROWS, dim, generator=gen).mul_(std)
+            out[lo - start:hi - start] = rows[lo - b0:hi - b0]
         block += 1
     return out
 

@@ -225,3 +225,23 @@ def test_reused_gradient_buffers_never_overwrite_held_grads():
             torch.testing.assert_close(layer.experts.u.grad.to_dense(), first)
     finally:
         fused_cpu.pool.min_bytes = old_min
+
+
+def _init_rows_reference(seed: int, start: int, stop: int, dim: int, std: float) -> torch.Tensor:
+    """Row r from block r // B's generator: the whole block drawn, then sliced."""
+    from peer_dist.model.peer import INIT_BLOCK_ROWS as B
+    blocks = []
+    for block in range(start // B, (stop - 1) // B + 1):
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + block) % (2**63 - 1))
+        blocks.append(torch.randn(B, dim, generator=gen).mul_(std))
+    return torch.cat(blocks)[start - (start // B) * B:][:stop - start]
+
+
+@pytest.mark.parametrize("start,stop", [(0, 40000), (5, 16384), (16384, 32768), (100, 101),
+                                        (16000, 50000)])
+def test_init_rows_depend_only_on_seed_and_row(start, stop):
+    from peer_dist.model.peer import init_rows
+    got = init_rows(7, start, stop, 4, 0.5)
+    torch.testing.assert_close(got, _init_rows_reference(7, start, stop, 4, 0.5), rtol=0, atol=0)
+    whole = init_rows(7, 0, 50000, 4, 0.5)
+    torch.testing.assert_close(got, whole[start:stop], rtol=0, atol=0)
