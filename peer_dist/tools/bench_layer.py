@@ -166,6 +166,12 @@ def _make_step(args: argparse.Namespace, impl: str, mode: str, optimizer: str):
 
 def run_child(args: argparse.Namespace, spec: dict) -> dict:
     torch.set_num_threads(args.threads)
+    if spec["impl"] == "peer_dist":  # code (and our compiled kernels) loaded before the baseline
+        from peer_dist.model import fused_cpu
+        from peer_dist.model.peer import PEER  # noqa: F401
+        fused_cpu.library()
+    else:
+        import PEER_pytorch  # noqa: F401
     base = _current_rss_bytes()
     iteration = _make_step(args, spec["impl"], spec["mode"], spec["optimizer"])
     built = _current_rss_bytes()  # parameters (and optimizer state, allocated up front)
