@@ -109,6 +109,9 @@ class ShardedExperts(nn.Module):
         return self._shard
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        table_dtype = self._shard.u.dtype
+        if x.dtype != table_dtype:  # bf16 activations, fp32 shards: mix in the tables' precision
+            return self.forward(x.to(table_dtype), ids, gates.to(table_dtype)).to(x.dtype)
         strategy = self.choose(ids, x.element_size())
         self.stats.note_call(strategy, x.shape[0])
         u, v = self._shard.u, self._shard.v

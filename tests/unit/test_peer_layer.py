@@ -245,3 +245,20 @@ def test_init_rows_depend_only_on_seed_and_row(start, stop):
     torch.testing.assert_close(got, _init_rows_reference(7, start, stop, 4, 0.5), rtol=0, atol=0)
     whole = init_rows(7, 0, 50000, 4, 0.5)
     torch.testing.assert_close(got, whole[start:stop], rtol=0, atol=0)
+
+
+def test_bf16_activations_mix_in_table_precision():
+    """bf16 activations (as under DeepSpeed bf16) with fp32 tables: same result as fp32 input
+    rounded to bf16, and gradients flow back in bf16."""
+    torch.manual_seed(3)
+    cfg = PEERConfig(num_experts=256, heads=2, topk=4, d_key=8)
+    layer = PEER(16, cfg, seed=1, table_device="cpu")
+    x = torch.randn(10, 16).to(torch.bfloat16).requires_grad_()
+    router_ids, router_gates = layer.router(x.float())
+    y = layer.experts(x, router_ids, router_gates.to(torch.bfloat16))
+    ref = layer.experts(x.detach().float(), router_ids, router_gates.to(torch.bfloat16).float())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    assert layer.experts.u.grad.dtype == torch.float32
