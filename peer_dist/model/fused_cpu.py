@@ -231,6 +231,64 @@ void adagrad_rows_##SFX(int64_t r0, int64_t r1, int64_t D, const int64_t* rows, 
 DEFINE_KERNELS(float, f32, erff, sqrtf, expf)
 DEFINE_KERNELS(double, f64, erf, sqrt, exp)
 
+/* bf16 optimizer state beside fp32 tables: a bf16 value is the upper 16 bits of an fp32 one.
+   Rows are upcast, updated in fp32 and written back rounded to nearest, ties to even (as
+   torch's .to(torch.bfloat16)); NaN stays NaN (quiet bit set, not rounded into infinity). */
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+}
+
+/* lazy Adam, fp32 p and grad, bf16 m and v; same arithmetic as adam_rows_f32 */
+void adam_rows_bf16(int64_t r0, int64_t r1, int64_t D, const int64_t* rows, const float* grad,
+                    float* p, uint16_t* m, uint16_t* v, double lr, double b1, double b2,
+                    double eps, double bc1, double bc2) {
+    const float step = (float)(lr / bc1), ib2 = (float)(1.0 / bc2);
+    const float c1 = (float)(1.0 - b1), c2 = (float)(1.0 - b2), tb1 = (float)b1, tb2 = (float)b2;
+    const float te = (float)eps;
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t o = rows[r] * D;
+        const float* gr = grad + r * D;
+        if (r + PF < r1) {
+            int64_t f = rows[r + PF] * D;
+            prefetch_row_w(p + f, D * sizeof(float));
+            prefetch_row_w(m + f, D * sizeof(uint16_t));
+            prefetch_row_w(v + f, D * sizeof(uint16_t));
+        }
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < D; ++j) {
+            float gj = gr[j];
+            float mj = bf16_f32(m[o + j]) * tb1 + c1 * gj;
+            float vj = bf16_f32(v[o + j]) * tb2 + c2 * gj * gj;
+            m[o + j] = f32_bf16(mj);
+            v[o + j] = f32_bf16(vj);
+            p[o + j] -= step * mj / (sqrtf(vj * ib2) + te);
+        }
+    }
+}
+
+/* row-wise Adagrad, fp32 p and grad, bf16 acc (N,) */
+void adagrad_rows_bf16(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
+                       const float* grad, float* p, uint16_t* acc, double lr, double eps) {
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t e = rows[r];
+        const float* gr = grad + r * D;
+        if (r + PF < r1) prefetch_row_w(p + rows[r + PF] * D, D * sizeof(float));
+        float a = bf16_f32(acc[e]) + dot_f32(gr, gr, D) / (float)D;
+        acc[e] = f32_bf16(a);
+        axpy_f32(p + e * D, (float)(-lr) / (sqrtf(a) + (float)eps), gr, D);
+    }
+}
+
 /* Fault a fresh buffer in from one thread, one write per page: huge-page faults taken by
    several threads at once measured 8x slower here than from one. */
 void touch_pages(char* p, int64_t nbytes, int64_t page) {
@@ -307,6 +365,9 @@ def _build() -> ctypes.CDLL | None:
         for sfx in ("f32", "f64"):
             fn = getattr(lib, f"{name}_{sfx}")
             fn.argtypes, fn.restype = args, None
+    for name in ("adam_rows", "adagrad_rows"):  # fp32 tables, bf16 optimizer state
+        fn = getattr(lib, f"{name}_bf16")
+        fn.argtypes, fn.restype = _SIGNATURES[name], None
     lib.group_rows.argtypes = [_I64, _I64, _P, _P, _P, _P, _P]
     lib.group_rows.restype = _I64
     lib.touch_pages.argtypes = [_P, _I64, _I64]
@@ -343,6 +404,13 @@ def usable(*tensors: torch.Tensor) -> bool:
     float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     return (len(float_dtypes) == 1 and float_dtypes <= {torch.float32, torch.float64}
             and all(t.device.type == "cpu" for t in tensors) and library() is not None)
+
+
+def usable_bf16_state(p: torch.Tensor, grad: torch.Tensor, *state: torch.Tensor) -> bool:
+    """True when the fused optimizer kernels can update fp32 p with grad and bf16 state."""
+    return (p.dtype == grad.dtype == torch.float32
+            and all(t.dtype == torch.bfloat16 for t in state)
+            and all(t.device.type == "cpu" for t in (p, grad, *state)) and library() is not None)
 
 
 _MADV_HUGEPAGE = 14
@@ -519,17 +587,24 @@ def _sfx(t: torch.Tensor) -> str:
     return "f32" if t.dtype == torch.float32 else "f64"
 
 
+def _state_sfx(p: torch.Tensor, state: torch.Tensor) -> str:
+    """Kernel suffix for optimizer tables: bf16 for bf16 state (fp32 p), else p's dtype."""
+    return "bf16" if state.dtype == torch.bfloat16 else _sfx(p)
+
+
 def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, bc1: float,
               bc2: float) -> None:
-    """Lazy Adam in place on p, m, v (N, D) for unique rows (R,) with grad (R, D)."""
-    fn = getattr(library(), f"adam_rows_{_sfx(p)}")
+    """Lazy Adam in place on p, m, v (N, D) for unique rows (R,) with grad (R, D); m and v
+    have p's dtype, or are bf16 beside fp32 p."""
+    fn = getattr(library(), f"adam_rows_{_state_sfx(p, m)}")
     _parallel(fn, rows.numel(), p.shape[1], _ptr(rows), _ptr(grad), _ptr(p), _ptr(m), _ptr(v),
               lr, b1, b2, eps, bc1, bc2)
 
 
 def adagrad_rows(p, acc, rows, grad, lr: float, eps: float) -> None:
-    """Row-wise Adagrad in place on p (N, D), acc (N,) for unique rows (R,), grad (R, D)."""
-    fn = getattr(library(), f"adagrad_rows_{_sfx(p)}")
+    """Row-wise Adagrad in place on p (N, D), acc (N,) for unique rows (R,), grad (R, D);
+    acc has p's dtype, or is bf16 beside fp32 p."""
+    fn = getattr(library(), f"adagrad_rows_{_state_sfx(p, acc)}")
     _parallel(fn, rows.numel(), p.shape[1], _ptr(rows), _ptr(grad), _ptr(p), _ptr(acc), lr, eps)
 
 

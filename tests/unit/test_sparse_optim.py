@@ -17,6 +17,7 @@ def kernel_path(request):
     if request.param == "fused" and fused_cpu.library() is None:
         pytest.skip("no C compiler: fused CPU kernels unavailable")
     fused_cpu.use_fused_cpu(request.param == "fused")
+    torch.manual_seed(0)  # tests draw tables with torch.randn: same draws on every run
     yield request.param
     fused_cpu.use_fused_cpu(None)
 
@@ -147,3 +148,68 @@ def test_float32_tables_and_state_dtype():
     opt.step()
     changed = (p.detach() != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == [3]
+
+
+def _bf16_pair(kind: str, betas=(0.9, 0.95)):
+    """fp32 tables with fp32 state (the reference) and with bf16 state, same start."""
+    init = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    p32, p16 = init.clone().requires_grad_(), init.clone().requires_grad_()
+    o32 = RowSparseOptimizer([p32], kind=kind, lr=0.01, betas=betas)
+    o16 = RowSparseOptimizer([p16], kind=kind, lr=0.01, betas=betas, state_dtype=torch.bfloat16)
+    return init, p32, p16, o32, o16
+
+
+def _step_both(p32, p16, o32, o16, i: int, rows: list[int], round_ref: bool) -> None:
+    g = _sparse_grad(rows, seed=i, coalesced=i != 2).float()
+    p32.grad, p16.grad = g.clone(), g.clone()
+    o32.step()
+    o16.step()
+    if round_ref:  # emulate bf16 storage on the fp32 reference: round its state after each step
+        for t in o32.state[p32].values():
+            if t.is_floating_point() and t.dim() > 0:
+                t.copy_(t.bfloat16())
+
+
+@pytest.mark.parametrize("kind", ["lazy_adam", "dense_adam", "adagrad"])
+def test_bf16_state_equals_fp32_math_on_rounded_state(kind):
+    # bf16 state = fp32 update math on the upcast rows, written back rounded to nearest: an fp32
+    # optimizer whose state is rounded to bf16 after every step must agree to fp32 rounding.
+    _, p32, p16, o32, o16 = _bf16_pair(kind)
+    for i, rows in enumerate(STEPS):
+        _step_both(p32, p16, o32, o16, i, rows, round_ref=True)
+        torch.testing.assert_close(p16, p32, rtol=1e-6, atol=1e-7)
+    for name, t in o16.state[p16].items():
+        if name != "step":  # at most one bf16 unit apart (an fp32 tie may round either way)
+            torch.testing.assert_close(t.float(), o32.state[p32][name], rtol=2 ** -7, atol=0)
+
+
+def test_bf16_lazy_adam_tracks_fp32_and_keeps_untouched_rows():
+    init, p32, p16, o32, o16 = _bf16_pair("lazy_adam", betas=(0.9, 0.999))
+    state = o16.init_state(p16)
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (N, D)
+    for i, rows in enumerate(STEPS):
+        _step_both(p32, p16, o32, o16, i, rows, round_ref=False)
+    # each step moves a touched entry by ~lr = 0.01; bf16 moments (relative error <= 2^-8)
+    # change an update by well under 2 %, so 5 steps stay within 2e-4 of the fp32 run, while a
+    # missing bias correction, a dropped write-back or a wrong row would be off by ~lr
+    touched = sorted({r for rows in STEPS for r in rows})
+    untouched = [r for r in range(N) if r not in touched]
+    moved = (p32.detach() - init)[touched].abs()
+    assert moved.mean() > 5e-3
+    torch.testing.assert_close(p16, p32, rtol=0, atol=2e-4)
+    assert (p16.detach() - p32.detach()).abs().max() < 0.1 * moved.mean()
+    assert torch.equal(p16.detach()[untouched], init[untouched])
+    assert not state["exp_avg"][untouched].any() and not state["exp_avg_sq"][untouched].any()
+    for name in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(state[name].float(), o32.state[p32][name], rtol=2e-2,
+                                   atol=1e-6)
+
+
+def test_bf16_adagrad_state_is_one_bf16_per_row():
+    p = torch.zeros(N, D, requires_grad=True)
+    opt = RowSparseOptimizer([p], kind="adagrad", lr=0.1, state_dtype=torch.bfloat16)
+    assert opt.init_state(p)["sum_sq"].dtype == torch.bfloat16
+    assert opt.state[p]["sum_sq"].shape == (N,)
+    with pytest.raises(ValueError, match="bfloat16"):
+        RowSparseOptimizer([p], kind="adagrad", state_dtype=torch.int8)
