@@ -129,6 +129,7 @@ class ParallelConfig:
 
 
 TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
+TABLE_STATE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -138,6 +139,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     table_optimizer: str = "lazy_adam"  # lazy_adam | adagrad | dense_adam | sgd
+    table_state_dtype: str = "fp32"  # fp32 | bf16: table optimizer state (bf16 halves Adam's)
     table_lr: float = 0.0  # 0 = use lr; the tables follow the same schedule shape
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -148,6 +150,8 @@ class OptimConfig:
         _check(self.table_lr >= 0, "optim.table_lr", self.table_lr, ">= 0 (0 = same as optim.lr)")
         _check(self.table_optimizer in TABLE_OPTIMIZERS, "optim.table_optimizer",
                self.table_optimizer, f"one of {list(TABLE_OPTIMIZERS)}")
+        _check(self.table_state_dtype in TABLE_STATE_DTYPES, "optim.table_state_dtype",
+               self.table_state_dtype, f"one of {list(TABLE_STATE_DTYPES)}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
                "in [0, 1]")

@@ -10,8 +10,9 @@ What is exact and what is an estimate:
                     the largest shard, the one that decides whether a run fits, has b rows:
                     b * d * 2 tables * L * e_table (fp32 unless table_dtype says otherwise:
                     the shards stay fp32 when the dense part trains in bf16).
-  table optimizer   exact: lazy_adam / dense_adam keep two fp32 moments per entry (2x params in
-                    fp32), adagrad one fp32 accumulator per row, sgd nothing.
+  table optimizer   exact: lazy_adam / dense_adam keep two moments per entry, adagrad one
+                    accumulator per row, sgd nothing; each value e_state bytes (fp32, or bf16
+                    with table_state_dtype = optim.table_state_dtype).
   expert grads      an estimate: gradients are row-sparse (COO, coalesced), so they hold only the
                     rows touched in a step, bounded by min(b, expected unique selections):
                     b * (1 - (1 - 1/N)^(T*W*S)) rows under uniform routing, each d values plus an
@@ -38,7 +39,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
 STRATEGIES = ("fetch", "dispatch")
 ZERO_STAGES = (0, 1, 2, 3)
-STATE_BYTES = 4  # the table optimizer keeps its state in fp32
 INDEX_BYTES = 8  # int64 row ids (COO indices, ids sent to owners)
 
 
@@ -52,6 +52,7 @@ class Setup:
     dtype: str = "fp32"  # dense part, activations, messages
     table_dtype: str = "fp32"  # the shards (peer_dist/parallel keeps them fp32 under bf16 too)
     table_optimizer: str = "lazy_adam"
+    table_state_dtype: str = "fp32"  # the table optimizer's moments / accumulator
     zero_stage: int = 0
     strategy: str = "dispatch"
     tokens_per_rank: int = 1024  # per micro-batch
@@ -65,6 +66,8 @@ class Setup:
             (self.dtype in DTYPE_BYTES, "dtype", self.dtype, f"one of {list(DTYPE_BYTES)}"),
             (self.table_dtype in DTYPE_BYTES, "table_dtype", self.table_dtype,
              f"one of {list(DTYPE_BYTES)}"),
+            (self.table_state_dtype in DTYPE_BYTES, "table_state_dtype",
+             self.table_state_dtype, f"one of {list(DTYPE_BYTES)}"),
             (self.table_optimizer in TABLE_OPTIMIZERS, "table_optimizer", self.table_optimizer,
              f"one of {list(TABLE_OPTIMIZERS)}"),
             (self.zero_stage in ZERO_STAGES, "zero_stage", self.zero_stage,
@@ -126,7 +129,7 @@ def table_state_bytes(s: Setup) -> int:
     rows = rows_per_rank(s.n, s.ep)
     per_table = {"lazy_adam": 2 * rows * s.d, "dense_adam": 2 * rows * s.d,
                  "adagrad": rows, "sgd": 0}[s.table_optimizer]
-    return per_table * STATE_BYTES * 2 * s.layers
+    return per_table * DTYPE_BYTES[s.table_state_dtype] * 2 * s.layers
 
 
 def touched_rows(s: Setup) -> float:

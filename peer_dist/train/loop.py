@@ -37,7 +37,7 @@ from peer_dist.train.metrics import (
     memory_stats,
     summary_lines,
 )
-from peer_dist.train.sparse_optim import RowSparseOptimizer, grad_sq_norm, scale_grads
+from peer_dist.train.sparse_optim import STATE_DTYPES, RowSparseOptimizer, grad_sq_norm, scale_grads
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
@@ -90,7 +90,8 @@ def setup(cfg: Config) -> Job:
     o = cfg.optim
     table_opt = RowSparseOptimizer([t for s in shards for t in (s.u, s.v)],
                                    kind=o.table_optimizer, lr=o.table_lr or o.lr,
-                                   betas=tuple(o.betas), eps=o.eps)
+                                   betas=tuple(o.betas), eps=o.eps,
+                                   state_dtype=STATE_DTYPES[o.table_state_dtype])
     for s in shards:  # allocate state now: memory is visible and checkpoints are complete
         table_opt.init_state(s.u)
         table_opt.init_state(s.v)

@@ -48,6 +48,21 @@ def test_uneven_shard_uses_ceil_rows_and_optimizer_kinds():
     assert mm.expert_param_bytes(four) == 4 * 320
 
 
+def test_bf16_table_state_halves_optimizer_bytes():
+    # N = 9 over EP = 2 -> 5 rows, d = 8, bf16 state: 2 B per value.
+    kw = dict(n=9, d=8, heads=1, topk=2, ep=2, world_size=2, table_state_dtype="bf16")
+    # lazy_adam: 2 moments * 5 rows * 8 * 2 B * 2 tables = 320 (fp32: 640)
+    assert mm.table_state_bytes(setup(table_optimizer="lazy_adam", **kw)) == 320
+    # adagrad: 5 rows * 2 B * 2 tables = 20 (fp32: 40)
+    assert mm.table_state_bytes(setup(table_optimizer="adagrad", **kw)) == 20
+    # paper scale, one layer: 2 tables * 2 moments * 1024^2 * 1024 * 2 B = 8 GiB (fp32: 16)
+    big = setup(ep=1, table_state_dtype="bf16")
+    assert mm.table_state_bytes(big) == 8 * GIB
+    assert mm.breakdown(big)["expert_tables"] == 8 * GIB + 8 * GIB  # fp32 params + bf16 state
+    with pytest.raises(ValueError, match="table_state_dtype='fp16'"):
+        setup(table_state_dtype="fp16")
+
+
 def test_expected_unique_hand_values():
     assert mm.expected_unique(2, 1) == pytest.approx(1.0)
     assert mm.expected_unique(2, 2) == pytest.approx(1.5)  # 2 * (1 - 1/4)
