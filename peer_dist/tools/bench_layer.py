@@ -2,6 +2,7 @@
 
     peer-bench layer --num-experts 262144 --modes fwd_bwd
     peer-bench layer --num-experts 1048576 --modes step --optimizers lazy_adam,adagrad --json
+    peer-bench layer --num-experts 1048576 --modes step --state-dtype fp32,bf16
 
 1. Check: both layers get the same weights (PEER-pytorch's copied into ours; ours runs without
    query BatchNorm, which PEER-pytorch lacks) and the same input; rel_diff = |y_ours - y_ref| /
@@ -32,6 +33,7 @@ import torch
 IMPLS = ("peer_dist", "peer-pytorch")
 MODES = ("fwd_bwd", "step")
 OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
+STATE_DTYPES = ("fp32", "bf16")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
     p.add_argument("--optimizers", default="lazy_adam,adagrad",
                    help=f"our table optimizers in step mode, comma list of {list(OPTIMIZERS)}")
+    p.add_argument("--state-dtype", default="fp32",
+                   help=f"our table optimizer state dtypes in step mode, comma list of "
+                        f"{list(STATE_DTYPES)} (optim.table_state_dtype)")
     p.add_argument("--no-batchnorm", action="store_true",
                    help="time ours without query BatchNorm (on by default, as in the paper)")
     p.add_argument("--repeats", type=int, default=3)
@@ -133,8 +138,10 @@ def _current_rss_bytes() -> int:
         return _peak_rss_bytes()
 
 
-def _make_step(args: argparse.Namespace, impl: str, mode: str, optimizer: str):
+def _make_step(args: argparse.Namespace, impl: str, mode: str, optimizer: str,
+               state_dtype: str = "fp32"):
     """Build the layer (and optimizers) and return a closure doing one measured iteration."""
+    from peer_dist.train.sparse_optim import STATE_DTYPES as DTYPES
     from peer_dist.train.sparse_optim import RowSparseOptimizer
 
     torch.manual_seed(0)
@@ -148,7 +155,8 @@ def _make_step(args: argparse.Namespace, impl: str, mode: str, optimizer: str):
     opts: list[torch.optim.Optimizer] = []
     if mode == "step" and impl == "peer_dist":
         tables = [layer.experts.u, layer.experts.v]
-        table_opt = RowSparseOptimizer(tables, kind=optimizer, lr=1e-3)
+        table_opt = RowSparseOptimizer(tables, kind=optimizer, lr=1e-3,
+                                       state_dtype=DTYPES[state_dtype])
         for p in tables:
             table_opt.init_state(p)  # state allocated up front, counted in the peak
         opts = [table_opt, torch.optim.Adam(layer.router.parameters(), lr=1e-3)]
@@ -173,7 +181,8 @@ def run_child(args: argparse.Namespace, spec: dict) -> dict:
     else:
         import PEER_pytorch  # noqa: F401
     base = _current_rss_bytes()
-    iteration = _make_step(args, spec["impl"], spec["mode"], spec["optimizer"])
+    iteration = _make_step(args, spec["impl"], spec["mode"], spec["optimizer"],
+                           spec.get("state_dtype", "fp32"))
     built = _current_rss_bytes()  # parameters (and optimizer state, allocated up front)
     for _ in range(args.warmup):
         iteration()
@@ -203,20 +212,23 @@ def _rows(args: argparse.Namespace) -> list[dict]:
     impls = _split(args.impls, IMPLS, "impls")
     modes = _split(args.modes, MODES, "modes")
     optimizers = _split(args.optimizers, OPTIMIZERS, "optimizers")
+    state_dtypes = _split(args.state_dtype, STATE_DTYPES, "state-dtype")
     rows = []
     for mode in modes:
         for impl in impls:
-            if mode == "step":
-                names = optimizers if impl == "peer_dist" else ["adam"]
+            if mode == "step" and impl == "peer_dist":
+                rows += [dict(impl=impl, mode=mode, optimizer=o, state_dtype=sd)
+                         for o in optimizers for sd in state_dtypes]
+            elif mode == "step":  # torch Adam keeps fp32 state
+                rows.append(dict(impl=impl, mode=mode, optimizer="adam", state_dtype="fp32"))
             else:
-                names = [""]
-            rows += [dict(impl=impl, mode=mode, optimizer=o) for o in names]
+                rows.append(dict(impl=impl, mode=mode, optimizer=""))
     return rows
 
 
 def _table(results: list[dict]) -> str:
     ref = {r["mode"]: r for r in results if r["impl"] == "peer-pytorch"}
-    head = (f"{'impl':<13}{'mode':<9}{'optimizer':<11}{'tokens/s':>10}{'peak MB':>10}"
+    head = (f"{'impl':<13}{'mode':<9}{'optimizer':<11}{'state':<6}{'tokens/s':>10}{'peak MB':>10}"
             f"{'work MB':>10}{'speed x':>9}{'mem x':>8}{'work x':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -225,6 +237,7 @@ def _table(results: list[dict]) -> str:
         mem = r["peak_mem_bytes"] / other["peak_mem_bytes"] if other else math.nan
         work = r["work_mem_bytes"] / other["work_mem_bytes"] if other else math.nan
         lines.append(f"{r['impl']:<13}{r['mode']:<9}{r.get('optimizer', ''):<11}"
+                     f"{r.get('state_dtype', ''):<6}"
                      f"{r['tokens_per_s']:>10.0f}{r['peak_mem_bytes'] / 2**20:>10.0f}"
                      f"{r['work_mem_bytes'] / 2**20:>10.0f}{speed:>9.2f}{mem:>8.2f}{work:>8.2f}")
     return "\n".join(lines)
