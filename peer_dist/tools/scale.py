@@ -73,6 +73,8 @@ def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
                    help="fp32 | bf16: dense part, activations and messages")
     p.add_argument("--table-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES),
                    help="expert shards (the trainer keeps them fp32; bf16 is what-if only)")
+    p.add_argument("--table-state-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES),
+                   help="the table optimizer's state (optim.table_state_dtype)")
     p.add_argument("--table-optimizer", type=_strs, default=["lazy_adam"],
                    help=f"any of {list(mm.TABLE_OPTIMIZERS)}")
     p.add_argument("--zero-stage", type=_ints, default=[0])
@@ -114,6 +116,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--dtype", default="bf16", choices=sorted(mm.DTYPE_BYTES))
     p.add_argument("--table-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES))
+    p.add_argument("--table-state-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES))
     p.add_argument("--strategy", default="dispatch", choices=mm.STRATEGIES)
     p.add_argument("--tokens-per-rank", type=int, default=None)
     p.add_argument("--top", type=int, default=20, help="rows to print")
@@ -157,6 +160,7 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
         try:
             s = mm.Setup(model_for(cfg.model, n, d, layers), ep=ep, world_size=world, dtype=dtype,
                          table_dtype=args.table_dtype, table_optimizer=opt, zero_stage=zero,
+                         table_state_dtype=args.table_state_dtype,
                          strategy=strat, tokens_per_rank=tokens).validate()
         except (ValueError, ConfigError) as err:
             raise SystemExit(f"peer-scale: {err}") from err
@@ -169,7 +173,7 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
 def setup_row(s: mm.Setup) -> dict:
     return {"num_experts": s.n, "dim": s.d, "layers": s.layers, "ep": s.ep,
             "world_size": s.world_size, "dtype": s.dtype, "table_dtype": s.table_dtype,
-            "table_optimizer": s.table_optimizer,
+            "table_optimizer": s.table_optimizer, "table_state_dtype": s.table_state_dtype,
             "zero_stage": s.zero_stage, "strategy": s.strategy,
             "tokens_per_rank": s.tokens_per_rank}
 
@@ -314,6 +318,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
                                            mm.ZERO_STAGES, mm.TABLE_OPTIMIZERS):
         s = mm.Setup(m, ep=ep, world_size=world, dtype=args.dtype, table_dtype=args.table_dtype,
                      table_optimizer=opt, zero_stage=zero, strategy=args.strategy,
+                     table_state_dtype=args.table_state_dtype,
                      tokens_per_rank=tokens)
         row = predict_row(s)
         row["dp"] = world // ep
@@ -363,6 +368,7 @@ def trainer_overrides(s: mm.Setup, args: argparse.Namespace, run_dir: Path, data
         f"model.dim={m.dim}", f"model.n_layers={m.n_layers}", f"model.peer_blocks={m.peer_blocks}",
         f"model.peer.num_experts={m.peer.num_experts}", f"parallel.ep={s.ep}",
         f"parallel.strategy={s.strategy}", f"optim.table_optimizer={s.table_optimizer}",
+        f"optim.table_state_dtype={s.table_state_dtype}",
         f"train.zero_stage={s.zero_stage}", f"train.dtype={s.dtype}",
         f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps + 1}",
         f"train.run_dir={run_dir}", "train.resume=never", "train.eval_batches=1",

@@ -162,3 +162,20 @@ def test_plan_lists_fitting_settings_best_first(capsys):
     assert rows[0]["ep"] == min(r["ep"] for r in rows if r["table_optimizer"] == "lazy_adam")
     # same EP: ZeRO 1/2 (no extra traffic) before 3, least memory first -> stage 2 leads
     assert rows[0]["zero_stage"] == 2
+
+
+def test_cli_table_state_dtype_halves_adam_state(tmp_path, capsys):
+    """`--table-state-dtype bf16` reaches the model: N=65536, d=256, EP=2 holds 32768 rows per
+    rank; lazy Adam keeps 2 moments x 2 tables x 32768 x 256 values: 128 MiB fp32, 64 MiB bf16."""
+    import json
+
+    from peer_dist.tools import scale
+
+    optim = {}
+    for dt in ("fp32", "bf16"):
+        scale.main(["predict", "--num-experts", "65536", "--dim", "256", "--ep", "2",
+                    "--table-state-dtype", dt, "--out", str(tmp_path / dt), "--json"])
+        row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert row["table_state_dtype"] == dt
+        optim[dt] = row["expert_optim"]
+    assert optim == {"fp32": 128 * 2**20, "bf16": 64 * 2**20}
