@@ -16,6 +16,9 @@ if [ -z "${NPROC:-}" ]; then
   NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Restarts: without this, restarted workers can read the failed attempt's Gloo/NCCL addresses
+# from the TCPStore torchrun shares across attempts and fail to connect (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 echo "multinode: node ${NODE_RANK} of ${NNODES}, ${NPROC} ranks/node, rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
 exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" \
