@@ -127,7 +127,9 @@ def check_outputs(args: argparse.Namespace, tokens: int, seed: int = 0) -> float
 # --------------------------------------------------------------------------- timing (child)
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    from peer_dist.train.metrics import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def _current_rss_bytes() -> int:

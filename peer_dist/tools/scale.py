@@ -420,14 +420,14 @@ def read_run(run_dir: Path) -> dict:
             for r in train if any(k.startswith("comm/") for k in r)]
     last = next((r for r in reversed(train) if any(k.startswith("memory/") for k in r)), {})
     cuda = [v for k, v in last.items() if k.endswith("/cuda_peak_allocated_mib")]
-    # ru_maxrss only grows: its value at the last logged step is the peak over the training
+    # peak RSS only grows: its value at the last logged step is the peak over the training
     # steps; the summary's also covers the final evaluation and checkpoint.
     rss_train = [v for k, v in last.items() if k.endswith("/peak_rss_mib")]
     rss_run = max(summary["peak_rss_mib_per_rank"]) * mib
     peak = max(cuda) if cuda else max(rss_train) if rss_train else rss_run / mib
     return {"expert_bytes_per_rank_measured": round(max(summary["expert_mib_per_rank"]) * mib),
             "peak_bytes_per_rank": round(peak * mib),
-            "peak_source": "cuda_max_allocated" if cuda else "ru_maxrss",
+            "peak_source": "cuda_max_allocated" if cuda else "peak_rss",
             "run_peak_rss_bytes_per_rank": round(rss_run),
             "step_s": statistics.median(steps) if steps else None,
             "bytes_moved_per_step": statistics.median(sent) if sent else None}
@@ -436,11 +436,11 @@ def read_run(run_dir: Path) -> dict:
 def runtime_rss_bytes() -> int:
     """Peak RSS of a rank that has only imported the trainer (python, torch, deepspeed): the
     part of peak RSS that the memory model does not count."""
-    code = ("import resource, peer_dist.train.loop, deepspeed; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = ("import peer_dist.train.loop, deepspeed; "
+            "from peer_dist.train.metrics import peak_rss_bytes; print(peak_rss_bytes())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
-    return int(proc.stdout.split()[-1]) * 1024
+    return int(proc.stdout.split()[-1])
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
@@ -460,7 +460,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
         row["runtime_rss_bytes"] = base_rss
         # peak RSS less the runtime's own, against the predicted total (a rough check)
         row["peak_over_runtime_bytes"] = row["peak_bytes_per_rank"] - (
-            base_rss if row["peak_source"] == "ru_maxrss" else 0)
+            base_rss if row["peak_source"] == "peak_rss" else 0)
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)

@@ -30,10 +30,26 @@ def expert_memory_bytes(shards: list, table_opt: Any) -> int:
     return total
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process.
+
+    VmHWM belongs to this process's own address space. ru_maxrss is not enough: Linux carries it
+    across exec, so a process started by a larger one (a benchmark row, a torchrun worker) would
+    report its parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     """This rank's memory in MiB: peak RSS of the process, and CUDA allocator peaks on GPU."""
     mib = 1024 ** 2
-    stats = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / mib}
+    stats = {"peak_rss_mib": peak_rss_bytes() / mib}
     if device.type == "cuda":
         stats["cuda_allocated_mib"] = torch.cuda.memory_allocated(device) / mib
         stats["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / mib

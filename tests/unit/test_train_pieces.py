@@ -71,3 +71,20 @@ def test_cli_arguments():
     args = parse_args(["--config", "configs/tiny.yaml", "--nproc", "2", "train.steps=3"])
     assert args.config == "configs/tiny.yaml" and args.nproc == 2
     assert args.overrides == ["train.steps=3"]
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A child started by a process holding 1 GiB reports its own, much smaller peak (Linux's
+    ru_maxrss would report the parent's size: benchmark rows and torchrun workers are such
+    children)."""
+    import subprocess
+    import sys
+
+    from peer_dist.train.metrics import peak_rss_bytes
+
+    held = torch.ones(2**28)  # 1 GiB, touched; the child itself peaks near 230 MB (torch)
+    code = "from peer_dist.train.metrics import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout.split()[-1])
+    assert peak_rss_bytes() > held.numel() * 4
+    assert child < held.numel() * 4 / 2
