@@ -18,9 +18,15 @@ from typing import Any
 
 import yaml
 
+from peer_dist.errors import UserError
 
-class ConfigError(ValueError):
-    """A bad key or value in the config; the message says which and what is allowed."""
+
+class ConfigError(UserError, ValueError):
+    """A bad key or value in the config; the message says which and what is allowed. Every rank
+    reads the same config, so every rank finds the same error (rank 0 reports it)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, all_ranks=True)
 
 
 @dataclass
@@ -161,6 +167,7 @@ class OptimConfig:
 
 
 DTYPES = ("auto", "fp32", "bf16")
+NONFINITE = ("skip", "stop")
 
 
 @dataclass
@@ -179,15 +186,25 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto (from run_dir/latest if present) | never | a checkpoint path
     run_dir: str = "runs/default"
+    # A step whose loss or gradients are not finite: skip it (no parameter or optimizer state
+    # changes) or stop the run; skip also stops after max_skipped consecutive skips.
+    nonfinite: str = "skip"
+    max_skipped: int = 10
+    # A collective that waits longer than this ends the job, naming the ranks that did not come.
+    collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-                    "eval_batches", "keep_last"):
+                    "eval_batches", "keep_last", "max_skipped"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an integer >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage,
                "one of [0, 1, 2, 3]")
         _check(self.dtype in DTYPES, "train.dtype", self.dtype, f"one of {list(DTYPES)}")
         _check(self.ckpt_every >= 0, "train.ckpt_every", self.ckpt_every, ">= 0 (0 = end only)")
+        _check(self.nonfinite in NONFINITE, "train.nonfinite", self.nonfinite,
+               f"one of {list(NONFINITE)}")
+        _check(self.collective_timeout_s > 0, "train.collective_timeout_s",
+               self.collective_timeout_s, "a number of seconds > 0")
 
 
 @dataclass
@@ -223,7 +240,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         _merge(cfg, data, prefix="")
@@ -231,8 +248,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is invalid: allowed is key.path=value")
-        _set_dotted(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(cfg, key.strip(), _parse_value(raw))
     return cfg.validate()
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML data; malformed YAML is a ConfigError naming the line and column."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; "
+                          "allowed is a YAML mapping such as `train: {steps: 10}`") from None
+
+
+def _parse_value(raw: str) -> Any:
+    """An override's value as YAML (numbers, lists, booleans); text YAML cannot read stays text."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: int beyond 4300 digits
+        return raw
 
 
 def _merge(node: Any, data: dict, prefix: str) -> None:
@@ -286,15 +329,40 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        number = _number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
+        raise ConfigError(f"{key}={value!r} is invalid: allowed is an integer, e.g. 1000, "
+                          "1_000 or 1e3")
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _number(value)
+        if number is not None and math.isfinite(number):
+            return float(number)
+        raise ConfigError(f"{key}={value!r} is invalid: allowed is a finite number, e.g. "
+                          "0.0003, 3e-4 or 3.0e-4")
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"{key}={value!r} has the wrong type: allowed is {tp.__name__}")
+
+
+def _number(value: Any) -> int | float | None:
+    """A YAML or Python number, also from text: YAML 1.1 reads `3e-4` (no dot) as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text, 10)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
 
 
 def to_dict(cfg: Config) -> dict:

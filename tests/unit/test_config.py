@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -64,7 +65,10 @@ def test_invalid_values_name_key_and_allowed(override, key, allowed):
     ("model.peer.heads=two", "int"),
     ("model.peer.heads=2.5", "int"),
     ("model.peer.query_batchnorm=1", "bool"),
-    ("optim.lr=fast", "float"),
+    ("optim.lr=fast", "finite number"),
+    ("optim.lr=nan", "finite number"),
+    ("optim.lr=.inf", "finite number"),
+    ("train.steps=1.5", "integer"),
     ("optim.betas=0.9", "list of 2"),
     ("train.steps=true", "int"),
 ])
@@ -113,3 +117,47 @@ def test_peer_config_validate_directly():
     PEERConfig(num_experts=16, topk=4, d_key=2).validate()
     with pytest.raises(ConfigError, match="x.topk"):
         PEERConfig(num_experts=16, topk=5).validate(prefix="x")
+
+
+@pytest.mark.parametrize("text,value", [
+    ("3e-4", 3e-4), ("3E-4", 3e-4), ("3.0e-4", 3e-4), ("0.0003", 3e-4), ("+3e-4", 3e-4),
+    ("1e-3", 1e-3), ("2", 2.0), ("1_0.5", 10.5),
+])
+def test_floats_in_any_notation(tmp_path, text, value):
+    """YAML 1.1 reads 3e-4 (no dot) as a string: overrides and files accept it as a number."""
+    assert load_config(None, [f"optim.lr={text}"]).optim.lr == pytest.approx(value)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim:\n  lr: {text}\n")
+    assert load_config(path).optim.lr == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text,value", [("1e3", 1000), ("1_000", 1000), ("20.0", 20)])
+def test_integers_in_float_notation(text, value):
+    assert load_config(None, [f"train.steps={text}"]).train.steps == value
+
+
+@pytest.mark.parametrize("body,line,column", [
+    ("train:\n  steps: 3\n bad: [\n", 3, 2),
+    ("train: {steps: 3\n", 2, 1),
+    ("optim:\n\tlr: 1\n", 2, 1),
+])
+def test_malformed_yaml_names_file_line_and_column(tmp_path, body, line, column):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "bad.yaml" in msg and f"line {line}, column {column}" in msg, msg
+    assert "\n" not in msg
+
+
+def test_new_train_fields_are_validated():
+    cfg = load_config(None, ["train.nonfinite=stop", "train.max_skipped=3",
+                             "train.collective_timeout_s=2.5"])
+    assert (cfg.train.nonfinite, cfg.train.max_skipped, cfg.train.collective_timeout_s) == (
+        "stop", 3, 2.5)
+    for bad, allowed in [("train.nonfinite=retry", "['skip', 'stop']"),
+                         ("train.max_skipped=0", ">= 1"),
+                         ("train.collective_timeout_s=0", "> 0")]:
+        with pytest.raises(ConfigError, match=re.escape(allowed)):
+            load_config(None, [bad])
