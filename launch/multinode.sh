@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # from the TCPStore torchrun shares across attempts and fail to connect (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 echo "multinode: node ${NODE_RANK} of ${NNODES}, ${NPROC} ranks/node, rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
-exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
-  --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" \
-  --rdzv_id="${RDZV_ID:-peer_dist}" --max_restarts="${MAX_RESTARTS:-0}" \
-  -m peer_dist.train "$@"
+# peer-train runs torchrun's launcher itself (c10d rendezvous), so a failed rank ends in one line.
+exec "$PY" -m peer_dist.train --nnodes "$NNODES" --nproc "$NPROC" \
+  --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id "${RDZV_ID:-peer_dist}" \
+  --max-restarts "${MAX_RESTARTS:-0}" "$@"

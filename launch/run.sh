@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One node: the main job. Installs the package first if needed, then
-#   torchrun --standalone --nproc_per_node=$NPROC -m peer_dist.train [--config FILE] [key=value ...]
+#   peer-train --nproc $NPROC [--config FILE] [key=value ...]
+# (torchrun's launcher, run by peer-train so that a failed rank ends in one line).
 # NPROC defaults to the number of GPUs, or 2 ranks on CPU. Without --config: configs/small.yaml.
 #   bash launch/run.sh                                   # the default job
 #   bash launch/run.sh --config configs/tiny.yaml train.steps=20
@@ -14,4 +15,4 @@ fi
 ARGS=("$@")
 case " $* " in *" --config "*|*" --config="*) ;; *) ARGS=(--config configs/small.yaml "$@") ;; esac
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m peer_dist.train "${ARGS[@]}"
+exec "$PY" -m peer_dist.train --nproc "$NPROC" "${ARGS[@]}"

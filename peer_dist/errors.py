@@ -17,9 +17,22 @@ class UserError(Exception):
     """A bad value, file or environment the user can fix; the message names it and what is
     allowed."""
 
-    def __init__(self, message: str, *, all_ranks: bool = False):
+    exit_code = 2
+
+    def __init__(self, message: str, *, all_ranks: bool = False, quiet: bool = False):
         super().__init__(message)
-        self.all_ranks = all_ranks
+        self.all_ranks, self.quiet = all_ranks, quiet
+
+    def should_print(self, rank: int) -> bool:
+        """Rank 0 prints an error every rank raised; otherwise the rank that raised it, unless
+        another rank was chosen to report it (quiet)."""
+        return not self.quiet and (not self.all_ranks or rank == 0)
+
+
+class JobFault(UserError):
+    """Not the user's input but the job's state: a rank that hung or died. Status 1."""
+
+    exit_code = 1
 
 
 def debug() -> bool:

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from peer_dist.errors import UserError
 
 # Process groups are built once per (world, ep): building them again would create new
 # communicators on every rank, and every rank must do it in the same order.
 _BUILT: dict[tuple[int, int], Topology] = {}
 
 
-class TopologyError(ValueError):
-    """A parallel degree that does not fit the world; the message names the allowed values."""
+class TopologyError(UserError, ValueError):
+    """A parallel degree that does not fit the world; the message names the allowed values.
+    Every rank computes it from the same numbers, so every rank raises it (rank 0 reports)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, all_ranks=True)
 
 
 def pick_backend() -> str:
@@ -33,10 +40,12 @@ def pick_backend() -> str:
     return "nccl"
 
 
-def init_distributed(backend: str | None = None) -> None:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> None:
     """Initialise the default process group from torchrun's environment (idempotent).
 
     Without torchrun's variables it starts a world of one (handy for tools and tests).
+    timeout_s bounds every collective's wait (the mesh's groups inherit it); None keeps
+    torch's default.
     """
     if dist.is_initialized():
         return
@@ -47,7 +56,8 @@ def init_distributed(backend: str | None = None) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, timeout=timeout)
 
 
 def free_port() -> int:

@@ -1,39 +1,148 @@
 """peer-train: `peer-train --config configs/tiny.yaml [key=value ...]`.
 
 One process per rank. Under torchrun (RANK in the environment) it trains as that rank; without
-torchrun it trains as a world of one, or with `--nproc N` (N > 1) it starts
-`torchrun --standalone --nproc_per_node=N -m peer_dist.train ...` itself.
+torchrun it trains as a world of one, or with `--nproc N` (N > 1, or --nnodes > 1) it starts the
+ranks itself through torchrun's launcher, in this process, and reports a failed rank in one line.
+
+Every error a user can cause ends with one line `peer-train: <what, which value, what is
+allowed>` on stderr (once: rank 0, or the rank that found it) and exit status 2; a rank that
+dies or hangs ends the job with a line naming it (status 1). PEER_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import subprocess
+import signal
 import sys
 
 from peer_dist.config import ConfigError, load_config
+from peer_dist.errors import UserError, debug
+
+PROG = "peer-train"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="peer-train", description="Train a PEER language model (expert tables sharded "
+        prog=PROG, description="Train a PEER language model (expert tables sharded "
         "across ranks, dense part with DeepSpeed ZeRO).",
         epilog="Example: peer-train --config configs/tiny.yaml train.steps=20 train.zero_stage=2")
     p.add_argument("--config", default=None, help="YAML config file (defaults if omitted)")
     p.add_argument("--nproc", type=int, default=1,
-                   help="without torchrun: start this many local ranks through torchrun")
+                   help="without torchrun: start this many ranks on this node")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="nodes of the job (each runs this command; needs --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", default="",
+                   help="HOST:PORT of the rendezvous (c10d, on the first node) for --nnodes > 1")
+    p.add_argument("--rdzv-id", default="peer_dist", help="job id shared by the nodes")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart every rank this many times after a failure (resumes from "
+                        "the latest checkpoint)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dim=64")
     return p.parse_args(argv)
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run this same command under torchrun with nproc local ranks."""
-    rest = [a for i, a in enumerate(argv) if not a.startswith("--nproc")
-            and not (i > 0 and argv[i - 1] == "--nproc")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "peer_dist.train", *rest]
-    return subprocess.call(cmd)
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def report(message: str, code: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _launch_args(args: argparse.Namespace, argv: list[str]) -> list[str] | str:
+    """torchrun's arguments for this command, or the one-line error for bad launcher flags."""
+    if args.nproc < 1 or args.nnodes < 1 or args.max_restarts < 0:
+        return (f"--nproc={args.nproc} --nnodes={args.nnodes} --max-restarts="
+                f"{args.max_restarts}: allowed are --nproc >= 1, --nnodes >= 1, "
+                "--max-restarts >= 0")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        return f"--nnodes={args.nnodes} needs --rdzv-endpoint HOST:PORT (the first node)"
+    rest = [a for a in ([*(["--config", args.config] if args.config else []), *args.overrides])]
+    if args.nnodes > 1:
+        where = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
+    else:
+        where = ["--standalone"]
+    return [*where, f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
+            "-m", "peer_dist.train", *rest]
+
+
+def launch(torchrun_args: list[str]) -> int:
+    """Run the ranks through torchrun's launcher in this process. A rank that failed with a
+    reported error has printed its line already; one killed by a signal is named here."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not debug():  # the agent logs every worker it stops; our ranks say what went wrong
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(torchrun_args))
+    except ChildFailedError as e:
+        if debug():
+            raise
+        # A rank that exited with a status of ours has printed its line; else name the first
+        # rank a signal killed (torchrun stops the others with SIGTERM after it).
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
+        if codes:
+            return min(codes)
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:
+            name = signal.Signals(-failure.exitcode).name
+            return report(f"rank {rank} was killed by {name}; the job stopped (checkpoints "
+                          "up to the last complete one are intact)", 1)
+        return failure.exitcode or 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def train(cfg) -> int:
+    """Train as one rank; every failure ends in at most one line from this rank."""
+    import torch.distributed as dist
+
+    from peer_dist.train.loop import run
+
+    code, error = 0, None
+    try:
+        run(cfg)
+    except UserError as e:
+        error = e
+        if debug():
+            raise
+        code = report(str(e), e.exit_code) if e.should_print(_rank()) else e.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:  # a defect, not the user's: still one line, the traceback on request
+        error = e
+        if debug():
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        code = report(f"rank {_rank()}: internal error {type(e).__name__}: {first} "
+                      "(PEER_DEBUG=1 shows the traceback)", 1)
+    if dist.is_initialized():
+        _teardown(code, code == 0 or (isinstance(error, UserError) and error.all_ranks))
+    return code
+
+
+def _teardown(code: int, in_step: bool) -> None:
+    """Close the process group. When the ranks are in step (success, or an error every rank
+    raised alike) they close it together; otherwise the peers may be gone or hung, and tearing
+    the communicators down can abort the process: leave at once instead."""
+    import torch.distributed as dist
+
+    if in_step:
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+            return
+        except Exception:  # a peer left meanwhile: fall through
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,23 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"peer-train: {e}", file=sys.stderr)
-        return 2
-    if args.nproc > 1 and "RANK" not in os.environ:
-        return relaunch(args.nproc, argv)
-    import torch.distributed as dist
-
-    from peer_dist.train.loop import run
-
-    try:
-        run(cfg)
-        # No rank may tear down its communicators while another still uses them (with several
-        # torchrun agents the ranks would otherwise exit at different times).
-        dist.barrier()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        if debug():
+            raise
+        return report(str(e), 2) if _rank() == 0 else 2
+    if (args.nproc > 1 or args.nnodes > 1) and "RANK" not in os.environ:
+        torchrun_args = _launch_args(args, argv)
+        if isinstance(torchrun_args, str):
+            return report(torchrun_args, 2)
+        return launch(torchrun_args)
+    return train(cfg)
 
 
 if __name__ == "__main__":

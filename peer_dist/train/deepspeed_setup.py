@@ -109,12 +109,20 @@ def dense_grad_norm(engine: Any) -> float:
     gradients over the data-parallel ranks (all-reduce at stage 0, reduce-scatter into the
     partitions at ZeRO 1-3). Every rank gets the same value.
     """
+    norm = _dense_grad_norm(engine)
+    # DeepSpeed's norm helpers report a NaN or inf norm as -1: make it non-finite again.
+    return norm if norm >= 0 else float("nan")
+
+
+def _dense_grad_norm(engine: Any) -> float:
     opt, stage = engine.optimizer, engine.zero_optimization_stage()
     if stage in (1, 2):
         return float(opt.scaled_global_norm()) / float(opt.loss_scale)
     if stage == 3:
         norms = torch.stack([torch.as_tensor(n, dtype=torch.float64).reshape(())
                              for n in opt._get_norm_groups()])
+        if bool((norms < 0).any()):
+            return float("nan")
         return float(torch.linalg.vector_norm(norms)) / float(opt.loss_scale)
     bf16 = _bf16_optimizer_type()
     if bf16 is not None and isinstance(opt, bf16):
@@ -125,6 +133,22 @@ def dense_grad_norm(engine: Any) -> float:
     sq = sum(float(p.grad.double().pow(2).sum()) for p in engine.module.parameters()
              if p.grad is not None)
     return math.sqrt(sq)
+
+
+def nonfinite_dense_param(engine: Any) -> str:
+    """The first dense parameter with a non-finite gradient, where the gradients are whole
+    (ZeRO 0); under ZeRO 1-3 they are partitioned, and this says so."""
+    if engine.zero_optimization_stage() != 0:
+        return f"partitioned by ZeRO {engine.zero_optimization_stage()}"
+    for name, p in engine.module.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return name
+    return "parameter not found"
+
+
+def torch_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer handed to deepspeed.initialize (ZeRO wraps it)."""
+    return engine.basic_optimizer
 
 
 def apply_dense_clip(engine: Any, factor: float, dense_norm: float) -> None:

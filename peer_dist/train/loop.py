@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,21 @@ import torch
 import torch.distributed as dist
 
 from peer_dist.config import Config, save_config
+from peer_dist.errors import UserError
 from peer_dist.model.transformer import build_model, lm_loss
 from peer_dist.train import checkpoint as ckpt
+from peer_dist.train import faults
 from peer_dist.train.deepspeed_setup import (
     apply_dense_clip,
     build_engine,
     clip_factor,
     dense_grad_norm,
+    nonfinite_dense_param,
     resolve_dtype,
     set_lr,
+    torch_optimizer,
 )
+from peer_dist.train.hangs import FaultStore, is_comm_failure
 from peer_dist.train.metrics import (
     Logger,
     expert_memory_bytes,
@@ -37,7 +42,15 @@ from peer_dist.train.metrics import (
     memory_stats,
     summary_lines,
 )
+from peer_dist.train.nonfinite import (
+    SkipTracker,
+    first_nonfinite,
+    optimizer_step_skipped,
+    restore_running_stats,
+    running_stats,
+)
 from peer_dist.train.sparse_optim import STATE_DTYPES, RowSparseOptimizer, grad_sq_norm, scale_grads
+from peer_dist.train.startup import RunDirLock, agree, check_same_config, open_data
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
@@ -57,8 +70,10 @@ class Job:
     table_opt: RowSparseOptimizer
     data: Any
     dtype: torch.dtype
+    skips: SkipTracker
+    lock: RunDirLock
+    fault_store: FaultStore | None
     step: int = 0
-    history: list[dict] = field(default_factory=list)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -74,14 +89,13 @@ def setup(cfg: Config) -> Job:
     """Process group, data, model -> parallelize -> DeepSpeed engine + table optimizer."""
     from peer_dist.parallel import Topology, expert_shards, parallelize
     from peer_dist.parallel.topology import init_distributed
-    from peer_dist.train.data import TokenDataset, prepare_dataset
 
-    init_distributed()
+    init_distributed(timeout_s=cfg.train.collective_timeout_s)
+    check_same_config(cfg)
     topo = Topology.build(cfg.parallel.ep)
-    if topo.rank == 0:
-        prepare_dataset(cfg.data)
-    dist.barrier()
-    data = TokenDataset(cfg.data.path)
+    lock = RunDirLock(cfg.train.run_dir)
+    agree(lock.acquire, rank0_only=True)
+    data = open_data(cfg)
     dtype = resolve_dtype(cfg, topo.device)
     model = build_model(cfg.model, cfg.train.seed, materialize=False)
     model = parallelize(model, topo, cfg.parallel).to(topo.device)  # shards are on the device
@@ -95,7 +109,9 @@ def setup(cfg: Config) -> Job:
     for s in shards:  # allocate state now: memory is visible and checkpoints are complete
         table_opt.init_state(s.u)
         table_opt.init_state(s.v)
-    return Job(cfg, topo, engine, shards, table_opt, data, dtype)
+    skips = SkipTracker(cfg.train.nonfinite, cfg.train.max_skipped)
+    store = FaultStore(cfg.train.collective_timeout_s) if topo.world_size > 1 else None
+    return Job(cfg, topo, engine, shards, table_opt, data, dtype, skips, lock, store)
 
 
 def micro_batch(job: Job, step: int, micro: int, split: str = "train") -> tuple[torch.Tensor, ...]:
@@ -109,13 +125,29 @@ def micro_batch(job: Job, step: int, micro: int, split: str = "train") -> tuple[
     return x.to(topo.device), y.to(topo.device)
 
 
+def step_batches(job: Job, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The step's G micro-batches, with every token id checked on every rank (one small
+    all-reduce): an id beyond the vocabulary would read outside the embedding."""
+    batches = [micro_batch(job, step, m) for m in range(job.cfg.train.grad_accum)]
+    top = torch.tensor([max(int(t.max()) for b in batches for t in b)], device=job.topo.device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    vocab = job.cfg.model.vocab_size
+    if int(top) >= vocab:
+        raise UserError(f"data.path={job.cfg.data.path!r}: token id {int(top)} in the batch of "
+                        f"step {step + 1} is beyond model.vocab_size={vocab}; allowed are ids "
+                        f"in [0, {vocab}): re-prepare the data or raise model.vocab_size",
+                        all_ranks=True)
+    return batches
+
+
 # --------------------------------------------------------------------------- one step
 
 def train_step(job: Job, step: int) -> dict[str, float]:
-    """One optimizer step over G micro-batches; returns this step's metrics (all ranks)."""
+    """One optimizer step over G micro-batches; returns this step's metrics (all ranks).
+    A step with a non-finite loss or gradient anywhere is skipped on every rank."""
     from peer_dist.parallel import sync_expert_grads
 
-    cfg, engine = job.cfg, job.engine
+    cfg, engine, rank = job.cfg, job.engine, job.topo.rank
     o, g_acc = cfg.optim, cfg.train.grad_accum
     t0 = time.perf_counter()
 
@@ -125,50 +157,82 @@ def train_step(job: Job, step: int) -> dict[str, float]:
     for group in job.table_opt.param_groups:
         group["lr"] = lr / o.lr * (o.table_lr or o.lr)
 
+    stats_before = running_stats(job.model)  # restored if this step is skipped
     loss_sum = torch.zeros((), dtype=torch.float64)
-    for micro in range(g_acc):
-        inputs, targets = micro_batch(job, step, micro)
+    for micro, (inputs, targets) in enumerate(step_batches(job, step)):
+        faults.maybe_hang(rank, step + 1)
         # forward + backward: engine.backward scales the loss gradient by 1/G, which reaches
         # the table gradients too (they hang off the same graph).
         loss = lm_loss(engine(inputs), targets)
+        if micro == 0 and faults.armed("nan_loss", rank, step + 1):
+            loss = loss * float("nan")
         engine.backward(loss)
         loss_sum += loss.detach().double().cpu()
         if micro < g_acc - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
 
-    # clip: one global norm over dense and table gradients.
+    # check: the global loss and every norm, finite or not, agreed by all ranks.
     sync_expert_grads(job.model)
     dense_norm = dense_grad_norm(engine)
-    table_sq = _table_sq_norm(job)
-    total_norm, factor = clip_factor(o.grad_clip, dense_norm, table_sq)
-    apply_dense_clip(engine, factor, dense_norm)
-    if factor < 1.0:
-        scale_grads(job.table_params(), factor)
-
-    # step: DeepSpeed for the dense part, ours for the shards.
-    engine.step()
-    job.table_opt.step()
+    loss_total, table_sq = _reduce_loss_and_table_norms(job, loss_sum)
+    where = first_nonfinite(loss_total, dense_norm, table_sq,
+                            nonfinite_dense_param(engine) if not math.isfinite(dense_norm)
+                            else "")
+    if job.skips.record(step + 1, where):
+        _skip(job, stats_before)
+    else:
+        # clip: one global norm over dense and table gradients.
+        _, factor = clip_factor(o.grad_clip, dense_norm, sum(table_sq.values()))
+        apply_dense_clip(engine, factor, dense_norm)
+        if factor < 1.0:
+            scale_grads(job.table_params(), factor)
+        # step: DeepSpeed for the dense part, ours for the shards.
+        engine.step()
+        job.table_opt.step()
     for p in job.table_params():
         p.grad = None
 
     # log: mean loss over the global batch (equal token counts per rank and micro-batch).
-    dist.all_reduce(loss_sum)
-    loss_mean = float(loss_sum) / (g_acc * job.topo.world_size)
+    loss_mean = loss_total / (g_acc * job.topo.world_size)
     seconds = time.perf_counter() - t0
     tokens = g_acc * job.topo.world_size * cfg.train.batch_size * cfg.train.seq_len
-    return {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50)), "lr": lr,
-            "grad_norm": total_norm, "dense_grad_norm": dense_norm,
-            "table_grad_norm": math.sqrt(table_sq), "clip_factor": factor,
-            "tokens_per_s": tokens / seconds, "step_seconds": seconds}
+    table_norm = math.sqrt(sum(table_sq.values()))
+    out = {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50)), "lr": lr,
+           "grad_norm": math.sqrt(dense_norm ** 2 + table_norm ** 2),
+           "dense_grad_norm": dense_norm, "table_grad_norm": table_norm,
+           "tokens_per_s": tokens / seconds, "step_seconds": seconds,
+           "skipped": float(where is not None), "skipped_total": float(job.skips.total)}
+    if where is None:
+        out["clip_factor"] = factor
+    else:
+        log_text(job, f"peer-train: step {step + 1}: non-finite value in {where}; step skipped "
+                 f"({job.skips.streak} in a row, train.max_skipped={cfg.train.max_skipped})")
+    return out
 
 
-def _table_sq_norm(job: Job) -> float:
-    """Squared norm of all table gradients: each row is owned by one EP rank and DP replicas
-    hold copies after sync_expert_grads, so the sum runs over the EP group only."""
-    sq = grad_sq_norm(job.table_params()).to(job.topo.device)
-    if job.topo.ep > 1:
-        dist.all_reduce(sq, group=job.topo.ep_group)
-    return float(sq)
+def _reduce_loss_and_table_norms(job: Job, loss_sum: torch.Tensor) -> tuple[float, dict]:
+    """One all-reduce: (global loss sum, {layer: squared norm of its table gradients}).
+
+    Each table row is owned by one EP rank and its DP replicas hold copies after
+    sync_expert_grads, so a sum over the world counts every row DP times: divide by DP."""
+    sq = [grad_sq_norm([s.u, s.v]) for s in job.shards]
+    v = torch.stack([loss_sum, *sq]).to(job.topo.device)
+    dist.all_reduce(v)
+    v = v.cpu()
+    return float(v[0]), {s.name: float(v[1 + i]) / job.topo.dp
+                         for i, s in enumerate(job.shards)}
+
+
+def _skip(job: Job, stats_before: dict[str, torch.Tensor]) -> None:
+    """Leave parameters, optimizer states and running statistics as they were before the step."""
+    with optimizer_step_skipped(torch_optimizer(job.engine)):
+        job.engine.step()  # DeepSpeed's bookkeeping: zeroes its gradients, ends the boundary
+    restore_running_stats(job.model, stats_before)
+
+
+def log_text(job: Job, message: str) -> None:
+    if job.topo.rank == 0:
+        print(message, flush=True)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -242,8 +306,21 @@ def memory_scalars(job: Job) -> dict[str, float]:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Train per cfg (every rank calls this); returns the summary (on every rank)."""
+    """Train per cfg (every rank calls this); returns the summary (on every rank). A collective
+    that fails ends the run with a JobFault naming the ranks that did not take part."""
     job = setup(cfg)
+    try:
+        return _run(job)
+    except Exception as e:
+        if job.fault_store is not None and is_comm_failure(e):
+            raise job.fault_store.fault(job.step + 1, e) from None
+        raise
+    finally:
+        job.lock.release()
+
+
+def _run(job: Job) -> dict[str, Any]:
+    cfg = job.cfg
     t = cfg.train
     resume = ckpt.find_resume(cfg)
     if resume is not None:
@@ -294,6 +371,7 @@ def _summary(job: Job, last: dict, final_eval: dict, tokens: float, seconds: flo
         "steps": job.step, "world_size": job.topo.world_size, "ep": job.topo.ep,
         "zero_stage": job.cfg.train.zero_stage, "dtype": str(job.dtype).replace("torch.", ""),
         "final_loss": last.get("loss", float("nan")), "val_loss": final_eval["val_loss"],
+        "skipped_steps": job.skips.total,
         "val_ppl": final_eval["val_ppl"],
         "tokens_per_s": tokens / seconds if seconds > 0 else last.get("tokens_per_s", 0.0),
         "expert_mib_per_rank": [m["expert"] for m in mem],

@@ -80,6 +80,27 @@ def fmt_count(x: float) -> str:
     return f"{x:.0f}"
 
 
+def keep_history(path: Path, start_step: int, redo_final: bool) -> None:
+    """Keep the rows of metrics.jsonl up to the step a run resumes from (the steps after it are
+    trained again; a half-written last line is dropped). A run that resumes at its last step
+    evaluates again: its validation rows at that step go too. Rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if step < start_step or (step == start_step and not (redo_final and row.get("kind")
+                                                               == "val")):
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 class Logger:
     """Rank 0 writes TensorBoard, metrics.jsonl and the console; other ranks do nothing."""
 
@@ -92,8 +113,12 @@ class Logger:
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.log_dir))
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115
+            path = Path(run_dir) / "metrics.jsonl"
+            keep_history(path, start_step, redo_final=start_step >= total_steps)
+            # purge_step: TensorBoard hides the events a resumed run writes again (steps after
+            # the checkpoint), so every step appears once.
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1)
+            self.jsonl = open(path, "a")  # noqa: SIM115
 
     def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if self.rank != 0:
@@ -114,6 +139,8 @@ class Logger:
                 f"ppl {math.exp(min(values['loss'], 50)):.2f} | lr {values['lr']:.2e} | "
                 f"gnorm {values['grad_norm']:.3f} | {fmt_count(values['tokens_per_s'])} tok/s | "
                 f"ETA {fmt_duration(eta)}")
+        if values.get("skipped_total"):
+            line += f" | skipped {int(values['skipped_total'])}"
         print(line, flush=True)
 
     def text(self, message: str) -> None:
@@ -142,6 +169,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             layer = key[len("experts/"):-len("/usage")]
             uneven = summary["experts"].get(f"experts/{layer}/unevenness", float("nan"))
             lines.append(f"experts {layer}: usage {100 * value:.1f}%, unevenness {uneven:.3f}")
+    if summary.get("skipped_steps"):
+        lines.append(f"skipped steps    {summary['skipped_steps']} (non-finite loss or gradients)")
     lines.append(f"throughput       {summary['tokens_per_s']:.0f} tokens/s (all ranks)")
     for r, mem in enumerate(summary["expert_mib_per_rank"]):
         lines.append(f"rank {r} experts    {mem:.2f} MiB (table shards + optimizer state), peak "
