@@ -129,20 +129,22 @@ def train(cfg) -> int:
 
 def _teardown(code: int, in_step: bool) -> None:
     """Close the process group. When the ranks are in step (success, or an error every rank
-    raised alike) they close it together; otherwise the peers may be gone or hung, and tearing
-    the communicators down can abort the process: leave at once instead."""
+    raised alike) they first meet at a barrier, so no rank leaves while another still reports.
+    After a failure the process leaves at once: the peers may be gone or hung, and the
+    communicators' destructors can abort the process on the way out."""
     import torch.distributed as dist
 
     if in_step:
         try:
             dist.barrier()
-            dist.destroy_process_group()
-            return
-        except Exception:  # a peer left meanwhile: fall through
-            pass
+            if code == 0:
+                dist.destroy_process_group()
+                return
+        except Exception:  # a peer left meanwhile
+            code = code or 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code or 1)
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
