@@ -54,6 +54,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bad = [s for s in args.strategies.split(",") if s not in ("fetch", "dispatch", "replicated")]
     if bad:
         p.error(f"--strategies: {bad} invalid; allowed are fetch, dispatch, replicated")
+    try:
+        sizes = [int(s) for s in args.nprocs_list.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        p.error(f"--nprocs-list={args.nprocs_list!r} is invalid: allowed are world sizes >= 1, "
+                "comma-separated, e.g. 1,2,4")
     return args
 
 
