@@ -3,9 +3,11 @@ point, through the environment, so that a test drives the real CLI under torchru
 
     PEER_FAULT=<point>@<rank>[:<step>][,...]      e.g. PEER_FAULT=hang@1:3,kill_in_ckpt@0:4
 
-Points: `hang` (sleep inside the step, before its collectives), `kill_in_ckpt` (SIGKILL this
-rank halfway through writing a checkpoint), `nan_loss` (the loss of this rank's first
-micro-batch becomes NaN). Each fires once per process. Without PEER_FAULT nothing happens.
+Points: `hang` (sleep inside the step, before its collectives), `kill` (SIGKILL this rank once
+the step has finished), `kill_in_ckpt` (SIGKILL this rank halfway through writing a checkpoint),
+`nan_loss` (the loss of this rank's first micro-batch becomes NaN). Each fires once per process,
+and only in the first attempt of a job that torchrun restarts (TORCHELASTIC_RESTART_COUNT=0),
+so a restarted job runs clean. Without PEER_FAULT nothing happens.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import signal
 import time
 
-POINTS = ("hang", "kill_in_ckpt", "nan_loss")
+POINTS = ("hang", "kill", "kill_in_ckpt", "nan_loss")
 _fired: set[str] = set()
 
 
@@ -33,7 +35,7 @@ def _parse(spec: str) -> list[tuple[str, int, int | None]]:
 def armed(point: str, rank: int, step: int) -> bool:
     """True once when PEER_FAULT names `point` for this rank (and step, if given)."""
     spec = os.environ.get("PEER_FAULT", "")
-    if not spec or point in _fired:
+    if not spec or point in _fired or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return False
     for p, r, s in _parse(spec):
         if p == point and r == rank and (s is None or s == step):

@@ -342,6 +342,7 @@ def _run(job: Job) -> dict[str, Any]:
             timed_tokens += last["tokens_per_s"] * last["step_seconds"]
             timed_seconds += last["step_seconds"]
         log.scalars(job.step, last)
+        faults.maybe_kill("kill", job.topo.rank, job.step)
         if job.step % t.log_every == 0 or job.step == t.steps:
             log.scalars(job.step, {**comm_scalars(job, since_log), **memory_scalars(job)})
             log.progress(job.step, last)
