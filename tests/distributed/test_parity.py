@@ -1,12 +1,18 @@
 """Sharded PEER (gloo ranks) against the single-process model on the global batch.
 
-One spawn per (world, ep) runs every check: both strategies (and auto), outputs, gradients of
-the input, of the routing parameters and of the table rows, rows after optimizer steps (dense and
-lazy Adam), BN running statistics, byte counters against an independent count, zero-size splits,
-and (for EP x DP = 2 x 2) a whole transformer.
+One spawn per layout (world, ep) runs every check: both strategies (and auto), outputs,
+gradients of the input, of the routing parameters and of the table rows, rows after optimizer
+steps (dense and lazy Adam), BN running statistics, byte counters against an independent count,
+zero-size splits, and (for EP x DP = 2 x 2) a whole transformer. Each check is recorded under
+its own name and reported by its own test (`test_parity[w3-balanced-dispatch/outputs]`), so a
+failure names what broke.
 """
 
 from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +37,24 @@ from peer_dist.parallel.dispatch import dispatch_counts_out
 from peer_dist.parallel.fetch import fetch_rows_out
 from peer_dist.train.sparse_optim import RowSparseOptimizer
 
+
+class Results:
+    """Failures by check name on this rank (an AssertionError is recorded, the run goes on)."""
+
+    failed: dict[str, str] = {}
+    ran: list[str] = []
+
+    @classmethod
+    @contextmanager
+    def check(cls, name: str):
+        cls.ran.append(name)
+        try:
+            yield
+        except AssertionError as e:
+            cls.failed[name] = str(e).splitlines()[0][:500] if str(e) else "assertion failed"
+
+
+check = Results.check
 DIM, T_GLOBAL = 16, 24  # 24 tokens split evenly over 1, 2, 3 and 4 ranks
 PEER_CFG = PEERConfig(num_experts=1024, heads=2, topk=4, d_key=8)  # 1024 / 3 is not integral
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -87,23 +111,30 @@ def _check_tables(ref: PEER, sharded: PEER, grads: bool) -> None:
             assert touched == {i for i, x in enumerate(e.tolist()) if x in ref_rows}
 
 
-def _check_step(ref: PEER, sharded: PEER, topo: Topology, step: int) -> None:
+def _check_step(ref: PEER, sharded: PEER, topo: Topology, step: int, tag: str) -> None:
     yr, xr, ys, xs = _forward_backward(ref, sharded, topo, step)
-    torch.testing.assert_close(ys, _mine(yr.detach(), topo), **TOL)
-    # rank r's loss is a mean over T/W tokens: its input gradient is W x the global one
-    torch.testing.assert_close(xs.grad, _mine(xr.grad, topo) * topo.world_size, **TOL)
+    with check(f"{tag}/outputs"):
+        torch.testing.assert_close(ys, _mine(yr.detach(), topo), **TOL)
+    with check(f"{tag}/input_grad"):
+        # rank r's loss is a mean over T/W tokens: its input gradient is W x the global one
+        torch.testing.assert_close(xs.grad, _mine(xr.grad, topo) * topo.world_size, **TOL)
     pairs = zip(sharded.router.named_parameters(), ref.router.parameters(), strict=True)
-    for (name, p), q in pairs:
-        torch.testing.assert_close(_avg_grad(p, topo.world_size), q.grad, **TOL, msg=name)
-    _check_tables(ref, sharded, grads=True)
+    grads = [(_avg_grad(p, topo.world_size), q.grad, name) for (name, p), q in pairs]
+    with check(f"{tag}/router_grads"):
+        for mine, want, name in grads:
+            torch.testing.assert_close(mine, want, **TOL, msg=name)
+    with check(f"{tag}/table_grads"):
+        _check_tables(ref, sharded, grads=True)
 
 
 def check_layer_parity(topo_ep: int, balance: bool) -> None:
     for strategy in ("fetch", "dispatch", "auto"):
         ref, sharded, topo = _pair(strategy, topo_ep, balance)
-        _check_tables(ref, sharded, grads=False)  # init: exactly the single-process rows
-        _check_dtensors(ref, sharded, topo)
-        _check_step(ref, sharded, topo, step=0)
+        with check(f"{strategy}/init_rows"):  # exactly the single-process rows
+            _check_tables(ref, sharded, grads=False)
+        with check(f"{strategy}/dtensor_view"):
+            _check_dtensors(ref, sharded, topo)
+        _check_step(ref, sharded, topo, step=0, tag=strategy)
 
 
 def _check_dtensors(ref: PEER, sharded: PEER, topo: Topology) -> None:
@@ -133,12 +164,16 @@ def check_optimizer_parity(topo_ep: int, balance: bool) -> None:
                 p.grad = _avg_grad(p, topo.world_size)  # what DeepSpeed does for dense params
             for opt in (opt_ref, opt_sh, dense_ref, dense_sh):
                 opt.step()
-        _check_tables(ref, sharded, grads=False)
-        for a, b in zip(sharded.router.parameters(), ref.router.parameters(), strict=True):
-            torch.testing.assert_close(a, b, **TOL)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(getattr(sharded.router.norm, name),
-                                       getattr(ref.router.norm, name), **TOL, msg=name)
+        tag = f"{strategy}+{kind}"
+        with check(f"{tag}/table_rows_after_3_steps"):
+            _check_tables(ref, sharded, grads=False)
+        with check(f"{tag}/router_after_3_steps"):
+            for a, b in zip(sharded.router.parameters(), ref.router.parameters(), strict=True):
+                torch.testing.assert_close(a, b, **TOL)
+        with check(f"{tag}/bn_running_stats"):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(getattr(sharded.router.norm, name),
+                                           getattr(ref.router.norm, name), **TOL, msg=name)
 
 
 def _expected_bytes(ids: list[torch.Tensor], shard, me: int, strategy: str) -> tuple[int, ...]:
@@ -182,13 +217,17 @@ def check_byte_counters(topo_ep: int, balance: bool) -> None:
         got = (st["bytes_sent_fwd"], st["bytes_sent_bwd"], st["bytes_recv_fwd"],
                st["bytes_recv_bwd"])
         shard = expert_shards(sharded)[0]
-        assert got == _expected_bytes(list(group), shard, topo.ep_rank, strategy), strategy
-        _check_cost_model_total(st, group, shard, topo, strategy)
+        with check(f"{strategy}/byte_counters"):
+            want = _expected_bytes(list(group), shard, topo.ep_rank, strategy)
+            assert got == want, f"{strategy}: counted {got}, expected {want}"
+        total = _cost_model_total(st, group, shard, topo, strategy)
+        with check(f"{strategy}/cost_model_bytes"):
+            assert abs(total[0] - total[1]) < 1e-6, (strategy, *total)
 
 
-def _check_cost_model_total(st: dict, group: torch.Tensor, shard, topo: Topology,
-                            strategy: str) -> None:
-    """The cost model's per-rank formula, summed over the EP group, equals the bytes sent."""
+def _cost_model_total(st: dict, group: torch.Tensor, shard, topo: Topology,
+                      strategy: str) -> tuple[float, float]:
+    """(bytes sent over the EP group, the cost model's per-rank formula summed over it)."""
     total = torch.tensor([float(st["bytes_sent"])], dtype=torch.float64)
     dist.all_reduce(total, group=topo.ep_group)
     predicted = 0.0
@@ -198,7 +237,7 @@ def _check_cost_model_total(st: dict, group: torch.Tensor, shard, topo: Topology
         else:
             predicted += dispatch_bytes(*dispatch_counts_out(ids, shard.idmap, j), topo.ep,
                                         shard.dim, 4)
-    assert abs(float(total) - predicted) < 1e-6, (strategy, float(total), predicted)
+    return float(total), predicted
 
 
 def check_zero_size_splits(topo_ep: int) -> None:
@@ -222,13 +261,15 @@ def check_zero_size_splits(topo_ep: int) -> None:
         xs = x[topo.rank].clone().requires_grad_(True)
         y = sharded.experts(xs, ids[topo.rank], gates[topo.rank])
         y.sum().backward()
-        torch.testing.assert_close(y, y_ref.view(topo.world_size, t, DIM)[topo.rank].detach(),
-                                   **TOL)
+        with check(f"{strategy}/zero_splits_outputs"):
+            torch.testing.assert_close(
+                y, y_ref.view(topo.world_size, t, DIM)[topo.rank].detach(), **TOL)
         sync_expert_grads(sharded)
         shard = expert_shards(sharded)[0]
-        # sum-of-losses here, so undo the 1/W mean scaling before comparing
-        torch.testing.assert_close(shard.u.grad.to_dense() * topo.world_size,
-                                   u.grad[shard.expert_ids()], **TOL)
+        with check(f"{strategy}/zero_splits_table_grads"):
+            # sum-of-losses here, so undo the 1/W mean scaling before comparing
+            torch.testing.assert_close(shard.u.grad.to_dense() * topo.world_size,
+                                       u.grad[shard.expert_ids()], **TOL)
 
 
 def check_transformer(topo_ep: int) -> None:
@@ -249,21 +290,27 @@ def check_transformer(topo_ep: int) -> None:
     sync_expert_grads(model)
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    torch.testing.assert_close(mean_loss / topo.world_size, ref_loss.detach(), **TOL)
+    with check("transformer/loss"):
+        torch.testing.assert_close(mean_loss / topo.world_size, ref_loss.detach(), **TOL)
     ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(_avg_grad(p, topo.world_size), ref_params[name].grad, **TOL,
-                                   msg=name)
-    assert not any(p is s.u or p is s.v for p in model.parameters()
-                   for s in expert_shards(model))
-    for layer, shard in zip(ref.peer_layers(), expert_shards(model), strict=True):
-        e = shard.expert_ids()
-        torch.testing.assert_close(shard.v.grad.to_dense(), layer.experts.v.grad.to_dense()[e],
-                                   **TOL)
+    grads = [(name, _avg_grad(p, topo.world_size)) for name, p in model.named_parameters()]
+    with check("transformer/dense_grads"):
+        for name, g in grads:
+            torch.testing.assert_close(g, ref_params[name].grad, **TOL, msg=name)
+    with check("transformer/shards_are_not_parameters"):
+        assert not any(p is s.u or p is s.v for p in model.parameters()
+                       for s in expert_shards(model))
+    with check("transformer/table_grads"):
+        for layer, shard in zip(ref.peer_layers(), expert_shards(model), strict=True):
+            e = shard.expert_ids()
+            torch.testing.assert_close(shard.v.grad.to_dense(),
+                                       layer.experts.v.grad.to_dense()[e], **TOL)
 
 
-def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ...]) -> None:
+def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ...],
+            out: str) -> None:
     torch.set_num_threads(1)
+    Results.failed, Results.ran = {}, []
     check_layer_parity(ep, balance)
     check_optimizer_parity(ep, balance)
     check_byte_counters(ep, balance)
@@ -271,15 +318,51 @@ def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ..
         check_zero_size_splits(ep)
     if "transformer" in extras:
         check_transformer(ep)
+    reports: list = [None] * world
+    dist.all_gather_object(reports, (Results.ran, Results.failed))
+    if rank == 0:
+        failed = {}
+        for r, (_, fails) in enumerate(reports):
+            for name, msg in fails.items():
+                failed.setdefault(name, f"rank {r}: {msg}")
+        Path(out).write_text(json.dumps({"ran": Results.ran, "failed": failed}))
 
 
-@pytest.mark.parametrize("world, ep, balance, extras", [
-    (1, 0, False, ()),
-    (2, 0, False, ()),
-    (3, 0, True, ()),  # 1024 rows over 3 owners: 342, 342, 340
-    (4, 0, False, ("zero_splits",)),
-    (4, 2, True, ("transformer",)),  # EP x DP = 2 x 2
-], ids=["w1", "w2", "w3-balanced", "w4", "ep2xdp2"])
-def test_sharded_equals_single_process(world: int, ep: int, balance: bool,
-                                       extras: tuple[str, ...]) -> None:
-    run_ranks(_worker, world, ep, balance, extras)
+LAYOUTS = {  # id: (world, ep, balance, extras)
+    "w1": (1, 0, False, ()),
+    "w2": (2, 0, False, ()),
+    "w3-balanced": (3, 0, True, ()),  # 1024 rows over 3 owners: 342, 342, 340
+    "w4": (4, 0, False, ("zero_splits",)),
+    "ep2xdp2": (4, 2, True, ("transformer",)),  # EP x DP = 2 x 2
+}
+LAYER = [f"{s}/{p}" for s in ("fetch", "dispatch", "auto")
+         for p in ("init_rows", "dtensor_view", "outputs", "input_grad", "router_grads",
+                   "table_grads")]
+OPTIM = [f"{s}/{p}" for s in ("fetch+dense_adam", "dispatch+lazy_adam", "dispatch+dense_adam",
+                              "fetch+lazy_adam")
+         for p in ("table_rows_after_3_steps", "router_after_3_steps", "bn_running_stats")]
+BYTES = [f"{s}/{p}" for s in ("fetch", "dispatch") for p in ("byte_counters", "cost_model_bytes")]
+EXTRAS = {"zero_splits": [f"{s}/zero_splits_{p}" for s in ("fetch", "dispatch")
+                          for p in ("outputs", "table_grads")],
+          "transformer": [f"transformer/{p}" for p in ("loss", "dense_grads",
+                                                       "shards_are_not_parameters",
+                                                       "table_grads")]}
+CASES = [(layout, prop) for layout, (_, _, _, extras) in LAYOUTS.items()
+         for prop in LAYER + OPTIM + BYTES + [p for e in extras for p in EXTRAS[e]]]
+_RESULTS: dict[str, dict] = {}
+
+
+def layout_results(layout: str, tmp_dir: Path) -> dict:
+    """One spawn per layout runs every check; later cases read the recorded results."""
+    if layout not in _RESULTS:
+        out = tmp_dir / f"{layout}.json"
+        run_ranks(_worker, LAYOUTS[layout][0], *LAYOUTS[layout][1:], str(out))
+        _RESULTS[layout] = json.loads(out.read_text())
+    return _RESULTS[layout]
+
+
+@pytest.mark.parametrize("layout, prop", CASES, ids=[f"{a}-{b}" for a, b in CASES])
+def test_parity(layout: str, prop: str, tmp_path_factory) -> None:
+    results = layout_results(layout, tmp_path_factory.getbasetemp())
+    assert prop in results["ran"], f"{prop} was not checked"
+    assert prop not in results["failed"], results["failed"][prop]
