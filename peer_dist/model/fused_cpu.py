@@ -55,9 +55,13 @@ static inline void prefetch_row_w(const void* p, int64_t bytes) {
 #define GELU_F(s, ERF) (0.5 * (s) * (1.0 + ERF((s) * 0.70710678118654752440)))
 
 #define DEFINE_KERNELS(T_, SFX, ERF, SQRT, EXP)                                                 \
-static inline T_ act_##SFX(T_ s, int gelu) {                                                  \
-    return gelu ? (T_)GELU_F(s, ERF) : (s > 0 ? s : (T_)0);                                   \
+static inline T_ act_##SFX(T_ s, int gelu) { /* ReLU keeps NaN, as torch's does */              \
+    return gelu ? (T_)GELU_F(s, ERF) : (s > 0 || s != s ? s : (T_)0);                         \
 }                                                                                             \
+/* Ordering key for top-k: NaN ranks above every number (as +inf, like torch.topk), so a row  \
+   holding NaN still yields k distinct, valid indices, and a NaN score is selected: it reaches \
+   the gates and the output instead of being hidden. */                                       \
+static inline T_ rank_key_##SFX(T_ x) { return x == x ? x : (T_)INFINITY; }                  \
 static inline T_ dact_##SFX(T_ s, int gelu) {                                                 \
     if (!gelu) return s > 0 ? (T_)1 : (T_)0;                                                  \
     return (T_)(0.5 * (1.0 + ERF(s * 0.70710678118654752440))                                 \
@@ -155,7 +159,7 @@ void adam_rows_##SFX(int64_t r0, int64_t r1, int64_t D, const int64_t* rows, con
 static inline int64_t topk_scan_##SFX(const T_* a, int64_t lo, int64_t hi, int64_t k,         \
                                       int64_t m, T_* val, int64_t* idx) {                     \
     for (int64_t i = lo; i < hi; ++i) {                                                       \
-        T_ x = a[i];                                                                          \
+        T_ x = rank_key_##SFX(a[i]);                                                          \
         if (m == k && !(x > val[k - 1])) continue;                                            \
         int64_t j = m < k ? m++ : k - 1;                                                      \
         while (j > 0 && x > val[j - 1]) { val[j] = val[j - 1]; idx[j] = idx[j - 1]; --j; }    \
@@ -171,16 +175,19 @@ static inline int64_t topk_scan_##SFX(const T_* a, int64_t lo, int64_t hi, int64
 static inline void topk_row_##SFX(const T_* a, int64_t n, int64_t k, T_* val, int64_t* idx) { \
     if (n < 4 * k || n > 4096) { topk_scan_##SFX(a, 0, n, k, 0, val, idx); return; }         \
     int64_t g = n / k;                                                                        \
-    T_ tau = a[0];                                                                            \
+    T_ tau = 0;                                                                               \
     for (int64_t q = 0; q < k; ++q) {                                                         \
         int64_t lo = q * g, hi = q == k - 1 ? n : lo + g;                                     \
-        T_ mx = a[lo];                                                                        \
+        T_ mx = rank_key_##SFX(a[lo]);                                                        \
         _Pragma("omp simd reduction(max:mx)")                                                 \
-        for (int64_t i = lo; i < hi; ++i) mx = a[i] > mx ? a[i] : mx;                         \
+        for (int64_t i = lo; i < hi; ++i) {                                                   \
+            T_ x = rank_key_##SFX(a[i]);                                                      \
+            mx = x > mx ? x : mx;                                                             \
+        }                                                                                     \
         tau = q == 0 || mx < tau ? mx : tau;                                                  \
     }                                                                                         \
     int64_t ci[n], c = 0, m = 0;                                                              \
-    for (int64_t i = 0; i < n; ++i) { ci[c] = i; c += a[i] >= tau; }                          \
+    for (int64_t i = 0; i < n; ++i) { ci[c] = i; c += rank_key_##SFX(a[i]) >= tau; }          \
     for (int64_t j = 0; j < c; ++j) m = topk_scan_##SFX(a, ci[j], ci[j] + 1, k, m, val, idx); \
 }                                                                                             \
 /* Product-key selection for rows (h, t), h*T + t in [r0, r1): scores (2H, T, n) -> the      \
@@ -297,10 +304,14 @@ void touch_pages(char* p, int64_t nbytes, int64_t page) {
 
 /* Counting sort of M ids in [0, N): count (N, zeroed by the caller) is left holding each
    row's start offset. Writes rows (R), offsets (R+1) and order (M: selections by row, stable);
-   returns R. */
+   returns R, or -1 (nothing written but counts) when an id is out of range. */
 int64_t group_rows(int64_t M, int64_t N, const int64_t* ids, int64_t* count, int64_t* rows,
                    int64_t* offsets, int64_t* order) {
-    for (int64_t i = 0; i < M; ++i) count[ids[i]]++;
+    /* ids are checked here, before any table row is touched: -1 if one lies outside [0, N) */
+    for (int64_t i = 0; i < M; ++i) {
+        if ((uint64_t)ids[i] >= (uint64_t)N) return -1;
+        count[ids[i]]++;
+    }
     int64_t R = 0, pos = 0;
     for (int64_t e = 0; e < N; ++e) {
         int64_t c = count[e];
@@ -546,7 +557,17 @@ def group_rows(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, t
     order = torch.empty(m, dtype=torch.int64)
     r = library().group_rows(m, n, _ptr(ids), _ptr(count), _ptr(rows), _ptr(offsets),
                              _ptr(order))
+    if r < 0:
+        raise IndexError(f"expert ids must lie in [0, {n}), got [{int(ids.min())}, "
+                         f"{int(ids.max())}]")
     return rows[:r], offsets[:r + 1], order
+
+
+def check_rows(rows: torch.Tensor, n: int, what: str) -> None:
+    """IndexError unless every row index lies in [0, n): checked before a kernel touches one."""
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise IndexError(f"{what} must lie in [0, {n}), got [{int(rows.min())}, "
+                         f"{int(rows.max())}]")
 
 
 class Groups:
@@ -592,10 +613,19 @@ def _state_sfx(p: torch.Tensor, state: torch.Tensor) -> str:
     return "bf16" if state.dtype == torch.bfloat16 else _sfx(p)
 
 
+def _check_row_update(p, rows, grad, *state) -> None:
+    """Shapes and row ids of an in-place row update, checked before the kernel runs."""
+    if grad.shape != (rows.numel(), p.shape[1]) or any(s.shape[0] != p.shape[0] for s in state):
+        raise ValueError(f"row update: grad {tuple(grad.shape)} for {rows.numel()} rows of a "
+                         f"{tuple(p.shape)} table; allowed is grad (rows, {p.shape[1]})")
+    check_rows(rows, p.shape[0], "gradient rows")
+
+
 def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, bc1: float,
               bc2: float) -> None:
     """Lazy Adam in place on p, m, v (N, D) for unique rows (R,) with grad (R, D); m and v
     have p's dtype, or are bf16 beside fp32 p."""
+    _check_row_update(p, rows, grad, m, v)
     fn = getattr(library(), f"adam_rows_{_state_sfx(p, m)}")
     _parallel(fn, rows.numel(), p.shape[1], _ptr(rows), _ptr(grad), _ptr(p), _ptr(m), _ptr(v),
               lr, b1, b2, eps, bc1, bc2)
@@ -604,6 +634,7 @@ def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, 
 def adagrad_rows(p, acc, rows, grad, lr: float, eps: float) -> None:
     """Row-wise Adagrad in place on p (N, D), acc (N,) for unique rows (R,), grad (R, D);
     acc has p's dtype, or is bf16 beside fp32 p."""
+    _check_row_update(p, rows, grad, acc)
     fn = getattr(library(), f"adagrad_rows_{_state_sfx(p, acc)}")
     _parallel(fn, rows.numel(), p.shape[1], _ptr(rows), _ptr(grad), _ptr(p), _ptr(acc), lr, eps)
 
@@ -625,6 +656,7 @@ def pk_select(scores: torch.Tensor, pi: torch.Tensor, pj: torch.Tensor,
 def key_grad(sel: torch.Tensor, grad: torch.Tensor, q: torch.Tensor, n: int) -> torch.Tensor:
     """sel (C, T, K), grad (C, T, K), q (C, T, Qh) contiguous -> dkeys (C, n, Qh)."""
     c, t, k = sel.shape
+    check_rows(sel, n, "sub-key ids")
     dkeys = torch.zeros(c, n, q.shape[-1], dtype=q.dtype)
     fn = getattr(library(), f"key_grad_{_sfx(q)}")
     _parallel(fn, c, t, n, k, q.shape[-1], _ptr(sel), _ptr(grad), _ptr(q), _ptr(dkeys),

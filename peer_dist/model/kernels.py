@@ -74,8 +74,16 @@ def gather_dot(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
     if ids.numel() == 0:
         return torch.zeros(ids.shape, dtype=x.dtype, device=x.device)
     if _private_available():
+        check_ids(ids, w.shape[0])  # the private op reads rows unchecked
         return _gather_dot_private(x, ids, w)
     return _gather_dot_chunked(x, ids, w, chunk_tokens)
+
+
+def check_ids(ids: torch.Tensor, n: int, what: str = "expert ids") -> None:
+    """IndexError unless every id lies in [0, n): checked before a kernel reads a row."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise IndexError(f"{what} must lie in [0, {n}), got [{int(ids.min())}, "
+                         f"{int(ids.max())}]")
 
 
 def bag_sum(ids: torch.Tensor, w: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -131,7 +139,19 @@ def _table_grad(groups: RowGroups, rows_grad: torch.Tensor, n: int, sparse: bool
 def _fused_ok(x, ids, gates, u, v) -> bool:
     """The fused CPU kernels take contiguous CPU fp32/fp64 tables of one dtype."""
     return (u.is_contiguous() and v.is_contiguous() and u.dtype == v.dtype == x.dtype
-            and ids.numel() > 0 and fused_cpu.usable(x, gates, u, v))
+            and ids.dtype == torch.int64 and ids.numel() > 0
+            and fused_cpu.usable(x, gates, u, v))
+
+
+def _check_shapes(x, ids, gates, u, v) -> None:
+    """The shapes the kernels index by, checked before any of them runs."""
+    ok = (x.dim() == 2 and ids.dim() == 2 and ids.shape[0] == x.shape[0]
+          and gates.shape == ids.shape and u.shape == v.shape and u.dim() == 2
+          and u.shape[1] == x.shape[1] and not ids.is_floating_point())
+    if not ok:
+        raise ValueError(f"peer_mix: x {tuple(x.shape)}, ids {tuple(ids.shape)} {ids.dtype}, "
+                         f"gates {tuple(gates.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}; "
+                         "allowed are x (T, D), integer ids and gates (T, S), u and v (N, D)")
 
 
 class PeerMix(torch.autograd.Function):
@@ -141,14 +161,13 @@ class PeerMix(torch.autograd.Function):
     def forward(ctx, x, ids, gates, u, v, act: str, sparse_grad: bool):
         ctx.act, ctx.sparse_grad = act, sparse_grad
         ctx.fused = _fused_ok(x, ids, gates, u, v)
+        _check_shapes(x, ids, gates, u, v)
         if ctx.fused:
             x, ids, gates = x.contiguous(), ids.contiguous(), gates.to(x.dtype).contiguous()
-            if int(ids.min()) < 0 or int(ids.max()) >= u.shape[0]:
-                raise IndexError(f"expert ids must be in [0, {u.shape[0]}), got "
-                                 f"[{int(ids.min())}, {int(ids.max())}]")
-            ctx.groups = fused_cpu.Groups(ids, u.shape[0])
+            ctx.groups = fused_cpu.Groups(ids, u.shape[0])  # checks ids against N
             y, s = fused_cpu.rows_forward(ctx.groups, x, ids, gates, u, v, act == "gelu")
         else:
+            check_ids(ids, u.shape[0])  # torch indexing would wrap -1 to the last row
             s = gather_dot(x, ids, u)  # (T, S) pre-activations
             y = bag_sum(ids, v, gates * activation(act, s))  # (T, D)
         ctx.save_for_backward(x, ids, gates, u, v, s)

@@ -35,6 +35,12 @@ def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Ten
     """
     if not grad.is_sparse:
         return None, grad
+    rows = grad._indices()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= grad.shape[0]):
+        # checked before coalesce() or a kernel touches a row (an index outside the table
+        # aborts the process there)
+        raise IndexError(f"sparse gradient rows must lie in [0, {grad.shape[0]}), got "
+                         f"[{int(rows.min())}, {int(rows.max())}]")
     if not grad.is_coalesced():
         rows = grad._indices()[0]
         if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
