@@ -322,7 +322,7 @@ def run(cfg: Config) -> dict[str, Any]:
 def _run(job: Job) -> dict[str, Any]:
     cfg = job.cfg
     t = cfg.train
-    resume = ckpt.find_resume(cfg)
+    resume = ckpt.find_resume(cfg)  # verified: sizes, checksums (collective)
     if resume is not None:
         job.step = ckpt.load_checkpoint(resume, cfg, job.engine, job.shards, job.table_opt,
                                         job.topo)

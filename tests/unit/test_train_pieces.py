@@ -3,12 +3,15 @@ config, checkpoint pointer and pruning, CLI argument handling."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from peer_dist.config import load_config
+from peer_dist.errors import UserError
 from peer_dist.train import checkpoint as ckpt
 from peer_dist.train.__main__ import parse_args
 from peer_dist.train.deepspeed_setup import clip_factor, deepspeed_config, resolve_dtype
@@ -55,16 +58,95 @@ def test_resume_pointer_and_pruning(tmp_path):
         d = root / ckpt.step_name(step)
         d.mkdir(parents=True)
         (d / "meta.json").write_text("{}")
+        ckpt.write_manifest(d)
     (root / ".tmp_step_00000008").mkdir()  # an interrupted write: never chosen
     ckpt._write_atomic(root / ckpt.LATEST, ckpt.step_name(6))
     assert ckpt.find_resume(cfg) == root / "step_00000006"
     ckpt.prune(root, keep_last=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert not (root / ".tmp_step_00000008").exists()  # stale temporaries go too
     cfg.train.resume = "never"
     assert ckpt.find_resume(cfg) is None
     cfg.train.resume = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(UserError, match="nowhere.*does not exist"):
         ckpt.find_resume(cfg)
+
+
+def _checkpoint(root, step: int, files: dict[str, bytes]):
+    d = root / ckpt.step_name(step)
+    for name, data in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+    ckpt.write_manifest(d)
+    return d
+
+
+def test_manifest_detects_damage_truncation_and_missing_files(tmp_path):
+    files = {"meta.json": b"{}", "tables/__0_0.distcp": bytes(range(256)) * 64,
+             "dense/model.pt": b"weights"}
+    d = _checkpoint(tmp_path, 4, files)
+    manifest = json.loads((d / ckpt.MANIFEST).read_text())
+    assert sorted(manifest["files"]) == sorted(files)
+    assert manifest["files"]["dense/model.pt"]["size"] == 7
+    assert ckpt.verify(d) is None
+    (d / "extra.log").write_text("not listed: ignored")
+    assert ckpt.verify(d) is None
+    table = d / "tables" / "__0_0.distcp"
+    data = bytearray(table.read_bytes())
+    data[100] ^= 0xFF  # one flipped bit pattern, same size
+    table.write_bytes(bytes(data))
+    assert "is damaged: tables/__0_0.distcp has sha256" in ckpt.verify(d)
+    table.write_bytes(bytes(data[:-10]))
+    assert "has 16374 bytes, the manifest says 16384" in ckpt.verify(d)
+    table.unlink()
+    assert ckpt.verify(d) == "is incomplete: tables/__0_0.distcp is missing"
+    (d / ckpt.MANIFEST).write_text("{not json")
+    assert "manifest.json is not a valid manifest" in ckpt.verify(d)
+    (d / ckpt.MANIFEST).unlink()
+    assert ckpt.verify(d) is None  # meta.json without a manifest: an older checkpoint
+    (d / "meta.json").unlink()
+    assert ckpt.verify(d) == "is incomplete (no manifest.json)"
+
+
+def test_resume_auto_falls_back_to_the_newest_valid_checkpoint(tmp_path):
+    cfg = load_config(None, [f"train.run_dir={tmp_path}"])
+    root = ckpt.checkpoint_root(cfg)
+    for step in (2, 4, 6):
+        _checkpoint(root, step, {"meta.json": b"{}", "tables/t.distcp": b"x" * 100})
+    ckpt._write_atomic(root / ckpt.LATEST, ckpt.step_name(6))
+    (root / "step_00000006" / "tables" / "t.distcp").write_bytes(b"y" * 100)
+    (root / "step_00000004" / "tables" / "t.distcp").write_bytes(b"x" * 50)
+    lines: list[str] = []
+    assert ckpt.find_resume(cfg, log=lines.append) == root / "step_00000002"
+    assert len(lines) == 1
+    assert "checkpoint step_00000006 is damaged: tables/t.distcp" in lines[0]
+    assert "checkpoint step_00000004 is damaged: tables/t.distcp has 50 bytes" in lines[0]
+    assert lines[0].endswith("resuming from step_00000002")
+    shutil.rmtree(root / "step_00000002")
+    lines.clear()
+    assert ckpt.find_resume(cfg, log=lines.append) is None
+    assert "no valid checkpoint left, starting from step 0" in lines[0]
+    cfg.train.resume = str(root / "step_00000006")  # named explicitly: an error, no fallback
+    with pytest.raises(UserError, match="step_00000006.*is damaged"):
+        ckpt.find_resume(cfg)
+
+
+def test_incompatible_checkpoint_lists_the_keys_that_differ(tmp_path):
+    from peer_dist.config import save_config
+
+    saved = load_config(None, ["model.dim=64", "optim.table_optimizer=adagrad"])
+    save_config(saved, tmp_path / "config.yaml")
+    ckpt.check_compatible(tmp_path, load_config(None, ["model.dim=64",
+                                                       "optim.table_optimizer=adagrad",
+                                                       "optim.lr=5e-3", "train.steps=7"]))
+    with pytest.raises(UserError) as err:
+        ckpt.check_compatible(tmp_path, load_config(None, ["model.dim=128",
+                                                           "model.peer.topk=8"]))
+    msg = str(err.value)
+    assert "model.dim=64 (checkpoint) vs 128 (this run)" in msg
+    assert "model.peer.topk=16 (checkpoint) vs 8 (this run)" in msg
+    assert "optim.table_optimizer='adagrad' (checkpoint) vs 'lazy_adam'" in msg
+    assert "optim.lr" not in msg and "\n" not in msg
 
 
 def test_cli_arguments():
