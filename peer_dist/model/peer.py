@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
-from peer_dist.model import fused_cpu
-from peer_dist.model.kernels import key_scores, peer_mix
+from peer_dist.ops import cpu, key_scores, peer_mix
 
 INIT_BLOCK_ROWS = 16384
 
@@ -99,10 +98,10 @@ class ProductKeyRouter(nn.Module):
         """Exact product-key top-k: q (2H, T, Q/2), keys (2H, n, Q/2) -> sub-key ids (H, T, K)."""
         h, t, k = self.heads, q.shape[1], self.topk
         pi, pj = self._pairs(q.device)
-        if fused_cpu.usable(q, keys):  # one pass per row, no sort, no (H, T, P) temporaries
+        if cpu.usable(q, keys):  # one pass per row, no sort, no (H, T, P) temporaries
             # token chunks of ~4 MiB of scores: selection reads them from cache, not memory
             step = max(16, (1 << 20) // (2 * h * keys.shape[1]))
-            sels = [fused_cpu.pk_select(torch.bmm(q[:, a:a + step], keys.transpose(1, 2)),
+            sels = [cpu.pk_select(torch.bmm(q[:, a:a + step], keys.transpose(1, 2)),
                                         pi, pj, k) for a in range(0, t, step)]
             return torch.cat([s1 for s1, _ in sels], 1), torch.cat([s2 for _, s2 in sels], 1)
         scores = torch.bmm(q, keys.transpose(1, 2))  # (2H, T, n)

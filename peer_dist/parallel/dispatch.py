@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from peer_dist.model import kernels
+from peer_dist.ops import activation, activation_grad
+from peer_dist.ops.rows import RowGroups, ragged_bag_sum, ragged_dot, row_grad
 from peer_dist.parallel.comm import Exchange, owner_starts, source_of_rows
 from peer_dist.parallel.idmap import IdMap
 
@@ -62,44 +62,11 @@ def dispatch_counts_out(ids: torch.Tensor, idmap: IdMap, me: int) -> tuple[int, 
     return pairs, int(remote.sum())
 
 
-# ---- ragged expert mix at the owner: bags of variable size, one bag per received pair ----
-
-def ragged_dot(x: torch.Tensor, rows: torch.Tensor, bag: torch.Tensor, offsets: torch.Tensor,
-               w: torch.Tensor) -> torch.Tensor:
-    """(Q,) w[rows[q]] . x[bag[q]]; x (P, D), rows/bag (Q,) int64, offsets (P,) bag starts."""
-    if rows.numel() == 0:
-        return x.new_zeros(0)
-    if kernels._private_available():  # embedding_bag's per-sample-weight kernel, no (Q, D) rows
-        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            x.contiguous(), w, rows, offsets, bag, 0, -1)
-    out = x.new_empty(rows.shape)
-    for a in range(0, rows.numel(), 65536):  # bounded (chunk, D) temporaries
-        r, b = rows[a:a + 65536], bag[a:a + 65536]
-        out[a:a + 65536] = (w[r] * x[b]).sum(-1)
-    return out
-
-
-def ragged_bag_sum(rows: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
-                   weights: torch.Tensor) -> torch.Tensor:
-    """(P, D): per bag, sum of weights[q] * w[rows[q]]."""
-    if rows.numel() == 0:
-        return w.new_zeros(offsets.numel(), w.shape[1])
-    return F.embedding_bag(rows, w, offsets, mode="sum", per_sample_weights=weights.to(w.dtype))
-
-
-def row_grad(rows: torch.Tensor, bag: torch.Tensor, xs: torch.Tensor, weights: torch.Tensor,
-             n: int) -> torch.Tensor:
+def _row_grad(rows: torch.Tensor, bag: torch.Tensor, xs: torch.Tensor, weights: torch.Tensor,
+              n: int) -> torch.Tensor:
     """Sparse (n, D) COO: for each distinct row, sum over its selections of weights * xs[bag]."""
-    uniq, inverse, counts = torch.unique(rows, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    offsets = torch.cumsum(counts, 0) - counts
-    if rows.numel() == 0:
-        vals = xs.new_zeros(0, xs.shape[1])
-    else:
-        vals = F.embedding_bag(bag[order], xs, offsets, mode="sum",
-                               per_sample_weights=weights[order].to(xs.dtype))
-    return torch.sparse_coo_tensor(uniq[None], vals, (n, xs.shape[1]), is_coalesced=True,
-                                   check_invariants=False)
+    groups = RowGroups(rows, bag, n)
+    return row_grad(groups.rows, groups.sums(xs, weights), n)
 
 
 class Dispatch(torch.autograd.Function):
@@ -121,7 +88,7 @@ class Dispatch(torch.autograd.Function):
         # compute: one partial per pair
         g_in = g_in.to(x.dtype)
         s = ragged_dot(x_in, rows, bag, offsets, u)  # (Q_in,) pre-activations
-        y_in = ragged_bag_sum(rows, offsets, v, g_in * kernels.activation(act, s))  # (P_in, D)
+        y_in = ragged_bag_sum(rows, offsets, v, g_in * activation(act, s))  # (P_in, D)
         # output_dist: partials back, summed per token
         y_pairs = ex.send(y_in, plan.recv_pairs, plan.pair_splits, "fwd")  # (P, D)
         y = x.new_zeros(x.shape).index_add_(0, plan.pair_token, y_pairs)
@@ -135,12 +102,12 @@ class Dispatch(torch.autograd.Function):
         plan, ex, act = ctx.plan, ctx.ex, ctx.act
         dy_in = ex.send(dy.contiguous()[plan.pair_token], plan.pair_splits, plan.recv_pairs,
                         "bwd")  # (P_in, D)
-        a = kernels.activation(act, s)
+        a = activation(act, s)
         dw = ragged_dot(dy_in, rows, bag, offsets, v)  # (Q_in,) dL/d(weight)
-        ds = dw * g_in * kernels.activation_grad(act, s)  # (Q_in,) dL/ds
+        ds = dw * g_in * activation_grad(act, s)  # (Q_in,) dL/ds
         dx_in = ragged_bag_sum(rows, offsets, u, ds)  # (P_in, D)
-        du = row_grad(rows, bag, x_in, ds, u.shape[0])  # U, V grads stay here
-        dv = row_grad(rows, bag, dy_in, g_in * a, v.shape[0])
+        du = _row_grad(rows, bag, x_in, ds, u.shape[0])  # U, V grads stay here
+        dv = _row_grad(rows, bag, dy_in, g_in * a, v.shape[0])
         dx_pairs = ex.send(dx_in, plan.recv_pairs, plan.pair_splits, "bwd")  # (P, D)
         dg = ex.send((dw * a).float(), plan.recv_sels, plan.sel_splits, "bwd")  # (Q,)
         dx = dx_pairs.new_zeros(dy.shape).index_add_(0, plan.pair_token, dx_pairs)

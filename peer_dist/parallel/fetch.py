@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peer_dist.model.kernels import peer_mix
+from peer_dist.ops import peer_mix
 from peer_dist.parallel.comm import Exchange
 from peer_dist.parallel.idmap import IdMap
 

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from peer_dist.model.kernels import peer_mix
 from peer_dist.model.peer import INIT_BLOCK_ROWS, ExpertTables, init_rows
+from peer_dist.ops import peer_mix
 from peer_dist.parallel import cost
 from peer_dist.parallel.comm import CommStats, Exchange
 from peer_dist.parallel.dispatch import dispatch_counts_out, dispatch_mix

@@ -88,7 +88,7 @@ def _sharded_step(layer, args, rank: int, step: int, device) -> None:
 def _replicated_step(tables, args, rank: int, step: int, device) -> float:
     import torch.distributed as dist
 
-    from peer_dist.model.kernels import peer_mix
+    from peer_dist.ops import peer_mix
 
     x, ids, gates = _inputs(args, rank, step, device)
     y = peer_mix(x, ids, gates, tables[0], tables[1], "gelu", sparse_grad=False)

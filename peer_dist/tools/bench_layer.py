@@ -177,8 +177,8 @@ def _make_step(args: argparse.Namespace, impl: str, mode: str, optimizer: str,
 def run_child(args: argparse.Namespace, spec: dict) -> dict:
     torch.set_num_threads(args.threads)
     if spec["impl"] == "peer_dist":  # code (and our compiled kernels) loaded before the baseline
-        from peer_dist.model import fused_cpu
         from peer_dist.model.peer import PEER  # noqa: F401
+        from peer_dist.ops import cpu as fused_cpu
         fused_cpu.library()
     else:
         import PEER_pytorch  # noqa: F401

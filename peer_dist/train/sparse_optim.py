@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from peer_dist.model import fused_cpu
+from peer_dist.ops import cpu as fused_cpu
 
 KINDS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -20,9 +20,9 @@ import torch.distributed as dist
 from spawn import run_ranks
 
 from peer_dist.config import ModelConfig, ParallelConfig, PEERConfig
-from peer_dist.model.kernels import peer_mix
 from peer_dist.model.peer import PEER
 from peer_dist.model.transformer import build_model, lm_loss
+from peer_dist.ops import peer_mix
 from peer_dist.parallel import (
     Topology,
     comm_stats,

@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer_dist.config import PEERConfig
-from peer_dist.model import fused_cpu, kernels
-from peer_dist.model.kernels import peer_mix
 from peer_dist.model.peer import PEER, ProductKeyRouter
+from peer_dist.ops import cpu as fused_cpu
+from peer_dist.ops import peer_mix
+from peer_dist.ops import rows as kernels
 from peer_dist.train.sparse_optim import RowSparseOptimizer
 
 pytestmark = pytest.mark.skipif(fused_cpu.library() is None, reason="no C compiler")

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
-from peer_dist.model import fused_cpu, kernels
 from peer_dist.model.peer import PEER
+from peer_dist.ops import cpu as fused_cpu
+from peer_dist.ops import mix as kernels
+from peer_dist.ops import rows
 
 
 def get_indices(q: torch.Tensor, sub_keys: torch.Tensor, k: int, n: int):
@@ -82,12 +84,12 @@ def kernel_path(path: str):
     if path == "fused" and fused_cpu.library() is None:
         pytest.skip("no C compiler: fused CPU kernels unavailable")
     fused_cpu.use_fused_cpu(path == "fused")
-    kernels.use_private_gather_dot(path == "private")
+    rows.use_private_gather_dot(path == "private")
     try:
         yield
     finally:
         fused_cpu.use_fused_cpu(None)
-        kernels.use_private_gather_dot(None)
+        rows.use_private_gather_dot(None)
 
 
 PATHS = ["fused", "private", "fallback"]
@@ -180,12 +182,12 @@ def test_gather_dot_paths_agree():
     x, w = torch.randn(13, 9), torch.randn(40, 9)
     ids = torch.randint(0, 40, (13, 6))
     want = torch.einsum("td,tsd->ts", x, w[ids])
-    kernels.use_private_gather_dot(False)
+    rows.use_private_gather_dot(False)
     try:
-        torch.testing.assert_close(kernels.gather_dot(x, ids, w, chunk_tokens=4), want)
+        torch.testing.assert_close(rows.gather_dot(x, ids, w, chunk_tokens=4), want)
     finally:
-        kernels.use_private_gather_dot(None)
-    torch.testing.assert_close(kernels.gather_dot(x, ids, w), want)
+        rows.use_private_gather_dot(None)
+    torch.testing.assert_close(rows.gather_dot(x, ids, w), want)
 
 
 def test_shapes_and_empty_batch():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer_dist.model import fused_cpu
+from peer_dist.ops import cpu as fused_cpu
 from peer_dist.train.sparse_optim import RowSparseOptimizer, grad_sq_norm, scale_grads
 
 N, D = 40, 6

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
-from peer_dist.model import fused_cpu
 from peer_dist.model.peer import ProductKeyRouter
+from peer_dist.ops import cpu as fused_cpu
 
 
 def brute_force(router: ProductKeyRouter, x: torch.Tensor):
