@@ -108,7 +108,7 @@ class RunDirLock:
 
 
 def _prepare(cfg: Config) -> None:
-    from peer_dist.train.data import META_FILE, prepare_dataset
+    from peer_dist.data import META_FILE, prepare_dataset
 
     path = Path(cfg.data.path)
     if path.is_dir() and not (path / META_FILE).is_file() and any(path.iterdir()):
@@ -123,7 +123,7 @@ def _prepare(cfg: Config) -> None:
 
 
 def _open(cfg: Config) -> Any:
-    from peer_dist.train.data import TokenDataset
+    from peer_dist.data import TokenDataset
 
     t = cfg.train
     try:

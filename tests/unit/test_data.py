@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from peer_dist.config import DataConfig
+from peer_dist.data import ByteTokenizer, HFTokenizer, TokenDataset, prepare, prepare_dataset
 from peer_dist.tools.prepare import main as prepare_main
-from peer_dist.tools.prepare import prepare
-from peer_dist.train.data import ByteTokenizer, HFTokenizer, TokenDataset, prepare_dataset
 
 TEXTS = {
     "a.txt": "Hello, world!\nÅngström café — naïve ☃ 你好\n" * 20,

@@ -1,4 +1,5 @@
-"""peer_dist.model must never import torch.distributed (parallelism is applied from outside)."""
+"""peer_dist.model and peer_dist.ops must never import torch.distributed (parallelism is
+applied from outside)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 from pathlib import Path
 
 import peer_dist.model
+import peer_dist.ops
 
 MODEL_DIR = Path(peer_dist.model.__file__).parent
+OPS_DIR = Path(peer_dist.ops.__file__).parent
 
 
 def _imported_modules(path: Path) -> list[str]:
@@ -32,7 +35,7 @@ def _imported_modules(path: Path) -> list[str]:
 
 
 def test_model_sources_do_not_import_torch_distributed():
-    files = sorted(MODEL_DIR.rglob("*.py"))
+    files = sorted(MODEL_DIR.rglob("*.py")) + sorted(OPS_DIR.rglob("*.py"))
     assert files, "no model sources found"
     offenders = {}
     for path in files:
