@@ -38,7 +38,6 @@ class PEERConfig:
     activation: str = "gelu"  # gelu | relu
     query_batchnorm: bool = True  # paper default
     shared_keys: bool = False  # one sub-key pair shared by all heads (paper wording)
-    chunk_tokens: int = 4096  # tokens per chunk in the fallback u.x kernel
 
     def validate(self, prefix: str = "model.peer") -> None:
         n = math.isqrt(self.num_experts) if self.num_experts > 0 else 0
@@ -51,7 +50,6 @@ class PEERConfig:
                "an even integer >= 2")
         _check(self.activation in ACTIVATIONS, f"{prefix}.activation", self.activation,
                f"one of {list(ACTIVATIONS)}")
-        _check(self.chunk_tokens >= 1, f"{prefix}.chunk_tokens", self.chunk_tokens, ">= 1")
 
 
 ACTIVATIONS = ("gelu", "relu")
@@ -116,6 +114,9 @@ class DataConfig:
         _check(self.max_bytes > 0, "data.max_bytes", self.max_bytes, "> 0")
 
 
+# The sets of choices live here, at the bottom of the package order (config <- ops <- model <-
+# parallel <- data <- train <- tools), so the implementations, the memory model and the
+# benchmarks all import the one list instead of writing it out again.
 STRATEGIES = ("auto", "fetch", "dispatch")
 BN_SYNC = ("global", "local")
 

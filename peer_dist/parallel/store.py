@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from peer_dist.config import STRATEGIES
 from peer_dist.model.peer import INIT_BLOCK_ROWS, ExpertTables, init_rows
 from peer_dist.ops import peer_mix
 from peer_dist.parallel import cost
@@ -25,8 +26,6 @@ from peer_dist.parallel.dispatch import dispatch_counts_out, dispatch_mix
 from peer_dist.parallel.fetch import fetch_mix, fetch_rows_out
 from peer_dist.parallel.idmap import IdMap
 from peer_dist.parallel.topology import Topology
-
-STRATEGIES = ("auto", "fetch", "dispatch")
 
 
 @dataclass

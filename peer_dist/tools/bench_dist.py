@@ -30,7 +30,12 @@ import time
 
 import torch
 
+from peer_dist.config import STRATEGIES
+
 PAPER = dict(num_experts=1024 ** 2, dim=1024, heads=8, topk=16, tokens=4096, ep=8)
+
+# The sharded strategies (the config's list, less auto) and the replicated-table baseline.
+ROWS = (*(s for s in STRATEGIES if s != "auto"), "replicated")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -51,9 +56,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-paper", action="store_true", help="leave out the model-only paper row")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    bad = [s for s in args.strategies.split(",") if s not in ("fetch", "dispatch", "replicated")]
+    bad = [s for s in args.strategies.split(",") if s not in ROWS]
     if bad:
-        p.error(f"--strategies: {bad} invalid; allowed are fetch, dispatch, replicated")
+        p.error(f"--strategies: {bad} invalid; allowed are {', '.join(ROWS)}")
     try:
         sizes = [int(s) for s in args.nprocs_list.split(",") if s.strip()]
     except ValueError:
@@ -195,7 +200,7 @@ def paper_rows() -> list[dict]:
                             PAPER["tokens"], PAPER["ep"], PAPER["ep"])
     pred = cost.predict_per_token(shape)
     rows = []
-    for strategy in ("fetch", "dispatch", "replicated"):
+    for strategy in ROWS:
         ep = 1 if strategy == "replicated" else PAPER["ep"]
         mem = cost.table_bytes_per_rank(PAPER["num_experts"], PAPER["dim"], ep)
         rows.append(_row(strategy, PAPER["ep"], PAPER["ep"], a, None, None, pred[strategy], mem,

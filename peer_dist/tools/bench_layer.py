@@ -30,10 +30,12 @@ import time
 
 import torch
 
+from peer_dist.config import TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
+
 IMPLS = ("peer_dist", "peer-pytorch")
 MODES = ("fwd_bwd", "step")
-OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
-STATE_DTYPES = ("fp32", "bf16")
+OPTIMIZERS = TABLE_OPTIMIZERS
+STATE_DTYPES = TABLE_STATE_DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:

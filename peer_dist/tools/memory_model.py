@@ -32,12 +32,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from peer_dist.config import ModelConfig
+from peer_dist.config import STRATEGIES as PARALLEL_STRATEGIES
+from peer_dist.config import TABLE_OPTIMIZERS, ModelConfig
 from peer_dist.parallel import cost
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
-STRATEGIES = ("fetch", "dispatch")
+STRATEGIES = tuple(s for s in PARALLEL_STRATEGIES if s != "auto")  # what the model prices
 ZERO_STAGES = (0, 1, 2, 3)
 INDEX_BYTES = 8  # int64 row ids (COO indices, ids sent to owners)
 

@@ -37,7 +37,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,13 @@ import torch.distributed as dist
 from peer_dist.config import Config, save_config, to_dict
 from peer_dist.errors import UserError
 from peer_dist.train import faults
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from peer_dist.parallel import ExpertShard, Topology
+    from peer_dist.train.sparse_optim import RowSparseOptimizer
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -224,7 +231,7 @@ def check_compatible(path: Path, cfg: Config) -> None:
 
 # --------------------------------------------------------------------------- tables as DTensors
 
-def _as_dtensor(local: torch.Tensor, mesh: Any, full_rows: int) -> Any:
+def _as_dtensor(local: torch.Tensor, mesh: DeviceMesh, full_rows: int) -> Any:
     """A shard's local rows as a DTensor of the full table: Shard(0) over ep, Replicate over dp."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -234,7 +241,8 @@ def _as_dtensor(local: torch.Tensor, mesh: Any, full_rows: int) -> Any:
                               shape=torch.Size(shape), stride=stride)
 
 
-def table_state(shards: list, table_opt: Any, mesh: Any) -> dict[str, Any]:
+def table_state(shards: list[ExpertShard], table_opt: RowSparseOptimizer,
+                mesh: DeviceMesh) -> dict[str, Any]:
     """DCP state dict of the shards and their optimizer state, keyed by shard name."""
     state: dict[str, Any] = {}
     for shard in shards:
@@ -252,8 +260,9 @@ def table_state(shards: list, table_opt: Any, mesh: Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- saving
 
-def save_checkpoint(step: int, cfg: Config, engine: Any, shards: list, table_opt: Any,
-                    topo: Any) -> Path:
+def save_checkpoint(step: int, cfg: Config, engine: DeepSpeedEngine,
+                    shards: list[ExpertShard], table_opt: RowSparseOptimizer,
+                    topo: Topology) -> Path:
     """Write checkpoint `step` collectively (every rank calls this); returns its path."""
     import torch.distributed.checkpoint as dcp
 
@@ -286,7 +295,7 @@ def save_checkpoint(step: int, cfg: Config, engine: Any, shards: list, table_opt
     return final
 
 
-def consolidated_dense_state(engine: Any) -> dict[str, torch.Tensor]:
+def consolidated_dense_state(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
     """Full fp32 dense weights on rank 0 (empty elsewhere); gathers ZeRO-3 partitions."""
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -340,8 +349,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- loading
 
-def load_checkpoint(path: Path, cfg: Config, engine: Any, shards: list, table_opt: Any,
-                    topo: Any) -> int:
+def load_checkpoint(path: Path, cfg: Config, engine: DeepSpeedEngine,
+                    shards: list[ExpertShard], table_opt: RowSparseOptimizer,
+                    topo: Topology) -> int:
     """Restore everything from `path` (collectively); returns the step to continue from.
 
     Same world size and ZeRO stage, or ZeRO 0 on both sides: the engine's own checkpoint
@@ -381,7 +391,8 @@ def load_checkpoint(path: Path, cfg: Config, engine: Any, shards: list, table_op
     return int(meta["step"])
 
 
-def _restore_table_steps(shards: list, table_opt: Any, state: dict[str, Any]) -> None:
+def _restore_table_steps(shards: list[ExpertShard], table_opt: RowSparseOptimizer,
+                         state: dict[str, Any]) -> None:
     # Plain tensors load in place too, but the step counter is a 0-dim tensor: copy explicitly.
     for shard in shards:
         for side in ("u", "v"):
@@ -390,7 +401,7 @@ def _restore_table_steps(shards: list, table_opt: Any, state: dict[str, Any]) ->
                 table_opt.init_state(getattr(shard, side))["step"].copy_(state[key])
 
 
-def load_dense_weights(engine: Any, full: dict[str, torch.Tensor]) -> None:
+def load_dense_weights(engine: DeepSpeedEngine, full: dict[str, torch.Tensor]) -> None:
     """Copy consolidated weights into the engine (every rank reads the file)."""
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -412,7 +423,7 @@ def load_dense_weights(engine: Any, full: dict[str, torch.Tensor]) -> None:
     _refresh_master_weights(engine)
 
 
-def _refresh_master_weights(engine: Any) -> None:
+def _refresh_master_weights(engine: DeepSpeedEngine) -> None:
     """ZeRO 1-2 and bf16 keep fp32 master copies: reload them from the new module weights."""
     opt = engine.optimizer
     for hook in ("refresh_fp32_params", "_restore_from_bit16_weights"):

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,11 @@ from peer_dist.train.nonfinite import (
 from peer_dist.train.sparse_optim import STATE_DTYPES, RowSparseOptimizer, grad_sq_norm, scale_grads
 from peer_dist.train.startup import RunDirLock, agree, check_same_config, open_data
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from peer_dist.data import TokenDataset
+    from peer_dist.parallel import ExpertShard, Topology
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
     """Linear warmup over `warmup` steps, then cosine from base to base * min_ratio."""
@@ -64,11 +69,11 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> 
 @dataclass
 class Job:
     cfg: Config
-    topo: Any
-    engine: Any
-    shards: list
+    topo: Topology
+    engine: DeepSpeedEngine
+    shards: list[ExpertShard]
     table_opt: RowSparseOptimizer
-    data: Any
+    data: TokenDataset
     dtype: torch.dtype
     skips: SkipTracker
     lock: RunDirLock

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from peer_dist.config import TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
 from peer_dist.ops import cpu as fused_cpu
 
-KINDS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KINDS = TABLE_OPTIMIZERS
+STATE_DTYPES = dict(zip(TABLE_STATE_DTYPES, (torch.float32, torch.bfloat16), strict=True))
 
 
 def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
