@@ -1,0 +1,297 @@
+"""Turn local text files or folders into token shards for training (`peer-prepare` is its
+command line, peer_dist/tools/prepare.py).
+
+Inputs are files, folders (read recursively) or "stdlib" (the standard library of the Python
+that runs this: its *.py sources and the *.txt / *.rst / *.md text next to them; this includes
+pydoc_data/topics.py, the language reference as text). Everything is read in sorted order, so
+the same inputs give the same shards. Files that are not UTF-8 text (or contain NUL) are skipped.
+
+Whole documents go to train or to validation: in the order of a hash of their names, documents
+are moved to validation until it holds val_fraction of the bytes (a single document is cut in
+two instead). The output folder (see peer_dist/data/dataset.py) is written under a temporary name
+and renamed when complete, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from peer_dist.config import DataConfig
+from peer_dist.data.dataset import HF_TOKENIZER_FILE, META_FILE, SPLITS, token_dtype
+from peer_dist.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+
+STDLIB = "stdlib"
+STDLIB_SUFFIXES = (".py", ".txt", ".rst", ".md")
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+ENCODE_CHUNK_BYTES = 4 << 20  # text handed to the tokenizer at once (batching helps HF)
+Log = Callable[[str], None]
+
+
+@dataclass
+class Doc:
+    name: str  # stable name: "stdlib/<relative path>" or the path under the input as given
+    path: Path
+    size: int  # bytes to read (the last document may be cut to respect max_bytes)
+    split: str = "train"
+    part: str = "all"  # all | head | tail (a single document cut into train head / val tail)
+
+
+def _log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- finding files
+
+def _walk(root: Path, suffixes: tuple[str, ...] | None) -> Iterator[Path]:
+    """Regular files under root in sorted order, skipping hidden entries and caches."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith(".") or p.is_symlink() or not p.is_file():
+                continue
+            if suffixes is None or p.suffix in suffixes:
+                yield p
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_files(inputs: list[str]) -> list[tuple[str, Path]]:
+    """(name, path) for every input file, in input order then sorted path order."""
+    out: list[tuple[str, Path]] = []
+    for item in inputs:
+        if item == STDLIB:
+            root = stdlib_root()
+            out += [(f"stdlib/{p.relative_to(root).as_posix()}", p)
+                    for p in _walk(root, STDLIB_SUFFIXES)]
+            continue
+        path = Path(item)
+        if path.is_file():
+            out.append((path.as_posix(), path))
+        elif path.is_dir():
+            out += [((path / p.relative_to(path)).as_posix(), p) for p in _walk(path, None)]
+        else:
+            raise FileNotFoundError(f"input {item!r} does not exist: allowed are files, folders "
+                                    f"or {STDLIB!r}")
+    return out
+
+
+def plan_documents(files: list[tuple[str, Path]], max_bytes: int,
+                   val_fraction: float) -> list[Doc]:
+    """Cap the corpus at max_bytes (by file size) and choose the validation documents."""
+    docs: list[Doc] = []
+    total = 0
+    for name, path in files:
+        size = min(path.stat().st_size, max_bytes - total)
+        if size > 0:
+            docs.append(Doc(name, path, size))
+            total += size
+        if total >= max_bytes:
+            break
+    if not docs:
+        raise ValueError("no input text found (all inputs empty): give files with text")
+    if len(docs) == 1:
+        head = docs[0]
+        docs.append(Doc(head.name, head.path, head.size, "val", "tail"))
+        head.part = "head"
+        return docs
+    _choose_val(docs, val_fraction * total)
+    return docs
+
+
+def _choose_val(docs: list[Doc], target: float) -> None:
+    """Move documents to val in name-hash order until val holds `target` bytes; keep a train."""
+    by_hash = sorted(docs, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
+    val_bytes = 0
+    for d in by_hash:
+        if val_bytes >= target:
+            break
+        d.split = "val"
+        val_bytes += d.size
+    if all(d.split == "val" for d in docs):
+        by_hash[-1].split = "train"
+
+
+# --------------------------------------------------------------------------- reading text
+
+def read_text(doc: Doc, val_fraction: float) -> str | None:
+    """The document's text, or None when it is not UTF-8 text."""
+    with open(doc.path, "rb") as f:
+        raw = f.read(doc.size)
+    if b"\x00" in raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # A cut at max_bytes may split one multi-byte character: drop only that tail.
+        if e.start < len(raw) - 3 or doc.size == doc.path.stat().st_size:
+            return None
+        text = raw[:e.start].decode("utf-8")
+    if doc.part == "all":
+        return text
+    cut = int(len(text) * (1.0 - val_fraction))
+    return text[:cut] if doc.part == "head" else text[cut:]
+
+
+# --------------------------------------------------------------------------- writing shards
+
+class ShardWriter:
+    """Appends encoded documents to train.bin / val.bin and counts what went where."""
+
+    def __init__(self, folder: Path, tok: ByteTokenizer | HFTokenizer):
+        self.tok = tok
+        self.dtype = token_dtype(tok.vocab_size)
+        self.files = {s: open(folder / f"{s}.bin", "wb") for s in SPLITS}
+        self.tokens = dict.fromkeys(SPLITS, 0)
+        self.bytes = dict.fromkeys(SPLITS, 0)
+        self.docs = dict.fromkeys(SPLITS, 0)
+        self._pending: list[tuple[str, str]] = []  # (split, text) awaiting encoding
+        self._pending_bytes = 0
+
+    def add(self, split: str, text: str) -> None:
+        self._pending.append((split, text))
+        self._pending_bytes += len(text)
+        if self._pending_bytes >= ENCODE_CHUNK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        encoded = self.tok.encode_batch([t for _, t in self._pending])
+        eos = [] if self.tok.eos_id is None else [self.tok.eos_id]
+        for (split, text), ids in zip(self._pending, encoded, strict=True):
+            arr = np.concatenate([np.asarray(ids, dtype=np.int64), eos]).astype(self.dtype)
+            arr.tofile(self.files[split])
+            self.tokens[split] += len(arr)
+            self.bytes[split] += len(text.encode("utf-8"))
+            self.docs[split] += 1
+        self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        for f in self.files.values():
+            f.close()
+
+
+def _write(folder: Path, docs: list[Doc], tok: ByteTokenizer | HFTokenizer,
+           val_fraction: float, log: Log) -> tuple[ShardWriter, list[str]]:
+    writer = ShardWriter(folder, tok)
+    skipped: list[str] = []
+    planned = sum(d.size for d in docs if d.part != "tail")
+    done, t0, last = 0, time.perf_counter(), 0.0
+    try:
+        for i, doc in enumerate(docs):
+            text = read_text(doc, val_fraction)
+            if text is None:
+                skipped.append(doc.name)
+            elif text:
+                writer.add(doc.split, text)
+            done += doc.size if doc.part != "tail" else 0
+            now = time.perf_counter() - t0
+            if now - last >= 2.0 or i == len(docs) - 1:
+                last = now
+                log(f"peer-prepare: {i + 1}/{len(docs)} files, {done / 1e6:.1f}/"
+                    f"{planned / 1e6:.1f} MB read, {now:.1f} s")
+    finally:
+        writer.close()
+    return writer, skipped
+
+
+def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte",
+            val_fraction: float = 0.01, max_bytes: int = 50_000_000, force: bool = False,
+            log: Log = _log_stderr) -> dict:
+    """Write out/{train,val}.bin and out/meta.json from the inputs; return the metadata."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} is invalid: allowed is a fraction in (0, 1)")
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes={max_bytes} is invalid: allowed is > 0")
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"output folder {str(out)!r} exists: remove it or pass --force")
+    tok = load_tokenizer(tokenizer)
+    docs = plan_documents(list_files(inputs), max_bytes, val_fraction)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer, skipped = _write(tmp, docs, tok, val_fraction, log)
+        if writer.tokens["train"] == 0 or writer.tokens["val"] == 0:
+            raise ValueError(f"inputs {inputs} gave {writer.tokens} tokens: both splits need "
+                             f"text ({len(skipped)} files skipped as not UTF-8 text)")
+        meta = _meta(inputs, tokenizer, tok, writer, docs, skipped, val_fraction, max_bytes)
+        if isinstance(tok, HFTokenizer):
+            shutil.copyfile(tok.path, tmp / HF_TOKENIZER_FILE)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing out (only with force) is moved aside first."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _meta(inputs: list[str], spec: str, tok: ByteTokenizer | HFTokenizer, writer: ShardWriter,
+          docs: list[Doc], skipped: list[str], val_fraction: float, max_bytes: int) -> dict:
+    skip = set(skipped)
+    return {
+        "format": "peer_dist.tokens/1",
+        "vocab_size": tok.vocab_size,
+        "dtype": writer.dtype.name,
+        "eos_id": tok.eos_id,
+        "tokenizer": "byte" if spec == "byte" else HF_TOKENIZER_FILE,
+        "tokenizer_source": spec,
+        "sources": list(inputs),
+        "max_bytes": max_bytes,
+        "val_fraction": val_fraction,
+        "tokens": writer.tokens,
+        "bytes": writer.bytes,
+        "documents": writer.docs,
+        "skipped": skipped,
+        # Every document in stream order per split: [name, split, part].
+        "files": [[d.name, d.split, d.part] for d in docs if d.name not in skip],
+    }
+
+
+def prepare_dataset(data_cfg: DataConfig, log: Log = print) -> Path:
+    """Create data_cfg.path from data_cfg.source if it has no meta.json yet; return the path.
+
+    Call this on rank 0 only, then barrier before any rank opens the folder:
+
+        if rank == 0:
+            prepare_dataset(cfg.data)
+        dist.barrier()
+        data = TokenDataset(cfg.data.path)
+
+    Without a shared filesystem, call it on each node's local rank 0 and barrier the same way.
+    The folder appears whole or not at all (written to a temporary name, then renamed), so a
+    crashed preparation is simply redone on the next start.
+    """
+    path = Path(data_cfg.path)
+    if (path / META_FILE).is_file():
+        return path
+    sources = [s.strip() for s in str(data_cfg.source).split(",") if s.strip()]
+    prepare(sources, path, tokenizer=data_cfg.tokenizer, val_fraction=data_cfg.val_fraction,
+            max_bytes=data_cfg.max_bytes, log=log)
+    return path
