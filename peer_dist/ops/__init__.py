@@ -2,6 +2,7 @@
 side by side behind it (Triton for CUDA goes beside them).
 
     ops.peer_mix(x, ids, gates, u, v)      the expert mix, row-sparse table gradients
+    ops.ragged_mix(x, rows, bag, gates, u, v)  the same mix over bags of any size (dispatch)
     ops.key_scores(q, sel, keys)           the selected sub-key scores
     ops.rows                               gather_dot, bag_sum, ragged_*, RowGroups, row_grad
     ops.cpu                                the C kernels (ctypes), product-key top-k, row
@@ -11,7 +12,8 @@ side by side behind it (Triton for CUDA goes beside them).
 No torch.distributed here; model/ and the optimizers import ops/, never the reverse.
 """
 
-from peer_dist.ops.mix import activation, activation_grad, key_scores, peer_mix
+from peer_dist.ops.mix import activation, activation_grad, key_scores, peer_mix, ragged_mix
 from peer_dist.ops.rows import check_ids
 
-__all__ = ["activation", "activation_grad", "check_ids", "key_scores", "peer_mix"]
+__all__ = ["activation", "activation_grad", "check_ids", "key_scores", "peer_mix",
+           "ragged_mix"]

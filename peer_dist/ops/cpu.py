@@ -36,8 +36,8 @@ _P = ctypes.c_void_p
 _SIGNATURES = {
     "adam_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _F64, _F64, _F64, _F64, _F64, _F64],
     "adagrad_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64],
-    "rows_fwd": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
-    "rows_bwd": [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P,
+    "rows_fwd": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
+    "rows_bwd": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P,
                  _P, _P, _P],
     "pk_select": [_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P],
     "key_grad": [_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P],
@@ -244,29 +244,29 @@ def check_rows(rows: torch.Tensor, n: int, what: str) -> None:
                          f"{int(rows.max())}]")
 
 
-def rows_forward(groups, x, ids, gates, u, v, gelu: bool):
-    """Row-major forward: -> y (T, D), pre-activations (T, S)."""
-    t, s = ids.shape
-    pre = torch.empty(t, s, dtype=x.dtype)
-    y = torch.empty(t, x.shape[1], dtype=x.dtype)
+def rows_forward(groups, x, gates, u, v, gelu: bool):
+    """Row-major forward over groups (RowGroups of Q selections into P bags, x (P, D),
+    gates (Q,)) -> y (P, D), pre-activations (Q,)."""
+    pre = torch.empty(gates.shape, dtype=x.dtype)
+    y = torch.empty(x.shape, dtype=x.dtype)
     fn = getattr(library(), f"rows_fwd_{_sfx(x)}")
-    y = _parallel_partials(fn, groups.rows.numel(), y, s, x.shape[1], _ptr(groups.rows),
-                           _ptr(groups.offsets), _ptr(groups.order), _ptr(x), _ptr(gates),
-                           _ptr(u), _ptr(v), int(gelu), _ptr(pre))
+    y = _parallel_partials(fn, groups.rows.numel(), y, x.shape[1], _ptr(groups.rows),
+                           _ptr(groups.offsets), _ptr(groups.order), _ptr(groups.bag), _ptr(x),
+                           _ptr(gates), _ptr(u), _ptr(v), int(gelu), _ptr(pre))
     return y, pre
 
 
-def rows_backward(groups, x, dy, ids, gates, pre, u, v, gelu: bool):
-    """Row-major backward: -> dx (T, D), dgates (T, S), du (R, D), dv (R, D)."""
-    t, s = ids.shape
+def rows_backward(groups, x, dy, gates, pre, u, v, gelu: bool):
+    """Row-major backward: -> dx (P, D), dgates (Q,), du (R, D), dv (R, D)."""
     d, r = x.shape[1], groups.rows.numel()
-    dg = torch.empty(t, s, dtype=x.dtype)
+    dg = torch.empty(gates.shape, dtype=x.dtype)
     du, dv = pool.take(r, d, dtype=x.dtype), pool.take(r, d, dtype=x.dtype)
-    dx = torch.empty(t, d, dtype=x.dtype)
+    dx = torch.empty(x.shape, dtype=x.dtype)
     fn = getattr(library(), f"rows_bwd_{_sfx(x)}")
-    dx = _parallel_partials(fn, r, dx, s, d, _ptr(groups.rows), _ptr(groups.offsets),
-                            _ptr(groups.order), _ptr(x), _ptr(dy), _ptr(gates), _ptr(pre),
-                            _ptr(u), _ptr(v), int(gelu), _ptr(dg), _ptr(du), _ptr(dv))
+    dx = _parallel_partials(fn, r, dx, d, _ptr(groups.rows), _ptr(groups.offsets),
+                            _ptr(groups.order), _ptr(groups.bag), _ptr(x), _ptr(dy),
+                            _ptr(gates), _ptr(pre), _ptr(u), _ptr(v), int(gelu), _ptr(dg),
+                            _ptr(du), _ptr(dv))
     return dx, dg, du, dv
 
 

@@ -7,9 +7,11 @@ N = rows of the expert tables, R = unique rows selected in a batch.
 
     y[t] = sum_s  g[t, s] * act(U[ids[t, s]] . x[t]) * V[ids[t, s]]
 
-Forward and backward are three primitives: gather_dot (the u.x side), bag_sum (the v side, and
-dx) and RowGroups.sums (the row-sparse table gradients: R rows, never a dense N x D tensor
-unless asked for).
+Forward and backward are three primitives: ragged_dot (the u.x side), ragged_bag_sum (the
+v side, and dx) and RowGroups.sums (the row-sparse table gradients: R rows, never a dense N x D
+tensor unless asked for), or on CPU the two fused kernels that do all of it in one pass over the
+unique rows each. One autograd function (RaggedMix) serves the single-device layer (a bag per
+token) and dispatch's owners (a bag per (token, owner) pair).
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from peer_dist.ops import cpu
-from peer_dist.ops.rows import RowGroups, bag_sum, check_ids, gather_dot, row_grad
+from peer_dist.ops.rows import (
+    RowGroups,
+    bag_sum,
+    check_ids,
+    gather_dot,
+    ragged_bag_sum,
+    ragged_dot,
+    row_grad,
+)
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -36,10 +46,10 @@ def activation_grad(name: str, s: torch.Tensor) -> torch.Tensor:
     return (s > 0).to(s.dtype)
 
 
-def _fused_ok(x, ids, gates, u, v) -> bool:
+def _fused_ok(x, rows, gates, u, v) -> bool:
     """The fused CPU kernels take contiguous CPU fp32/fp64 tables of one dtype."""
     return (u.is_contiguous() and v.is_contiguous() and u.dtype == v.dtype == x.dtype
-            and ids.dtype == torch.int64 and ids.numel() > 0
+            and rows.dtype == torch.int64 and rows.numel() > 0
             and cpu.usable(x, gates, u, v))
 
 
@@ -54,55 +64,89 @@ def _check_shapes(x, ids, gates, u, v) -> None:
                          "allowed are x (T, D), integer ids and gates (T, S), u and v (N, D)")
 
 
-class PeerMix(torch.autograd.Function):
-    """y = sum_s g * act(U[ids] . x) * V[ids]; U, V gradients row-sparse (or dense)."""
+def _bag_offsets(bag: torch.Tensor, bags: int) -> torch.Tensor:
+    """(P,) start of each bag's run in a nondecreasing bag (Q,)."""
+    counts = torch.bincount(bag, minlength=bags)
+    return torch.cumsum(counts, 0) - counts
+
+
+class RaggedMix(torch.autograd.Function):
+    """y[p] = sum over the selections q of bag p of g[q] * act(U[rows[q]] . x[p]) * V[rows[q]].
+
+    x (P, D), rows (Q,) int64 table rows, bag (Q,) nondecreasing in [0, P), gates (Q,).
+    U, V gradients row-sparse (or dense). The single-device layer is the case bag = the token
+    of each of its T*S selections; dispatch's owner mixes bags of any size (one per
+    (token, owner) pair)."""
 
     @staticmethod
-    def forward(ctx, x, ids, gates, u, v, act: str, sparse_grad: bool):
+    def forward(ctx, x, rows, bag, gates, u, v, act: str, sparse_grad: bool):
         ctx.act, ctx.sparse_grad = act, sparse_grad
-        ctx.fused = _fused_ok(x, ids, gates, u, v)
-        _check_shapes(x, ids, gates, u, v)
+        ctx.fused = _fused_ok(x, rows, gates, u, v)
+        x, gates = x.contiguous(), gates.to(x.dtype).contiguous()
+        offsets = None
         if ctx.fused:
-            x, ids, gates = x.contiguous(), ids.contiguous(), gates.to(x.dtype).contiguous()
-            ctx.groups = RowGroups.of_tokens(ids, u.shape[0])  # checks ids against N
-            y, s = cpu.rows_forward(ctx.groups, x, ids, gates, u, v, act == "gelu")
+            ctx.groups = RowGroups(rows, bag, u.shape[0])  # checks ids against N
+            y, s = cpu.rows_forward(ctx.groups, x, gates, u, v, act == "gelu")
         else:
-            check_ids(ids, u.shape[0])  # torch indexing would wrap -1 to the last row
-            s = gather_dot(x, ids, u)  # (T, S) pre-activations
-            y = bag_sum(ids, v, gates * activation(act, s))  # (T, D)
-        ctx.save_for_backward(x, ids, gates, u, v, s)
+            check_ids(rows, u.shape[0])  # torch indexing would wrap -1 to the last row
+            offsets = _bag_offsets(bag, x.shape[0])
+            s = ragged_dot(x, rows, bag, offsets, u)  # (Q,) pre-activations
+            y = ragged_bag_sum(rows, offsets, v, gates * activation(act, s))  # (P, D)
+        ctx.save_for_backward(x, rows, bag, offsets, gates, u, v, s)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, ids, gates, u, v, s = ctx.saved_tensors
-        dy = dy.contiguous()
-        tables = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        x, rows, bag, offsets, gates, u, v, s = ctx.saved_tensors
+        dy, n = dy.contiguous(), u.shape[0]
+        tables = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
         if ctx.fused:  # one pass over the unique rows: dx, dgates and both table gradients
-            groups, n = ctx.groups, u.shape[0]
-            dx, dgates, du, dv = cpu.rows_backward(groups, x, dy, ids, gates, s, u, v,
+            groups = ctx.groups
+            dx, dgates, du, dv = cpu.rows_backward(groups, x, dy, gates, s, u, v,
                                                    ctx.act == "gelu")
             if not tables:
-                return dx, None, dgates, None, None, None, None
-            return (dx, None, dgates, row_grad(groups.rows, du, n, ctx.sparse_grad),
+                return dx, None, None, dgates, None, None, None, None
+            return (dx, None, None, dgates, row_grad(groups.rows, du, n, ctx.sparse_grad),
                     row_grad(groups.rows, dv, n, ctx.sparse_grad), None, None)
         a = activation(ctx.act, s)
-        dw = gather_dot(dy, ids, v)  # (T, S) dL/dw = dy . v
+        dw = ragged_dot(dy, rows, bag, offsets, v)  # (Q,) dL/dw = dy . v
         dgates = dw * a
-        ds = dw * gates * activation_grad(ctx.act, s)  # (T, S) dL/ds
-        dx = bag_sum(ids, u, ds)
+        ds = dw * gates * activation_grad(ctx.act, s)  # (Q,) dL/ds
+        dx = ragged_bag_sum(rows, offsets, u, ds)
         du = dv = None
         if tables:
-            groups = RowGroups.of_tokens(ids, u.shape[0])
-            du = row_grad(groups.rows, groups.sums(x, ds), u.shape[0], ctx.sparse_grad)
-            dv = row_grad(groups.rows, groups.sums(dy, gates * a), v.shape[0], ctx.sparse_grad)
-        return dx, None, dgates, du, dv, None, None
+            groups = RowGroups(rows, bag, n)
+            du = row_grad(groups.rows, groups.sums(x, ds), n, ctx.sparse_grad)
+            dv = row_grad(groups.rows, groups.sums(dy, gates * a), n, ctx.sparse_grad)
+        return dx, None, None, dgates, du, dv, None, None
+
+
+def ragged_mix(x: torch.Tensor, rows: torch.Tensor, bag: torch.Tensor, gates: torch.Tensor,
+               u: torch.Tensor, v: torch.Tensor, act: str = "gelu",
+               sparse_grad: bool = True) -> torch.Tensor:
+    """x (P, D), rows (Q,) rows of u/v (N, D), bag (Q,) nondecreasing in [0, P), gates (Q,)
+    -> y (P, D). Bags are checked before any kernel writes y[bag]."""
+    ok = (x.dim() == 2 and rows.dim() == bag.dim() == gates.dim() == 1
+          and rows.shape == bag.shape == gates.shape and u.shape == v.shape and u.dim() == 2
+          and u.shape[1] == x.shape[1] and not rows.is_floating_point())
+    if not ok:
+        raise ValueError(f"ragged_mix: x {tuple(x.shape)}, rows {tuple(rows.shape)}, bag "
+                         f"{tuple(bag.shape)}, gates {tuple(gates.shape)}, u {tuple(u.shape)}, "
+                         f"v {tuple(v.shape)}; allowed are x (P, D), rows, bag and gates (Q,), "
+                         "u and v (N, D)")
+    if bag.numel() and (int(bag[0]) < 0 or int(bag[-1]) >= x.shape[0]
+                        or bool((bag[1:] < bag[:-1]).any())):
+        raise IndexError(f"ragged_mix: bag must be nondecreasing in [0, {x.shape[0]})")
+    return RaggedMix.apply(x, rows, bag, gates, u, v, act, sparse_grad)
 
 
 def peer_mix(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, u: torch.Tensor,
              v: torch.Tensor, act: str = "gelu", sparse_grad: bool = True) -> torch.Tensor:
     """x (T, D), ids (T, S) int64 rows of u/v (N, D), gates (T, S) -> y (T, D)."""
-    return PeerMix.apply(x, ids, gates, u, v, act, sparse_grad)
+    _check_shapes(x, ids, gates, u, v)
+    t, s = ids.shape
+    bag = torch.arange(t, device=ids.device).repeat_interleave(s)
+    return RaggedMix.apply(x, ids.reshape(-1), bag, gates.reshape(-1), u, v, act, sparse_grad)
 
 
 class KeyScores(torch.autograd.Function):

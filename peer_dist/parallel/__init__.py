@@ -9,6 +9,7 @@
 
 from peer_dist.parallel.batchnorm import SyncBatchNorm1d
 from peer_dist.parallel.comm import CommStats
+from peer_dist.parallel.grad_sync import sync_expert_grads
 from peer_dist.parallel.idmap import IdMap
 from peer_dist.parallel.parallelize import (
     comm_stats,
@@ -16,7 +17,6 @@ from peer_dist.parallel.parallelize import (
     parallelize,
     reset_comm_stats,
     shard_dtensors,
-    sync_expert_grads,
 )
 from peer_dist.parallel.store import ExpertShard, ShardedExperts
 from peer_dist.parallel.topology import Topology, TopologyError, init_distributed

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,17 @@ class CommStats:
     calls: int = 0  # forward calls
     strategy_calls: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # tokens this rank sent through the layer
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # forward, by stage
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time one forward stage (input_dist, compute, output_dist), cumulatively."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + (
+                time.perf_counter() - t0)
 
     def add(self, direction: str, sent: int, recv: int, seconds: float) -> None:
         self.bytes_sent[direction] += int(sent)
@@ -54,6 +67,7 @@ class CommStats:
             "calls": self.calls,
             "tokens": self.tokens,
             "strategy_calls": dict(self.strategy_calls),
+            "stage_seconds": dict(self.stage_seconds),
         }
 
     def reset(self) -> None:

@@ -1,11 +1,13 @@
 """dispatch: bring the tokens to the rows (compute at the owner).
 
-Stages (per layer, per step):
-  input_dist   per (token, owner) pair: x once, plus (local id, pair, gate) per selection
-  compute      the owner mixes its experts: one partial d-vector per pair (ragged bags)
+Stages (per layer, per step), each its own autograd function or call:
+  input_dist   per (token, owner) pair: x once, plus (local row, pair, gate) per selection
+  compute      the owner mixes its experts with the single-device kernels (ops.ragged_mix):
+               one partial d-vector per pair (a bag of that pair's selections)
   output_dist  partials go back and are summed per token
-Backward: dL/dy goes to the owners; dL/dx and dL/dgate partials come back; the U and V
-gradients arise at the owner and never travel.
+Backward runs the stages in reverse: dL/dy goes to the owners (output_dist), the owner's mix
+gives dL/dx_in, dL/dgate and the U and V gradients, which never travel (compute), and the
+dL/dx and dL/dgate partials come back (input_dist).
 
 Shape legend: T = tokens, S = selections per token, D = dim, P = (token, owner) pairs this rank
 sends, Q = T*S selections, P_in / Q_in = pairs / selections this owner receives.
@@ -17,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peer_dist.ops import activation, activation_grad
-from peer_dist.ops.rows import RowGroups, ragged_bag_sum, ragged_dot, row_grad
+from peer_dist.ops import ragged_mix
 from peer_dist.parallel.comm import Exchange, owner_starts, source_of_rows
 from peer_dist.parallel.idmap import IdMap
 
@@ -32,6 +33,17 @@ class DispatchPlan:
     sel_splits: list[int]  # selections sent to each owner
     recv_pairs: list[int]  # pairs received from each rank
     recv_sels: list[int]  # selections received from each rank
+
+
+@dataclass
+class Received:
+    """What an owner holds after input_dist: its bags of selections, one per received pair."""
+
+    x: torch.Tensor  # (P_in, D) one token row per pair
+    rows: torch.Tensor  # (Q_in,) int64 local rows
+    bag: torch.Tensor  # (Q_in,) int64 pair of each selection, nondecreasing
+    gates: torch.Tensor  # (Q_in,) in x's dtype
+    plan: DispatchPlan
 
 
 def plan_dispatch(ids: torch.Tensor, idmap: IdMap, ex: Exchange) -> DispatchPlan:
@@ -52,71 +64,86 @@ def plan_dispatch(ids: torch.Tensor, idmap: IdMap, ex: Exchange) -> DispatchPlan
                         [c[1] for c in sent], [c[0] for c in recv], [c[1] for c in recv])
 
 
-def dispatch_counts_out(ids: torch.Tensor, idmap: IdMap, me: int) -> tuple[int, int]:
-    """(pairs, selections) this rank would send to other owners (for the cost model)."""
-    t, s = ids.shape
-    owner, _ = idmap.split(idmap.position(ids.reshape(-1)))
-    token = torch.arange(t, device=ids.device).repeat_interleave(s)
-    remote = owner != me
-    pairs = torch.unique(owner[remote] * t + token[remote]).numel()
-    return pairs, int(remote.sum())
+def _as_int32_columns(t: torch.Tensor) -> torch.Tensor:
+    """(Q,) floats -> (Q, ceil(bytes / 4)) int32 holding their bytes (zero-padded)."""
+    b = t.contiguous().view(torch.uint8).view(t.shape[0], t.element_size())
+    pad = -t.element_size() % 4
+    if pad:
+        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)
+    return b.view(torch.int32)
 
 
-def _row_grad(rows: torch.Tensor, bag: torch.Tensor, xs: torch.Tensor, weights: torch.Tensor,
-              n: int) -> torch.Tensor:
-    """Sparse (n, D) COO: for each distinct row, sum over its selections of weights * xs[bag]."""
-    groups = RowGroups(rows, bag, n)
-    return row_grad(groups.rows, groups.sums(xs, weights), n)
+def _from_int32_columns(cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return cols.contiguous().view(torch.uint8)[:, :elem].contiguous().view(dtype).view(-1)
 
 
-class Dispatch(torch.autograd.Function):
-    """(x, gates, u, v) -> y (T, D); u, v are the local shard; collective over the EP group."""
+class SendTokens(torch.autograd.Function):
+    """input_dist: (x (T, D), gates (T, S)) -> at the owners x_in (P_in, D), gates_in (Q_in,),
+    rows (Q_in,) local rows and bag (Q_in,) the received pair of each selection.
+
+    Gates travel in x's dtype, as bytes beside the int32 (local row, pair) of their selection:
+    one message. Backward returns dL/dx partials (summed per token) and dL/dgate."""
 
     @staticmethod
-    def forward(ctx, x, gates, u, v, plan: DispatchPlan, ex: Exchange, act: str):
-        # input_dist: x once per pair; (local row, pair, gate bits) per selection
-        gate_bits = gates.reshape(-1)[plan.order].float().view(torch.int32)[:, None]
-        meta = torch.cat([plan.meta, gate_bits], 1)  # (Q, 3) int32
-        x_in = ex.send(x[plan.pair_token], plan.pair_splits, plan.recv_pairs, "fwd")  # (P_in, D)
-        meta_in = ex.send(meta, plan.sel_splits, plan.recv_sels, "fwd").to(torch.int64)
-        rows = meta_in[:, 0].contiguous()
-        g_in = meta_in[:, 2].to(torch.int32).view(torch.float32)
-        bag = meta_in[:, 1] + owner_starts(plan.recv_pairs, x.device)[
-            source_of_rows(plan.recv_sels, x.device)]  # (Q_in,) nondecreasing
-        offsets = torch.cumsum(torch.bincount(bag, minlength=x_in.shape[0]), 0)
-        offsets = offsets - torch.bincount(bag, minlength=x_in.shape[0])
-        # compute: one partial per pair
-        g_in = g_in.to(x.dtype)
-        s = ragged_dot(x_in, rows, bag, offsets, u)  # (Q_in,) pre-activations
-        y_in = ragged_bag_sum(rows, offsets, v, g_in * activation(act, s))  # (P_in, D)
-        # output_dist: partials back, summed per token
+    def forward(ctx, x, gates, plan: DispatchPlan, ex: Exchange):
+        gate_cols = _as_int32_columns(gates.reshape(-1)[plan.order].to(x.dtype))
+        meta = torch.cat([plan.meta, gate_cols], 1)  # (Q, 2 + gate words) int32
+        x_in = ex.send(x[plan.pair_token], plan.pair_splits, plan.recv_pairs, "fwd")
+        meta_in = ex.send(meta, plan.sel_splits, plan.recv_sels, "fwd")
+        rows = meta_in[:, 0].to(torch.int64)
+        bag = meta_in[:, 1].to(torch.int64) + owner_starts(plan.recv_pairs, x.device)[
+            source_of_rows(plan.recv_sels, x.device)]  # nondecreasing: pairs by source
+        g_in = _from_int32_columns(meta_in[:, 2:], x.dtype)
+        ctx.plan, ctx.ex, ctx.shapes = plan, ex, (x.shape, gates.shape)
+        ctx.mark_non_differentiable(rows, bag)
+        return x_in, g_in, rows, bag
+
+    @staticmethod
+    def backward(ctx, dx_in, dg_in, _rows, _bag):
+        plan, ex = ctx.plan, ctx.ex
+        x_shape, g_shape = ctx.shapes
+        dx_pairs = ex.send(dx_in, plan.recv_pairs, plan.pair_splits, "bwd")  # (P, D)
+        dg = ex.send(dg_in.contiguous(), plan.recv_sels, plan.sel_splits, "bwd")  # (Q,)
+        dx = dx_pairs.new_zeros(x_shape).index_add_(0, plan.pair_token, dx_pairs)
+        dgates = dg.new_zeros(dg.shape).index_copy_(0, plan.order, dg)
+        return dx, dgates.view(g_shape), None, None
+
+
+class ReturnPartials(torch.autograd.Function):
+    """output_dist: partial y (P_in, D) at the owners -> y (T, D), summed per token.
+    Backward sends dL/dy to the owners, once per pair."""
+
+    @staticmethod
+    def forward(ctx, y_in, plan: DispatchPlan, ex: Exchange, tokens: int):
+        ctx.plan, ctx.ex = plan, ex
         y_pairs = ex.send(y_in, plan.recv_pairs, plan.pair_splits, "fwd")  # (P, D)
-        y = x.new_zeros(x.shape).index_add_(0, plan.pair_token, y_pairs)
-        ctx.save_for_backward(x_in, rows, bag, offsets, g_in, s, u, v)
-        ctx.plan, ctx.ex, ctx.act, ctx.gshape = plan, ex, act, gates.shape
-        return y
+        return y_pairs.new_zeros(tokens, y_in.shape[1]).index_add_(0, plan.pair_token, y_pairs)
 
     @staticmethod
     def backward(ctx, dy):
-        x_in, rows, bag, offsets, g_in, s, u, v = ctx.saved_tensors
-        plan, ex, act = ctx.plan, ctx.ex, ctx.act
-        dy_in = ex.send(dy.contiguous()[plan.pair_token], plan.pair_splits, plan.recv_pairs,
-                        "bwd")  # (P_in, D)
-        a = activation(act, s)
-        dw = ragged_dot(dy_in, rows, bag, offsets, v)  # (Q_in,) dL/d(weight)
-        ds = dw * g_in * activation_grad(act, s)  # (Q_in,) dL/ds
-        dx_in = ragged_bag_sum(rows, offsets, u, ds)  # (P_in, D)
-        du = _row_grad(rows, bag, x_in, ds, u.shape[0])  # U, V grads stay here
-        dv = _row_grad(rows, bag, dy_in, g_in * a, v.shape[0])
-        dx_pairs = ex.send(dx_in, plan.recv_pairs, plan.pair_splits, "bwd")  # (P, D)
-        dg = ex.send((dw * a).float(), plan.recv_sels, plan.sel_splits, "bwd")  # (Q,)
-        dx = dx_pairs.new_zeros(dy.shape).index_add_(0, plan.pair_token, dx_pairs)
-        dgates = dg.new_zeros(dg.shape).index_copy_(0, plan.order, dg)
-        return dx, dgates.view(ctx.gshape).to(dy.dtype), du, dv, None, None, None
+        plan = ctx.plan
+        dy_in = ctx.ex.send(dy.contiguous()[plan.pair_token], plan.pair_splits, plan.recv_pairs,
+                            "bwd")  # (P_in, D)
+        return dy_in, None, None, None
 
 
-def dispatch_mix(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, u: torch.Tensor,
-                 v: torch.Tensor, idmap: IdMap, ex: Exchange, act: str) -> torch.Tensor:
-    """x (T, D), ids (T, S) global expert ids, gates (T, S) -> y (T, D)."""
-    plan = plan_dispatch(ids, idmap, ex)
-    return Dispatch.apply(x, gates, u, v, plan, ex, act)
+class Dispatch:
+    """The dispatch strategy's three stages for one EP group."""
+
+    name = "dispatch"
+
+    def __init__(self, idmap: IdMap, ex: Exchange, act: str):
+        self.idmap, self.ex, self.act = idmap, ex, act
+
+    def input_dist(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> Received:
+        plan = plan_dispatch(ids, self.idmap, self.ex)
+        x_in, g_in, rows, bag = SendTokens.apply(x, gates, plan, self.ex)
+        return Received(x_in, rows, bag, g_in, plan)
+
+    def compute(self, got: Received, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(P_in, D) one partial per received pair, from the local rows only."""
+        return ragged_mix(got.x, got.rows, got.bag, got.gates, u, v, self.act)
+
+    def output_dist(self, got: Received, y_in: torch.Tensor, tokens: int) -> torch.Tensor:
+        return ReturnPartials.apply(y_in, got.plan, self.ex, tokens)

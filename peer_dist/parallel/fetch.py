@@ -1,9 +1,11 @@
 """fetch: bring the selected rows to the tokens.
 
-Stages (per layer, per step):
+Stages (per layer, per step), each its own call or autograd function:
   input_dist   distinct selected ids -> owners (counts, then int32 local ids)
-  compute      owners gather U and V rows and send them back; the layer mixes locally
-  output_dist  backward: row gradients go back to the owners, which keep them (sparse)
+  compute      each owner looks up the U and V rows asked of it
+  output_dist  the rows go back and the requester mixes them with its tokens (ops.peer_mix)
+Backward: the rows' gradients go back to their owners (output_dist), which keep them as sparse
+gradients of the shard (compute).
 
 Shape legend: T = tokens, S = selections per token, D = dim, R = distinct rows this rank
 selected, R_in = rows other ranks (and this one) asked of this owner.
@@ -41,39 +43,69 @@ def plan_fetch(ids: torch.Tensor, idmap: IdMap, ex: Exchange) -> FetchPlan:
     return FetchPlan(send_splits, recv_splits, served, where[inverse].view(ids.shape))
 
 
-class FetchRows(torch.autograd.Function):
-    """(u, v) local shard -> (U rows, V rows) (R, D) of the rows this rank selected.
-
-    Backward returns the row gradients to their owners as sparse COO gradients of the shard."""
+class LookupRows(torch.autograd.Function):
+    """compute: the owner's lookup (u, v) shard -> the rows it serves (R_in, D) each.
+    Backward: the served rows' gradients as sparse COO gradients of the shard (a row served
+    to several ranks appears once per request; coalescing sums them)."""
 
     @staticmethod
-    def forward(ctx, u, v, plan: FetchPlan, ex: Exchange):
-        # U and V rows travel as two messages: no (R, 2D) concatenation and split copies
-        ctx.plan, ctx.ex, ctx.shape = plan, ex, u.shape
-        return tuple(ex.send(t[plan.served], plan.recv_splits, plan.send_splits, "fwd")
-                     for t in (u, v))  # (R, D) each
+    def forward(ctx, u, v, served: torch.Tensor):
+        ctx.save_for_backward(served)
+        ctx.shape = u.shape
+        return u[served], v[served]
 
     @staticmethod
     def backward(ctx, gu, gv):
-        plan, ex, shape = ctx.plan, ctx.ex, ctx.shape
-        gu = gu if gu is not None else torch.zeros_like(gv)
-        gv = gv if gv is not None else torch.zeros_like(gu)
-        idx = plan.served[None]
-        du, dv = (torch.sparse_coo_tensor(
-            idx, ex.send(g.contiguous(), plan.send_splits, plan.recv_splits, "bwd"), shape,
-            check_invariants=False) for g in (gu, gv))  # (R_in, D) rows at the owner
-        return du, dv, None, None
+        (served,) = ctx.saved_tensors
+        return (*(torch.sparse_coo_tensor(served[None], g.contiguous(), ctx.shape,
+                                          check_invariants=False) for g in (gu, gv)), None)
 
 
-def fetch_mix(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, u: torch.Tensor,
-              v: torch.Tensor, idmap: IdMap, ex: Exchange, act: str) -> torch.Tensor:
-    """x (T, D), ids (T, S) global expert ids, gates (T, S) -> y (T, D)."""
-    plan = plan_fetch(ids, idmap, ex)
-    u_rows, v_rows = FetchRows.apply(u, v, plan, ex)
-    return peer_mix(x, plan.mix_ids, gates, u_rows, v_rows, act, sparse_grad=False)
+class ReturnRows(torch.autograd.Function):
+    """output_dist: served rows (R_in, D) -> the requester's rows (R, D), U and V as two
+    messages (no (R, 2D) concatenation and split copies). Backward sends the rows' gradients
+    back to their owners."""
+
+    @staticmethod
+    def forward(ctx, u_served, v_served, plan: FetchPlan, ex: Exchange):
+        ctx.plan, ctx.ex = plan, ex
+        return tuple(ex.send(t, plan.recv_splits, plan.send_splits, "fwd")
+                     for t in (u_served, v_served))
+
+    @staticmethod
+    def backward(ctx, gu, gv):
+        plan, ex = ctx.plan, ctx.ex
+        return (*(ex.send(g.contiguous(), plan.send_splits, plan.recv_splits, "bwd")
+                  for g in (gu, gv)), None, None)
 
 
-def fetch_rows_out(ids: torch.Tensor, idmap: IdMap, me: int) -> int:
-    """Distinct rows this rank would ask of other owners (for the cost model)."""
-    owner, _ = idmap.split(idmap.position(torch.unique(ids)))
-    return int((owner != me).sum())
+@dataclass
+class Requested:
+    """What input_dist leaves: the plan, and x and gates, which stay at the requester."""
+
+    plan: FetchPlan
+    x: torch.Tensor
+    gates: torch.Tensor
+
+
+class Fetch:
+    """The fetch strategy's three stages for one EP group."""
+
+    name = "fetch"
+
+    def __init__(self, idmap: IdMap, ex: Exchange, act: str):
+        self.idmap, self.ex, self.act = idmap, ex, act
+
+    def input_dist(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> Requested:
+        return Requested(plan_fetch(ids, self.idmap, self.ex), x, gates)
+
+    def compute(self, req: Requested, u: torch.Tensor,
+                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return LookupRows.apply(u, v, req.plan.served)
+
+    def output_dist(self, req: Requested, served: tuple[torch.Tensor, torch.Tensor],
+                    tokens: int) -> torch.Tensor:
+        """Rows back to the requester, which mixes them with its tokens: y (T, D)."""
+        u_rows, v_rows = ReturnRows.apply(*served, req.plan, self.ex)
+        return peer_mix(req.x, req.plan.mix_ids, req.gates, u_rows, v_rows, self.act,
+                        sparse_grad=False)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from peer_dist.config import STRATEGIES
@@ -22,8 +21,8 @@ from peer_dist.model.peer import INIT_BLOCK_ROWS, ExpertTables, init_rows
 from peer_dist.ops import peer_mix
 from peer_dist.parallel import cost
 from peer_dist.parallel.comm import CommStats, Exchange
-from peer_dist.parallel.dispatch import dispatch_counts_out, dispatch_mix
-from peer_dist.parallel.fetch import fetch_mix, fetch_rows_out
+from peer_dist.parallel.dispatch import Dispatch
+from peer_dist.parallel.fetch import Fetch
 from peer_dist.parallel.idmap import IdMap
 from peer_dist.parallel.topology import Topology
 
@@ -90,7 +89,12 @@ def build_shard(name: str, tables: ExpertTables, idmap: IdMap, owner: int,
 
 
 class ShardedExperts(nn.Module):
-    """(x (T, D), ids (T, S), gates (T, S)) -> y (T, D), with the tables sharded over EP ranks."""
+    """(x (T, D), ids (T, S), gates (T, S)) -> y (T, D), with the tables sharded over EP ranks.
+
+    Each strategy (fetch.Fetch, dispatch.Dispatch) is three stages, torchrec's shape:
+    input_dist (what travels to the owners), compute (the work at the owner), output_dist (what
+    travels back, and how it becomes y). forward composes them; stats.stage_seconds times each
+    (forward; the backward's traffic is in stats.seconds)."""
 
     def __init__(self, name: str, tables: ExpertTables, topo: Topology, strategy: str = "auto",
                  balance_ids: bool = False):
@@ -101,7 +105,9 @@ class ShardedExperts(nn.Module):
         self.idmap = IdMap(tables.num_experts, topo.ep, balance=balance_ids)
         self._shard = build_shard(name, tables, self.idmap, topo.ep_rank, topo.device)
         self.stats = CommStats()
-        self._exchange = Exchange(topo.ep_group, topo.ep, topo.ep_rank, self.stats)
+        ex = Exchange(topo.ep_group, topo.ep, topo.ep_rank, self.stats)
+        self.strategies = {st.name: st for st in (Fetch(self.idmap, ex, self.activation),
+                                                  Dispatch(self.idmap, ex, self.activation))}
 
     @property
     def shard(self) -> ExpertShard:
@@ -115,28 +121,22 @@ class ShardedExperts(nn.Module):
         self.stats.note_call(strategy, x.shape[0])
         u, v = self._shard.u, self._shard.v
         if strategy == "local":  # EP = 1: every row is here, no exchange at all
-            return peer_mix(x, self.idmap.position(ids), gates, u, v, self.activation, True)
-        mix = fetch_mix if strategy == "fetch" else dispatch_mix
-        return mix(x, ids, gates, u, v, self.idmap, self._exchange, self.activation)
-
-    def predicted_bytes(self, ids: torch.Tensor, elem: int) -> tuple[float, float]:
-        """(fetch, dispatch) bytes this rank would send this step, from the ids it holds."""
-        me, d, ep = self.topo.ep_rank, self._shard.dim, self.topo.ep
-        pairs, sels = dispatch_counts_out(ids, self.idmap, me)
-        return (cost.fetch_bytes(fetch_rows_out(ids, self.idmap, me), ep, d, elem),
-                cost.dispatch_bytes(pairs, sels, ep, d, elem))
+            with self.stats.stage("compute"):
+                return peer_mix(x, self.idmap.position(ids), gates, u, v, self.activation, True)
+        st = self.strategies[strategy]
+        with self.stats.stage("input_dist"):
+            sent = st.input_dist(x, ids, gates)
+        with self.stats.stage("compute"):
+            out = st.compute(sent, u, v)
+        with self.stats.stage("output_dist"):
+            return st.output_dist(sent, out, x.shape[0])
 
     def choose(self, ids: torch.Tensor, elem: int) -> str:
-        """The strategy for this step; identical on every rank of the EP group."""
+        """The strategy for this step (the cost model's choice under "auto")."""
         if self.strategy != "auto":
             return self.strategy
-        if self.topo.ep == 1:
-            return "local"
-        # Each rank knows its own traffic; the EP group's total decides (one tiny all_reduce).
-        est = torch.tensor(self.predicted_bytes(ids, elem), dtype=torch.float64,
-                           device=ids.device)
-        dist.all_reduce(est, group=self.topo.ep_group)
-        return "fetch" if float(est[0]) < float(est[1]) else "dispatch"
+        return cost.choose_strategy(ids, self.idmap, self.topo.ep_rank, self.topo.ep,
+                                    self._shard.dim, elem, self.topo.ep_group)
 
     def extra_repr(self) -> str:
         s = self._shard

@@ -82,7 +82,7 @@ def _inputs(args: argparse.Namespace, rank: int, step: int, device: torch.device
 
 
 def _sharded_step(layer, args, rank: int, step: int, device) -> None:
-    from peer_dist.parallel.parallelize import sync_layer_grads
+    from peer_dist.parallel.grad_sync import sync_layer_grads
 
     x, ids, gates = _inputs(args, rank, step, device)
     layer(x, ids, gates).square().mean().backward()

@@ -239,8 +239,8 @@ def a2a_bytes(s: Setup) -> int:
     else:
         pairs = t * _layer_shape(s).owners_touched() * f
         sels = t * sel * f
-        transient = 4 * pairs * d * e + 2 * sels * cost.META_BYTES
-        kept = pairs * d * e + sels * (cost.META_BYTES + 2 * e)
+        transient = 4 * pairs * d * e + 2 * sels * cost.meta_bytes(e)
+        kept = pairs * d * e + sels * (cost.meta_bytes(e) + 2 * e)
     return int(transient + s.layers * kept)
 
 

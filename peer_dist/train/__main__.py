@@ -128,10 +128,12 @@ def train(cfg) -> int:
 
 
 def _teardown(code: int, in_step: bool) -> None:
-    """Close the process group. When the ranks are in step (success, or an error every rank
-    raised alike) they first meet at a barrier, so no rank leaves while another still reports.
-    After a failure the process leaves at once: the peers may be gone or hung, and the
-    communicators' destructors can abort the process on the way out."""
+    """Close the process group and leave. When the ranks are in step (success, or an error
+    every rank raised alike) they first meet at a barrier, so no rank leaves while another
+    still reports. The process then leaves with os._exit: the run's files are closed by now,
+    and the communication stack's C++ destructors can abort a process at interpreter exit
+    (after a failure, with peers gone or hung; and seen once after success, as "terminate
+    called without an active exception")."""
     import torch.distributed as dist
 
     if in_step:
@@ -139,7 +141,6 @@ def _teardown(code: int, in_step: bool) -> None:
             dist.barrier()
             if code == 0:
                 dist.destroy_process_group()
-                return
         except Exception:  # a peer left meanwhile
             code = code or 1
     sys.stdout.flush()

@@ -26,15 +26,13 @@ from peer_dist.ops import peer_mix
 from peer_dist.parallel import (
     Topology,
     comm_stats,
+    cost,
     expert_shards,
     parallelize,
     reset_comm_stats,
     shard_dtensors,
     sync_expert_grads,
 )
-from peer_dist.parallel.cost import dispatch_bytes, fetch_bytes
-from peer_dist.parallel.dispatch import dispatch_counts_out
-from peer_dist.parallel.fetch import fetch_rows_out
 from peer_dist.train.sparse_optim import RowSparseOptimizer
 
 
@@ -233,10 +231,11 @@ def _cost_model_total(st: dict, group: torch.Tensor, shard, topo: Topology,
     predicted = 0.0
     for j, ids in enumerate(group):
         if strategy == "fetch":
-            predicted += fetch_bytes(fetch_rows_out(ids, shard.idmap, j), topo.ep, shard.dim, 4)
+            predicted += cost.fetch_bytes(cost.fetch_rows_out(ids, shard.idmap, j), topo.ep,
+                                          shard.dim, 4)
         else:
-            predicted += dispatch_bytes(*dispatch_counts_out(ids, shard.idmap, j), topo.ep,
-                                        shard.dim, 4)
+            pairs, sels = cost.dispatch_counts_out(ids, shard.idmap, j)
+            predicted += cost.dispatch_bytes(pairs, sels, topo.ep, shard.dim, 4)
     return float(total), predicted
 
 

@@ -168,6 +168,45 @@ def test_peer_mix_paths_agree_with_dense_grads(path, dtype):
             torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w, **tol)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ragged_mix_matches_plain_autograd(path, dtype):
+    """ragged_mix (dispatch's owner: bags of uneven size, an empty bag, a repeated row in a
+    bag) against plain autograd on gathered rows."""
+    torch.manual_seed(4)
+    sizes = [3, 0, 5, 1, 7]  # selections per bag; bag 1 is empty
+    bag = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    x = torch.randn(len(sizes), 8, dtype=dtype, requires_grad=True)
+    u, v = torch.randn(30, 8, dtype=dtype), torch.randn(30, 8, dtype=dtype)
+    rows_ = torch.randint(0, 30, (bag.numel(),))
+    rows_[1] = rows_[0]
+    gates = torch.rand(bag.numel(), dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(len(sizes), 8, dtype=dtype)
+    uu, vv = u.clone().requires_grad_(), v.clone().requires_grad_()
+    w = gates * F.gelu((x[bag] * uu[rows_]).sum(-1))
+    y_ref = torch.zeros_like(x).index_add(0, bag, w[:, None] * vv[rows_])
+    want = torch.autograd.grad((y_ref * grad_y).sum(), [x, gates, uu, vv])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    uu, vv = u.clone().requires_grad_(), v.clone().requires_grad_()
+    with kernel_path(path):
+        y = kernels.ragged_mix(x, rows_, bag, gates, uu, vv, "gelu")
+        got = torch.autograd.grad((y * grad_y).sum(), [x, gates, uu, vv])
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert y[1].abs().max() == 0  # the empty bag
+    for g, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, ref, **tol)
+
+
+def test_ragged_mix_rejects_bad_bags():
+    x, u = torch.randn(3, 4), torch.randn(10, 4)
+    rows_, gates = torch.tensor([1, 2, 3]), torch.rand(3)
+    for bag in ([0, 2, 1], [0, 1, 3], [-1, 0, 0]):  # decreasing, beyond P, negative
+        with pytest.raises(IndexError, match=r"nondecreasing in \[0, 3\)"):
+            kernels.ragged_mix(x, rows_, torch.tensor(bag), gates, u, u)
+    with pytest.raises(ValueError, match="allowed are"):
+        kernels.ragged_mix(x, rows_, torch.tensor([0, 1]), gates, u, u)
+
+
 def test_peer_mix_rejects_out_of_range_ids():
     if fused_cpu.library() is None:
         pytest.skip("no C compiler: fused CPU kernels unavailable")

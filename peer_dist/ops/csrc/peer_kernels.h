@@ -26,10 +26,12 @@ static inline void FN(axpy)(T_* y, T_ a, const T_* x, int64_t d) {
 }
 /* Row-major forward over unique rows [r0, r1) (sorted ascending, so U and V stream in order,
    each row read once however many tokens chose it): pre[i] = u[row] . x[t];
-   y[t] += g[i] * act(pre[i]) * v[row] into this thread's own y (T, D). */
-void FN(rows_fwd)(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* rows,
-                    const int64_t* offsets, const int64_t* order, const T_* x, const T_* g,
-                    const T_* u, const T_* v, int gelu, T_* pre, T_* y) {
+   y[t] += g[i] * act(pre[i]) * v[row] into this thread's own y (P, D). The k-th selection in
+   row order is i = order[k], of token (or bag) t = bag[k]; every t lies in [0, P). */
+void FN(rows_fwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
+                    const int64_t* offsets, const int64_t* order, const int64_t* bag,
+                    const T_* x, const T_* g, const T_* u, const T_* v, int gelu, T_* pre,
+                    T_* y) {
     for (int64_t r = r0; r < r1; ++r) {
         const T_* ur = u + rows[r] * D;
         const T_* vr = v + rows[r] * D;
@@ -38,7 +40,7 @@ void FN(rows_fwd)(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* r
             prefetch_row(v + rows[r + PF] * D, D * (int64_t)sizeof(T_));
         }
         for (int64_t k = offsets[r]; k < offsets[r + 1]; ++k) {
-            int64_t i = order[k], t = i / S;
+            int64_t i = order[k], t = bag[k];
             T_ p = FN(dot)(ur, x + t * D, D);
             pre[i] = p;
             FN(axpy)(y + t * D, g[i] * FN(act)(p, gelu), vr, D);
@@ -46,11 +48,12 @@ void FN(rows_fwd)(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* r
     }
 }
 /* Row-major backward: per unique row, dw = v . dy[t], dgates, dx[t] += ds * u (this thread's
-   own dx), and the row's table gradients du[r] = sum ds * x[t], dv[r] = sum g a dy[t]. */
-void FN(rows_bwd)(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* rows,
-                    const int64_t* offsets, const int64_t* order, const T_* x, const T_* dy,
-                    const T_* g, const T_* pre, const T_* u, const T_* v, int gelu, T_* dg,
-                    T_* du, T_* dv, T_* dx) {
+   own dx), and the row's table gradients du[r] = sum ds * x[t], dv[r] = sum g a dy[t]; t as in
+   rows_fwd. */
+void FN(rows_bwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
+                    const int64_t* offsets, const int64_t* order, const int64_t* bag,
+                    const T_* x, const T_* dy, const T_* g, const T_* pre, const T_* u,
+                    const T_* v, int gelu, T_* dg, T_* du, T_* dv, T_* dx) {
     for (int64_t r = r0; r < r1; ++r) {
         const T_* ur = u + rows[r] * D;
         const T_* vr = v + rows[r] * D;
@@ -63,7 +66,7 @@ void FN(rows_bwd)(int64_t r0, int64_t r1, int64_t S, int64_t D, const int64_t* r
         memset(dur, 0, sizeof(T_) * D);
         memset(dvr, 0, sizeof(T_) * D);
         for (int64_t k = offsets[r]; k < offsets[r + 1]; ++k) {
-            int64_t i = order[k], t = i / S;
+            int64_t i = order[k], t = bag[k];
             T_ dw = FN(dot)(vr, dy + t * D, D);
             T_ a = FN(act)(pre[i], gelu);
             T_ ds = dw * g[i] * FN(dact)(pre[i], gelu);
