@@ -38,6 +38,9 @@ class PEERConfig:
     activation: str = "gelu"  # gelu | relu
     query_batchnorm: bool = True  # paper default
     shared_keys: bool = False  # one sub-key pair shared by all heads (paper wording)
+    # Precision of query, BatchNorm, sub-key scores, top-k and softmax: fp32 even under bf16
+    # training (bf16 changes ~3% of the selected experts), or that of the activations.
+    router_dtype: str = "fp32"
 
     def validate(self, prefix: str = "model.peer") -> None:
         n = math.isqrt(self.num_experts) if self.num_experts > 0 else 0
@@ -50,9 +53,12 @@ class PEERConfig:
                "an even integer >= 2")
         _check(self.activation in ACTIVATIONS, f"{prefix}.activation", self.activation,
                f"one of {list(ACTIVATIONS)}")
+        _check(self.router_dtype in ROUTER_DTYPES, f"{prefix}.router_dtype", self.router_dtype,
+               f"one of {list(ROUTER_DTYPES)}")
 
 
 ACTIVATIONS = ("gelu", "relu")
+ROUTER_DTYPES = ("fp32", "activations")
 
 
 @dataclass
@@ -137,6 +143,7 @@ class ParallelConfig:
 
 TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")
 TABLE_STATE_DTYPES = ("fp32", "bf16")
+BIAS_CORRECTIONS = ("global", "row")
 
 
 @dataclass
@@ -147,6 +154,9 @@ class OptimConfig:
     eps: float = 1e-8
     table_optimizer: str = "lazy_adam"  # lazy_adam | adagrad | dense_adam | sgd
     table_state_dtype: str = "fp32"  # fp32 | bf16: table optimizer state (bf16 halves Adam's)
+    # lazy_adam's bias correction: by the global step (as torch's SparseAdam) or by each row's
+    # own update count (one int32 per row more)
+    table_bias_correction: str = "global"
     table_lr: float = 0.0  # 0 = use lr; the tables follow the same schedule shape
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -159,6 +169,8 @@ class OptimConfig:
                self.table_optimizer, f"one of {list(TABLE_OPTIMIZERS)}")
         _check(self.table_state_dtype in TABLE_STATE_DTYPES, "optim.table_state_dtype",
                self.table_state_dtype, f"one of {list(TABLE_STATE_DTYPES)}")
+        _check(self.table_bias_correction in BIAS_CORRECTIONS, "optim.table_bias_correction",
+               self.table_bias_correction, f"one of {list(BIAS_CORRECTIONS)}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
                "in [0, 1]")

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
+from peer_dist.errors import UserError
 from peer_dist.ops import cpu, key_scores, peer_mix
 
 INIT_BLOCK_ROWS = 16384
@@ -48,11 +49,18 @@ def init_rows(seed: int, start: int, stop: int, dim: int, std: float,
 
 
 class ProductKeyRouter(nn.Module):
-    """Query network, optional BatchNorm, per-head (or shared) sub-keys; exact top-k."""
+    """Query network, optional BatchNorm, per-head (or shared) sub-keys; exact top-k.
+
+    Runs in fp32 under bf16 activations and parameters by default (cfg.router_dtype): the
+    weights are upcast where used, so the selection sees no bf16 rounding of queries or scores.
+    An empty batch goes through every step (a synchronised BatchNorm's collectives included),
+    so a rank with no tokens never leaves the others waiting."""
 
     def __init__(self, dim: int, cfg: PEERConfig):
         super().__init__()
+        cfg.validate()  # built directly too, not only through the config loader
         self.heads, self.topk, self.d_key = cfg.heads, cfg.topk, cfg.d_key
+        self.router_dtype = cfg.router_dtype
         self.n = math.isqrt(cfg.num_experts)
         self.query = nn.Linear(dim, cfg.heads * cfg.d_key, bias=False)
         self.norm = nn.BatchNorm1d(cfg.heads * cfg.d_key) if cfg.query_batchnorm else nn.Identity()
@@ -63,21 +71,41 @@ class ProductKeyRouter(nn.Module):
             torch.empty(key_sets, 2, self.n, cfg.d_key // 2).uniform_(-bound, bound))
         self._pair_cache: dict[torch.device, torch.Tensor] = {}
 
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        return torch.float32 if self.router_dtype == "fp32" and low else x.dtype
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> ids (T, H*K) int64, gates (T, H*K) softmax over each head's K."""
         t, h, k, n = x.shape[0], self.heads, self.topk, self.n
-        if t == 0:
-            return (torch.zeros(0, h * k, dtype=torch.long, device=x.device),
-                    x.new_zeros(0, h * k))
-        q = self.norm(self.query(x)).view(t, 2 * h, self.d_key // 2)  # channel c = 2*head + half
+        dtype = self.compute_dtype(x)
+        q = F.linear(x.to(dtype), self.query.weight.to(dtype))
+        q = self._normalise(q).view(t, 2 * h, self.d_key // 2)  # channel c = 2*head + half
         q = q.transpose(0, 1)  # (2H, T, Q/2)
-        keys = self.sub_keys.expand(h, -1, -1, -1).reshape(2 * h, n, -1)  # (2H, n, Q/2)
+        keys = self.sub_keys.to(dtype).expand(h, -1, -1, -1).reshape(2 * h, n, -1)
         sel1, sel2 = self._select(q.detach(), keys.detach())  # (H, T, K) each
         sel = torch.stack([sel1, sel2], dim=1).view(2 * h, t, k)
         scores = key_scores(q, sel, keys).view(h, 2, t, k).sum(1)  # (H, T, K)
         ids = (sel1 * n + sel2).transpose(0, 1).reshape(t, h * k)
         gates = F.softmax(scores, dim=-1).transpose(0, 1).reshape(t, h * k)
         return ids, gates
+
+    def _normalise(self, q: torch.Tensor) -> torch.Tensor:
+        """The query BatchNorm, in q's dtype whatever its parameters' dtype."""
+        norm = self.norm
+        if not isinstance(norm, nn.BatchNorm1d):
+            return norm(q)  # Identity, or the synchronised BatchNorm (any batch, any dtype)
+        if norm.training and q.shape[0] <= 1:
+            if q.shape[0] == 0:  # nothing to normalise, and this BatchNorm has no collective
+                return q
+            raise UserError(
+                "model.peer.query_batchnorm: a training batch of 1 token on one rank cannot be "
+                "normalised (BatchNorm needs more than 1 value per channel); allowed are "
+                "parallel.bn_sync=global (statistics over every rank's tokens), more tokens "
+                "per rank, or model.peer.query_batchnorm=false")
+        if norm.weight is None or norm.weight.dtype == q.dtype:
+            return norm(q)
+        return _batch_norm_upcast(norm, q)
 
     def _pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate pairs (i, j) of the two sorted top-k lists with (i+1)(j+1) <= K.
@@ -98,6 +126,9 @@ class ProductKeyRouter(nn.Module):
         """Exact product-key top-k: q (2H, T, Q/2), keys (2H, n, Q/2) -> sub-key ids (H, T, K)."""
         h, t, k = self.heads, q.shape[1], self.topk
         pi, pj = self._pairs(q.device)
+        if t == 0:
+            empty = torch.zeros(h, 0, k, dtype=torch.int64, device=q.device)
+            return empty, empty.clone()
         if cpu.usable(q, keys):  # one pass per row, no sort, no (H, T, P) temporaries
             # token chunks of ~4 MiB of scores: selection reads them from cache, not memory
             step = max(16, (1 << 20) // (2 * h * keys.shape[1]))
@@ -110,6 +141,27 @@ class ProductKeyRouter(nn.Module):
         cand = top_v[:, 0][..., pi] + top_v[:, 1][..., pj]  # (H, T, P)
         best = cand.topk(k, dim=-1).indices  # (H, T, K), sorted by score
         return top_i[:, 0].gather(-1, pi[best]), top_i[:, 1].gather(-1, pj[best])
+
+
+def _batch_norm_upcast(bn: nn.BatchNorm1d, q: torch.Tensor) -> torch.Tensor:
+    """bn(q) computed in q's dtype (fp32) from parameters and running statistics kept in
+    another (bf16): the statistics are updated in fp32 and stored back rounded."""
+    track = bn.track_running_stats and bn.running_mean is not None
+    use_batch = bn.training or not track
+    rm = bn.running_mean.to(q.dtype) if track else None
+    rv = bn.running_var.to(q.dtype) if track else None
+    momentum = 0.0
+    if bn.training and track:
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else (
+            1.0 / float(bn.num_batches_tracked))
+    out = F.batch_norm(q, rm, rv, bn.weight.to(q.dtype), bn.bias.to(q.dtype), use_batch,
+                       momentum, bn.eps)
+    if bn.training and track:
+        with torch.no_grad():
+            bn.running_mean.copy_(rm)
+            bn.running_var.copy_(rv)
+    return out
 
 
 class ExpertTables(nn.Module):

@@ -34,7 +34,7 @@ from peer_dist.ops.build import KernelLibrary
 _I64, _F64 = ctypes.c_int64, ctypes.c_double
 _P = ctypes.c_void_p
 _SIGNATURES = {
-    "adam_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _F64, _F64, _F64, _F64, _F64, _F64],
+    "adam_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _F64, _F64, _F64, _F64, _F64, _F64, _P],
     "adagrad_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64],
     "rows_fwd": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
     "rows_bwd": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P,
@@ -288,13 +288,18 @@ def _check_row_update(p, rows, grad, *state) -> None:
 
 
 def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, bc1: float,
-              bc2: float) -> None:
+              bc2: float, row_bc: torch.Tensor | None = None) -> None:
     """Lazy Adam in place on p, m, v (N, D) for unique rows (R,) with grad (R, D); m and v
-    have p's dtype, or are bf16 beside fp32 p."""
+    have p's dtype, or are bf16 beside fp32 p. Bias corrections bc1, bc2 for all rows, or per
+    row: row_bc (R, 2) float64."""
     _check_row_update(p, rows, grad, m, v)
+    if row_bc is not None and (row_bc.shape != (rows.numel(), 2) or row_bc.dtype != torch.float64
+                               or not row_bc.is_contiguous()):
+        raise ValueError(f"adam_rows: row_bc {tuple(row_bc.shape)} {row_bc.dtype}; allowed is "
+                         f"a contiguous ({rows.numel()}, 2) float64 tensor")
     fn = getattr(library(), f"adam_rows_{_state_sfx(p, m)}")
     _parallel(fn, rows.numel(), p.shape[1], _ptr(rows), _ptr(grad), _ptr(p), _ptr(m), _ptr(v),
-              lr, b1, b2, eps, bc1, bc2)
+              lr, b1, b2, eps, bc1, bc2, None if row_bc is None else _ptr(row_bc))
 
 
 def adagrad_rows(p, acc, rows, grad, lr: float, eps: float) -> None:
@@ -311,6 +316,9 @@ def pk_select(scores: torch.Tensor, pi: torch.Tensor, pj: torch.Tensor,
     among the candidate pairs (pi[c], pj[c]) of each head's two sorted top-k lists."""
     c, t, n = scores.shape
     h = c // 2
+    if not 1 <= k <= n or pi.numel() < k or pi.shape != pj.shape:
+        raise ValueError(f"pk_select: topk={k} with {n} sub-keys and {pi.numel()} candidate "
+                         f"pairs; allowed is 1 <= topk <= {n} and at least topk pairs")
     sel1 = torch.empty(h, t, k, dtype=torch.int64)
     sel2 = torch.empty(h, t, k, dtype=torch.int64)
     fn = getattr(library(), f"pk_select_{_sfx(scores)}")

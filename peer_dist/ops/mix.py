@@ -164,7 +164,8 @@ class KeyScores(torch.autograd.Function):
         n = keys.shape[1]
         flat = (sel + torch.arange(c, device=sel.device)[:, None, None] * n).view(c * t, k)
         ctx.save_for_backward(q, sel, keys, flat)
-        out = gather_dot(q.reshape(c * t, -1), flat, keys.reshape(c * n, -1))
+        qh = q.shape[-1]
+        out = gather_dot(q.reshape(c * t, qh), flat, keys.reshape(c * n, qh))
         return out.view(c, t, k)
 
     @staticmethod

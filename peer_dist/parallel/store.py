@@ -81,8 +81,8 @@ def build_shard(name: str, tables: ExpertTables, idmap: IdMap, owner: int,
         u, v = (t.detach()[idmap.expert(pos)] for t in (tables.u, tables.v))
     else:
         su, sv = tables.table_seeds()
-        u = shard_rows(su, tables.std, idmap, start, stop, d)
-        v = shard_rows(sv, tables.std, idmap, start, stop, d)
+        u = shard_rows(su, tables.std, idmap, start, stop, d, tables.u.dtype)
+        v = shard_rows(sv, tables.std, idmap, start, stop, d, tables.v.dtype)
     u = u.to(device).contiguous().requires_grad_(True)
     v = v.to(device).contiguous().requires_grad_(True)
     return ExpertShard(name, u, v, start, n, d, idmap)

@@ -61,7 +61,7 @@ MANIFEST = "manifest.json"
 HASH = "sha256"
 # Config keys (dotted prefixes) that fix the checkpoint's tensor shapes and row layout.
 LAYOUT_KEYS = ("model.", "optim.table_optimizer", "optim.table_state_dtype",
-               "parallel.balance_ids")
+               "optim.table_bias_correction", "parallel.balance_ids")
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -220,8 +220,9 @@ def check_compatible(path: Path, cfg: Config) -> None:
         saved = yaml.safe_load((path / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return  # written before configs were saved: the shapes are checked on load
+    # a key the checkpoint's config lacks came later: its default is what the run used
     diff = [(k, a, b) for k, a, b in config_diff(saved, to_dict(cfg))
-            if k.startswith(LAYOUT_KEYS)]
+            if k.startswith(LAYOUT_KEYS) and a is not None]
     if diff:
         shown = ", ".join(f"{k}={a!r} (checkpoint) vs {b!r} (this run)" for k, a, b in diff)
         raise UserError(f"checkpoint {str(path)!r} was written for another model: {shown}; "

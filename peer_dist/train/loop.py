@@ -110,7 +110,8 @@ def setup(cfg: Config) -> Job:
     table_opt = RowSparseOptimizer([t for s in shards for t in (s.u, s.v)],
                                    kind=o.table_optimizer, lr=o.table_lr or o.lr,
                                    betas=tuple(o.betas), eps=o.eps,
-                                   state_dtype=STATE_DTYPES[o.table_state_dtype])
+                                   state_dtype=STATE_DTYPES[o.table_state_dtype],
+                                   bias_correction=o.table_bias_correction)
     for s in shards:  # allocate state now: memory is visible and checkpoints are complete
         table_opt.init_state(s.u)
         table_opt.init_state(s.v)

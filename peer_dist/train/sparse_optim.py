@@ -2,6 +2,11 @@
 
 Gradients arrive as sparse COO tensors holding only the touched rows (or dense, for checks).
   lazy_adam:  Adam moments updated on touched rows only (like torch.optim.SparseAdam); state 2x.
+              Bias correction by the global step (as SparseAdam), or by each row's own count of
+              updates (bias_correction="row": one int32 per row more). With the global step a
+              row first touched at step t starts with a first update of
+              (1-b1)/(1-b1^t) / sqrt((1-b2)/(1-b2^t)) x lr: 0.45x for betas (0.9, 0.95) and
+              2.5x for (0.9, 0.999) once t is large; per row it is 1x, as for a fresh Adam.
   adagrad:    row-wise Adagrad, one accumulator per row (mean of squared gradient); state N floats.
   dense_adam: exact Adam (all rows' moments decay every step), for parity with torch.optim.Adam.
   sgd:        plain SGD on touched rows.
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from peer_dist.config import TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
+from peer_dist.config import BIAS_CORRECTIONS, TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
 from peer_dist.ops import cpu as fused_cpu
 
 KINDS = TABLE_OPTIMIZERS
@@ -52,16 +57,21 @@ def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Ten
 class RowSparseOptimizer(torch.optim.Optimizer):
     def __init__(self, params, kind: str = "lazy_adam", lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 state_dtype: torch.dtype | None = None):
-        """state_dtype: dtype of the moments / accumulator; None = each table's own dtype."""
+                 state_dtype: torch.dtype | None = None, bias_correction: str = "global"):
+        """state_dtype: dtype of the moments / accumulator; None = each table's own dtype.
+        bias_correction (lazy_adam): "global" step or each "row"'s own update count."""
         if kind not in KINDS:
             raise ValueError(f"table optimizer {kind!r} is invalid: allowed are {list(KINDS)}")
+        if bias_correction not in BIAS_CORRECTIONS:
+            raise ValueError(f"bias_correction={bias_correction!r} is invalid: allowed are "
+                             f"{list(BIAS_CORRECTIONS)}")
         allowed = (None, torch.float32, torch.float64, torch.bfloat16)
         if state_dtype not in allowed:
             raise ValueError(f"state_dtype={state_dtype} is invalid: allowed are {allowed}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
         self.kind = kind
         self.state_dtype = state_dtype
+        self.per_row = kind == "lazy_adam" and bias_correction == "row"
 
     def init_state(self, p: torch.Tensor) -> dict:
         """Allocate a parameter's state up front (so memory is visible and checkpointable)."""
@@ -72,6 +82,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             if self.kind in ("lazy_adam", "dense_adam"):
                 state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                if self.per_row:
+                    state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int32,
+                                                    device=p.device)
             elif self.kind == "adagrad":
                 state["sum_sq"] = torch.zeros(p.shape[0], dtype=dtype, device=p.device)
         return state
@@ -97,17 +110,27 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         b1, b2 = group["betas"]
         t = float(state["step"])
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        row_bc = None
+        if self.per_row and rows is not None:  # each touched row's own update count
+            counts = state["row_step"].index_add_(0, rows, torch.ones_like(rows, dtype=torch.int32))
+            t_r = counts.index_select(0, rows).double()
+            row_bc = torch.stack([1 - b1 ** t_r, 1 - b2 ** t_r], 1).contiguous()  # (R, 2)
         if rows is not None and _fused(p, g, m, v):  # in place, one pass over touched rows
             fused_cpu.adam_rows(p.data, m, v, rows.contiguous(), g.contiguous(), group["lr"],
-                                b1, b2, group["eps"], 1 - b1 ** t, 1 - b2 ** t)
+                                b1, b2, group["eps"], 1 - b1 ** t, 1 - b2 ** t,
+                                None if row_bc is None else row_bc.cpu())
             return
         # lazy (rows given): only the touched rows' moments move; dense: all of them
         m_r = _load(m, rows, g.dtype).mul_(b1).add_(g, alpha=1 - b1)
         v_r = _load(v, rows, g.dtype).mul_(b2).addcmul_(g, g, value=1 - b2)
         _store(m, rows, m_r)
         _store(v, rows, v_r)
-        step_size = group["lr"] / (1 - b1 ** t)
-        denom = v_r.div(1 - b2 ** t).sqrt_().add_(group["eps"])  # the one (R, D) temporary
+        if row_bc is None:
+            step_size, bc2 = group["lr"] / (1 - b1 ** t), 1 - b2 ** t
+        else:  # (R, 1) columns, in the rows' dtype
+            bc = row_bc.to(g.dtype)
+            step_size, bc2 = group["lr"] / bc[:, :1], bc[:, 1:]
+        denom = v_r.div(bc2).sqrt_().add_(group["eps"])  # the one (R, D) temporary
         update = denom.reciprocal_().mul_(m_r).mul_(-step_size)
         if rows is None:
             p.add_(update)

@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,7 +21,8 @@ def _free_port() -> int:
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), PEER_BACKEND="gloo")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective that never matches (a rank skipping one) fails the test instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         fn(rank, world, *args)
         dist.barrier()

@@ -53,16 +53,25 @@ class Results:
 
 
 check = Results.check
-DIM, T_GLOBAL = 16, 24  # 24 tokens split evenly over 1, 2, 3 and 4 ranks
+DIM, T_GLOBAL = 16, 24  # 24 tokens split evenly over 1, 2, 3 and 4 ranks, or unevenly
 PEER_CFG = PEERConfig(num_experts=1024, heads=2, topk=4, d_key=8)  # 1024 / 3 is not integral
-TOL = dict(atol=2e-5, rtol=1e-4)
+FP32 = dict(dtype=torch.float32, split=None, tol=dict(atol=2e-5, rtol=1e-4))
+
+
+class Setting:
+    """This process's layout: dtype, tokens per rank (None: T_GLOBAL / world each), tolerance."""
+
+    dtype, split, tol = FP32["dtype"], FP32["split"], FP32["tol"]
+
+
+TOL = Setting.tol  # the same dict object, updated in place per layout
 
 
 def _pair(strategy: str, ep: int, balance: bool, seed: int = 3) -> tuple[PEER, PEER, Topology]:
     torch.manual_seed(0)
-    ref = PEER(DIM, PEER_CFG, seed=seed, table_device="cpu")
+    ref = PEER(DIM, PEER_CFG, seed=seed, table_device="cpu").to(Setting.dtype)
     torch.manual_seed(0)
-    sharded = PEER(DIM, PEER_CFG, seed=seed)  # meta tables: never materialised
+    sharded = PEER(DIM, PEER_CFG, seed=seed).to(Setting.dtype)  # meta tables: never built
     topo = Topology.build(ep)
     parallelize(sharded, topo, ParallelConfig(ep=ep, strategy=strategy, balance_ids=balance))
     return ref, sharded, topo
@@ -70,12 +79,17 @@ def _pair(strategy: str, ep: int, balance: bool, seed: int = 3) -> tuple[PEER, P
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(T_GLOBAL, DIM, generator=g), torch.randn(T_GLOBAL, DIM, generator=g)
+    return tuple(torch.randn(T_GLOBAL, DIM, generator=g, dtype=Setting.dtype) for _ in "xc")
+
+
+def _split(world: int) -> list[int]:
+    return Setting.split or [T_GLOBAL // world] * world
 
 
 def _mine(t: torch.Tensor, topo: Topology) -> torch.Tensor:
-    n = t.shape[0] // topo.world_size
-    return t[topo.rank * n:(topo.rank + 1) * n]
+    sizes = _split(topo.world_size)
+    start = sum(sizes[:topo.rank])
+    return t[start:start + sizes[topo.rank]]
 
 
 def _avg_grad(p: torch.Tensor, world: int) -> torch.Tensor:
@@ -85,14 +99,15 @@ def _avg_grad(p: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _forward_backward(ref: PEER, sharded: PEER, topo: Topology, step: int):
-    """Global-batch mean loss on ref; this rank's mean loss on the sharded twin."""
+    """Global-batch mean loss on ref; on the sharded twin this rank's share of it, scaled by
+    the world size (its mean over its tokens when every rank has as many)."""
     x, c = _batch(step)
     xr = x.clone().requires_grad_(True)
     yr = ref(xr)
     (yr * c).sum(-1).mean().backward()
     xs = _mine(x, topo).clone().requires_grad_(True)
     ys = sharded(xs)
-    (ys * _mine(c, topo)).sum(-1).mean().backward()
+    ((ys * _mine(c, topo)).sum() * (topo.world_size / T_GLOBAL)).backward()
     sync_expert_grads(sharded)
     return yr, xr, ys, xs
 
@@ -114,7 +129,7 @@ def _check_step(ref: PEER, sharded: PEER, topo: Topology, step: int, tag: str) -
     with check(f"{tag}/outputs"):
         torch.testing.assert_close(ys, _mine(yr.detach(), topo), **TOL)
     with check(f"{tag}/input_grad"):
-        # rank r's loss is a mean over T/W tokens: its input gradient is W x the global one
+        # rank r's loss is W x its share of the global mean: so is its input gradient
         torch.testing.assert_close(xs.grad, _mine(xr.grad, topo) * topo.world_size, **TOL)
     pairs = zip(sharded.router.named_parameters(), ref.router.parameters(), strict=True)
     grads = [(_avg_grad(p, topo.world_size), q.grad, name) for (name, p), q in pairs]
@@ -177,7 +192,9 @@ def check_optimizer_parity(topo_ep: int, balance: bool) -> None:
 def _expected_bytes(ids: list[torch.Tensor], shard, me: int, strategy: str) -> tuple[int, ...]:
     """(sent_fwd, sent_bwd, recv_fwd, recv_bwd) of group member `me`, counted from the ids
     with Python sets (independently of the plans): ids[j] are member j's (T, S) selections."""
-    idmap, ep, d, elem = shard.idmap, len(ids), shard.dim, 4
+    idmap, ep, d = shard.idmap, len(ids), shard.dim
+    elem = torch.empty(0, dtype=Setting.dtype).element_size()
+    meta = 8 + 4 * -(-elem // 4)  # (local row, pair) int32 and the gate, in whole words
     b = -(-idmap.n // ep)
 
     def owner(e: int) -> int:
@@ -197,8 +214,10 @@ def _expected_bytes(ids: list[torch.Tensor], shard, me: int, strategy: str) -> t
     q_out = sum(1 for o in sels[me] if o != me)
     q_in = sum(1 for j in range(ep) if j != me for o in sels[j] if o == me)
     counts, de = 16 * (ep - 1), d * elem
-    return (counts + de * p_out + 12 * q_out + de * p_in, de * p_out + de * p_in + 4 * q_in,
-            counts + de * p_in + 12 * q_in + de * p_out, de * p_in + de * p_out + 4 * q_out)
+    return (counts + de * p_out + meta * q_out + de * p_in,
+            de * p_out + de * p_in + elem * q_in,
+            counts + de * p_in + meta * q_in + de * p_out,
+            de * p_in + de * p_out + elem * q_out)
 
 
 def check_byte_counters(topo_ep: int, balance: bool) -> None:
@@ -207,7 +226,7 @@ def check_byte_counters(topo_ep: int, balance: bool) -> None:
         x, _ = _batch(0)
         ref.record_routing = True
         ref(x)
-        ids_all = ref.last_routing[0].view(topo.world_size, -1, PEER_CFG.heads * PEER_CFG.topk)
+        ids_all = ref.last_routing[0].split(_split(topo.world_size))
         group = ids_all[topo.dp_rank * topo.ep:(topo.dp_rank + 1) * topo.ep]
         reset_comm_stats(sharded)
         _forward_backward(ref, sharded, topo, step=0)
@@ -228,14 +247,14 @@ def _cost_model_total(st: dict, group: torch.Tensor, shard, topo: Topology,
     """(bytes sent over the EP group, the cost model's per-rank formula summed over it)."""
     total = torch.tensor([float(st["bytes_sent"])], dtype=torch.float64)
     dist.all_reduce(total, group=topo.ep_group)
-    predicted = 0.0
+    predicted, elem = 0.0, torch.empty(0, dtype=Setting.dtype).element_size()
     for j, ids in enumerate(group):
         if strategy == "fetch":
             predicted += cost.fetch_bytes(cost.fetch_rows_out(ids, shard.idmap, j), topo.ep,
-                                          shard.dim, 4)
+                                          shard.dim, elem)
         else:
             pairs, sels = cost.dispatch_counts_out(ids, shard.idmap, j)
-            predicted += cost.dispatch_bytes(pairs, sels, topo.ep, shard.dim, 4)
+            predicted += cost.dispatch_bytes(pairs, sels, topo.ep, shard.dim, elem)
     return float(total), predicted
 
 
@@ -307,8 +326,11 @@ def check_transformer(topo_ep: int) -> None:
 
 
 def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ...],
-            out: str) -> None:
+            setting: dict, out: str) -> None:
     torch.set_num_threads(1)
+    Setting.dtype, Setting.split = setting["dtype"], setting["split"]
+    TOL.clear()
+    TOL.update(setting["tol"])
     Results.failed, Results.ran = {}, []
     check_layer_parity(ep, balance)
     check_optimizer_parity(ep, balance)
@@ -327,12 +349,15 @@ def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ..
         Path(out).write_text(json.dumps({"ran": Results.ran, "failed": failed}))
 
 
-LAYOUTS = {  # id: (world, ep, balance, extras)
-    "w1": (1, 0, False, ()),
-    "w2": (2, 0, False, ()),
-    "w3-balanced": (3, 0, True, ()),  # 1024 rows over 3 owners: 342, 342, 340
-    "w4": (4, 0, False, ("zero_splits",)),
-    "ep2xdp2": (4, 2, True, ("transformer",)),  # EP x DP = 2 x 2
+# fp64, 0 / 9 / 15 tokens per rank: rank 0 takes part in every collective with no tokens
+UNEVEN_FP64 = dict(dtype=torch.float64, split=[0, 9, 15], tol=dict(atol=1e-12, rtol=1e-10))
+LAYOUTS = {  # id: (world, ep, balance, extras, setting)
+    "w1": (1, 0, False, (), FP32),
+    "w2": (2, 0, False, (), FP32),
+    "w3-balanced": (3, 0, True, (), FP32),  # 1024 rows over 3 owners: 342, 342, 340
+    "w3-uneven-fp64": (3, 0, True, (), UNEVEN_FP64),
+    "w4": (4, 0, False, ("zero_splits",), FP32),
+    "ep2xdp2": (4, 2, True, ("transformer",), FP32),  # EP x DP = 2 x 2
 }
 LAYER = [f"{s}/{p}" for s in ("fetch", "dispatch", "auto")
          for p in ("init_rows", "dtensor_view", "outputs", "input_grad", "router_grads",
@@ -346,7 +371,7 @@ EXTRAS = {"zero_splits": [f"{s}/zero_splits_{p}" for s in ("fetch", "dispatch")
           "transformer": [f"transformer/{p}" for p in ("loss", "dense_grads",
                                                        "shards_are_not_parameters",
                                                        "table_grads")]}
-CASES = [(layout, prop) for layout, (_, _, _, extras) in LAYOUTS.items()
+CASES = [(layout, prop) for layout, (_, _, _, extras, _) in LAYOUTS.items()
          for prop in LAYER + OPTIM + BYTES + [p for e in extras for p in EXTRAS[e]]]
 _RESULTS: dict[str, dict] = {}
 

@@ -213,3 +213,45 @@ def test_bf16_adagrad_state_is_one_bf16_per_row():
     assert opt.state[p]["sum_sq"].shape == (N,)
     with pytest.raises(ValueError, match="bfloat16"):
         RowSparseOptimizer([p], kind="adagrad", state_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lazy_adam_row_bias_correction(dtype):
+    """bias_correction="row": each row is corrected by its own update count, so a row first
+    touched late moves by lr per element on its first step (sign(g) * lr, as a fresh Adam);
+    "global" moves it by (1-b1)/(1-b1^t) / sqrt((1-b2)/(1-b2^t)) x lr instead (0.45x here).
+    Rows touched every step agree between the two."""
+    betas, lr, late = (0.9, 0.95), 0.01, 12
+    moved = {}
+    for mode in ("global", "row"):
+        p = torch.zeros(N, D, dtype=dtype, requires_grad=True)
+        opt = RowSparseOptimizer([p], "lazy_adam", lr=lr, betas=betas, eps=1e-30,
+                                 bias_correction=mode)
+        for step in range(late):
+            rows = [0] if step < late - 1 else [0, 5]  # row 5 first touched at step 12
+            g = torch.sparse_coo_tensor(torch.tensor([rows]), torch.ones(len(rows), D,
+                                                                         dtype=dtype), (N, D),
+                                        check_invariants=True)
+            p.grad = g
+            opt.step()
+        moved[mode] = p.detach()
+        if mode == "row":
+            counts = opt.state[p]["row_step"]
+            assert counts.dtype == torch.int32
+            assert counts[0] == late and counts[5] == 1 and int(counts.sum()) == late + 1
+        else:
+            assert "row_step" not in opt.state[p]
+    t = late
+    expect_global = lr * (1 - betas[0]) / (1 - betas[0] ** t) / (
+        ((1 - betas[1]) / (1 - betas[1] ** t)) ** 0.5)
+    tol = dict(rtol=1e-5, atol=0) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
+    torch.testing.assert_close(-moved["row"][5], torch.full((D,), lr, dtype=dtype), **tol)
+    torch.testing.assert_close(-moved["global"][5], torch.full((D,), expect_global, dtype=dtype),
+                               **tol)
+    assert 0.4 < expect_global / lr < 0.5
+    torch.testing.assert_close(moved["row"][0], moved["global"][0], **tol)
+
+
+def test_bias_correction_is_checked():
+    with pytest.raises(ValueError, match=r"bias_correction='step'.*\['global', 'row'\]"):
+        RowSparseOptimizer([torch.zeros(2, 2, requires_grad=True)], bias_correction="step")

@@ -70,11 +70,12 @@ static inline uint16_t f32_bf16(float f) {
 /* lazy Adam, fp32 p and grad, bf16 m and v; same arithmetic as adam_rows_f32 */
 void adam_rows_bf16(int64_t r0, int64_t r1, int64_t D, const int64_t* rows, const float* grad,
                     float* p, uint16_t* m, uint16_t* v, double lr, double b1, double b2,
-                    double eps, double bc1, double bc2) {
-    const float step = (float)(lr / bc1), ib2 = (float)(1.0 / bc2);
+                    double eps, double bc1, double bc2, const double* row_bc) {
     const float c1 = (float)(1.0 - b1), c2 = (float)(1.0 - b2), tb1 = (float)b1, tb2 = (float)b2;
     const float te = (float)eps;
     for (int64_t r = r0; r < r1; ++r) {
+        const float step = (float)(lr / (row_bc ? row_bc[2 * r] : bc1));
+        const float ib2 = (float)(1.0 / (row_bc ? row_bc[2 * r + 1] : bc2));
         int64_t o = rows[r] * D;
         const float* gr = grad + r * D;
         if (r + PF < r1) {

@@ -80,11 +80,13 @@ void FN(rows_bwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
 /* lazy Adam on rows[r0..r1): moments and params of touched rows only, in place */
 void FN(adam_rows)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows, const T_* grad,
                      T_* p, T_* m, T_* v, double lr, double b1, double b2, double eps,
-                     double bc1, double bc2) {
-    const T_ step = (T_)(lr / bc1), ib2 = (T_)(1.0 / bc2);
+                     double bc1, double bc2, const double* row_bc) {
+    /* bias corrections bc1, bc2 for every row, or per row (row_bc[2r], row_bc[2r + 1]) */
     const T_ c1 = (T_)(1.0 - b1), c2 = (T_)(1.0 - b2), tb1 = (T_)b1, tb2 = (T_)b2;
     const T_ te = (T_)eps;
     for (int64_t r = r0; r < r1; ++r) {
+        const T_ step = (T_)(lr / (row_bc ? row_bc[2 * r] : bc1));
+        const T_ ib2 = (T_)(1.0 / (row_bc ? row_bc[2 * r + 1] : bc2));
         int64_t o = rows[r] * D;
         const T_* gr = grad + r * D;
         if (r + PF < r1) {
@@ -146,6 +148,11 @@ static inline void FN(topk_row)(const T_* a, int64_t n, int64_t k, T_* val, int6
 void FN(pk_select)(int64_t r0, int64_t r1, int64_t T, int64_t n, int64_t k,
                      int64_t P, const T_* scores, const int64_t* pi, const int64_t* pj,
                      int64_t* sel1, int64_t* sel2) {
+    if (k < 1 || k > n || P < k) { /* no k distinct sub-keys: valid ids (0), never garbage */
+        for (int64_t r = r0; r < r1; ++r)
+            for (int64_t j = 0; j < (k > 0 ? k : 0); ++j) sel1[r * k + j] = sel2[r * k + j] = 0;
+        return;
+    }
     T_ v1[k], v2[k], cv[k];
     int64_t i1[k], i2[k], ci[k];
     for (int64_t r = r0; r < r1; ++r) {
