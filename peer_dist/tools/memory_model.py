@@ -19,12 +19,19 @@ What is exact and what is an estimate:
                     int64 index. Learned routing concentrates on fewer rows, so this is an upper
                     estimate of the steady state.
   dense part        exact parameter count (attention, dense FFWs, routers, embeddings); bytes
-                    per parameter as DeepSpeed ZeRO counts them (see `dense_bytes_per_param`).
-  activations       rough: a per-token count of the tensors autograd keeps (see
-                    `activation_bytes`); attention score matrices and allocator slack are left out.
+                    per parameter as DeepSpeed ZeRO counts them (see `dense_bytes_per_param`),
+                    plus ZeRO's gradient-reduction buckets (see `bucket_bytes`).
+  activations       per token, the tensors this transformer saves for backward (counted with
+                    autograd's saved-tensor hooks) plus the backward's transient: one block's
+                    gradients and the loss's softmax (see `activation_bytes`).
   all-to-all        bytes moved per step from peer_dist/parallel/cost.py; the buffers one PEER
                     layer holds while it exchanges, plus what each layer keeps for backward, are
                     rough (see `a2a_bytes`). Zero at E = 1.
+  runtime           measured, not modelled: what a rank holds beyond the terms above (the
+                    interpreter, torch, DeepSpeed, the communicators, kernels, allocator pools),
+                    taken once per machine from a minimal training run (peer-scale measures and
+                    caches it) or given; on CUDA, what max_memory_allocated sees beyond them.
+The sum of all terms is the whole peak per rank.
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ from dataclasses import dataclass, field
 from peer_dist.config import STRATEGIES as PARALLEL_STRATEGIES
 from peer_dist.config import TABLE_OPTIMIZERS, ModelConfig, OptimConfig
 from peer_dist.parallel import cost
+from peer_dist.train.deepspeed_setup import bucket_elements  # noqa: F401 (re-exported)
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 STRATEGIES = tuple(s for s in PARALLEL_STRATEGIES if s != "auto")  # what the model prices
 ZERO_STAGES = (0, 1, 2, 3)
+DEVICES = ("cpu", "cuda")
 INDEX_BYTES = 8  # int64 row ids (COO indices, ids sent to owners)
 
 
@@ -57,6 +66,8 @@ class Setup:
     zero_stage: int = 0
     strategy: str = "dispatch"
     tokens_per_rank: int = 1024  # per micro-batch
+    runtime_bytes: int = 0  # the runtime's own baseline (measured per machine, or given)
+    device: str = "cpu"  # cpu (peak RSS) | cuda (the allocator's peak)
 
     def validate(self) -> Setup:
         self.model.validate()
@@ -75,6 +86,7 @@ class Setup:
              f"one of {list(ZERO_STAGES)}"),
             (self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {list(STRATEGIES)}"),
             (self.tokens_per_rank >= 1, "tokens_per_rank", self.tokens_per_rank, ">= 1"),
+            (self.device in DEVICES, "device", self.device, f"one of {list(DEVICES)}"),
         ]
         for ok, key, value, allowed in checks:
             if not ok:
@@ -187,31 +199,53 @@ def dense_bytes_per_param(dtype: str, zero_stage: int, world_size: int) -> float
 
 def dense_bytes(s: Setup) -> int:
     return int(dense_param_count(s.model) * dense_bytes_per_param(s.dtype, s.zero_stage,
-                                                                  s.world_size))
+                                                                  s.world_size)
+               + bucket_bytes(s))
+
+
+def bucket_bytes(s: Setup) -> int:
+    """ZeRO 1-2: one gradient-reduction bucket (stage 3: two, overlapping communication), in
+    the model's dtype. A GPU holds the whole bucket; on CPU only the pages gradients pass
+    through are resident (at most the dense gradients' size)."""
+    if s.zero_stage == 0:
+        return 0
+    p = dense_param_count(s.model)
+    held = bucket_elements(p) if s.device == "cuda" else min(bucket_elements(p), p)
+    return (2 if s.zero_stage == 3 else 1) * held * s.elem
 
 
 # --------------------------------------------------------------------------- activations, buffers
 
 def activation_bytes(s: Setup) -> int:
-    """Rough: tensors autograd keeps per token, times T tokens.
+    """What autograd keeps for backward, plus the backward's own transient, times T tokens.
 
-    Dense block ~ (7 + 2*ffw_mult) * D values (residual, 2 norms, qkv, attention out, FFW up and
-    its activation); a PEER block replaces the FFW part with the router (query before and after
-    BN, 2*H*n sub-key scores, H*K*K candidates, ids and gates) and two values per selection
-    (u.x before and after the activation). Plus embeddings and fp32 logits for the loss.
+    Counted per token from the tensors this transformer saves (checked with autograd's
+    saved-tensor hooks, tests/unit/test_memory_model.py): a dense block keeps (13 + 2m) d values
+    (norms, q/k/v and their rotations, attention output and projections, the FFW's m d input
+    and activation); a PEER block keeps 13 d (the same attention, the FFW input) plus the
+    router's query before and after BatchNorm (2 H d_key) and per selection 40 B of int64 ids
+    (ids, sub-key ids, rows and bags) and 6 values (scores, gates, u.x); the model keeps 3 d
+    (embeddings, final norm) and the fp32 logits (V). Backward holds gradients of one block's
+    size beside them, plus the logits' softmax and its gradient (2 V fp32).
     """
-    m, p = s.model, s.model.peer
-    n_sub = math.isqrt(p.num_experts)
-    attn = 6 * m.dim
-    dense_ffw = (1 + 2 * m.ffw_mult) * m.dim
-    peer = (m.dim + 2 * p.heads * p.d_key + 2 * p.heads * n_sub + p.heads * p.topk * p.topk
-            + 3 * s.selections)
+    saved, largest_block = _saved_per_token(s)
+    transient = largest_block + 2 * 4 * s.model.vocab_size
+    return int(s.tokens_per_rank * (saved + transient))
+
+
+def saved_activation_bytes(s: Setup) -> int:
+    """The part of activation_bytes that autograd keeps (what saved-tensor hooks see)."""
+    return int(s.tokens_per_rank * _saved_per_token(s)[0])
+
+
+def _saved_per_token(s: Setup) -> tuple[int, int]:
+    """(bytes saved per token, the largest block's share)."""
+    m, p, e = s.model, s.model.peer, s.elem
+    dense = (13 + 2 * m.ffw_mult) * m.dim * e
+    peer = 13 * m.dim * e + 2 * p.heads * p.d_key * e + s.selections * (40 + 6 * e)
     peer_ids = set(m.peer_block_ids())
-    per_token = sum(attn + (peer if i in peer_ids else dense_ffw) for i in range(m.n_layers))
-    values = per_token + 2 * m.dim
-    ids = s.layers * s.selections * INDEX_BYTES
-    logits = m.vocab_size * (s.elem + 2 * 4)  # logits, fp32 copy and its softmax grad
-    return int(s.tokens_per_rank * (values * s.elem + ids + logits))
+    blocks = [peer if i in peer_ids else dense for i in range(m.n_layers)]
+    return sum(blocks) + 3 * m.dim * e + 4 * m.vocab_size, max(blocks, default=0)
 
 
 def _layer_shape(s: Setup) -> cost.LayerShape:
@@ -258,12 +292,13 @@ def a2a_bytes_moved(s: Setup) -> int:
 
 # --------------------------------------------------------------------------- the breakdown
 
-COMPONENTS = ("expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a")
+COMPONENTS = ("expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a",
+              "runtime")
 
 
 def breakdown(s: Setup) -> dict[str, int]:
     """Bytes per rank for each component, the expert table total (params + optimizer state,
-    the exact part) and the grand total."""
+    the exact part) and the grand total: the whole peak per rank."""
     s.validate()
     out = {
         "expert_params": expert_param_bytes(s),
@@ -272,6 +307,7 @@ def breakdown(s: Setup) -> dict[str, int]:
         "dense": dense_bytes(s),
         "activations": activation_bytes(s),
         "a2a": a2a_bytes(s),
+        "runtime": int(s.runtime_bytes),
     }
     out["expert_tables"] = out["expert_params"] + out["expert_optim"]
     out["total"] = sum(out[k] for k in COMPONENTS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -30,17 +31,17 @@ from pathlib import Path
 
 from peer_dist.config import ConfigError, ModelConfig, load_config
 from peer_dist.tools import memory_model as mm
-from peer_dist.tools.pngplot import Series, write_plot
+from peer_dist.tools.plots import Series, line_chart, predicted_vs_measured
 
 GIB = 1024 ** 3
 OPTIMIZER_RANK = {"lazy_adam": 0, "dense_adam": 1, "adagrad": 2, "sgd": 3}  # plan: best first
 
 # Row keys: the setup of a point, then predict's byte counts (per rank).
 SETUP_KEYS = ("num_experts", "dim", "layers", "ep", "world_size", "dtype", "table_dtype",
-              "table_optimizer", "zero_stage", "strategy", "tokens_per_rank")
+              "table_optimizer", "zero_stage", "strategy", "tokens_per_rank", "device")
 PREDICT_KEYS = ("expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a",
-                "expert_bytes_per_rank_predicted", "total_bytes_per_rank_predicted",
-                "a2a_bytes_moved_predicted")
+                "runtime", "expert_bytes_per_rank_predicted", "total_bytes_per_rank_predicted",
+                "peak_bytes_per_rank_predicted", "a2a_bytes_moved_predicted")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -80,8 +81,18 @@ def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--zero-stage", type=_ints, default=[0])
     p.add_argument("--strategy", type=_strs, default=["dispatch"],
                    help=f"any of {list(mm.STRATEGIES)}")
-    p.add_argument("--tokens-per-rank", type=int, default=None,
-                   help="tokens per rank per micro-batch; default batch_size * seq_len")
+    p.add_argument("--tokens-per-rank", type=_ints, default=[128, 1024, 4096] if measure else None,
+                   help="tokens per rank per micro-batch (rounded to whole sequences); "
+                        "default batch_size * seq_len" + (", 128, 1024, 4096 for measure"
+                                                          if measure else ""))
+    p.add_argument("--runtime-bytes", type=int, default=None,
+                   help="the runtime's own bytes per rank; default: measured once per machine "
+                        "(a minimal training run) and cached" if measure else
+                        "the runtime's own bytes per rank (default 0; peer-scale measure and "
+                        "plan --check measure it)")
+    if not measure:
+        p.add_argument("--device", default="cuda", choices=mm.DEVICES,
+                       help="what the prediction is for (measure uses this machine's)")
     p.add_argument("--out", default=None, help="output folder (table.md, table.csv, plot.png, tb/)")
     p.add_argument("--json", action="store_true", help="print one JSON object per point")
 
@@ -107,8 +118,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True)
     p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per GPU, GiB")
-    p.add_argument("--headroom", type=float, default=0.1,
-                   help="fraction of memory kept free (allocator slack, runtime context)")
+    p.add_argument("--headroom", type=float, default=0.05,
+                   help="fraction of memory that must stay free beyond the predicted peak")
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--num-experts", type=int, default=None)
@@ -118,9 +129,21 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES))
     p.add_argument("--table-state-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES))
     p.add_argument("--strategy", default="dispatch", choices=mm.STRATEGIES)
-    p.add_argument("--tokens-per-rank", type=int, default=None)
+    p.add_argument("--micro-batch", type=_ints, default=[1, 2, 4, 8, 16, 32],
+                   help="sequences per rank per micro-batch to consider")
+    p.add_argument("--runtime-bytes", type=int, default=None,
+                   help="the runtime's own bytes per GPU (CUDA context and allocator pools "
+                        "beyond the model's terms; default 0); --check measures it here")
     p.add_argument("--top", type=int, default=20, help="rows to print")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="run the best setting here for a few steps (nodes x GPUs ranks) and "
+                        "print predicted against measured")
+    p.add_argument("--steps", type=int, default=3, help="--check: optimizer steps")
+    p.add_argument("--timeout", type=float, default=600.0, help="--check: seconds")
+    p.add_argument("--data-bytes", type=int, default=2_000_000, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help="--check: prepared data folder")
+    p.add_argument("--keep-runs", action="store_true", help=argparse.SUPPRESS)
 
 
 # --------------------------------------------------------------------------- grid
@@ -148,20 +171,23 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
     """Every combination of the grid flags; points whose EP does not divide the world size are
     skipped."""
     cfg = base_config(args)
-    tokens = args.tokens_per_rank or cfg.train.batch_size * cfg.train.seq_len
+    seq = cfg.train.seq_len
+    token_list = args.tokens_per_rank or [cfg.train.batch_size * seq]
     points = []
-    for n, d, layers, ep, world, dtype, opt, zero, strat in itertools.product(
+    for n, d, layers, ep, world, dtype, opt, zero, strat, tokens in itertools.product(
             args.num_experts, args.dim, args.layers or [None], args.ep,
             args.world_size or [None], args.dtype, args.table_optimizer, args.zero_stage,
-            args.strategy):
+            args.strategy, token_list):
         world = world or ep
         if world % ep:
             continue
         try:
             s = mm.Setup(model_for(cfg.model, n, d, layers), ep=ep, world_size=world, dtype=dtype,
                          table_dtype=args.table_dtype, table_optimizer=opt, zero_stage=zero,
-                         table_state_dtype=args.table_state_dtype,
-                         strategy=strat, tokens_per_rank=tokens).validate()
+                         table_state_dtype=args.table_state_dtype, strategy=strat,
+                         tokens_per_rank=max(1, tokens // seq) * seq,
+                         runtime_bytes=args.runtime_bytes or 0,
+                         device=getattr(args, "device", None) or local_device()).validate()
         except (ValueError, ConfigError) as err:
             raise SystemExit(f"peer-scale: {err}") from err
         points.append(s)
@@ -170,12 +196,18 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
     return points
 
 
+def local_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def setup_row(s: mm.Setup) -> dict:
     return {"num_experts": s.n, "dim": s.d, "layers": s.layers, "ep": s.ep,
             "world_size": s.world_size, "dtype": s.dtype, "table_dtype": s.table_dtype,
             "table_optimizer": s.table_optimizer, "table_state_dtype": s.table_state_dtype,
             "zero_stage": s.zero_stage, "strategy": s.strategy,
-            "tokens_per_rank": s.tokens_per_rank}
+            "tokens_per_rank": s.tokens_per_rank, "device": s.device}
 
 
 def predict_row(s: mm.Setup) -> dict:
@@ -183,7 +215,8 @@ def predict_row(s: mm.Setup) -> dict:
     row = setup_row(s)
     row.update({k: b[k] for k in mm.COMPONENTS})
     row["expert_bytes_per_rank_predicted"] = b["expert_tables"]
-    row["total_bytes_per_rank_predicted"] = b["total"]
+    row["total_bytes_per_rank_predicted"] = b["total"] - b["runtime"]  # the model's terms
+    row["peak_bytes_per_rank_predicted"] = b["total"]  # the whole peak, runtime included
     row["a2a_bytes_moved_predicted"] = mm.a2a_bytes_moved(s)
     return row
 
@@ -245,11 +278,11 @@ def write_outputs(rows: list[dict], keys: list[str], out: Path, kind: str,
             pts = [(r["num_experts"], r[key]) for r in members if r.get(key)]
             label = f"{name} {key.replace('_bytes_per_rank', '').replace('_', ' ')}"
             series.append(Series(label, [p[0] for p in pts], [p[1] for p in pts], style, color))
-    renderer = write_plot(out / "plot.png", series, f"peer-scale {kind}: bytes per rank",
-                          "experts N", "bytes per rank")
+    line_chart(out / "plot.png", series, f"peer-scale {kind}: bytes per rank", "experts N",
+               "bytes per rank")
     write_tensorboard(out / "tb", kind, groups, [k for k, _ in plot_series])
     return {"table_md": str(out / "table.md"), "table_csv": str(out / "table.csv"),
-            "plot": str(out / "plot.png"), "renderer": renderer, "tb": str(out / "tb")}
+            "plot": str(out / "plot.png"), "tb": str(out / "tb")}
 
 
 def shown_keys(rows: list[dict], keys: list[str]) -> list[str]:
@@ -302,69 +335,107 @@ def cmd_predict(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- plan
 
 def plan_rows(args: argparse.Namespace) -> list[dict]:
-    """Every EP (divisor of the world) x ZeRO stage x table optimizer, best first: the
-    strongest table optimizer, then an EP group inside one node (all-to-all stays on the node's
-    links), then the smallest EP (fewest owners per token), then ZeRO 0-2 before 3 (stages 1
-    and 2 move the same bytes as plain data parallelism, stage 3 adds parameter all-gathers),
-    then the least memory. `fits` marks those within the usable memory."""
+    """Every EP (divisor of the world) x ZeRO stage x micro-batch x table optimizer, each with
+    its predicted whole peak and headroom, best first: the fitting ones, then the strongest
+    table optimizer, an EP group inside one node (all-to-all stays on the node's links), the
+    smallest EP (fewest owners per token), ZeRO 0-2 before 3 (stages 1 and 2 move the same
+    bytes as plain data parallelism, stage 3 adds parameter all-gathers), the largest
+    micro-batch, then the least memory."""
     cfg = base_config(args)
     m = model_for(cfg.model, args.num_experts or cfg.model.peer.num_experts,
                   args.dim or cfg.model.dim, args.layers)
     world = args.nodes * args.gpus_per_node
-    budget = args.gpu_mem_gib * GIB * (1.0 - args.headroom)
-    tokens = args.tokens_per_rank or cfg.train.batch_size * cfg.train.seq_len
+    capacity = args.gpu_mem_gib * GIB
+    seq = cfg.train.seq_len
+    micro = args.micro_batch or [cfg.train.batch_size]
     rows = []
-    for ep, zero, opt in itertools.product([e for e in range(1, world + 1) if world % e == 0],
-                                           mm.ZERO_STAGES, mm.TABLE_OPTIMIZERS):
+    for ep, zero, mb, opt in itertools.product(
+            [e for e in range(1, world + 1) if world % e == 0], mm.ZERO_STAGES, micro,
+            mm.TABLE_OPTIMIZERS):
         s = mm.Setup(m, ep=ep, world_size=world, dtype=args.dtype, table_dtype=args.table_dtype,
                      table_optimizer=opt, zero_stage=zero, strategy=args.strategy,
-                     table_state_dtype=args.table_state_dtype,
-                     tokens_per_rank=tokens)
+                     table_state_dtype=args.table_state_dtype, tokens_per_rank=mb * seq,
+                     runtime_bytes=args.runtime_bytes or 0, device="cuda")
         row = predict_row(s)
-        row["dp"] = world // ep
-        row["fits"] = row["total_bytes_per_rank_predicted"] <= budget
+        peak = row["peak_bytes_per_rank_predicted"]
+        row.update(dp=world // ep, micro_batch=mb, headroom_bytes=int(capacity - peak),
+                   headroom_frac=(capacity - peak) / capacity)
+        row["fits"] = row["headroom_frac"] >= args.headroom
         rows.append(row)
-    rows.sort(key=lambda r: (OPTIMIZER_RANK[r["table_optimizer"]], r["ep"] > args.gpus_per_node,
-                             r["ep"], r["zero_stage"] == 3, r["total_bytes_per_rank_predicted"]))
+    rows.sort(key=lambda r: (not r["fits"], OPTIMIZER_RANK[r["table_optimizer"]],
+                             r["ep"] > args.gpus_per_node, r["ep"], r["zero_stage"] == 3,
+                             -r["micro_batch"], r["peak_bytes_per_rank_predicted"]))
     return rows
+
+
+PLAN_KEYS = ["ep", "dp", "zero_stage", "micro_batch", "table_optimizer", "expert_params",
+             "expert_optim", "expert_grads", "dense", "activations", "a2a", "runtime",
+             "peak_bytes_per_rank_predicted", "headroom_bytes"]
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     rows = plan_rows(args)
     fit = [r for r in rows if r["fits"]]
-    keys = ["ep", "dp", "zero_stage", "table_optimizer", "expert_params", "expert_optim",
-            "expert_grads", "dense", "activations", "a2a", "total_bytes_per_rank_predicted"]
+    if args.check and fit:
+        check_plan(args, fit[0])
+        return
     if args.json:
         emit(fit[:args.top], list(fit[0]) if fit else [], True)
         return
     r0 = rows[0]
     print(f"cluster: {args.nodes} x {args.gpus_per_node} GPUs, {args.gpu_mem_gib:g} GiB each "
-          f"({100 * (1 - args.headroom):.0f}% usable); model: N={r0['num_experts']}, "
-          f"d={r0['dim']}, {r0['layers']} PEER layers, {args.dtype}, {args.strategy}")
+          f"(at least {100 * args.headroom:.0f}% kept free); model: N={r0['num_experts']}, "
+          f"d={r0['dim']}, {r0['layers']} PEER layers, {args.dtype}, {args.strategy}, "
+          f"runtime {human(r0['runtime'])} per rank")
     if not fit:
-        smallest = min(rows, key=lambda r: r["total_bytes_per_rank_predicted"])
+        smallest = min(rows, key=lambda r: r["peak_bytes_per_rank_predicted"])
         print(f"nothing fits: the smallest setting needs "
-              f"{human(smallest['total_bytes_per_rank_predicted'])} per rank "
+              f"{human(smallest['peak_bytes_per_rank_predicted'])} per rank "
               f"(ep={smallest['ep']}, zero={smallest['zero_stage']}, "
-              f"{smallest['table_optimizer']})")
+              f"micro_batch={smallest['micro_batch']}, {smallest['table_optimizer']})")
         return
     print(f"{len(fit)} of {len(rows)} settings fit; best first:")
-    print(markdown(fit[:args.top], keys), end="")
+    print(markdown(fit[:args.top], PLAN_KEYS), end="")
+
+
+def check_plan(args: argparse.Namespace, best: dict) -> None:
+    """Run the best setting here for a few steps (world = nodes x GPUs per node ranks) and
+    print its predicted whole peak beside the measured one."""
+    cfg = base_config(args)
+    m = model_for(cfg.model, best["num_experts"], best["dim"], args.layers)
+    s = mm.Setup(m, ep=best["ep"], world_size=best["world_size"], dtype=best["dtype"],
+                 table_dtype=best["table_dtype"], table_optimizer=best["table_optimizer"],
+                 zero_stage=best["zero_stage"], strategy=best["strategy"],
+                 table_state_dtype=best["table_state_dtype"],
+                 tokens_per_rank=best["tokens_per_rank"], device=local_device())
+    work = Path(tempfile.mkdtemp(prefix="peer-scale-check-"))
+    data = Path(args.data) if args.data else work / "data"
+    row = measure_point(s, args, work, data)
+    print(f"plan --check: ep={s.ep} zero={s.zero_stage} micro_batch={best['micro_batch']} "
+          f"{s.table_optimizer}, {s.world_size} ranks here, {args.steps} steps")
+    print(f"  predicted whole peak {human(row['peak_bytes_per_rank_predicted'])} per rank "
+          f"(runtime {human(row['runtime'])}), measured "
+          f"{human(row['peak_bytes_per_rank_measured'])} ({row['peak_source']}): "
+          f"error {100 * row['peak_rel_err']:+.1f}%")
+    if args.json:
+        print(json.dumps(row))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- measure
 
 MEASURE_KEYS = ("expert_bytes_per_rank_predicted", "expert_bytes_per_rank_measured",
-                "expert_rel_err", "total_bytes_per_rank_predicted", "peak_bytes_per_rank",
-                "peak_over_runtime_bytes", "step_s", "a2a_bytes_moved_predicted",
-                "bytes_moved_per_step")
+                "expert_rel_err", "runtime", "peak_bytes_per_rank_predicted",
+                "peak_bytes_per_rank_measured", "peak_rel_err", "step_s",
+                "a2a_bytes_moved_predicted", "bytes_moved_per_step")
 
 
 def trainer_overrides(s: mm.Setup, args: argparse.Namespace, run_dir: Path, data: Path
                       ) -> list[str]:
     """Dotted overrides that make peer-train run point `s` for a few steps, quietly."""
     m = s.model
-    out = list(args.set) + [
+    seq = base_config(args).train.seq_len
+    return list(args.set) + [
         f"model.dim={m.dim}", f"model.n_layers={m.n_layers}", f"model.peer_blocks={m.peer_blocks}",
         f"model.peer.num_experts={m.peer.num_experts}", f"parallel.ep={s.ep}",
         f"parallel.strategy={s.strategy}", f"optim.table_optimizer={s.table_optimizer}",
@@ -373,11 +444,8 @@ def trainer_overrides(s: mm.Setup, args: argparse.Namespace, run_dir: Path, data
         f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps + 1}",
         f"train.run_dir={run_dir}", "train.resume=never", "train.eval_batches=1",
         f"data.path={data}", f"data.max_bytes={args.data_bytes}",
+        f"train.batch_size={max(1, s.tokens_per_rank // seq)}",
     ]
-    if args.tokens_per_rank:
-        cfg = base_config(args)
-        out.append(f"train.batch_size={max(1, args.tokens_per_rank // cfg.train.seq_len)}")
-    return out
 
 
 def trainer_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
@@ -386,7 +454,8 @@ def trainer_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
 def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> dict:
     """One torchrun launch of peer-train; returns what it measured (see read_run)."""
-    name = f"n{s.n}_d{s.d}_L{s.layers}_ep{s.ep}_w{s.world_size}_{s.strategy}_{s.table_optimizer}"
+    name = (f"n{s.n}_d{s.d}_L{s.layers}_ep{s.ep}_w{s.world_size}_z{s.zero_stage}_"
+            f"t{s.tokens_per_rank}_{s.strategy}_{s.table_optimizer}")
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -408,8 +477,10 @@ def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> 
 
 def read_run(run_dir: Path) -> dict:
     """What peer-train measured: summary.json (per-rank expert bytes = local shard tensors plus
-    their optimizer state, per-rank peak RSS) and metrics.jsonl (step seconds, all-to-all bytes
-    sent per layer and step, CUDA allocator peaks per rank). The largest rank decides memory."""
+    their optimizer state) and metrics.jsonl (step seconds, all-to-all bytes sent per layer and
+    step, and per rank the peak RSS, or on CUDA the allocator's peak, at the last training
+    step: the evaluation and checkpoint after it are not part of a training step's peak). The
+    largest rank decides memory."""
     mib = 2 ** 20
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -420,27 +491,71 @@ def read_run(run_dir: Path) -> dict:
             for r in train if any(k.startswith("comm/") for k in r)]
     last = next((r for r in reversed(train) if any(k.startswith("memory/") for k in r)), {})
     cuda = [v for k, v in last.items() if k.endswith("/cuda_peak_allocated_mib")]
-    # peak RSS only grows: its value at the last logged step is the peak over the training
-    # steps; the summary's also covers the final evaluation and checkpoint.
     rss_train = [v for k, v in last.items() if k.endswith("/peak_rss_mib")]
     rss_run = max(summary["peak_rss_mib_per_rank"]) * mib
     peak = max(cuda) if cuda else max(rss_train) if rss_train else rss_run / mib
     return {"expert_bytes_per_rank_measured": round(max(summary["expert_mib_per_rank"]) * mib),
-            "peak_bytes_per_rank": round(peak * mib),
+            "peak_bytes_per_rank_measured": round(peak * mib),
             "peak_source": "cuda_max_allocated" if cuda else "peak_rss",
             "run_peak_rss_bytes_per_rank": round(rss_run),
             "step_s": statistics.median(steps) if steps else None,
             "bytes_moved_per_step": statistics.median(sent) if sent else None}
 
 
-def runtime_rss_bytes() -> int:
-    """Peak RSS of a rank that has only imported the trainer (python, torch, deepspeed): the
-    part of peak RSS that the memory model does not count."""
-    code = ("import peer_dist.train.loop, deepspeed; "
-            "from peer_dist.train.metrics import peak_rss_bytes; print(peak_rss_bytes())")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
-    return int(proc.stdout.split()[-1])
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "peer_dist" / "runtime_bytes.json"
+
+
+def runtime_key(s: mm.Setup, args: argparse.Namespace) -> str:
+    import deepspeed
+    import torch
+
+    config = Path(args.config).read_text() if args.config else ""
+    digest = hashlib.sha256((config + "\n".join(args.set)).encode()).hexdigest()[:12]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return (f"{device}|torch {torch.__version__}|deepspeed {deepspeed.__version__}|"
+            f"config {digest}|world {s.world_size}|zero {s.zero_stage}|{s.dtype}")
+
+
+def runtime_bytes(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> int:
+    """The runtime's own bytes per rank for s's world size, ZeRO stage and dtype: a minimal
+    training run (the smallest table the config allows, one sequence per rank) measured, less
+    what the model predicts for it. Measured once per machine and cached."""
+    if args.runtime_bytes is not None:
+        return args.runtime_bytes
+    cache, key = _cache_file(), runtime_key(s, args)
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key in known:
+        return int(known[key])
+    m = copy.deepcopy(s.model)
+    n_sub = max(m.peer.topk, 16)
+    m.peer.num_experts = n_sub * n_sub
+    seq = base_config(args).train.seq_len
+    tiny = mm.Setup(m, ep=1, world_size=s.world_size, dtype=s.dtype, zero_stage=s.zero_stage,
+                    table_optimizer=s.table_optimizer, strategy=s.strategy,
+                    tokens_per_rank=seq, device=s.device)
+    print(f"peer-scale: measuring the runtime's own memory ({key})", file=sys.stderr)
+    measured = run_point(tiny, args, work / "runtime", data)["peak_bytes_per_rank_measured"]
+    value = max(0, measured - mm.breakdown(tiny)["total"])
+    known[key] = value
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    tmp.replace(cache)
+    return value
+
+
+def measure_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> dict:
+    """One point: the prediction (runtime measured or cached), the run, and their errors."""
+    s.runtime_bytes = runtime_bytes(s, args, work, data)
+    row = predict_row(s)
+    row.update(run_point(s, args, work / "runs", data))
+    meas = row["expert_bytes_per_rank_measured"]
+    row["expert_rel_err"] = (row["expert_bytes_per_rank_predicted"] - meas) / meas
+    row["peak_rel_err"] = (row["peak_bytes_per_rank_predicted"]
+                           / row["peak_bytes_per_rank_measured"] - 1.0)
+    return row
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
@@ -450,26 +565,34 @@ def cmd_measure(args: argparse.Namespace) -> None:
     points = grid(args)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="peer-scale-"))
     data = Path(args.data) if args.data else out / "data"
-    base_rss = runtime_rss_bytes()
     rows = []
-    for s in points:
-        row = predict_row(s)
-        row.update(run_point(s, args, out / "runs", data))
-        meas = row["expert_bytes_per_rank_measured"]
-        row["expert_rel_err"] = (row["expert_bytes_per_rank_predicted"] - meas) / meas
-        row["runtime_rss_bytes"] = base_rss
-        # peak RSS less the runtime's own, against the predicted total (a rough check)
-        row["peak_over_runtime_bytes"] = row["peak_bytes_per_rank"] - (
-            base_rss if row["peak_source"] == "peak_rss" else 0)
+    for i, s in enumerate(points, 1):
+        row = measure_point(s, args, out, data)
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
+        else:
+            print(f"peer-scale: point {i}/{len(points)}: predicted "
+                  f"{human(row['peak_bytes_per_rank_predicted'])}, measured "
+                  f"{human(row['peak_bytes_per_rank_measured'])} "
+                  f"({100 * row['peak_rel_err']:+.1f}%)", file=sys.stderr)
     keys = list(SETUP_KEYS) + list(MEASURE_KEYS)
     write_outputs(rows, keys, out, "measure",
-                  [("expert_bytes_per_rank_predicted", "line"),
-                   ("expert_bytes_per_rank_measured", "points"), ("peak_bytes_per_rank", "cross")])
+                  [("peak_bytes_per_rank_predicted", "line"),
+                   ("peak_bytes_per_rank_measured", "points"),
+                   ("expert_bytes_per_rank_measured", "cross")])
+    predicted_vs_measured(out / "predicted_vs_measured.png",
+                          [r["peak_bytes_per_rank_predicted"] for r in rows],
+                          [r["peak_bytes_per_rank_measured"] for r in rows],
+                          [f"ep={r['ep']} zero={r['zero_stage']}" for r in rows],
+                          "peer-scale measure: whole peak per rank")
+    worst = max(rows, key=lambda r: abs(r["peak_rel_err"]))
+    summary = (f"worst whole-peak error {100 * worst['peak_rel_err']:+.1f}% over {len(rows)} "
+               f"points (N={worst['num_experts']}, d={worst['dim']}, ep={worst['ep']}, "
+               f"tokens={worst['tokens_per_rank']}, zero={worst['zero_stage']})")
     if not args.json:
         print(markdown(rows, shown_keys(rows, keys)), end="")
+    print(f"peer-scale: {summary}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- entry point

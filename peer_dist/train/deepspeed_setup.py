@@ -32,10 +32,22 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
-    """The one DeepSpeed config, generated from ours (users never edit a second JSON)."""
+def bucket_elements(dense_params: int) -> int:
+    """ZeRO's reduce / all-gather bucket size: the dense parameter count, at least 2^20 and at
+    most DeepSpeed's default 5e8 elements."""
+    return int(min(5e8, max(dense_params, 1 << 20)))
+
+
+def deepspeed_config(cfg: Config, dtype: torch.dtype, dense_params: int = 0) -> dict[str, Any]:
+    """The one DeepSpeed config, generated from ours (users never edit a second JSON).
+
+    ZeRO's buckets are sized to the dense part (at least 2^20, at most DeepSpeed's default
+    5e8 elements): a default-size reduction bucket alone holds 1-2 GB of GPU memory, far more
+    than a PEER model's dense gradients need."""
     t = cfg.train
-    zero: dict[str, Any] = {"stage": t.zero_stage}
+    bucket = bucket_elements(dense_params)
+    zero: dict[str, Any] = {"stage": t.zero_stage, "reduce_bucket_size": bucket,
+                            "allgather_bucket_size": bucket}
     if t.zero_stage == 3:
         # Small dense models: gather whole modules instead of prefetching parameter buckets.
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
@@ -78,7 +90,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> Any
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=dense_optimizer(params, cfg), model_parameters=params,
-        config=deepspeed_config(cfg, dtype))
+        config=deepspeed_config(cfg, dtype, sum(p.numel() for p in params)))
     return engine
 
 

@@ -40,6 +40,9 @@ def test_clip_factor_covers_dense_and_tables_together():
 def test_generated_deepspeed_config_follows_ours():
     cfg = load_config(None, ["train.batch_size=3", "train.grad_accum=4", "train.zero_stage=3"])
     ds = deepspeed_config(cfg, torch.float32)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1 << 20  # sized to the dense part
+    big = deepspeed_config(cfg, torch.float32, dense_params=3 * 10 ** 8)
+    assert big["zero_optimization"]["allgather_bucket_size"] == 3 * 10 ** 8
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == 3
