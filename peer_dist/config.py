@@ -59,6 +59,30 @@ class PEERConfig:
 
 ACTIVATIONS = ("gelu", "relu")
 ROUTER_DTYPES = ("fp32", "activations")
+SPARSE_KINDS = ("peer", "moe", "pkm")  # the layer in the blocks model.peer_blocks names
+MOE_ROUTINGS = ("token", "expert")
+
+
+@dataclass
+class MoEConfig:
+    """The mixture-of-experts baseline: experts of the dense FFW's shape (d -> ffw_mult*d -> d)."""
+
+    experts: int = 8
+    topk: int = 1  # experts per token (token choice); expert choice: tokens per expert =
+    #                capacity_factor * tokens * topk / experts
+    routing: str = "token"  # token (top-k per token, load-balancing loss) | expert (choice)
+    aux_weight: float = 0.01  # load-balancing loss weight (token choice)
+    capacity_factor: float = 1.0  # expert choice
+
+    def validate(self) -> None:
+        _check(self.experts >= 1, "model.moe.experts", self.experts, "an integer >= 1")
+        _check(1 <= self.topk <= self.experts, "model.moe.topk", self.topk,
+               f"1 <= topk <= model.moe.experts = {self.experts}")
+        _check(self.routing in MOE_ROUTINGS, "model.moe.routing", self.routing,
+               f"one of {list(MOE_ROUTINGS)}")
+        _check(self.aux_weight >= 0, "model.moe.aux_weight", self.aux_weight, ">= 0")
+        _check(self.capacity_factor > 0, "model.moe.capacity_factor", self.capacity_factor,
+               "> 0")
 
 
 @dataclass
@@ -72,9 +96,13 @@ class ModelConfig:
     # Which blocks use PEER instead of the dense FFW: "middle" (the paper), "none", "all",
     # or a comma-separated list of block indices such as "1,3".
     peer_blocks: str = "middle"
+    # The layer in those blocks: peer (the paper), or a baseline of the isoFLOP comparison:
+    # moe (model.moe) or pkm (product-key memory: model.peer's keys, one value table)
+    sparse_kind: str = "peer"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     peer: PEERConfig = field(default_factory=PEERConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def peer_block_ids(self) -> list[int]:
         spec = self.peer_blocks.strip()
@@ -102,6 +130,9 @@ class ModelConfig:
                f"a divisor of model.dim={self.dim} leaving an even head dim")
         self.peer_block_ids()
         self.peer.validate()
+        self.moe.validate()
+        _check(self.sparse_kind in SPARSE_KINDS, "model.sparse_kind", self.sparse_kind,
+               f"one of {list(SPARSE_KINDS)}")
 
 
 @dataclass

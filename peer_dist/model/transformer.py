@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peer_dist.config import ModelConfig
+from peer_dist.model.baselines import PKM, MoE
 from peer_dist.model.peer import PEER
 
 
@@ -52,13 +53,22 @@ class FeedForward(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+def sparse_layer(cfg: ModelConfig, seed: int) -> nn.Module:
+    """The layer of the blocks model.peer_blocks names: PEER, or a baseline (model.sparse_kind)."""
+    if cfg.sparse_kind == "moe":
+        return MoE(cfg.dim, cfg.ffw_mult * cfg.dim, cfg.moe)
+    if cfg.sparse_kind == "pkm":
+        return PKM(cfg.dim, cfg.peer, seed=seed)
+    return PEER(cfg.dim, cfg.peer, seed=seed)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, use_peer: bool, seed: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffw_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffw = PEER(cfg.dim, cfg.peer, seed=seed) if use_peer else \
+        self.ffw = sparse_layer(cfg, seed) if use_peer else \
             FeedForward(cfg.dim, cfg.ffw_mult * cfg.dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,6 +96,11 @@ class Transformer(nn.Module):
 
     def peer_layers(self) -> list[PEER]:
         return [m for m in self.modules() if isinstance(m, PEER)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE layers' load-balancing losses of the last forward (0 without MoE layers)."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
+        return sum(losses, torch.zeros(())) if losses else torch.zeros(())
 
     def materialize_experts(self, device: torch.device | str = "cpu") -> Transformer:
         for layer in self.peer_layers():

@@ -23,7 +23,8 @@ What is exact and what is an estimate:
                     plus ZeRO's gradient-reduction buckets (see `bucket_bytes`).
   activations       per token, the tensors this transformer saves for backward (counted with
                     autograd's saved-tensor hooks) plus the backward's transient: one block's
-                    gradients and the loss's softmax (see `activation_bytes`).
+                    gradients and the loss's softmax, and per selection the index scratch of
+                    routing, grouping and dispatch (measured constants, SELECTION_SCRATCH).
   all-to-all        bytes moved per step from peer_dist/parallel/cost.py; the buffers one PEER
                     layer holds while it exchanges, plus what each layer keeps for backward, are
                     rough (see `a2a_bytes`). Zero at E = 1.
@@ -87,6 +88,8 @@ class Setup:
             (self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {list(STRATEGIES)}"),
             (self.tokens_per_rank >= 1, "tokens_per_rank", self.tokens_per_rank, ">= 1"),
             (self.device in DEVICES, "device", self.device, f"one of {list(DEVICES)}"),
+            (self.model.sparse_kind == "peer", "model.sparse_kind", self.model.sparse_kind,
+             "peer (the memory model prices PEER layers; MoE and PKM baselines are dense)"),
         ]
         for ok, key, value, allowed in checks:
             if not ok:
@@ -229,8 +232,24 @@ def activation_bytes(s: Setup) -> int:
     size beside them, plus the logits' softmax and its gradient (2 V fp32).
     """
     saved, largest_block = _saved_per_token(s)
-    transient = largest_block + 2 * 4 * s.model.vocab_size
+    transient = largest_block + 2 * 4 * s.model.vocab_size + selection_scratch(s)
     return int(s.tokens_per_rank * (saved + transient))
+
+
+# Scratch per selection and PEER layer while one layer runs (bytes): int64 index arrays the
+# router's top-k, the grouping of selections by row (order, bag, rows, offsets) and, with
+# dispatch, its plan and metadata both ways. Not countable from saved tensors: measured with
+# `peer-scale measure --json` (default grid, h = 8, k = 16: 128 selections per token) as the
+# gap to the other terms, and checked on the README's study grid.
+SELECTION_SCRATCH = {"local": 96, "fetch": 112, "dispatch": 256}
+
+
+def selection_scratch(s: Setup) -> int:
+    """Bytes per token of one PEER layer's selection scratch (see SELECTION_SCRATCH)."""
+    if s.layers == 0:
+        return 0
+    kind = "local" if s.ep == 1 else s.strategy
+    return s.selections * SELECTION_SCRATCH[kind]
 
 
 def saved_activation_bytes(s: Setup) -> int:

@@ -172,7 +172,7 @@ def train_step(job: Job, step: int) -> dict[str, float]:
         loss = lm_loss(engine(inputs), targets)
         if micro == 0 and faults.armed("nan_loss", rank, step + 1):
             loss = loss * float("nan")
-        engine.backward(loss)
+        engine.backward(loss + engine.module.aux_loss())  # MoE load balancing (else 0)
         loss_sum += loss.detach().double().cpu()
         if micro < g_acc - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step

@@ -68,6 +68,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         allowed = (None, torch.float32, torch.float64, torch.bfloat16)
         if state_dtype not in allowed:
             raise ValueError(f"state_dtype={state_dtype} is invalid: allowed are {allowed}")
+        params = list(params)
+        if not params:  # a model without PEER tables (a dense or baseline model): a no-op
+            params = [{"params": []}]
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
         self.kind = kind
         self.state_dtype = state_dtype
