@@ -147,3 +147,15 @@ def test_full_state_reader_sees_table_shapes(runs):
     state = read_full_state(ckpt(runs.get(2, *BASE), 8))
     u = next(v for k, v in state.items() if k.startswith("tables.") and k.endswith(".u"))
     assert u.shape == (1024, 64) and torch.isfinite(u).all()
+
+
+@pytest.mark.parametrize("kind", ["moe", "pkm"])
+def test_baseline_layers_train_in_the_sharded_trainer(runs, kind):
+    """MoE (with its load-balancing loss) and PKM are dense modules: 2 ranks, ZeRO 2, EP = 2
+    (only PEER tables would be sharded) train and lower the loss like PEER does."""
+    r = runs.get(2, *BASE, f"model.sparse_kind={kind}", "model.moe.experts=4",
+                 "model.moe.topk=2", "train.zero_stage=2", "parallel.ep=2")
+    losses = r["losses"]
+    assert sorted(losses) == list(range(1, 9))
+    assert losses[8] < losses[1] - 1.0, losses
+    assert r["summary"]["val_ppl"] > 1 and max(r["summary"]["expert_mib_per_rank"]) == 0
