@@ -3,13 +3,22 @@
     pytest -m unit                    # one process, seconds
     pytest -m "unit or distributed"   # the fast tiers, no torchrun
     pytest -m integration             # torchrun and the real CLI, minutes
+
+Without a GPU, the Triton kernels' tests run under Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter, which must be
+# chosen before the kernels are defined (at the first import of peer_dist.ops).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TIERS = ("unit", "distributed", "integration")
 

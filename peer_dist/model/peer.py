@@ -191,8 +191,6 @@ class ExpertTables(nn.Module):
         self.v = nn.Parameter(init_rows(sv, 0, n, d, self.std, dtype).to(device))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.u.dtype:  # e.g. bf16 activations: mix in the tables' precision
-            return self.forward(x.to(self.u.dtype), ids, gates.to(self.u.dtype)).to(x.dtype)
         return peer_mix(x, ids, gates, self.u, self.v, self.activation, sparse_grad=True)
 
 

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from peer_dist.ops import cpu
+from peer_dist.ops import cpu, triton_mix
 from peer_dist.ops.rows import (
     RowGroups,
     bag_sum,
@@ -65,9 +65,21 @@ def _check_shapes(x, ids, gates, u, v) -> None:
 
 
 def _bag_offsets(bag: torch.Tensor, bags: int) -> torch.Tensor:
-    """(P,) start of each bag's run in a nondecreasing bag (Q,)."""
+    """(P+1,) CSR offsets: bag p's run in a nondecreasing bag (Q,) is [off[p], off[p+1])."""
     counts = torch.bincount(bag, minlength=bags)
-    return torch.cumsum(counts, 0) - counts
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def mix_dtype(x: torch.Tensor, u: torch.Tensor) -> torch.dtype:
+    """The dtype the mix takes x in: its own where the Triton kernels run (they load any float
+    dtype and sum in fp32), else the tables' (the C and PyTorch kernels take one dtype)."""
+    return x.dtype if x.dtype == u.dtype or triton_mix.takes(x, u) else u.dtype
+
+
+def _path(x, rows, gates, u, v) -> str:
+    if _fused_ok(x, rows, gates, u, v):
+        return "c"
+    return "triton" if triton_mix.takes(x, u) and v.dtype == u.dtype else "torch"
 
 
 class RaggedMix(torch.autograd.Function):
@@ -81,17 +93,22 @@ class RaggedMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rows, bag, gates, u, v, act: str, sparse_grad: bool):
         ctx.act, ctx.sparse_grad = act, sparse_grad
-        ctx.fused = _fused_ok(x, rows, gates, u, v)
+        ctx.path = _path(x, rows, gates, u, v)
         x, gates = x.contiguous(), gates.to(x.dtype).contiguous()
         offsets = None
-        if ctx.fused:
+        if ctx.path == "c":
             ctx.groups = RowGroups(rows, bag, u.shape[0])  # checks ids against N
             y, s = cpu.rows_forward(ctx.groups, x, gates, u, v, act == "gelu")
         else:
             check_ids(rows, u.shape[0])  # torch indexing would wrap -1 to the last row
             offsets = _bag_offsets(bag, x.shape[0])
-            s = ragged_dot(x, rows, bag, offsets, u)  # (Q,) pre-activations
-            y = ragged_bag_sum(rows, offsets, v, gates * activation(act, s))  # (P, D)
+            if ctx.path == "triton":
+                rows = rows.long().contiguous()
+                y, s = triton_mix.forward(x, rows, offsets, gates, u, v,
+                                          act == "gelu")
+            else:
+                s = ragged_dot(x, rows, bag, offsets[:-1], u)  # (Q,) pre-activations
+                y = ragged_bag_sum(rows, offsets[:-1], v, gates * activation(act, s))  # (P, D)
         ctx.save_for_backward(x, rows, bag, offsets, gates, u, v, s)
         return y
 
@@ -100,25 +117,30 @@ class RaggedMix(torch.autograd.Function):
         x, rows, bag, offsets, gates, u, v, s = ctx.saved_tensors
         dy, n = dy.contiguous(), u.shape[0]
         tables = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-        if ctx.fused:  # one pass over the unique rows: dx, dgates and both table gradients
+        du = dv = None
+        if ctx.path == "c":  # one pass over the unique rows: dx, dgates and both table gradients
             groups = ctx.groups
             dx, dgates, du, dv = cpu.rows_backward(groups, x, dy, gates, s, u, v,
                                                    ctx.act == "gelu")
-            if not tables:
-                return dx, None, None, dgates, None, None, None, None
-            return (dx, None, None, dgates, row_grad(groups.rows, du, n, ctx.sparse_grad),
-                    row_grad(groups.rows, dv, n, ctx.sparse_grad), None, None)
-        a = activation(ctx.act, s)
-        dw = ragged_dot(dy, rows, bag, offsets, v)  # (Q,) dL/dw = dy . v
-        dgates = dw * a
-        ds = dw * gates * activation_grad(ctx.act, s)  # (Q,) dL/ds
-        dx = ragged_bag_sum(rows, offsets, u, ds)
-        du = dv = None
-        if tables:
-            groups = RowGroups(rows, bag, n)
-            du = row_grad(groups.rows, groups.sums(x, ds), n, ctx.sparse_grad)
-            dv = row_grad(groups.rows, groups.sums(dy, gates * a), n, ctx.sparse_grad)
-        return dx, None, None, dgates, du, dv, None, None
+        elif ctx.path == "triton":  # per bag: dx, dgates; per unique row: the tables' rows
+            dx, dgates, ds, ga = triton_mix.backward_bags(dy, rows, offsets, gates, s, u, v,
+                                                          ctx.act == "gelu")
+            if tables:
+                groups = RowGroups(rows, bag, n)
+                du, dv = triton_mix.row_grads(groups, x, dy, ds, ga, u.dtype)
+        else:
+            a = activation(ctx.act, s)
+            dw = ragged_dot(dy, rows, bag, offsets[:-1], v)  # (Q,) dL/dw = dy . v
+            dgates = dw * a
+            ds = dw * gates * activation_grad(ctx.act, s)  # (Q,) dL/ds
+            dx = ragged_bag_sum(rows, offsets[:-1], u, ds)
+            if tables:
+                groups = RowGroups(rows, bag, n)
+                du, dv = groups.sums(x, ds), groups.sums(dy, gates * a)
+        if not tables:
+            return dx, None, None, dgates, None, None, None, None
+        return (dx, None, None, dgates, row_grad(groups.rows, du, n, ctx.sparse_grad),
+                row_grad(groups.rows, dv, n, ctx.sparse_grad), None, None)
 
 
 def ragged_mix(x: torch.Tensor, rows: torch.Tensor, bag: torch.Tensor, gates: torch.Tensor,
@@ -137,7 +159,14 @@ def ragged_mix(x: torch.Tensor, rows: torch.Tensor, bag: torch.Tensor, gates: to
     if bag.numel() and (int(bag[0]) < 0 or int(bag[-1]) >= x.shape[0]
                         or bool((bag[1:] < bag[:-1]).any())):
         raise IndexError(f"ragged_mix: bag must be nondecreasing in [0, {x.shape[0]})")
-    return RaggedMix.apply(x, rows, bag, gates, u, v, act, sparse_grad)
+    return _in_mix_dtype(x, u, lambda x: RaggedMix.apply(x, rows, bag, gates.to(x.dtype), u, v,
+                                                         act, sparse_grad))
+
+
+def _in_mix_dtype(x: torch.Tensor, u: torch.Tensor, fn) -> torch.Tensor:
+    """fn(x) with x in the mix's dtype (mix_dtype), the result back in x's."""
+    dtype = mix_dtype(x, u)
+    return fn(x) if dtype == x.dtype else fn(x.to(dtype)).to(x.dtype)
 
 
 def peer_mix(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, u: torch.Tensor,
@@ -146,7 +175,8 @@ def peer_mix(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, u: torch.T
     _check_shapes(x, ids, gates, u, v)
     t, s = ids.shape
     bag = torch.arange(t, device=ids.device).repeat_interleave(s)
-    return RaggedMix.apply(x, ids.reshape(-1), bag, gates.reshape(-1), u, v, act, sparse_grad)
+    return _in_mix_dtype(x, u, lambda x: RaggedMix.apply(
+        x, ids.reshape(-1), bag, gates.reshape(-1).to(x.dtype), u, v, act, sparse_grad))
 
 
 class KeyScores(torch.autograd.Function):

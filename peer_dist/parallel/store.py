@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from peer_dist.config import STRATEGIES
 from peer_dist.model.peer import INIT_BLOCK_ROWS, ExpertTables, init_rows
-from peer_dist.ops import peer_mix
+from peer_dist.ops import mix_dtype, peer_mix
 from peer_dist.parallel import cost
 from peer_dist.parallel.comm import CommStats, Exchange
 from peer_dist.parallel.dispatch import Dispatch
@@ -114,9 +114,9 @@ class ShardedExperts(nn.Module):
         return self._shard
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        table_dtype = self._shard.u.dtype
-        if x.dtype != table_dtype:  # bf16 activations, fp32 shards: mix in the tables' precision
-            return self.forward(x.to(table_dtype), ids, gates.to(table_dtype)).to(x.dtype)
+        dtype = mix_dtype(x, self._shard.u)  # the tables' on CPU; the activations' for Triton
+        if x.dtype != dtype:  # what travels and what the owners mix is in that dtype
+            return self.forward(x.to(dtype), ids, gates.to(dtype)).to(x.dtype)
         strategy = self.choose(ids, x.element_size())
         self.stats.note_call(strategy, x.shape[0])
         u, v = self._shard.u, self._shard.v

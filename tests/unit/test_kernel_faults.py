@@ -10,8 +10,6 @@ process, not fail one test: that is what these tests make impossible.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,24 +19,12 @@ from peer_dist.config import PEERConfig
 from peer_dist.model.peer import PEER, ProductKeyRouter
 from peer_dist.ops import cpu as fused_cpu
 from peer_dist.ops import peer_mix
-from peer_dist.ops import rows as kernels
+from peer_dist.ops.paths import kernel_path
 from peer_dist.train.sparse_optim import RowSparseOptimizer
 
 pytestmark = pytest.mark.skipif(fused_cpu.library() is None, reason="no C compiler")
 SETTINGS = settings(max_examples=40, deadline=None)
 SPECIALS = [float("nan"), float("inf"), float("-inf")]
-
-
-@contextlib.contextmanager
-def path(name: str):
-    """'fused' (C kernels), 'private' (aten op) or 'torch' (pure PyTorch)."""
-    fused_cpu.use_fused_cpu(name == "fused")
-    kernels.use_private_gather_dot(name == "private")
-    try:
-        yield
-    finally:
-        fused_cpu.use_fused_cpu(None)
-        kernels.use_private_gather_dot(None)
 
 
 def sprinkle(t: torch.Tensor, data, label: str) -> torch.Tensor:
@@ -74,27 +60,27 @@ def test_mix_with_nan_inf_empty_and_repeated_ids_matches_pytorch(data):
     gates = sprinkle(torch.rand(t, s, generator=g, dtype=torch.float64), data, "gates")
     u = sprinkle(torch.randn(n, d, generator=g, dtype=torch.float64), data, "u")
     v = sprinkle(torch.randn(n, d, generator=g, dtype=torch.float64), data, "v")
-    with path("torch"):
+    with kernel_path("torch"):
         want = run_mix(x, ids, gates, u, v, act)
-    for name in ("fused", "private"):
-        with path(name):
+    for name in ("c", "private"):
+        with kernel_path(name):
             got = run_mix(x, ids, gates, u, v, act)
         for a, b, what in zip(got, want, ("y", "dx", "dgates", "du", "dv"), strict=True):
             torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-9, atol=1e-9,
                                        msg=f"{name} {what}")
 
 
-@pytest.mark.parametrize("name", ["fused", "private", "torch"])
+@pytest.mark.parametrize("name", ["c", "private", "torch"])
 @pytest.mark.parametrize("bad", [-1, 64, 2**40, -(2**62)])
 def test_out_of_range_ids_are_an_index_error(name, bad):
     ids = torch.tensor([[0, 5], [bad, 3]])
     x, gates, u = torch.randn(2, 8), torch.rand(2, 2), torch.randn(64, 8)
-    with path(name), pytest.raises(IndexError):
+    with kernel_path(name), pytest.raises(IndexError):
         peer_mix(x, ids, gates, u, u.clone())
 
 
 def test_fused_index_error_names_the_allowed_range():
-    with path("fused"), pytest.raises(IndexError, match=r"in \[0, 64\), got \[0, 70\]"):
+    with kernel_path("c"), pytest.raises(IndexError, match=r"in \[0, 64\), got \[0, 70\]"):
         peer_mix(torch.randn(2, 8), torch.tensor([[0, 5], [70, 3]]), torch.rand(2, 2),
                  torch.randn(64, 8), torch.randn(64, 8))
 
@@ -134,7 +120,7 @@ def test_pk_select_returns_valid_ids_on_any_scores(data):
     assert all(len(set(row.tolist())) == k for row in pairs)  # k distinct experts per row
 
 
-@pytest.mark.parametrize("name", ["fused", "torch"])
+@pytest.mark.parametrize("name", ["c", "torch"])
 @pytest.mark.parametrize("where", ["input", "sub_keys", "input_inf"])
 def test_router_and_layer_propagate_nan_with_valid_ids(name, where):
     torch.manual_seed(0)
@@ -148,7 +134,7 @@ def test_router_and_layer_propagate_nan_with_valid_ids(name, where):
     else:
         with torch.no_grad():
             layer.router.sub_keys[0, 0, 5] = float("nan")
-    with path(name):
+    with kernel_path(name):
         ids, gates = layer.router(x)
         y = layer(x)
     assert int(ids.min()) >= 0 and int(ids.max()) < 1024

@@ -8,7 +8,6 @@ its output and every gradient (x, query weight, BN affine, sub-keys, U, V).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -19,7 +18,7 @@ from peer_dist.config import PEERConfig
 from peer_dist.model.peer import PEER
 from peer_dist.ops import cpu as fused_cpu
 from peer_dist.ops import mix as kernels
-from peer_dist.ops import rows
+from peer_dist.ops import paths, rows
 
 
 def get_indices(q: torch.Tensor, sub_keys: torch.Tensor, k: int, n: int):
@@ -77,22 +76,15 @@ CASES = [  # (N, D, H, K, Q, T, options)
 ]
 
 
-@contextlib.contextmanager
 def kernel_path(path: str):
-    """fused: the compiled CPU kernels; private: PyTorch ops with the private aten gather-dot;
-    fallback: PyTorch ops only."""
-    if path == "fused" and fused_cpu.library() is None:
+    """c: the compiled CPU kernels; private: PyTorch ops with the private aten gather-dot;
+    torch: PyTorch ops only."""
+    if path == "c" and fused_cpu.library() is None:
         pytest.skip("no C compiler: fused CPU kernels unavailable")
-    fused_cpu.use_fused_cpu(path == "fused")
-    rows.use_private_gather_dot(path == "private")
-    try:
-        yield
-    finally:
-        fused_cpu.use_fused_cpu(None)
-        rows.use_private_gather_dot(None)
+    return paths.kernel_path(path)
 
 
-PATHS = ["fused", "private", "fallback"]
+PATHS = ["c", "private", "torch"]
 
 
 @pytest.mark.parametrize("path", PATHS)
