@@ -41,6 +41,9 @@ class PEERConfig:
     # Precision of query, BatchNorm, sub-key scores, top-k and softmax: fp32 even under bf16
     # training (bf16 changes ~3% of the selected experts), or that of the activations.
     router_dtype: str = "fp32"
+    # The expert tables' storage: fp32, or bf16 (half the bytes; the Triton kernels read it
+    # directly and sum in fp32, the optimizer updates it in fp32 and rounds to nearest).
+    table_dtype: str = "fp32"
 
     def validate(self, prefix: str = "model.peer") -> None:
         n = math.isqrt(self.num_experts) if self.num_experts > 0 else 0
@@ -55,10 +58,13 @@ class PEERConfig:
                f"one of {list(ACTIVATIONS)}")
         _check(self.router_dtype in ROUTER_DTYPES, f"{prefix}.router_dtype", self.router_dtype,
                f"one of {list(ROUTER_DTYPES)}")
+        _check(self.table_dtype in TABLE_DTYPES, f"{prefix}.table_dtype", self.table_dtype,
+               f"one of {list(TABLE_DTYPES)}")
 
 
 ACTIVATIONS = ("gelu", "relu")
 ROUTER_DTYPES = ("fp32", "activations")
+TABLE_DTYPES = ("fp32", "bf16")
 SPARSE_KINDS = ("peer", "moe", "pkm")  # the layer in the blocks model.peer_blocks names
 MOE_ROUTINGS = ("token", "expert")
 

@@ -21,6 +21,7 @@ from peer_dist.errors import UserError
 from peer_dist.ops import cpu, key_scores, peer_mix
 
 INIT_BLOCK_ROWS = 16384
+TABLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.peer.table_dtype
 
 
 def init_rows(seed: int, start: int, stop: int, dim: int, std: float,
@@ -172,23 +173,27 @@ class ExpertTables(nn.Module):
     """
 
     def __init__(self, num_experts: int, dim: int, activation: str, seed: int,
-                 device: torch.device | str = "meta"):
+                 device: torch.device | str = "meta", dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_experts, self.dim, self.activation, self.seed = num_experts, dim, activation, seed
         self.std = dim ** -0.5  # PKM / Memory Layers init: normal(0, D^-1/2)
-        self.u = nn.Parameter(torch.empty(num_experts, dim, device=device))
-        self.v = nn.Parameter(torch.empty(num_experts, dim, device=device))
+        self.u = nn.Parameter(torch.empty(num_experts, dim, device=device, dtype=dtype))
+        self.v = nn.Parameter(torch.empty(num_experts, dim, device=device, dtype=dtype))
         if torch.device(device).type != "meta":
-            self.materialize(device)
+            self.materialize(device, dtype)
 
     def table_seeds(self) -> tuple[int, int]:
         return 2 * self.seed + 1, 2 * self.seed + 2
 
-    def materialize(self, device: torch.device | str = "cpu", dtype=torch.float32) -> None:
+    def materialize(self, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> None:
+        """Allocate and initialise the tables (in their dtype unless one is given); values
+        are drawn in fp32 and rounded, so a bf16 table is the fp32 one rounded."""
+        dtype = dtype or self.u.dtype
         su, sv = self.table_seeds()
         n, d = self.num_experts, self.dim
-        self.u = nn.Parameter(init_rows(su, 0, n, d, self.std, dtype).to(device))
-        self.v = nn.Parameter(init_rows(sv, 0, n, d, self.std, dtype).to(device))
+        self.u = nn.Parameter(init_rows(su, 0, n, d, self.std).to(device, dtype))
+        self.v = nn.Parameter(init_rows(sv, 0, n, d, self.std).to(device, dtype))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         return peer_mix(x, ids, gates, self.u, self.v, self.activation, sparse_grad=True)
@@ -202,7 +207,8 @@ class PEER(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = ProductKeyRouter(dim, cfg)
-        self.experts = ExpertTables(cfg.num_experts, dim, cfg.activation, seed, table_device)
+        self.experts = ExpertTables(cfg.num_experts, dim, cfg.activation, seed, table_device,
+                                    TABLE_DTYPES[cfg.table_dtype])
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
         self.record_routing = False  # set by evaluation to collect expert statistics
 

@@ -8,8 +8,8 @@ What is exact and what is an estimate:
   expert params     exact: every PEER layer has two N x d tables (U, V); rank r of an EP group
                     holds rows [r*b, (r+1)*b) with b = ceil(N / E) (the torch.chunk layout), so
                     the largest shard, the one that decides whether a run fits, has b rows:
-                    b * d * 2 tables * L * e_table (fp32 unless table_dtype says otherwise:
-                    the shards stay fp32 when the dense part trains in bf16).
+                    b * d * 2 tables * L * e_table (model.peer.table_dtype: fp32 by default,
+                    also when the dense part trains in bf16; or bf16).
   table optimizer   exact: lazy_adam / dense_adam keep two moments per entry, adagrad one
                     accumulator per row, sgd nothing; each value e_state bytes (fp32, or bf16
                     with table_state_dtype = optim.table_state_dtype).
@@ -60,7 +60,7 @@ class Setup:
     ep: int = 1
     world_size: int = 1
     dtype: str = "fp32"  # dense part, activations, messages
-    table_dtype: str = "fp32"  # the shards (peer_dist/parallel keeps them fp32 under bf16 too)
+    table_dtype: str = "fp32"  # the expert tables (model.peer.table_dtype)
     table_optimizer: str = "lazy_adam"
     table_state_dtype: str = "fp32"  # the table optimizer's moments / accumulator
     table_bias_correction: str = OptimConfig.table_bias_correction  # "row": an int32 per row

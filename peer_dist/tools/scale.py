@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer_dist.config import ConfigError, ModelConfig, load_config
+from peer_dist.config import TABLE_DTYPES, ConfigError, ModelConfig, load_config
 from peer_dist.tools import memory_model as mm
 from peer_dist.tools.plots import Series, line_chart, predicted_vs_measured
 
@@ -72,8 +72,8 @@ def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
                    help="ranks; default: each point's EP (one expert-parallel group)")
     p.add_argument("--dtype", type=_strs, default=["fp32"],
                    help="fp32 | bf16: dense part, activations and messages")
-    p.add_argument("--table-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES),
-                   help="expert shards (the trainer keeps them fp32; bf16 is what-if only)")
+    p.add_argument("--table-dtype", default=None, choices=TABLE_DTYPES,
+                   help="expert tables (model.peer.table_dtype; default: the config's)")
     p.add_argument("--table-state-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES),
                    help="the table optimizer's state (optim.table_state_dtype)")
     p.add_argument("--table-optimizer", type=_strs, default=["lazy_adam"],
@@ -126,7 +126,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--dtype", default="bf16", choices=sorted(mm.DTYPE_BYTES))
-    p.add_argument("--table-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES))
+    p.add_argument("--table-dtype", default=None, choices=TABLE_DTYPES,
+                   help="expert tables (model.peer.table_dtype; default: the config's)")
     p.add_argument("--table-state-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES))
     p.add_argument("--strategy", default="dispatch", choices=mm.STRATEGIES)
     p.add_argument("--micro-batch", type=_ints, default=[1, 2, 4, 8, 16, 32],
@@ -183,7 +184,8 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
             continue
         try:
             s = mm.Setup(model_for(cfg.model, n, d, layers), ep=ep, world_size=world, dtype=dtype,
-                         table_dtype=args.table_dtype, table_optimizer=opt, zero_stage=zero,
+                         table_dtype=args.table_dtype or cfg.model.peer.table_dtype,
+                         table_optimizer=opt, zero_stage=zero,
                          table_state_dtype=args.table_state_dtype, strategy=strat,
                          tokens_per_rank=max(1, tokens // seq) * seq,
                          runtime_bytes=args.runtime_bytes or 0,
@@ -352,7 +354,8 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
     for ep, zero, mb, opt in itertools.product(
             [e for e in range(1, world + 1) if world % e == 0], mm.ZERO_STAGES, micro,
             mm.TABLE_OPTIMIZERS):
-        s = mm.Setup(m, ep=ep, world_size=world, dtype=args.dtype, table_dtype=args.table_dtype,
+        s = mm.Setup(m, ep=ep, world_size=world, dtype=args.dtype,
+                     table_dtype=args.table_dtype or m.peer.table_dtype,
                      table_optimizer=opt, zero_stage=zero, strategy=args.strategy,
                      table_state_dtype=args.table_state_dtype, tokens_per_rank=mb * seq,
                      runtime_bytes=args.runtime_bytes or 0, device="cuda")
@@ -439,7 +442,7 @@ def trainer_overrides(s: mm.Setup, args: argparse.Namespace, run_dir: Path, data
         f"model.dim={m.dim}", f"model.n_layers={m.n_layers}", f"model.peer_blocks={m.peer_blocks}",
         f"model.peer.num_experts={m.peer.num_experts}", f"parallel.ep={s.ep}",
         f"parallel.strategy={s.strategy}", f"optim.table_optimizer={s.table_optimizer}",
-        f"optim.table_state_dtype={s.table_state_dtype}",
+        f"optim.table_state_dtype={s.table_state_dtype}", f"model.peer.table_dtype={s.table_dtype}",
         f"train.zero_stage={s.zero_stage}", f"train.dtype={s.dtype}",
         f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps + 1}",
         f"train.run_dir={run_dir}", "train.resume=never", "train.eval_batches=1",
@@ -559,9 +562,6 @@ def measure_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path)
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
-    if args.table_dtype != "fp32":
-        raise SystemExit("peer-scale measure: --table-dtype=bf16 is invalid: the trainer keeps "
-                         "the shards in fp32 (allowed: fp32); use predict for what-if studies")
     points = grid(args)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="peer-scale-"))
     data = Path(args.data) if args.data else out / "data"

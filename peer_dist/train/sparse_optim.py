@@ -12,9 +12,10 @@ Gradients arrive as sparse COO tensors holding only the touched rows (or dense, 
   sgd:        plain SGD on touched rows.
 
 state_dtype=torch.bfloat16 stores exp_avg / exp_avg_sq (or sum_sq) in bf16, halving Adam's
-state (4 instead of 8 bytes per table entry). The touched rows are upcast, updated in the
-gradient's dtype (fp32 for fp32 tables) and written back rounded to nearest, ties to even (no
-stochastic rounding). A change below half a bf16 unit (2^-9 to 2^-8 of the value) is lost:
+state (4 instead of 8 bytes per table entry). The touched rows are upcast, updated in fp32 (fp64
+for fp64 tables) and written back rounded to nearest, ties to even (no stochastic rounding);
+bf16 tables (model.peer.table_dtype) are updated the same way: fp32 gradients and update,
+rounded once into the table. A change below half a bf16 unit (2^-9 to 2^-8 of the value) is lost:
 with beta2 = 0.999 a step moves exp_avg_sq by 0.001 * (g^2 - v), so it never decays and only
 grows on spikes (g^2 > ~3v); beta2 <= 0.99 (the config default is 0.95) keeps it moving both
 ways. A bf16 Adagrad accumulator stops growing once a step adds less than ~2^-9 of it; its
@@ -58,7 +59,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     def __init__(self, params, kind: str = "lazy_adam", lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  state_dtype: torch.dtype | None = None, bias_correction: str = "global"):
-        """state_dtype: dtype of the moments / accumulator; None = each table's own dtype.
+        """state_dtype: dtype of the moments / accumulator; None = each table's own (fp32 for bf16).
         bias_correction (lazy_adam): "global" step or each "row"'s own update count."""
         if kind not in KINDS:
             raise ValueError(f"table optimizer {kind!r} is invalid: allowed are {list(KINDS)}")
@@ -81,7 +82,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float64)
-            dtype = self.state_dtype or p.dtype
+            dtype = self.state_dtype or _compute(p.dtype)
             if self.kind in ("lazy_adam", "dense_adam"):
                 state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
@@ -100,11 +101,13 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 state["step"] += 1
                 if p.grad is None:
                     if self.kind == "dense_adam":
-                        self._adam(p, None, torch.zeros_like(p), group, state)
+                        self._adam(p, None, torch.zeros_like(p, dtype=_compute(p.dtype)), group,
+                                   state)
                     continue
                 rows, g = _rows_and_values(p.grad)
+                g = g.to(_compute(g.dtype))
                 if self.kind == "dense_adam" and rows is not None:
-                    g = torch.zeros_like(p).index_copy_(0, rows, g)
+                    g = torch.zeros_like(p, dtype=g.dtype).index_copy_(0, rows, g)
                     rows = None
                 getattr(self, "_" + self.kind.replace("lazy_", "").replace("dense_", ""))(
                     p, rows, g, group, state)
@@ -134,11 +137,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             bc = row_bc.to(g.dtype)
             step_size, bc2 = group["lr"] / bc[:, :1], bc[:, 1:]
         denom = v_r.div(bc2).sqrt_().add_(group["eps"])  # the one (R, D) temporary
-        update = denom.reciprocal_().mul_(m_r).mul_(-step_size)
-        if rows is None:
-            p.add_(update)
-        else:
-            p.index_add_(0, rows, update)
+        _apply(p, rows, denom.reciprocal_().mul_(m_r).mul_(-step_size))
 
     def _adagrad(self, p, rows, g, group, state):
         acc = state["sum_sq"]
@@ -149,16 +148,26 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         a_r = _load(acc, rows, g.dtype).add_(g.pow(2).mean(dim=1))  # one accumulator per row
         _store(acc, rows, a_r)
         scale = a_r.sqrt().add_(group["eps"])[:, None]  # not in place: a_r may be acc
-        if rows is None:
-            p.addcdiv_(g, scale, value=-group["lr"])
-        else:
-            p.index_add_(0, rows, g / scale * (-group["lr"]))
+        _apply(p, rows, g / scale * (-group["lr"]))
 
     def _sgd(self, p, rows, g, group, state):
-        if rows is None:
-            p.add_(g, alpha=-group["lr"])
-        else:
-            p.index_add_(0, rows, g, alpha=-group["lr"])
+        _apply(p, rows, g * -group["lr"])
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The dtype updates are computed in: fp32 for bf16/fp16 tables and gradients."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _apply(p: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor) -> None:
+    """p += update on the given rows (or all), summed in the update's dtype and rounded to
+    p's (nearest, ties to even) where p is stored in less precision (bf16 tables)."""
+    if rows is None:
+        p.add_(update)
+    elif update.dtype == p.dtype:
+        p.index_add_(0, rows, update)
+    else:
+        p.index_copy_(0, rows, (p.index_select(0, rows).to(update.dtype) + update).to(p.dtype))
 
 
 def _load(t: torch.Tensor, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -295,3 +295,25 @@ def test_bf16_activations_mix_in_table_precision():
     y.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.bfloat16
     assert layer.experts.u.grad.dtype == torch.float32
+
+
+def test_bf16_tables_are_the_fp32_tables_rounded():
+    """model.peer.table_dtype=bf16: the same draws, rounded once; the mix runs and its table
+    gradients are bf16 and row-sparse."""
+    cfg = PEERConfig(num_experts=256, heads=2, topk=4, d_key=8, table_dtype="bf16")
+    layer = PEER(16, cfg, seed=1, table_device="cpu")
+    ref = PEER(16, PEERConfig(num_experts=256, heads=2, topk=4, d_key=8), seed=1,
+               table_device="cpu")
+    assert layer.experts.u.dtype == torch.bfloat16
+    assert torch.equal(layer.experts.u, ref.experts.u.detach().to(torch.bfloat16))
+    assert torch.equal(layer.experts.v, ref.experts.v.detach().to(torch.bfloat16))
+    x = torch.randn(5, 16)
+    layer.router.load_state_dict(ref.router.state_dict())
+    y = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref(x), atol=3e-2, rtol=3e-2)
+    y.sum().backward()
+    assert layer.experts.u.grad.dtype == torch.bfloat16 and layer.experts.u.grad.is_sparse
+    with pytest.raises(ValueError, match=r"model.peer.table_dtype='fp16' is invalid: allowed is "
+                                         r"one of \['fp32', 'bf16'\]"):
+        PEERConfig(table_dtype="fp16").validate()

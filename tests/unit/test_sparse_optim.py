@@ -255,3 +255,25 @@ def test_lazy_adam_row_bias_correction(dtype):
 def test_bias_correction_is_checked():
     with pytest.raises(ValueError, match=r"bias_correction='step'.*\['global', 'row'\]"):
         RowSparseOptimizer([torch.zeros(2, 2, requires_grad=True)], bias_correction="step")
+
+
+@pytest.mark.parametrize("kind", ["lazy_adam", "dense_adam", "adagrad", "sgd"])
+def test_bf16_tables_update_in_fp32_and_round_once(kind, kernel_path):
+    """model.peer.table_dtype=bf16: the update is computed in fp32 from the bf16 table and the
+    (bf16) gradient, and rounded once into the table: exactly the fp32 update of the same
+    values, rounded."""
+    p16 = torch.nn.Parameter(torch.randn(N, D).to(torch.bfloat16))
+    p32 = torch.nn.Parameter(p16.detach().float())
+    fused_cpu.use_fused_cpu(False)  # the fp32 reference on the same (PyTorch) arithmetic
+    opt16 = RowSparseOptimizer([p16], kind=kind, lr=0.01, betas=(0.9, 0.95))
+    opt32 = RowSparseOptimizer([p32], kind=kind, lr=0.01, betas=(0.9, 0.95))
+    for i, rows in enumerate(STEPS[:3]):
+        g = _sparse_grad(rows, seed=i).to(torch.bfloat16).coalesce()
+        p16.grad, p32.grad = g, g.float()
+        opt16.step()
+        opt32.step()
+        assert p16.dtype == torch.bfloat16
+        assert torch.equal(p16.detach(), p32.detach().to(torch.bfloat16)), f"step {i}"
+        p32.data.copy_(p16.detach().float())  # both continue from the rounded table
+    state = opt16.state[p16]
+    assert all(t.dtype == torch.float32 for k, t in state.items() if k != "step")
