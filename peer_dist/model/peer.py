@@ -22,6 +22,9 @@ from peer_dist.ops import cpu, key_scores, peer_mix
 
 INIT_BLOCK_ROWS = 16384
 TABLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.peer.table_dtype
+# Scores held at once by product-key selection off the C path: 2^25 values (128 MiB in fp32)
+# instead of the whole (2H, T, n), which is 2 GiB at h = 8, n = 1024 and 32,768 tokens.
+SELECT_CHUNK_SCORES = 1 << 25
 
 
 def init_rows(seed: int, start: int, stop: int, dim: int, std: float,
@@ -136,6 +139,15 @@ class ProductKeyRouter(nn.Module):
             sels = [cpu.pk_select(torch.bmm(q[:, a:a + step], keys.transpose(1, 2)),
                                         pi, pj, k) for a in range(0, t, step)]
             return torch.cat([s1 for s1, _ in sels], 1), torch.cat([s2 for _, s2 in sels], 1)
+        # other devices (CUDA): token chunks bound the (2H, chunk, n) scores, exact all the same
+        step = max(1, SELECT_CHUNK_SCORES // (2 * h * keys.shape[1]))
+        sels = [self._select_torch(q[:, a:a + step], keys, pi, pj) for a in range(0, t, step)]
+        if len(sels) == 1:
+            return sels[0]
+        return torch.cat([s1 for s1, _ in sels], 1), torch.cat([s2 for _, s2 in sels], 1)
+
+    def _select_torch(self, q, keys, pi, pj) -> tuple[torch.Tensor, torch.Tensor]:
+        h, t, k = self.heads, q.shape[1], self.topk
         scores = torch.bmm(q, keys.transpose(1, 2))  # (2H, T, n)
         top_v, top_i = scores.topk(k, dim=-1)  # (2H, T, K) sorted
         top_v, top_i = top_v.view(h, 2, t, k), top_i.view(h, 2, t, k)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
+from peer_dist.model import peer as peer_module
 from peer_dist.model.peer import ProductKeyRouter
 from peer_dist.ops import cpu as fused_cpu
 
@@ -47,9 +48,14 @@ def kernel_path(path: str):
     (64, 2, 4, 8, False, True),  # n >= 4k: the fused bounded selection
     (100, 3, 7, 6, False, False),  # groups of uneven size
 ])
-@pytest.mark.parametrize("path", ["fused", "torch"])
+@pytest.mark.parametrize("path", ["fused", "torch", "torch-chunked"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_product_key_topk_equals_brute_force(n, heads, topk, d_key, shared, bn, seed, path):
+def test_product_key_topk_equals_brute_force(n, heads, topk, d_key, shared, bn, seed, path,
+                                             monkeypatch):
+    """torch-chunked: the PyTorch (CUDA) selection over chunks of 5 tokens (the last one 2)."""
+    if path == "torch-chunked":
+        monkeypatch.setattr(peer_module, "SELECT_CHUNK_SCORES", 2 * heads * n * 5)
+        path = "torch"
     torch.manual_seed(seed)
     cfg = PEERConfig(num_experts=n * n, heads=heads, topk=topk, d_key=d_key,
                      shared_keys=shared, query_batchnorm=bn)
