@@ -6,6 +6,11 @@ a `-march=native` build made on one CPU generation is never loaded on another th
 home directory (it would die with SIGILL). Concurrent builders (the ranks of a node) wait on a
 file lock, so one compiles and the others load its result. If no build works the kernels fall
 back to PyTorch, with one warning that shows the compiler's errors.
+
+Why not torch.utils.cpp_extension: the kernels need no torch headers (plain C on raw pointers,
+called through ctypes), and building against them is what costs. Measured on the 2-core
+development machine: load_inline of a one-line op with torch/extension.h took 50.5 s (and
+needs ninja); this file compiles every kernel in 1.6 s, and its cache survives torch upgrades.
 """
 
 from __future__ import annotations
