@@ -3,6 +3,8 @@
     peer-bench layer --num-experts 262144 --modes fwd_bwd
     peer-bench layer --num-experts 1048576 --modes step --optimizers lazy_adam,adagrad --json
     peer-bench layer --num-experts 1048576 --modes step --state-dtype fp32,bf16
+    peer-bench layer --device cuda --dtype fp32,bf16 --num-experts 1048576 --dim 1024 \
+        --tokens 4096,8192,16384,32768 --modes fwd_bwd --json
 
 1. Check: both layers get the same weights (PEER-pytorch's copied into ours; ours runs without
    query BatchNorm, which PEER-pytorch lacks) and the same input; rel_diff = |y_ours - y_ref| /
@@ -14,12 +16,20 @@
    work memory = peak RSS minus RSS once the layer and optimizer state are built (what a step
    adds on top of parameters and state).
    tokens/s comes from the best (least) time over --repeats after --warmup iterations; the
-   median is in the JSON too.
+   median is in the JSON too. On CUDA, memory is the caching allocator's (peak allocated).
+3. Roofline: the mix is memory-bound, so each row also gives the bytes an ideal layer must move
+   (`mix_bytes`: the selected rows of U and V read once per pass, activations in and out, table
+   gradients written, and in step mode the optimizer's read-modify-write of the touched rows
+   and their state) over the copy bandwidth measured on the same device in the same run:
+   roofline_fraction = (bytes / copy bandwidth) / time. The router's few bytes are left out.
+   --dtype bf16 runs ours with bf16 activations and bf16 tables (model.peer.table_dtype) and
+   PEER-pytorch with its parameters and input in bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import resource
@@ -33,6 +43,8 @@ import torch
 from peer_dist.config import TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
 
 IMPLS = ("peer_dist", "peer-pytorch")
+DEVICES = ("cpu", "cuda")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd_bwd", "step")
 OPTIMIZERS = TABLE_OPTIMIZERS
 STATE_DTYPES = TABLE_STATE_DTYPES
@@ -47,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--d-key", type=int, default=128,
                    help="query dim per head (PEER-pytorch's dim_key is half of it)")
-    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--tokens", default="1024", help="comma list of token counts per batch")
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default="fp32", help=f"comma list of {list(DTYPES)}")
     p.add_argument("--modes", default="fwd_bwd,step", help=f"comma list of {list(MODES)}")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
     p.add_argument("--optimizers", default="lazy_adam,adagrad",
@@ -77,12 +91,13 @@ def _split(arg: str, allowed: tuple[str, ...], name: str) -> list[str]:
 
 # --------------------------------------------------------------------------- building layers
 
-def build_ours(args: argparse.Namespace, batchnorm: bool, tables: bool = True):
+def build_ours(args: argparse.Namespace, batchnorm: bool, tables: bool = True,
+               dtype: str = "fp32"):
     from peer_dist.config import PEERConfig
     from peer_dist.model.peer import PEER
 
     cfg = PEERConfig(num_experts=args.num_experts, heads=args.heads, topk=args.topk,
-                     d_key=args.d_key, query_batchnorm=batchnorm)
+                     d_key=args.d_key, query_batchnorm=batchnorm, table_dtype=dtype)
     cfg.validate()
     return PEER(args.dim, cfg, seed=0, table_device="cpu" if tables else "meta")
 
@@ -114,12 +129,13 @@ def copy_reference_weights(ours, theirs) -> None:
 
 
 def check_outputs(args: argparse.Namespace, tokens: int, seed: int = 0) -> float:
-    """rel_diff of the two layers' outputs on the same weights and input."""
+    """rel_diff of the two layers' outputs on the same weights and input (fp32)."""
     torch.manual_seed(seed)
-    theirs = build_theirs(args)
+    theirs = build_theirs(args).to(args.device)
     ours = build_ours(args, batchnorm=False, tables=False)
     copy_reference_weights(ours, theirs)
-    x = torch.randn(tokens, args.dim)
+    ours.to(args.device)
+    x = torch.randn(tokens, args.dim, device=args.device)
     with torch.no_grad():
         ref = theirs(x[None])[0]
         got = ours(x)
@@ -142,25 +158,78 @@ def _current_rss_bytes() -> int:
         return _peak_rss_bytes()
 
 
-def _make_step(args: argparse.Namespace, impl: str, mode: str, optimizer: str,
-               state_dtype: str = "fp32"):
+class _Memory:
+    """Bytes in use now and at peak: RSS on CPU, the caching allocator's on CUDA."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else _current_rss_bytes()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else _peak_rss_bytes()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second of a device copy (bytes read + bytes written), best of `repeats`."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first copy warms up (page faults, clocks)
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def mix_bytes(args: argparse.Namespace, tokens: int, mode: str, dtype: str,
+              state_dtype: str = "fp32", optimizer: str = "") -> int:
+    """Bytes an ideal PEER mix must move per iteration (module docstring, 3.)."""
+    from peer_dist.tools.memory_model import expected_unique
+
+    table = act = DTYPES[dtype].itemsize
+    d, sel = args.dim, args.heads * args.topk
+    rows = expected_unique(args.num_experts, tokens * sel)  # distinct rows selected
+    fwd = 2 * rows * d * table + 2 * tokens * d * act  # U, V rows; x in, y out
+    bwd = 2 * rows * d * table * 2 + 3 * tokens * d * act  # U, V rows; du, dv; x, dy, dx
+    total = fwd + bwd
+    if mode == "step":
+        state = {"lazy_adam": 2, "dense_adam": 2, "adagrad": 0, "sgd": 0}.get(optimizer, 2)
+        per_entry = 3 * table + 2 * state * DTYPES[state_dtype].itemsize  # p rw, grad; state rw
+        total += 2 * rows * d * per_entry
+    return int(total)
+
+
+def _make_step(args: argparse.Namespace, spec: dict):
     """Build the layer (and optimizers) and return a closure doing one measured iteration."""
-    from peer_dist.train.sparse_optim import STATE_DTYPES as DTYPES
+    from peer_dist.train.sparse_optim import STATE_DTYPES as OPT_DTYPES
     from peer_dist.train.sparse_optim import RowSparseOptimizer
 
+    impl, mode, device = spec["impl"], spec["mode"], args.device
+    dtype = DTYPES[spec["dtype"]]
     torch.manual_seed(0)
     if impl == "peer_dist":
-        layer = build_ours(args, batchnorm=not args.no_batchnorm)
-        x = torch.randn(args.tokens, args.dim)
+        layer = build_ours(args, batchnorm=not args.no_batchnorm, dtype=spec["dtype"])
+        layer.router.to(device, dtype)
+        layer.experts.to(device)
+        x = torch.randn(spec["tokens"], args.dim, device=device, dtype=dtype)
     else:
-        layer = build_theirs(args)
-        x = torch.randn(1, args.tokens, args.dim)
+        layer = build_theirs(args).to(device, dtype)
+        x = torch.randn(1, spec["tokens"], args.dim, device=device, dtype=dtype)
     grad_y = torch.randn_like(x)
     opts: list[torch.optim.Optimizer] = []
     if mode == "step" and impl == "peer_dist":
         tables = [layer.experts.u, layer.experts.v]
-        table_opt = RowSparseOptimizer(tables, kind=optimizer, lr=1e-3,
-                                       state_dtype=DTYPES[state_dtype])
+        table_opt = RowSparseOptimizer(tables, kind=spec["optimizer"], lr=1e-3,
+                                       state_dtype=OPT_DTYPES[spec["state_dtype"]])
         for p in tables:
             table_opt.init_state(p)  # state allocated up front, counted in the peak
         opts = [table_opt, torch.optim.Adam(layer.router.parameters(), lr=1e-3)]
@@ -178,28 +247,33 @@ def _make_step(args: argparse.Namespace, impl: str, mode: str, optimizer: str,
 
 def run_child(args: argparse.Namespace, spec: dict) -> dict:
     torch.set_num_threads(args.threads)
+    if spec["impl"] == "copy":
+        return dict(copy_bytes_per_s=copy_bandwidth(
+            args.device, 1 << 30 if args.device == "cuda" else 1 << 28))
     if spec["impl"] == "peer_dist":  # code (and our compiled kernels) loaded before the baseline
         from peer_dist.model.peer import PEER  # noqa: F401
         from peer_dist.ops import cpu as fused_cpu
         fused_cpu.library()
     else:
         import PEER_pytorch  # noqa: F401
-    base = _current_rss_bytes()
-    iteration = _make_step(args, spec["impl"], spec["mode"], spec["optimizer"],
-                           spec.get("state_dtype", "fp32"))
-    built = _current_rss_bytes()  # parameters (and optimizer state, allocated up front)
+    mem = _Memory(args.device)
+    base = mem.current()
+    iteration = _make_step(args, spec)
+    built = mem.current()  # parameters (and optimizer state, allocated up front)
     for _ in range(args.warmup):
         iteration()
     times = []
     for _ in range(args.repeats):
+        _sync(args.device)
         t0 = time.perf_counter()
         iteration()
+        _sync(args.device)
         times.append(time.perf_counter() - t0)
-    peak = _peak_rss_bytes()
-    return dict(tokens_per_s=args.tokens / min(times),
-                tokens_per_s_median=args.tokens / statistics.median(times),
-                peak_mem_bytes=peak - base, work_mem_bytes=peak - built, peak_rss_bytes=peak,
-                base_rss_bytes=base)
+    peak = mem.peak()
+    return dict(tokens_per_s=spec["tokens"] / min(times),
+                tokens_per_s_median=spec["tokens"] / statistics.median(times),
+                seconds=min(times), peak_mem_bytes=peak - base, work_mem_bytes=peak - built,
+                peak_bytes=peak, base_bytes=base)
 
 
 def _spawn(argv: list[str], spec: dict) -> dict:
@@ -212,38 +286,55 @@ def _spawn(argv: list[str], spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- report
 
+def _ints(arg: str, name: str) -> list[int]:
+    try:
+        items = [int(s) for s in arg.split(",") if s.strip()]
+    except ValueError:
+        items = []
+    if not items or min(items) < 1:
+        raise SystemExit(f"--{name}={arg!r} is invalid: allowed is a comma list of integers >= 1")
+    return items
+
+
 def _rows(args: argparse.Namespace) -> list[dict]:
     impls = _split(args.impls, IMPLS, "impls")
     modes = _split(args.modes, MODES, "modes")
     optimizers = _split(args.optimizers, OPTIMIZERS, "optimizers")
     state_dtypes = _split(args.state_dtype, STATE_DTYPES, "state-dtype")
     rows = []
-    for mode in modes:
-        for impl in impls:
-            if mode == "step" and impl == "peer_dist":
-                rows += [dict(impl=impl, mode=mode, optimizer=o, state_dtype=sd)
-                         for o in optimizers for sd in state_dtypes]
-            elif mode == "step":  # torch Adam keeps fp32 state
-                rows.append(dict(impl=impl, mode=mode, optimizer="adam", state_dtype="fp32"))
-            else:
-                rows.append(dict(impl=impl, mode=mode, optimizer=""))
+    for tokens, dtype, mode, impl in itertools.product(
+            _ints(args.tokens, "tokens"), _split(args.dtype, tuple(DTYPES), "dtype"), modes, impls):
+        common = dict(impl=impl, mode=mode, tokens=tokens, dtype=dtype)
+        if mode == "step" and impl == "peer_dist":
+            rows += [dict(common, optimizer=o, state_dtype=sd)
+                     for o in optimizers for sd in state_dtypes]
+        elif mode == "step":  # torch Adam keeps its state in the parameters' dtype
+            rows.append(dict(common, optimizer="adam", state_dtype=dtype))
+        else:
+            rows.append(dict(common, optimizer=""))
     return rows
 
 
+def _key(r: dict) -> tuple:
+    return r["mode"], r["tokens"], r["dtype"]
+
+
 def _table(results: list[dict]) -> str:
-    ref = {r["mode"]: r for r in results if r["impl"] == "peer-pytorch"}
-    head = (f"{'impl':<13}{'mode':<9}{'optimizer':<11}{'state':<6}{'tokens/s':>10}{'peak MB':>10}"
-            f"{'work MB':>10}{'speed x':>9}{'mem x':>8}{'work x':>8}")
+    ref = {_key(r): r for r in results if r["impl"] == "peer-pytorch"}
+    head = (f"{'impl':<13}{'mode':<9}{'optimizer':<11}{'state':<6}{'dtype':<6}{'tokens':>7}"
+            f"{'tokens/s':>11}{'peak MB':>10}{'work MB':>10}{'roofline':>9}{'speed x':>9}"
+            f"{'mem x':>8}{'work x':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
-        other = ref.get(r["mode"])
+        other = ref.get(_key(r))
         speed = r["tokens_per_s"] / other["tokens_per_s"] if other else math.nan
         mem = r["peak_mem_bytes"] / other["peak_mem_bytes"] if other else math.nan
         work = r["work_mem_bytes"] / other["work_mem_bytes"] if other else math.nan
         lines.append(f"{r['impl']:<13}{r['mode']:<9}{r.get('optimizer', ''):<11}"
-                     f"{r.get('state_dtype', ''):<6}"
-                     f"{r['tokens_per_s']:>10.0f}{r['peak_mem_bytes'] / 2**20:>10.0f}"
-                     f"{r['work_mem_bytes'] / 2**20:>10.0f}{speed:>9.2f}{mem:>8.2f}{work:>8.2f}")
+                     f"{r.get('state_dtype', ''):<6}{r['dtype']:<6}{r['tokens']:>7}"
+                     f"{r['tokens_per_s']:>11.0f}{r['peak_mem_bytes'] / 2**20:>10.0f}"
+                     f"{r['work_mem_bytes'] / 2**20:>10.0f}{r['roofline_fraction']:>9.1%}"
+                     f"{speed:>9.2f}{mem:>8.2f}{work:>8.2f}")
     return "\n".join(lines)
 
 
@@ -253,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.child is not None:
         print(json.dumps(run_child(args, json.loads(args.child))))
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("peer-bench layer: --device cuda is invalid here: this torch sees no "
+                         "CUDA device (allowed: cpu)")
+    specs = _rows(args)  # checks every list argument before any work
     torch.set_num_threads(args.threads)
     rel_diff = math.nan
     if not args.no_check:
@@ -260,15 +355,22 @@ def main(argv: list[str] | None = None) -> None:
         small_diff = check_outputs(small, args.check_tokens)
         rel_diff = check_outputs(args, args.check_tokens)
         if not args.json:
-            print(f"output check (same weights, ours without query BN): rel_diff = "
+            print(f"output check (same weights, fp32, ours without query BN): rel_diff = "
                   f"{small_diff:.2e} at N=4096, {rel_diff:.2e} at N={args.num_experts} "
                   f"({args.check_tokens} tokens)")
     shape = dict(num_experts=args.num_experts, dim=args.dim, heads=args.heads, topk=args.topk,
-                 d_key=args.d_key, tokens=args.tokens, threads=args.threads)
+                 d_key=args.d_key, threads=args.threads, device=args.device)
     child_argv = [a for a in argv if a != "--json"]
+    copy_bps = _spawn(child_argv, {"impl": "copy"})["copy_bytes_per_s"]  # same device, same run
+    if not args.json:
+        print(f"copy bandwidth on {args.device}: {copy_bps / 1e9:.1f} GB/s (read + write)")
     results = []
-    for spec in _rows(args):
+    for spec in specs:
         row = {**spec, **shape, **_spawn(child_argv, spec), "rel_diff": rel_diff}
+        row["bytes_moved"] = mix_bytes(args, spec["tokens"], spec["mode"], spec["dtype"],
+                                       spec.get("state_dtype", "fp32"), spec["optimizer"])
+        row["copy_bytes_per_s"] = copy_bps
+        row["roofline_fraction"] = row["bytes_moved"] / copy_bps / row["seconds"]
         if row["mode"] != "step":
             row.pop("optimizer")
         results.append(row)
@@ -276,10 +378,11 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     if not args.json:
         print(f"N={args.num_experts} d={args.dim} h={args.heads} k={args.topk} "
-              f"d_key={args.d_key} tokens={args.tokens} threads={args.threads}; tokens/s from "
-              f"the best of {args.repeats} after {args.warmup} warmup; peak = peak RSS minus "
-              f"RSS after imports; work = peak RSS minus RSS once the layer and optimizer "
-              f"state are built; x = ours / PEER-pytorch")
+              f"d_key={args.d_key} on {args.device}, threads={args.threads}; tokens/s from "
+              f"the best of {args.repeats} after {args.warmup} warmup; peak = peak memory minus "
+              f"memory after imports; work = peak minus memory once the layer and optimizer "
+              f"state are built; roofline = ideal bytes / copy bandwidth / time; "
+              f"x = ours / PEER-pytorch")
         print(_table(results))
 
 

@@ -35,8 +35,8 @@ def _logging_cc(tmp_path: Path, real: str | None) -> Path:
     """A $CC that appends one line per compile (not per --version) to compiles.log."""
     cc = tmp_path / "cc"
     body = f'exec "{real}" "$@"' if real else "echo 'error: this compiler is broken' >&2; exit 1"
-    cc.write_text(f'#!/bin/sh\ncase "$*" in *--version*) ;; *) echo x >> "{tmp_path}/compiles.log";;'
-                  f' esac\n{body}\n')
+    log = f'echo x >> "{tmp_path}/compiles.log"'
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *--version*) ;; *) {log};; esac\n{body}\n')
     cc.chmod(0o755)
     return cc
 

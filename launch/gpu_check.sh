@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One command that checks a GPU machine and writes one markdown report with every figure:
+#   1. what is here (GPU, driver, torch, triton, deepspeed), installing what is missing
+#   2. the kernel tests on CUDA (Triton mix against Algorithm 1 and autograd, product-key
+#      selection against brute force)
+#   3. peer-bench layer --device cuda: ours in fp32 and bf16 against PEER-pytorch and against
+#      the copy-bandwidth roofline at the paper's shape (N = 1024^2, d = 1024, h = 8, k = 16)
+#   4. configs/peer_1m.yaml on one GPU in bf16 at ZeRO 1, 2 and 3 (a few steps each)
+#   5. peer-scale measure on the CUDA allocator (predicted against measured peak per rank)
+#
+#   bash launch/gpu_check.sh                  # report: runs/gpu_check/report.md
+#   GPU_CHECK_OUT=/tmp/gc bash launch/gpu_check.sh
+#   GPU_CHECK_QUICK=1 bash launch/gpu_check.sh  # smaller shapes, a couple of minutes
+#
+# A failing step is recorded in the report (with its log's tail) and the next one runs; the
+# exit status is the number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${GPU_CHECK_OUT:-runs/gpu_check}
+QUICK=${GPU_CHECK_QUICK:-0}
+mkdir -p "$OUT"
+REPORT="$OUT/report.md"
+FAILED=0
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA device visible to torch here (or no torch); allowed: a machine" \
+         "with a GPU and a CUDA build of torch" >&2
+    exit 2
+fi
+
+if [ "$QUICK" = 1 ]; then
+    N=262144; DIM=512; TOKENS=4096,8192; STEPS=4; SCALE_N=16384,65536
+else
+    N=1048576; DIM=1024; TOKENS=4096,8192,16384,32768; STEPS=10; SCALE_N=65536,262144,1048576
+fi
+
+# step NAME TIMEOUT_S CMD...: runs CMD, keeps its output in $OUT/NAME.log, notes the outcome
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    echo "gpu_check: $name ..." >&2
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    local took=$((SECONDS - t0))
+    if [ $rc -eq 0 ]; then
+        echo "gpu_check: $name ok (${took} s)" >&2
+        printf '\n_%s: ok in %s s_\n' "$name" "$took" >>"$REPORT"
+    else
+        FAILED=$((FAILED + 1))
+        echo "gpu_check: $name FAILED (exit $rc after ${took} s; log $OUT/$name.log)" >&2
+        { printf '\n**%s FAILED** (exit %s after %s s; `%s`). Last lines:\n\n```\n' \
+              "$name" "$rc" "$took" "$*"
+          tail -n 25 "$OUT/$name.log"; printf '```\n'; } >>"$REPORT"
+    fi
+    return $rc
+}
+
+# 1. the machine, and what is installed
+"$PY" - <<'EOF' >/dev/null 2>&1 || "$PY" -m pip install --quiet -e ".[test,gpu,bench]" >"$OUT/install.log" 2>&1
+import deepspeed, hypothesis, pytest, triton, PEER_pytorch, peer_dist  # noqa: F401
+EOF
+{
+    echo "# peer_dist GPU check"
+    echo
+    echo "Written by \`bash launch/gpu_check.sh\` on $(date -u +%Y-%m-%d) (quick=$QUICK)."
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -n 1
+    "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -n 1
+    "$PY" -c "import PEER_pytorch; print('PEER-pytorch installed')" 2>&1 | tail -n 1
+    echo '```'
+} >"$REPORT"
+
+# 2. kernel tests on CUDA (TRITON_INTERPRET unset: the compiled kernels)
+echo -e "\n## Kernel tests on CUDA" >>"$REPORT"
+if step kernel_tests 900 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider \
+        tests/unit/test_triton_kernels.py tests/unit/test_topk.py; then
+    { echo '```'; tail -n 3 "$OUT/kernel_tests.log"; echo '```'; } >>"$REPORT"
+fi
+
+# 3. the layer against PEER-pytorch and the roofline
+echo -e "\n## Layer benchmark (forward + backward)" >>"$REPORT"
+IMPLS=peer_dist,peer-pytorch
+"$PY" -c "import PEER_pytorch" 2>/dev/null || IMPLS=peer_dist
+BENCH=(peer-bench layer --device cuda --dtype fp32,bf16 --num-experts "$N" --dim "$DIM"
+       --heads 8 --topk 16 --d-key 128 --tokens "$TOKENS" --modes fwd_bwd --impls "$IMPLS"
+       --repeats 5 --warmup 2)
+echo -e "\n\`${BENCH[*]}\`" >>"$REPORT"
+if step layer_bench 1500 "${BENCH[@]}"; then
+    { echo '```'; cat "$OUT/layer_bench.log"; echo '```'; } >>"$REPORT"
+fi
+
+# 4. peer_1m on one GPU, bf16, ZeRO 1-3
+echo -e "\n## configs/peer_1m.yaml, one GPU, bf16" >>"$REPORT"
+for z in 1 2 3; do
+    TRAIN=(peer-train --config configs/peer_1m.yaml --nproc 1 train.dtype=bf16
+           train.zero_stage=$z train.steps=$STEPS train.log_every=1 train.eval_every=1000000
+           train.ckpt_every=1000000 train.resume=never train.run_dir="$OUT/train_z$z")
+    echo -e "\n\`${TRAIN[*]}\`" >>"$REPORT"
+    if step "train_zero$z" 900 "${TRAIN[@]}"; then
+        { echo '```'; grep -E "final loss|throughput|experts|peak|step +$STEPS" \
+              "$OUT/train_zero$z.log" | tail -n 8; echo '```'; } >>"$REPORT"
+    fi
+done
+
+# 5. predicted against measured memory on the CUDA allocator
+echo -e "\n## Per-rank memory, predicted and measured (CUDA allocator)" >>"$REPORT"
+SCALE=(peer-scale measure --config configs/peer_1m.yaml --num-experts "$SCALE_N" --dim 256
+       --ep 1 --dtype bf16 --tokens-per-rank 4096 --steps 3 --out "$OUT/scale")
+echo -e "\n\`${SCALE[*]}\`" >>"$REPORT"
+if step scale_measure 900 "${SCALE[@]}"; then
+    { cat "$OUT/scale/table.md" 2>/dev/null || tail -n 20 "$OUT/scale_measure.log"; } \
+        >>"$REPORT"
+fi
+
+echo -e "\n$FAILED step(s) failed." >>"$REPORT"
+echo "gpu_check: report $REPORT ($FAILED failed)" >&2
+exit "$FAILED"

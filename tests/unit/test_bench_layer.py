@@ -1,0 +1,72 @@
+"""peer-bench layer: the roofline's byte count by hand, its rows and refusals, and one tiny run
+through the real command (children, JSON rows with device, dtype and roofline_fraction)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peer_dist.tools import bench_layer
+from peer_dist.tools.memory_model import expected_unique
+
+
+def _args(**kw) -> argparse.Namespace:
+    return bench_layer._parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+
+
+def test_mix_bytes_by_hand():
+    args = _args(num_experts=1024, dim=16, heads=2, topk=4)
+    t, d, r = 32, 16, expected_unique(1024, 32 * 8)
+    fwd = 2 * r * d * 4 + 2 * t * d * 4  # U, V rows once; x in, y out
+    bwd = 2 * r * d * 4 * 2 + 3 * t * d * 4  # U, V rows again, du, dv out; x, dy in, dx out
+    assert bench_layer.mix_bytes(args, t, "fwd_bwd", "fp32") == int(fwd + bwd)
+    bf16 = bench_layer.mix_bytes(args, t, "fwd_bwd", "bf16")
+    assert bf16 == int((fwd + bwd) / 2)  # every byte above halves
+    adam = (3 * 4 + 2 * 2 * 4) * 2 * r * d  # p read+write, grad; two fp32 moments read+write
+    step = bench_layer.mix_bytes(args, t, "step", "fp32", "fp32", "lazy_adam")
+    assert step == int(fwd + bwd + adam)
+
+
+def test_rows_and_refusals():
+    rows = bench_layer._rows(_args(tokens="8,16", dtype="fp32,bf16", modes="fwd_bwd",
+                                   impls="peer_dist"))
+    assert [(r["tokens"], r["dtype"]) for r in rows] == [(8, "fp32"), (8, "bf16"),
+                                                          (16, "fp32"), (16, "bf16")]
+    with pytest.raises(SystemExit, match=r"--dtype='fp16' is invalid: allowed are "
+                                         r"\['fp32', 'bf16'\]"):
+        bench_layer._rows(_args(dtype="fp16"))
+    with pytest.raises(SystemExit, match=r"--tokens='0' is invalid"):
+        bench_layer._rows(_args(tokens="0"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cuda_refused_in_one_line_without_a_gpu():
+    done = subprocess.run([sys.executable, "-m", "peer_dist.tools.bench_layer", "--device",
+                           "cuda"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "peer-bench layer: --device cuda is invalid here: this torch sees no CUDA device "
+        "(allowed: cpu)"]
+
+
+def test_tiny_run_gives_roofline_rows():
+    cmd = [sys.executable, "-m", "peer_dist.tools.bench_layer", "--num-experts", "1024",
+           "--dim", "16", "--heads", "2", "--topk", "4", "--d-key", "8", "--tokens", "32",
+           "--impls", "peer_dist", "--modes", "fwd_bwd", "--dtype", "fp32,bf16", "--repeats",
+           "1", "--warmup", "0", "--threads", "1", "--no-check", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
+    args = _args(num_experts=1024, dim=16, heads=2, topk=4)
+    for r in rows:
+        assert r["device"] == "cpu" and r["tokens"] == 32 and r["copy_bytes_per_s"] > 1e8
+        assert r["bytes_moved"] == bench_layer.mix_bytes(args, 32, "fwd_bwd", r["dtype"])
+        want = r["bytes_moved"] / r["copy_bytes_per_s"] / r["seconds"]
+        assert r["roofline_fraction"] == pytest.approx(want) and 0 < want < 1
+        assert r["tokens_per_s"] == pytest.approx(32 / r["seconds"])
