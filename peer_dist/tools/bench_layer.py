@@ -85,7 +85,8 @@ def _split(arg: str, allowed: tuple[str, ...], name: str) -> list[str]:
     items = [s.strip() for s in arg.split(",") if s.strip()]
     bad = [s for s in items if s not in allowed]
     if bad or not items:
-        raise SystemExit(f"--{name}={arg!r} is invalid: allowed are {list(allowed)}")
+        raise SystemExit(f"peer-bench layer: --{name}={arg!r} is invalid: allowed are "
+                         f"{list(allowed)}")
     return items
 
 
@@ -106,7 +107,8 @@ def build_theirs(args: argparse.Namespace):
     try:
         from PEER_pytorch import PEER as RefPEER
     except ImportError as e:
-        raise SystemExit("PEER-pytorch is not installed: pip install 'peer_dist[bench]'") from e
+        raise SystemExit("peer-bench layer: PEER-pytorch is not installed (allowed: "
+                         "--impls peer_dist, or pip install 'peer_dist[bench]')") from e
     return RefPEER(args.dim, heads=args.heads, num_experts=args.num_experts,
                    num_experts_per_head=args.topk, dim_key=args.d_key // 2,
                    product_key_topk=args.topk, non_competing_scores=False)
@@ -292,7 +294,8 @@ def _ints(arg: str, name: str) -> list[int]:
     except ValueError:
         items = []
     if not items or min(items) < 1:
-        raise SystemExit(f"--{name}={arg!r} is invalid: allowed is a comma list of integers >= 1")
+        raise SystemExit(f"peer-bench layer: --{name}={arg!r} is invalid: allowed is a comma "
+                         "list of integers >= 1")
     return items
 
 

@@ -37,10 +37,10 @@ def test_rows_and_refusals():
                                    impls="peer_dist"))
     assert [(r["tokens"], r["dtype"]) for r in rows] == [(8, "fp32"), (8, "bf16"),
                                                           (16, "fp32"), (16, "bf16")]
-    with pytest.raises(SystemExit, match=r"--dtype='fp16' is invalid: allowed are "
-                                         r"\['fp32', 'bf16'\]"):
+    with pytest.raises(SystemExit, match=r"peer-bench layer: --dtype='fp16' is invalid: "
+                                         r"allowed are \['fp32', 'bf16'\]"):
         bench_layer._rows(_args(dtype="fp16"))
-    with pytest.raises(SystemExit, match=r"--tokens='0' is invalid"):
+    with pytest.raises(SystemExit, match=r"peer-bench layer: --tokens='0' is invalid"):
         bench_layer._rows(_args(tokens="0"))
 
 
