@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("peer_kernels.c", "peer_kernels.h")
+SOURCES = ("peer_kernels.c", "peer_kernels.h", "peer_optim.h")
 FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared")
 NATIVE = "-march=native"
 

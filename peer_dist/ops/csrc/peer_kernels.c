@@ -27,28 +27,28 @@ static inline void prefetch_row_w(const void* p, int64_t bytes) {
 #define FN(name) CAT(name, SFX)
 
 #define T_ float
+#define S_ float
 #define SFX f32
+#define PSFX f32
 #define ERF erff
 #define SQRT sqrtf
 #define EXP expf
+#define LD(x) (x)
+#define ST(x) (x)
 #include "peer_kernels.h"
-#undef T_
-#undef SFX
-#undef ERF
-#undef SQRT
-#undef EXP
+#include "peer_optim.h"
 
 #define T_ double
+#define S_ double
 #define SFX f64
+#define PSFX f64
 #define ERF erf
 #define SQRT sqrt
 #define EXP exp
+#define LD(x) (x)
+#define ST(x) (x)
 #include "peer_kernels.h"
-#undef T_
-#undef SFX
-#undef ERF
-#undef SQRT
-#undef EXP
+#include "peer_optim.h"
 
 /* bf16 optimizer state beside fp32 tables: a bf16 value is the upper 16 bits of an fp32 one.
    Rows are upcast, updated in fp32 and written back rounded to nearest, ties to even (as
@@ -67,47 +67,16 @@ static inline uint16_t f32_bf16(float f) {
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
 }
 
-/* lazy Adam, fp32 p and grad, bf16 m and v; same arithmetic as adam_rows_f32 */
-void adam_rows_bf16(int64_t r0, int64_t r1, int64_t D, const int64_t* rows, const float* grad,
-                    float* p, uint16_t* m, uint16_t* v, double lr, double b1, double b2,
-                    double eps, double bc1, double bc2, const double* row_bc) {
-    const float c1 = (float)(1.0 - b1), c2 = (float)(1.0 - b2), tb1 = (float)b1, tb2 = (float)b2;
-    const float te = (float)eps;
-    for (int64_t r = r0; r < r1; ++r) {
-        const float step = (float)(lr / (row_bc ? row_bc[2 * r] : bc1));
-        const float ib2 = (float)(1.0 / (row_bc ? row_bc[2 * r + 1] : bc2));
-        int64_t o = rows[r] * D;
-        const float* gr = grad + r * D;
-        if (r + PF < r1) {
-            int64_t f = rows[r + PF] * D;
-            prefetch_row_w(p + f, D * sizeof(float));
-            prefetch_row_w(m + f, D * sizeof(uint16_t));
-            prefetch_row_w(v + f, D * sizeof(uint16_t));
-        }
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < D; ++j) {
-            float gj = gr[j];
-            float mj = bf16_f32(m[o + j]) * tb1 + c1 * gj;
-            float vj = bf16_f32(v[o + j]) * tb2 + c2 * gj * gj;
-            m[o + j] = f32_bf16(mj);
-            v[o + j] = f32_bf16(vj);
-            p[o + j] -= step * mj / (sqrtf(vj * ib2) + te);
-        }
-    }
-}
-
-/* row-wise Adagrad, fp32 p and grad, bf16 acc (N,) */
-void adagrad_rows_bf16(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
-                       const float* grad, float* p, uint16_t* acc, double lr, double eps) {
-    for (int64_t r = r0; r < r1; ++r) {
-        int64_t e = rows[r];
-        const float* gr = grad + r * D;
-        if (r + PF < r1) prefetch_row_w(p + rows[r + PF] * D, D * sizeof(float));
-        float a = bf16_f32(acc[e]) + dot_f32(gr, gr, D) / (float)D;
-        acc[e] = f32_bf16(a);
-        axpy_f32(p + e * D, (float)(-lr) / (sqrtf(a) + (float)eps), gr, D);
-    }
-}
+/* the optimizers on fp32 tables with bf16 state: the same arithmetic as the f32 ones, the
+   state upcast on load and rounded on store */
+#define T_ float
+#define S_ uint16_t
+#define SFX bf16
+#define PSFX f32
+#define SQRT sqrtf
+#define LD(x) bf16_f32(x)
+#define ST(x) f32_bf16(x)
+#include "peer_optim.h"
 
 /* Fault a fresh buffer in from one thread, one write per page: huge-page faults taken by
    several threads at once measured 8x slower here than from one. */

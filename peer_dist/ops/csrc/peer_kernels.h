@@ -24,6 +24,14 @@ static inline void FN(axpy)(T_* y, T_ a, const T_* x, int64_t d) {
     _Pragma("omp simd")
     for (int64_t j = 0; j < d; ++j) y[j] += a * x[j];
 }
+/* the U and V rows PF unique rows ahead of r, before r1 */
+static inline void FN(prefetch_uv)(const T_* u, const T_* v, const int64_t* rows, int64_t r,
+                                   int64_t r1, int64_t D) {
+    if (r + PF < r1) {
+        prefetch_row(u + rows[r + PF] * D, D * (int64_t)sizeof(T_));
+        prefetch_row(v + rows[r + PF] * D, D * (int64_t)sizeof(T_));
+    }
+}
 /* Row-major forward over unique rows [r0, r1) (sorted ascending, so U and V stream in order,
    each row read once however many tokens chose it): pre[i] = u[row] . x[t];
    y[t] += g[i] * act(pre[i]) * v[row] into this thread's own y (P, D). The k-th selection in
@@ -35,10 +43,7 @@ void FN(rows_fwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
     for (int64_t r = r0; r < r1; ++r) {
         const T_* ur = u + rows[r] * D;
         const T_* vr = v + rows[r] * D;
-        if (r + PF < r1) {
-            prefetch_row(u + rows[r + PF] * D, D * (int64_t)sizeof(T_));
-            prefetch_row(v + rows[r + PF] * D, D * (int64_t)sizeof(T_));
-        }
+        FN(prefetch_uv)(u, v, rows, r, r1, D);
         for (int64_t k = offsets[r]; k < offsets[r + 1]; ++k) {
             int64_t i = order[k], t = bag[k];
             T_ p = FN(dot)(ur, x + t * D, D);
@@ -57,10 +62,7 @@ void FN(rows_bwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
     for (int64_t r = r0; r < r1; ++r) {
         const T_* ur = u + rows[r] * D;
         const T_* vr = v + rows[r] * D;
-        if (r + PF < r1) {
-            prefetch_row(u + rows[r + PF] * D, D * (int64_t)sizeof(T_));
-            prefetch_row(v + rows[r + PF] * D, D * (int64_t)sizeof(T_));
-        }
+        FN(prefetch_uv)(u, v, rows, r, r1, D);
         T_* dur = du + r * D;
         T_* dvr = dv + r * D;
         memset(dur, 0, sizeof(T_) * D);
@@ -74,35 +76,6 @@ void FN(rows_bwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
             FN(axpy)(dx + t * D, ds, ur, D);
             FN(axpy)(dur, ds, x + t * D, D);
             FN(axpy)(dvr, g[i] * a, dy + t * D, D);
-        }
-    }
-}
-/* lazy Adam on rows[r0..r1): moments and params of touched rows only, in place */
-void FN(adam_rows)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows, const T_* grad,
-                     T_* p, T_* m, T_* v, double lr, double b1, double b2, double eps,
-                     double bc1, double bc2, const double* row_bc) {
-    /* bias corrections bc1, bc2 for every row, or per row (row_bc[2r], row_bc[2r + 1]) */
-    const T_ c1 = (T_)(1.0 - b1), c2 = (T_)(1.0 - b2), tb1 = (T_)b1, tb2 = (T_)b2;
-    const T_ te = (T_)eps;
-    for (int64_t r = r0; r < r1; ++r) {
-        const T_ step = (T_)(lr / (row_bc ? row_bc[2 * r] : bc1));
-        const T_ ib2 = (T_)(1.0 / (row_bc ? row_bc[2 * r + 1] : bc2));
-        int64_t o = rows[r] * D;
-        const T_* gr = grad + r * D;
-        if (r + PF < r1) {
-            int64_t f = rows[r + PF] * D;
-            prefetch_row_w(p + f, D * sizeof(T_));
-            prefetch_row_w(m + f, D * sizeof(T_));
-            prefetch_row_w(v + f, D * sizeof(T_));
-        }
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < D; ++j) {
-            T_ gj = gr[j];
-            T_ mj = m[o + j] * tb1 + c1 * gj;
-            T_ vj = v[o + j] * tb2 + c2 * gj * gj;
-            m[o + j] = mj;
-            v[o + j] = vj;
-            p[o + j] -= step * mj / (SQRT(vj * ib2) + te);
         }
     }
 }
@@ -178,16 +151,4 @@ void FN(key_grad)(int64_t c0, int64_t c1, int64_t T, int64_t n, int64_t k, int64
                 int64_t i = (c * T + t) * k + j;
                 FN(axpy)(dkeys + (c * n + sel[i]) * Q, g[i], q + (c * T + t) * Q, Q);
             }
-}
-/* row-wise Adagrad: acc[row] += mean(g^2); p[row] -= lr * g / (sqrt(acc[row]) + eps) */
-void FN(adagrad_rows)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
-                        const T_* grad, T_* p, T_* acc, double lr, double eps) {
-    for (int64_t r = r0; r < r1; ++r) {
-        int64_t e = rows[r];
-        const T_* gr = grad + r * D;
-        if (r + PF < r1) prefetch_row_w(p + rows[r + PF] * D, D * sizeof(T_));
-        T_ a = acc[e] + FN(dot)(gr, gr, D) / (T_)D;
-        acc[e] = a;
-        FN(axpy)(p + e * D, (T_)(-lr) / (SQRT(a) + (T_)eps), gr, D);
-    }
 }
