@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -240,37 +241,50 @@ def experts_rows(args: argparse.Namespace) -> list[dict]:
     r = Recipe()
     data = open_corpus(args.data, args.data_bytes)
     rows = []
-    for n in args.num_experts:
-        for bn in (True, False):
-            cfg = model_config("peer", args.dim, r, num_experts=n, query_batchnorm=bn)
-            out = train_eval(cfg, args.steps, args.seed, data, r)
-            model = out["model"].eval()
-            layer = model.peer_layers()[0]
-            stats = ExpertStats(n)
-            layer.record_routing = True
-            with torch.no_grad():
-                for inputs, _ in data.eval_batches(r.batch, r.seq_len,
-                                                   max_batches=r.eval_batches):
-                    model(inputs)
-                    stats.add(*layer.last_routing)
-            row = dict(num_experts=n, query_batchnorm=bn, steps=args.steps, dim=args.dim,
-                       usage=stats.usage(), unevenness=stats.unevenness(),
-                       val_ppl=math.exp(out["val_loss"]))
-            rows.append(row)
-            if args.json:
-                print(json.dumps(row), flush=True)
-            print(f"peer-study: N={n} BN={'on' if bn else 'off'}: usage {100 * row['usage']:.1f}%"
-                  f", unevenness {row['unevenness']:.3f}", file=sys.stderr)
+    for n, bn, seed in itertools.product(args.num_experts, (True, False), args.seeds):
+        cfg = model_config("peer", args.dim, r, num_experts=n, query_batchnorm=bn)
+        out = train_eval(cfg, args.steps, seed, data, r)
+        model = out["model"].eval()
+        layer = model.peer_layers()[0]
+        stats = ExpertStats(n)
+        layer.record_routing = True
+        with torch.no_grad():
+            for inputs, _ in data.eval_batches(r.batch, r.seq_len, max_batches=r.eval_batches):
+                model(inputs)
+                stats.add(*layer.last_routing)
+        row = dict(num_experts=n, query_batchnorm=bn, seed=seed, steps=args.steps,
+                   dim=args.dim, usage=stats.usage(), unevenness=stats.unevenness(),
+                   val_ppl=math.exp(out["val_loss"]))
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        print(f"peer-study: N={n} BN={'on' if bn else 'off'} seed {seed}: usage "
+              f"{100 * row['usage']:.1f}%, unevenness {row['unevenness']:.3f}", file=sys.stderr)
     return rows
 
 
 def write_experts(rows: list[dict], out: Path) -> None:
+    """experts.md: per (N, BN) the mean over seeds and the spread (max - min) of each figure;
+    experts.csv: every trained model."""
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| N | query BN | usage | unevenness | val ppl |", "|---|---|---|---|---|"]
-    lines += [f"| {r['num_experts']:,} | {'on' if r['query_batchnorm'] else 'off'} | "
-              f"{100 * r['usage']:.1f}% | {r['unevenness']:.3f} | {r['val_ppl']:.3f} |"
-              for r in rows]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Mean over seeds {seeds}; spread = max - min.", "",
+             "| N | query BN | usage | spread | unevenness | spread | val ppl | spread |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["num_experts"], r["query_batchnorm"]), []).append(r)
+    for (n, bn), rs in groups.items():
+        cells = []
+        for key, fmt in (("usage", "{:.1%}"), ("unevenness", "{:.3f}"), ("val_ppl", "{:.3f}")):
+            vals = [r[key] for r in rs]
+            cells += [fmt.format(sum(vals) / len(vals)), fmt.format(max(vals) - min(vals))]
+        lines.append(f"| {n:,} | {'on' if bn else 'off'} | " + " | ".join(cells) + " |")
     (out / "experts.md").write_text("\n".join(lines) + "\n")
+    with open(out / "experts.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # --------------------------------------------------------------------------- command line
@@ -318,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--num-experts", type=_ints, default=[32 ** 2, 64 ** 2, 128 ** 2])
     ex.add_argument("--dim", type=int, default=64)
     ex.add_argument("--steps", type=int, default=600)
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--seeds", type=_ints, default=[0, 1])
     for q in (iso, ex):
         q.add_argument("--data", default="data/stdlib_study",
                        help="prepared corpus (made from this Python's library if missing)")

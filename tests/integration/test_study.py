@@ -38,11 +38,21 @@ def test_isoflop_trains_every_kind_at_its_budget(tmp_path, capsys):
 
 def test_experts_table(tmp_path, capsys):
     main(["experts", "--num-experts", "64,256", "--dim", "32", "--steps", "10", "--data",
-          str(tmp_path / "data"), "--data-bytes", "400000", "--out", str(tmp_path), "--json"])
+          str(tmp_path / "data"), "--data-bytes", "400000", "--out", str(tmp_path), "--json",
+          "--seeds", "0,1"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
             if line.startswith("{")]
-    assert [(r["num_experts"], r["query_batchnorm"]) for r in rows] == [
-        (64, True), (64, False), (256, True), (256, False)]
+    assert [(r["num_experts"], r["query_batchnorm"], r["seed"]) for r in rows] == [
+        (64, True, 0), (64, True, 1), (64, False, 0), (64, False, 1), (256, True, 0),
+        (256, True, 1), (256, False, 0), (256, False, 1)]
     for r in rows:
         assert 0 < r["usage"] <= 1 and 0 <= r["unevenness"] <= math.log(r["num_experts"])
-    assert (tmp_path / "experts.md").read_text().count("\n") == 6
+    assert rows[0]["usage"] != rows[1]["usage"]  # the seeds are different models
+    table = (tmp_path / "experts.md").read_text().splitlines()
+    assert len(table) == 8 and table[0] == "Mean over seeds [0, 1]; spread = max - min."
+    first = rows[0], rows[1]
+    mean = sum(r["unevenness"] for r in first) / 2
+    spread = abs(first[0]["unevenness"] - first[1]["unevenness"])
+    assert table[4].startswith(f"| 64 | on | {(first[0]['usage'] + first[1]['usage']) / 2:.1%}")
+    assert f"| {mean:.3f} | {spread:.3f} |" in table[4]
+    assert len((tmp_path / "experts.csv").read_text().splitlines()) == 9
