@@ -23,7 +23,7 @@ PATHS = ("c", "private", "torch", "triton")
 def kernel_path(name: str) -> Iterator[None]:
     if name not in PATHS:
         raise ValueError(f"kernel path {name!r}: allowed are {list(PATHS)}")
-    if name == "triton" and triton_mix.triton is None:
+    if name == "triton" and not triton_mix.installed():
         raise RuntimeError("kernel path 'triton': triton is not installed (peer_dist[gpu])")
     cpu.use_fused_cpu(True if name == "c" else False)
     rows.use_private_gather_dot(name == "private")

@@ -19,7 +19,7 @@ from peer_dist.model.peer import PEER
 from peer_dist.ops import peer_mix, ragged_mix, triton_mix
 from peer_dist.ops.paths import kernel_path
 
-pytestmark = pytest.mark.skipif(triton_mix.triton is None, reason="triton not installed")
+pytestmark = pytest.mark.skipif(not triton_mix.installed(), reason="triton not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
