@@ -18,13 +18,10 @@ import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
 from peer_dist.errors import UserError
-from peer_dist.ops import cpu, key_scores, peer_mix
+from peer_dist.ops import cpu, key_scores, mix, peer_mix
 
 INIT_BLOCK_ROWS = 16384
 TABLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.peer.table_dtype
-# Scores held at once by product-key selection off the C path: 2^25 values (128 MiB in fp32)
-# instead of the whole (2H, T, n), which is 2 GiB at h = 8, n = 1024 and 32,768 tokens.
-SELECT_CHUNK_SCORES = 1 << 25
 
 
 def init_rows(seed: int, start: int, stop: int, dim: int, std: float,
@@ -140,7 +137,7 @@ class ProductKeyRouter(nn.Module):
                                         pi, pj, k) for a in range(0, t, step)]
             return torch.cat([s1 for s1, _ in sels], 1), torch.cat([s2 for _, s2 in sels], 1)
         # other devices (CUDA): token chunks bound the (2H, chunk, n) scores, exact all the same
-        step = max(1, SELECT_CHUNK_SCORES // (2 * h * keys.shape[1]))
+        step = max(1, mix.SCORE_CHUNK // (2 * h * keys.shape[1]))
         sels = [self._select_torch(q[:, a:a + step], keys, pi, pj) for a in range(0, t, step)]
         if len(sels) == 1:
             return sels[0]

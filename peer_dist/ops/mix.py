@@ -32,6 +32,11 @@ from peer_dist.ops.rows import (
     row_grad,
 )
 
+# Scores held at once by product-key selection and the sub-key gradient off the C path (CUDA):
+# 2^25 values (128 MiB in fp32) instead of a whole (2H, T, n) tensor, which is 2 GiB at h = 8,
+# n = 1024 and 32,768 tokens. Read at call time, so a test can make it small.
+SCORE_CHUNK = 1 << 25
+
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -209,9 +214,14 @@ class KeyScores(torch.autograd.Function):
             dq = dq.view_as(q)
         if ctx.needs_input_grad[2] and cpu.usable(q, grad):
             dkeys = cpu.key_grad(sel.contiguous(), grad, q.contiguous(), keys.shape[1])
-        elif ctx.needs_input_grad[2]:  # (C, n, T) scatter of the K grads, then one product
-            dense = grad.new_zeros(c, t, keys.shape[1]).scatter_add_(2, sel, grad)
-            dkeys = torch.bmm(dense.transpose(1, 2), q)
+        elif ctx.needs_input_grad[2]:  # per token chunk: scatter the K grads, one product
+            n = keys.shape[1]
+            dkeys = q.new_zeros(c, n, q.shape[-1])
+            step = max(1, SCORE_CHUNK // (c * n))
+            for a in range(0, t, step):
+                dense = grad.new_zeros(c, min(step, t - a), n)
+                dense.scatter_add_(2, sel[:, a:a + step], grad[:, a:a + step])
+                dkeys.baddbmm_(dense.transpose(1, 2), q[:, a:a + step])
         return dq, None, dkeys
 
 

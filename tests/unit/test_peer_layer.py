@@ -317,3 +317,24 @@ def test_bf16_tables_are_the_fp32_tables_rounded():
     with pytest.raises(ValueError, match=r"model.peer.table_dtype='fp16' is invalid: allowed is "
                                          r"one of \['fp32', 'bf16'\]"):
         PEERConfig(table_dtype="fp16").validate()
+
+
+@pytest.mark.parametrize("chunk", [None, 2 * 33 * 3])  # whole, or chunks of 3 tokens
+def test_key_scores_gradients_in_token_chunks(chunk, monkeypatch):
+    """The sub-key gradient off the C path (CUDA) is built over token chunks: the same as
+    autograd through gathered keys, whatever the chunk."""
+    if chunk:
+        monkeypatch.setattr(kernels, "SCORE_CHUNK", chunk)
+    torch.manual_seed(8)
+    c, t, k, n, qh = 2, 10, 4, 33, 6
+    q = torch.randn(c, t, qh, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(c, n, qh, dtype=torch.float64, requires_grad=True)
+    sel = torch.randint(0, n, (c, t, k))
+    grad = torch.randn(c, t, k, dtype=torch.float64)
+    with kernel_path("torch"):
+        got = torch.autograd.grad((kernels.key_scores(q, sel, keys) * grad).sum(), [q, keys])
+    gathered = torch.stack([keys[i][sel[i]] for i in range(c)])  # (C, T, K, Qh)
+    ref = (gathered * q[:, :, None, :]).sum(-1)
+    want = torch.autograd.grad((ref * grad).sum(), [q, keys])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)

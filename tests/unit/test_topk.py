@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from peer_dist.config import PEERConfig
-from peer_dist.model import peer as peer_module
 from peer_dist.model.peer import ProductKeyRouter
 from peer_dist.ops import cpu as fused_cpu
+from peer_dist.ops import mix
 
 
 def brute_force(router: ProductKeyRouter, x: torch.Tensor):
@@ -54,7 +54,7 @@ def test_product_key_topk_equals_brute_force(n, heads, topk, d_key, shared, bn, 
                                              monkeypatch):
     """torch-chunked: the PyTorch (CUDA) selection over chunks of 5 tokens (the last one 2)."""
     if path == "torch-chunked":
-        monkeypatch.setattr(peer_module, "SELECT_CHUNK_SCORES", 2 * heads * n * 5)
+        monkeypatch.setattr(mix, "SCORE_CHUNK", 2 * heads * n * 5)
         path = "torch"
     torch.manual_seed(seed)
     cfg = PEERConfig(num_experts=n * n, heads=heads, topk=topk, d_key=d_key,
