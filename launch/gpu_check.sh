@@ -86,7 +86,7 @@ fi
 echo -e "\n## Layer benchmark (forward + backward)" >>"$REPORT"
 IMPLS=peer_dist,peer-pytorch
 "$PY" -c "import PEER_pytorch" 2>/dev/null || IMPLS=peer_dist
-BENCH=(peer-bench layer --device cuda --dtype fp32,bf16 --num-experts "$N" --dim "$DIM"
+BENCH=("$PY" -m peer_dist.tools.bench layer --device cuda --dtype fp32,bf16 --num-experts "$N" --dim "$DIM"
        --heads 8 --topk 16 --d-key 128 --tokens "$TOKENS" --modes fwd_bwd --impls "$IMPLS"
        --repeats 5 --warmup 2)
 echo -e "\n\`${BENCH[*]}\`" >>"$REPORT"
@@ -97,7 +97,7 @@ fi
 # 4. peer_1m on one GPU, bf16, ZeRO 1-3
 echo -e "\n## configs/peer_1m.yaml, one GPU, bf16" >>"$REPORT"
 for z in 1 2 3; do
-    TRAIN=(peer-train --config configs/peer_1m.yaml --nproc 1 train.dtype=bf16
+    TRAIN=("$PY" -m peer_dist.train --config configs/peer_1m.yaml --nproc 1 train.dtype=bf16
            train.zero_stage=$z train.steps=$STEPS train.log_every=1 train.eval_every=1000000
            train.ckpt_every=1000000 train.resume=never train.run_dir="$OUT/train_z$z")
     echo -e "\n\`${TRAIN[*]}\`" >>"$REPORT"
@@ -109,7 +109,7 @@ done
 
 # 5. predicted against measured memory on the CUDA allocator
 echo -e "\n## Per-rank memory, predicted and measured (CUDA allocator)" >>"$REPORT"
-SCALE=(peer-scale measure --config configs/peer_1m.yaml --num-experts "$SCALE_N" --dim 256
+SCALE=("$PY" -m peer_dist.tools.scale measure --config configs/peer_1m.yaml --num-experts "$SCALE_N" --dim 256
        --ep 1 --dtype bf16 --tokens-per-rank 4096 --steps 3 --out "$OUT/scale")
 echo -e "\n\`${SCALE[*]}\`" >>"$REPORT"
 if step scale_measure 900 "${SCALE[@]}"; then
