@@ -133,7 +133,8 @@ def copy_reference_weights(ours, theirs) -> None:
 def check_outputs(args: argparse.Namespace, tokens: int, seed: int = 0) -> float:
     """rel_diff of the two layers' outputs on the same weights and input (fp32)."""
     torch.manual_seed(seed)
-    theirs = build_theirs(args).to(args.device)
+    with torch.device(args.device):
+        theirs = build_theirs(args)
     ours = build_ours(args, batchnorm=False, tables=False)
     copy_reference_weights(ours, theirs)
     ours.to(args.device)
@@ -219,12 +220,17 @@ def _make_step(args: argparse.Namespace, spec: dict):
     dtype = DTYPES[spec["dtype"]]
     torch.manual_seed(0)
     if impl == "peer_dist":
-        layer = build_ours(args, batchnorm=not args.no_batchnorm, dtype=spec["dtype"])
+        layer = build_ours(args, batchnorm=not args.no_batchnorm, tables=False,
+                           dtype=spec["dtype"])
         layer.router.to(device, dtype)
-        layer.experts.to(device)
+        experts = layer.experts
+        for name in ("u", "v"):  # drawn in place on the device: no host copy, no temporary
+            table = torch.empty(args.num_experts, args.dim, device=device, dtype=dtype)
+            setattr(experts, name, torch.nn.Parameter(table.normal_(0.0, experts.std)))
         x = torch.randn(spec["tokens"], args.dim, device=device, dtype=dtype)
     else:
-        layer = build_theirs(args).to(device, dtype)
+        with torch.device(device):  # PEER-pytorch's tables initialised where they live
+            layer = build_theirs(args).to(dtype)
         x = torch.randn(1, spec["tokens"], args.dim, device=device, dtype=dtype)
     grad_y = torch.randn_like(x)
     opts: list[torch.optim.Optimizer] = []
@@ -281,8 +287,11 @@ def run_child(args: argparse.Namespace, spec: dict) -> dict:
 def _spawn(argv: list[str], spec: dict) -> dict:
     cmd = [sys.executable, "-m", "peer_dist.tools.bench_layer", *argv, "--child", json.dumps(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark child {spec} failed (exit {out.returncode}):\n{out.stderr}")
+    if out.returncode != 0:  # e.g. out of memory at the largest shape: a row that says so
+        last = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        print(f"peer-bench layer: {spec} failed: {last}", file=sys.stderr)
+        return dict(error=last[-500:], tokens_per_s=math.nan, tokens_per_s_median=math.nan,
+                    seconds=math.nan, peak_mem_bytes=math.nan, work_mem_bytes=math.nan)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -364,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = dict(num_experts=args.num_experts, dim=args.dim, heads=args.heads, topk=args.topk,
                  d_key=args.d_key, threads=args.threads, device=args.device)
     child_argv = [a for a in argv if a != "--json"]
-    copy_bps = _spawn(child_argv, {"impl": "copy"})["copy_bytes_per_s"]  # same device, same run
+    copy_bps = _spawn(child_argv, {"impl": "copy"}).get("copy_bytes_per_s", math.nan)
     if not args.json:
         print(f"copy bandwidth on {args.device}: {copy_bps / 1e9:.1f} GB/s (read + write)")
     results = []
@@ -387,6 +396,10 @@ def main(argv: list[str] | None = None) -> None:
               f"state are built; roofline = ideal bytes / copy bandwidth / time; "
               f"x = ours / PEER-pytorch")
         print(_table(results))
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise SystemExit(f"peer-bench layer: {len(failed)} of {len(results)} rows failed "
+                         "(their errors are above)")
 
 
 if __name__ == "__main__":

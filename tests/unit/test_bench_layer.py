@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 
@@ -70,3 +71,12 @@ def test_tiny_run_gives_roofline_rows():
         want = r["bytes_moved"] / r["copy_bytes_per_s"] / r["seconds"]
         assert r["roofline_fraction"] == pytest.approx(want) and 0 < want < 1
         assert r["tokens_per_s"] == pytest.approx(32 / r["seconds"])
+
+
+def test_a_failing_row_is_reported_not_fatal(capsys):
+    """A child that fails (here: N not a perfect square; on a GPU, out of memory at the largest
+    shape) gives a row with its error, so the other rows are still measured."""
+    spec = dict(impl="peer_dist", mode="fwd_bwd", tokens=8, dtype="fp32", optimizer="")
+    row = bench_layer._spawn(["--num-experts", "1000", "--dim", "16", "--threads", "1"], spec)
+    assert "num_experts" in row["error"] and math.isnan(row["tokens_per_s"])
+    assert "failed" in capsys.readouterr().err
