@@ -11,6 +11,8 @@
 #   bash launch/gpu_check.sh                  # report: runs/gpu_check/report.md
 #   GPU_CHECK_OUT=/tmp/gc bash launch/gpu_check.sh
 #   GPU_CHECK_QUICK=1 bash launch/gpu_check.sh  # smaller shapes, a couple of minutes
+#   GPU_CHECK_ONLY=kernels,bench bash launch/gpu_check.sh   # some parts: kernels, bench,
+#                                                           # train, scale (default: all)
 #
 # A failing step is recorded in the report (with its log's tail) and the next one runs; the
 # exit status is the number of failed steps.
@@ -19,6 +21,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${GPU_CHECK_OUT:-runs/gpu_check}
 QUICK=${GPU_CHECK_QUICK:-0}
+ONLY=${GPU_CHECK_ONLY:-kernels,bench,train,scale}
+for part in ${ONLY//,/ }; do
+    case $part in kernels|bench|train|scale) ;;
+        *) echo "gpu_check: GPU_CHECK_ONLY part '$part' is invalid: allowed are kernels," \
+                "bench, train, scale (comma-separated)" >&2; exit 2 ;;
+    esac
+done
+wants() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 FAILED=0
@@ -76,13 +86,16 @@ EOF
 } >"$REPORT"
 
 # 2. kernel tests on CUDA (TRITON_INTERPRET unset: the compiled kernels)
+if wants kernels; then
 echo -e "\n## Kernel tests on CUDA" >>"$REPORT"
 if step kernel_tests 900 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider \
         tests/unit/test_triton_kernels.py tests/unit/test_topk.py; then
     { echo '```'; tail -n 3 "$OUT/kernel_tests.log"; echo '```'; } >>"$REPORT"
 fi
+fi
 
 # 3. the layer against PEER-pytorch and the roofline
+if wants bench; then
 echo -e "\n## Layer benchmark (forward + backward)" >>"$REPORT"
 IMPLS=peer_dist,peer-pytorch
 "$PY" -c "import PEER_pytorch" 2>/dev/null || IMPLS=peer_dist
@@ -93,8 +106,10 @@ echo -e "\n\`${BENCH[*]}\`" >>"$REPORT"
 if step layer_bench 1500 "${BENCH[@]}"; then
     { echo '```'; cat "$OUT/layer_bench.log"; echo '```'; } >>"$REPORT"
 fi
+fi
 
 # 4. peer_1m on one GPU, bf16, ZeRO 1-3
+if wants train; then
 echo -e "\n## configs/peer_1m.yaml, one GPU, bf16" >>"$REPORT"
 for z in 1 2 3; do
     TRAIN=("$PY" -m peer_dist.train --config configs/peer_1m.yaml --nproc 1 train.dtype=bf16
@@ -106,8 +121,10 @@ for z in 1 2 3; do
               "$OUT/train_zero$z.log" | tail -n 8; echo '```'; } >>"$REPORT"
     fi
 done
+fi
 
 # 5. predicted against measured memory on the CUDA allocator
+if wants scale; then
 echo -e "\n## Per-rank memory, predicted and measured (CUDA allocator)" >>"$REPORT"
 SCALE=("$PY" -m peer_dist.tools.scale measure --config configs/peer_1m.yaml --num-experts "$SCALE_N" --dim 256
        --ep 1 --dtype bf16 --tokens-per-rank 4096 --steps 3 --out "$OUT/scale")
@@ -115,6 +132,7 @@ echo -e "\n\`${SCALE[*]}\`" >>"$REPORT"
 if step scale_measure 900 "${SCALE[@]}"; then
     { cat "$OUT/scale/table.md" 2>/dev/null || tail -n 20 "$OUT/scale_measure.log"; } \
         >>"$REPORT"
+fi
 fi
 
 echo -e "\n$FAILED step(s) failed." >>"$REPORT"

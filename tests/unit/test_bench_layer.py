@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +82,20 @@ def test_a_failing_row_is_reported_not_fatal(capsys):
     row = bench_layer._spawn(["--num-experts", "1000", "--dim", "16", "--threads", "1"], spec)
     assert "num_experts" in row["error"] and math.isnan(row["tokens_per_s"])
     assert "failed" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals without a GPU")
+@pytest.mark.parametrize("only,message", [
+    ("kernels", "gpu_check: no CUDA device visible to torch here"),
+    ("kernels,foo", "gpu_check: GPU_CHECK_ONLY part 'foo' is invalid: allowed are kernels, "
+                    "bench, train, scale (comma-separated)"),
+])
+def test_gpu_check_refuses_in_one_line(only, message, tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "GPU_CHECK_ONLY": only, "GPU_CHECK_OUT": str(tmp_path),
+           "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(root / "launch" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "report.md").exists()
