@@ -22,7 +22,8 @@ from spawn import run_ranks
 from peer_dist.config import ModelConfig, ParallelConfig, PEERConfig
 from peer_dist.model.peer import PEER
 from peer_dist.model.transformer import build_model, lm_loss
-from peer_dist.ops import peer_mix
+from peer_dist.ops import cpu as fused_cpu
+from peer_dist.ops import peer_mix, triton_mix
 from peer_dist.parallel import (
     Topology,
     comm_stats,
@@ -329,16 +330,26 @@ def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ..
             setting: dict, out: str) -> None:
     torch.set_num_threads(1)
     Setting.dtype, Setting.split = setting["dtype"], setting["split"]
+    launches = []
+    if setting.get("kernels") == "triton":  # both models on the Triton kernels (interpreter)
+        triton_mix.use_triton(True)
+        fused_cpu.use_fused_cpu(False)
+        real = triton_mix.forward
+        triton_mix.forward = lambda *a, **k: launches.append(1) or real(*a, **k)
     TOL.clear()
     TOL.update(setting["tol"])
     Results.failed, Results.ran = {}, []
     check_layer_parity(ep, balance)
     check_optimizer_parity(ep, balance)
-    check_byte_counters(ep, balance)
+    if "triton" not in extras:  # bytes do not depend on the kernels; the interpreter is slow
+        check_byte_counters(ep, balance)
     if "zero_splits" in extras:
         check_zero_size_splits(ep)
     if "transformer" in extras:
         check_transformer(ep)
+    if "triton" in extras:
+        with check("triton/kernels_ran"):
+            assert len(launches) > 0, "the Triton kernels never ran"
     reports: list = [None] * world
     dist.all_gather_object(reports, (Results.ran, Results.failed))
     if rank == 0:
@@ -351,11 +362,14 @@ def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ..
 
 # fp64, 0 / 9 / 15 tokens per rank: rank 0 takes part in every collective with no tokens
 UNEVEN_FP64 = dict(dtype=torch.float64, split=[0, 9, 15], tol=dict(atol=1e-12, rtol=1e-10))
+# the Triton kernels at the owners (dispatch) and the requesters (fetch); 7 / 17 tokens
+TRITON = dict(FP32, split=[7, 17], kernels="triton")
 LAYOUTS = {  # id: (world, ep, balance, extras, setting)
     "w1": (1, 0, False, (), FP32),
     "w2": (2, 0, False, (), FP32),
     "w3-balanced": (3, 0, True, (), FP32),  # 1024 rows over 3 owners: 342, 342, 340
     "w3-uneven-fp64": (3, 0, True, (), UNEVEN_FP64),
+    "w2-triton": (2, 0, True, ("triton",), TRITON),
     "w4": (4, 0, False, ("zero_splits",), FP32),
     "ep2xdp2": (4, 2, True, ("transformer",), FP32),  # EP x DP = 2 x 2
 }
@@ -368,11 +382,13 @@ OPTIM = [f"{s}/{p}" for s in ("fetch+dense_adam", "dispatch+lazy_adam", "dispatc
 BYTES = [f"{s}/{p}" for s in ("fetch", "dispatch") for p in ("byte_counters", "cost_model_bytes")]
 EXTRAS = {"zero_splits": [f"{s}/zero_splits_{p}" for s in ("fetch", "dispatch")
                           for p in ("outputs", "table_grads")],
+          "triton": ["triton/kernels_ran"],
           "transformer": [f"transformer/{p}" for p in ("loss", "dense_grads",
                                                        "shards_are_not_parameters",
                                                        "table_grads")]}
 CASES = [(layout, prop) for layout, (_, _, _, extras, _) in LAYOUTS.items()
-         for prop in LAYER + OPTIM + BYTES + [p for e in extras for p in EXTRAS[e]]]
+         for prop in LAYER + OPTIM + ([] if "triton" in extras else BYTES)
+         + [p for e in extras for p in EXTRAS[e]]]
 _RESULTS: dict[str, dict] = {}
 
 
