@@ -1,5 +1,6 @@
 """Triton kernels for the expert mix on CUDA (and on CPU tensors under TRITON_INTERPRET=1,
-which is how CI checks them against the same oracle as the C and PyTorch paths).
+which is how CI checks them against the same oracle as the C and PyTorch paths): when they
+run (`takes`) and their launches. The kernels are in triton_kernels.py, imported on first use.
 
 Shape legend: P = bags (tokens), Q = selections, D = dim, N = table rows, R = unique rows.
 Selections arrive bag-major: bag p owns selections [offs[p], offs[p+1]) (CSR offsets).
