@@ -164,8 +164,8 @@ def ragged_mix(x: torch.Tensor, rows: torch.Tensor, bag: torch.Tensor, gates: to
     if bag.numel() and (int(bag[0]) < 0 or int(bag[-1]) >= x.shape[0]
                         or bool((bag[1:] < bag[:-1]).any())):
         raise IndexError(f"ragged_mix: bag must be nondecreasing in [0, {x.shape[0]})")
-    return _in_mix_dtype(x, u, lambda x: RaggedMix.apply(x, rows, bag, gates.to(x.dtype), u, v,
-                                                         act, sparse_grad))
+    return _in_mix_dtype(x, u, lambda x: RaggedMix.apply(x, rows, bag, gates, u, v, act,
+                                                         sparse_grad))
 
 
 def _in_mix_dtype(x: torch.Tensor, u: torch.Tensor, fn) -> torch.Tensor:
@@ -181,7 +181,7 @@ def peer_mix(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, u: torch.T
     t, s = ids.shape
     bag = torch.arange(t, device=ids.device).repeat_interleave(s)
     return _in_mix_dtype(x, u, lambda x: RaggedMix.apply(
-        x, ids.reshape(-1), bag, gates.reshape(-1).to(x.dtype), u, v, act, sparse_grad))
+        x, ids.reshape(-1), bag, gates.reshape(-1), u, v, act, sparse_grad))
 
 
 class KeyScores(torch.autograd.Function):

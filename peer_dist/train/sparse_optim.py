@@ -151,7 +151,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         _apply(p, rows, g / scale * (-group["lr"]))
 
     def _sgd(self, p, rows, g, group, state):
-        _apply(p, rows, g * -group["lr"])
+        _apply(p, rows, g, alpha=-group["lr"])
 
 
 def _compute(dtype: torch.dtype) -> torch.dtype:
@@ -159,15 +159,17 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def _apply(p: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor) -> None:
-    """p += update on the given rows (or all), summed in the update's dtype and rounded to
-    p's (nearest, ties to even) where p is stored in less precision (bf16 tables)."""
+def _apply(p: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor,
+           alpha: float = 1.0) -> None:
+    """p += alpha * update on the given rows (or all), summed in the update's dtype and rounded
+    to p's (nearest, ties to even) where p is stored in less precision (bf16 tables)."""
     if rows is None:
-        p.add_(update)
+        p.add_(update, alpha=alpha)
     elif update.dtype == p.dtype:
-        p.index_add_(0, rows, update)
+        p.index_add_(0, rows, update, alpha=alpha)
     else:
-        p.index_copy_(0, rows, (p.index_select(0, rows).to(update.dtype) + update).to(p.dtype))
+        kept = p.index_select(0, rows).to(update.dtype)
+        p.index_copy_(0, rows, kept.add_(update, alpha=alpha).to(p.dtype))
 
 
 def _load(t: torch.Tensor, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
