@@ -71,10 +71,36 @@ def _routing(layer: PEER, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.router(x)
 
 
+def _router_grads_fp64(layer: PEER, x: torch.Tensor, ids: torch.Tensor,
+                       upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The router's parameter gradients for loss = sum(gates * upstream), in float64 from plain
+    PyTorch ops (no fused kernel): query, training-mode BatchNorm, the selected sub-key scores
+    (ids fixed: the selection has no gradient), softmax per head. x (T, D), ids (T, H*K)."""
+    r = layer.router
+    h, k, n, half = r.heads, r.topk, r.n, r.d_key // 2
+    w = r.query.weight.detach().double().requires_grad_()
+    gamma = r.norm.weight.detach().double().requires_grad_()
+    beta = r.norm.bias.detach().double().requires_grad_()
+    keys = r.sub_keys.detach().double().requires_grad_()  # (H, 2, n, Q/2)
+    q = x @ w.T
+    q = (q - q.mean(0)) / (q.var(0, unbiased=False) + r.norm.eps).sqrt() * gamma + beta
+    q = q.view(-1, h, 2, half)  # (T, H, 2, Q/2)
+    i, j = (ids // n).view(-1, h, k), (ids % n).view(-1, h, k)  # (T, H, K) each
+    heads = torch.arange(h)[None, :, None]
+    scores = ((keys[heads, 0, i] * q[:, :, None, 0]).sum(-1)
+              + (keys[heads, 1, j] * q[:, :, None, 1]).sum(-1))  # (T, H, K)
+    gates = torch.softmax(scores, dim=-1).reshape(-1, h * k)
+    (gates * upstream).sum().backward()
+    return {"query.weight": w.grad, "norm.weight": gamma.grad, "norm.bias": beta.grad,
+            "sub_keys": keys.grad}
+
+
 def test_router_runs_in_fp32_under_bf16() -> None:
     """bf16 parameters and activations: with router_dtype=fp32 the selection equals an fp32
     router holding the same (bf16-rounded) weights; with router_dtype=activations some of it
-    differs. BatchNorm statistics still update, gradients still reach the bf16 weights."""
+    differs. BatchNorm statistics still update; the bf16 weights' gradients (for a random
+    upstream gradient) equal a float64 PyTorch computation of the same router within bf16
+    rounding, and the fp32 router's within fp32 rounding."""
     torch.manual_seed(0)
     cfg = PEERConfig(num_experts=64 ** 2, heads=4, topk=8, d_key=32)
     base = PEER(64, cfg, table_device="cpu").train()
@@ -89,9 +115,21 @@ def test_router_runs_in_fp32_under_bf16() -> None:
     assert not torch.equal(low.router.norm.running_mean, base.router.norm.running_mean)
     torch.testing.assert_close(low.router.norm.running_mean.float(),
                                ref.router.norm.running_mean, atol=1e-2, rtol=1e-2)
-    gates.sum().backward()
-    assert low.router.query.weight.grad.dtype == torch.bfloat16
-    assert low.router.sub_keys.grad.abs().sum() > 0
+    # a random upstream gradient: gates.sum() has a zero true gradient (each head's softmax
+    # sums to 1), so only a non-constant loss can tell a right router gradient from a wrong one
+    upstream = torch.randn(gates.shape, generator=torch.Generator().manual_seed(1))
+    (gates * upstream).sum().backward()
+    (gates_ref * upstream).sum().backward()
+    want = _router_grads_fp64(ref, x.double(), ids_ref, upstream.double())
+    for name, w in want.items():
+        got_ref = dict(ref.router.named_parameters())[name].grad
+        got_low = dict(low.router.named_parameters())[name].grad
+        assert got_low.dtype == torch.bfloat16, name
+        scale = float(w.abs().max())
+        assert scale > 1e-3, name  # a gradient far above rounding noise
+        torch.testing.assert_close(got_ref.double(), w, atol=1e-5 * scale, rtol=1e-4)
+        # bf16 storage of the same fp32 gradient: within its rounding (8 bits of mantissa)
+        torch.testing.assert_close(got_low.double(), w, atol=1e-2 * scale, rtol=1e-2)
     bf16 = copy.deepcopy(low)
     bf16.router.router_dtype = "activations"
     ids_low, _ = _routing(bf16, x)
