@@ -258,13 +258,25 @@ def test_bias_correction_is_checked():
 
 
 @pytest.mark.parametrize("kind", ["lazy_adam", "dense_adam", "adagrad", "sgd"])
-def test_bf16_tables_update_in_fp32_and_round_once(kind, kernel_path):
+def test_bf16_tables_update_in_fp32_and_round_once(kind, kernel_path, monkeypatch):
     """model.peer.table_dtype=bf16: the update is computed in fp32 from the bf16 table and the
     (bf16) gradient, and rounded once into the table: exactly the fp32 update of the same
-    values, rounded."""
+    values, rounded. The fp32 reference runs on the path under test: on "fused" the C row
+    kernels (counted: they must run for the kinds that have one), which no bf16 table reaches."""
+    calls = {"fp32": 0, "other": 0}
+
+    def counted(name):
+        real = getattr(fused_cpu, name)
+
+        def spy(p, *args, **kwargs):
+            calls["fp32" if p.dtype == torch.float32 else "other"] += 1
+            return real(p, *args, **kwargs)
+        monkeypatch.setattr(fused_cpu, name, spy)
+
+    counted("adam_rows")
+    counted("adagrad_rows")
     p16 = torch.nn.Parameter(torch.randn(N, D).to(torch.bfloat16))
     p32 = torch.nn.Parameter(p16.detach().float())
-    fused_cpu.use_fused_cpu(False)  # the fp32 reference on the same (PyTorch) arithmetic
     opt16 = RowSparseOptimizer([p16], kind=kind, lr=0.01, betas=(0.9, 0.95))
     opt32 = RowSparseOptimizer([p32], kind=kind, lr=0.01, betas=(0.9, 0.95))
     for i, rows in enumerate(STEPS[:3]):
@@ -277,3 +289,6 @@ def test_bf16_tables_update_in_fp32_and_round_once(kind, kernel_path):
         p32.data.copy_(p16.detach().float())  # both continue from the rounded table
     state = opt16.state[p16]
     assert all(t.dtype == torch.float32 for k, t in state.items() if k != "step")
+    fused_kinds = {"lazy_adam", "adagrad"}  # dense_adam and sgd have no row kernel
+    assert calls == {"fp32": 3 if kernel_path == "fused" and kind in fused_kinds else 0,
+                     "other": 0}
