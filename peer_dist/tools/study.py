@@ -128,7 +128,7 @@ def evaluate(model, data, r: Recipe) -> float:
 def open_corpus(path: str, max_bytes: int):
     from peer_dist.data import TokenDataset, prepare_dataset
 
-    return TokenDataset(prepare_dataset(DataConfig(path=path, max_bytes=max_bytes),
+    return TokenDataset(prepare_dataset(DataConfig(path=path, source="stdlib", max_bytes=max_bytes),
                                         log=lambda m: print(m, file=sys.stderr)))
 
 
