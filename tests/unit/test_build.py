@@ -66,12 +66,31 @@ def test_ranks_starting_at_once_compile_once(tmp_path):
     assert again.stdout.startswith("LOADED") and _compiles(tmp_path) == 1  # cached
 
 
-def test_cache_key_follows_compiler_flags_and_sources():
-    cc = ("/usr/bin/cc", "cc 1.0")
+def test_cache_key_follows_compiler_flags_and_sources(tmp_path, monkeypatch):
+    cc, real = ("/usr/bin/cc", "cc 1.0"), build.CSRC
     base = build.build_key(cc, build.FLAGS)
     assert base == build.build_key(cc, build.FLAGS)
     assert base != build.build_key(("/usr/bin/cc", "cc 2.0"), build.FLAGS)
     assert base != build.build_key(cc, (*build.FLAGS, build.NATIVE))
+    # a copy of the sources gives the same key; one changed byte in any of them, another key
+    for name in build.SOURCES:
+        shutil.copy(build.CSRC / name, tmp_path / name)
+    monkeypatch.setattr(build, "CSRC", tmp_path)
+    assert build.build_key(cc, build.FLAGS) == base
+    keys = {base}
+    for name in build.SOURCES:
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(original + b"\n")
+        keys.add(build.build_key(cc, build.FLAGS))
+        (tmp_path / name).write_bytes(original)
+    assert len(keys) == 1 + len(build.SOURCES)
+    assert build.build_key(cc, build.FLAGS) == base
+    # every file the kernel includes is part of the key (a header left out would not rebuild)
+    included = {line.split('"')[1] for f in build.SOURCES
+                for line in (build.CSRC / f).read_text().splitlines()
+                if line.startswith("#include \"")}
+    assert included <= set(build.SOURCES), included - set(build.SOURCES)
+    assert {f.name for f in real.glob("*.[ch]")} == set(build.SOURCES)
 
 
 @pytest.mark.parametrize("case", ["missing", "broken"])
