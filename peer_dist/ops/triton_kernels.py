@@ -1,5 +1,21 @@
-"""The Triton kernels of the expert mix (what each does: peer_dist/ops/triton_mix.py, which
-imports this module on first use, so that processes that never run them never import triton).
+"""The Triton kernels of the expert mix (what each does, and the launch parameters chosen by d:
+peer_dist/ops/triton_mix.py, which imports this module on first use, so that processes that
+never run them never import triton).
+
+Layout, the reason for the 3-D tiles: a tile of W table rows is loaded as (C, W, CH), columns
+c * CH + k of row w, CH = 32 lanes x VEC (VEC elements = one 128-bit load where the row's bytes
+allow it). Triton lays the 32 lanes along CH and the warps along W, so each warp holds whole
+rows: a row's dot with x is a shuffle reduction inside its warp (no barrier), and the weighted
+sum over rows is kept per warp in a (C, W, CH) fp32 accumulator that is reduced across warps
+once per bag (or per column part), not once per tile. Every U and V load of a tile is issued
+before any reduction uses it.
+
+Wide rows (D > C * CH) are done in PARTS column parts: the dots first (a pass over U, or V in
+the backward), the per-selection weights written to global memory, one barrier, then one pass
+per column part for the sums. Every table row is still read once.
+
+Table-row loads go through `_rows` only (one source line): the compile check in
+peer_dist/tools/bench_kernels.py finds them in the SASS by that line.
 """
 
 import triton
@@ -22,74 +38,179 @@ def _dact(s, GELU: tl.constexpr):
 
 
 @triton.jit
-def _run(offs, D, BLOCK_D: tl.constexpr):
-    """This program's run [start, end) of the CSR offsets, and the row's columns."""
+def _run(offs):
+    """This program's run [start, end) of the CSR offsets."""
     p = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    return p, tl.load(offs + p), tl.load(offs + p + 1), cols, cols < D
+    return p, tl.load(offs + p), tl.load(offs + p + 1)
 
 
 @triton.jit
-def _tile(rows, q0, end, N, D, cols, cm, BLOCK_S: tl.constexpr):
-    """Entries [q0, q0 + BLOCK_S) of the run ending at `end`: their positions q, which are
-    in the run (qm), which also name a row in [0, N) (ok), the (BLOCK_S, BLOCK_D) mask and
-    offsets of those rows."""
-    q = q0 + tl.arange(0, BLOCK_S)
+def _cols(c0, C: tl.constexpr, CH: tl.constexpr):
+    """(C, 1, CH) column numbers c0 + c * CH + k."""
+    return c0 + tl.arange(0, C)[:, None, None] * CH + tl.arange(0, CH)[None, None, :]
+
+
+@triton.jit
+def _colmask(cols, D, VEC: tl.constexpr):
+    # cols < D, written per VEC-group so that the mask is visibly constant over each vector
+    # (D is a multiple of VEC): the loads stay 128-bit where D is not a multiple of 16
+    return (cols // VEC) < (D // VEC)
+
+
+@triton.jit
+def _rows(t, r, ok, D, c0, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr):
+    """(C, W, CH) fp32: columns [c0, c0 + C * CH) of rows r (W,) of t (rows of D values,
+    D a multiple of VEC); zero where not ok (W,) or past D."""
+    cols = _cols(c0, C, CH)
+    base = tl.multiple_of(r * D, VEC)  # (W,) row starts, VEC-aligned: vector loads
+    return tl.load(t + base[None, :, None] + cols, mask=ok[None, :, None] & _colmask(cols, D, VEC), other=0.0).to(tl.float32)  # noqa: E501 (one line: the table-row load)
+
+
+@triton.jit
+def _vec(t, p, D, c0, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr):
+    """(C, 1, CH) fp32: columns [c0, c0 + C * CH) of row p of t."""
+    cols = _cols(c0, C, CH)
+    return tl.load(t + p * D + cols, mask=_colmask(cols, D, VEC), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _put(t, p, D, c0, val, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr):
+    """Row p of t, columns [c0, c0 + C * CH) <- val (C, CH) fp32, in t's dtype."""
+    cols = tl.reshape(_cols(c0, C, CH), (C, CH))
+    tl.store(t + p * D + cols, val.to(t.dtype.element_ty), mask=_colmask(cols, D, VEC))
+
+
+@triton.jit
+def _sel(rows, q0, end, N, W: tl.constexpr):
+    """Selections [q0, q0 + W) of the run ending at `end`: positions q (W,), which are in the
+    run (qm), which also name a row in [0, N) (ok), and their rows r (0 where not ok)."""
+    q = q0 + tl.arange(0, W)
     qm = q < end
     r = tl.load(rows + q, mask=qm, other=0)
     ok = qm & (r >= 0) & (r < N)
-    return q, qm, ok, ok[:, None] & cm[None, :], r[:, None] * D + cols[None, :]
+    return q, qm, ok, tl.where(ok, r, 0)
 
 
 @triton.jit
-def mix_fwd(x, rows, offs, gates, u, v, y, pre, N, D, GELU: tl.constexpr,
-             BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    p, start, end, cols, cm = _run(offs, D, BLOCK_D)
-    xr = tl.load(x + p * D + cols, mask=cm, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for q0 in range(start, end, BLOCK_S):
-        q, qm, ok, m2, off = _tile(rows, q0, end, N, D, cols, cm, BLOCK_S)
-        s = tl.sum(tl.load(u + off, mask=m2, other=0.0).to(tl.float32) * xr[None, :], 1)
-        tl.store(pre + q, s, mask=qm)
-        g = tl.load(gates + q, mask=ok, other=0.0).to(tl.float32)
-        w = tl.where(ok, g * _act(s, GELU), 0.0)
-        acc += tl.sum(tl.load(v + off, mask=m2, other=0.0).to(tl.float32) * w[:, None], 0)
-    tl.store(y + p * D + cols, acc.to(y.dtype.element_ty), mask=cm)
+def _dots(t, r, ok, a, p, D, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr,
+          PARTS: tl.constexpr):
+    """(W,) fp32: rows r of t dotted with row p of a, over all PARTS column parts."""
+    part = tl.zeros([C, r.shape[0], CH], dtype=tl.float32)
+    for k in tl.static_range(PARTS):
+        part += _rows(t, r, ok, D, k * C * CH, C, CH, VEC) * _vec(a, p, D, k * C * CH, C, CH,
+                                                                  VEC)
+    return tl.sum(tl.sum(part, 2), 0)  # in-thread over C, then shuffles over CH
 
 
 @triton.jit
-def mix_bwd_bags(dy, rows, offs, gates, pre, u, v, dx, dg, ds, ga, N, D,
-                  GELU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    p, start, end, cols, cm = _run(offs, D, BLOCK_D)
-    dyr = tl.load(dy + p * D + cols, mask=cm, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for q0 in range(start, end, BLOCK_S):
-        q, qm, ok, m2, off = _tile(rows, q0, end, N, D, cols, cm, BLOCK_S)
-        dw = tl.sum(tl.load(v + off, mask=m2, other=0.0).to(tl.float32) * dyr[None, :], 1)
-        s = tl.load(pre + q, mask=qm, other=0.0)
-        g = tl.load(gates + q, mask=qm, other=0.0).to(tl.float32)
-        a = _act(s, GELU)
-        dsq = tl.where(ok, dw * g * _dact(s, GELU), 0.0)
-        tl.store(dg + q, (dw * a).to(dg.dtype.element_ty), mask=qm)
-        tl.store(ds + q, dsq, mask=qm)
-        tl.store(ga + q, g * a, mask=qm)
-        acc += tl.sum(tl.load(u + off, mask=m2, other=0.0).to(tl.float32) * dsq[:, None], 0)
-    tl.store(dx + p * D + cols, acc.to(dx.dtype.element_ty), mask=cm)
+def mix_fwd(x, rows, offs, gates, u, v, y, pre, N, D, GELU: tl.constexpr, W: tl.constexpr,
+            C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr, PARTS: tl.constexpr,
+            STAGES: tl.constexpr):
+    p, start, end = _run(offs)
+    if PARTS == 1:  # one pass: a tile's U and V rows loaded together
+        xr = _vec(x, p, D, 0, C, CH, VEC)
+        acc = tl.zeros([C, W, CH], dtype=tl.float32)
+        for q0 in tl.range(start, end, W, num_stages=STAGES):
+            q, qm, ok, r = _sel(rows, q0, end, N, W)
+            ut = _rows(u, r, ok, D, 0, C, CH, VEC)
+            vt = _rows(v, r, ok, D, 0, C, CH, VEC)
+            g = tl.load(gates + q, mask=ok, other=0.0).to(tl.float32)
+            s = tl.sum(tl.sum(ut * xr, 2), 0)  # (W,) a warp's shuffles per row
+            tl.store(pre + q, s, mask=qm)
+            acc += vt * tl.where(ok, g * _act(s, GELU), 0.0)[None, :, None]
+        _put(y, p, D, 0, tl.sum(acc, 1), C, CH, VEC)  # the one cross-warp reduction
+    else:
+        for q0 in tl.range(start, end, W, num_stages=STAGES):  # the dots, over U
+            q, qm, ok, r = _sel(rows, q0, end, N, W)
+            tl.store(pre + q, _dots(u, r, ok, x, p, D, C, CH, VEC, PARTS), mask=qm)
+        tl.debug_barrier()  # pre written by other threads of this program
+        for k in tl.static_range(PARTS):  # the sums over V, a column part at a time
+            acc = tl.zeros([C, W, CH], dtype=tl.float32)
+            for q0 in tl.range(start, end, W, num_stages=STAGES):
+                q, qm, ok, r = _sel(rows, q0, end, N, W)
+                s = tl.load(pre + q, mask=qm, other=0.0)
+                g = tl.load(gates + q, mask=ok, other=0.0).to(tl.float32)
+                w = tl.where(ok, g * _act(s, GELU), 0.0)
+                acc += _rows(v, r, ok, D, k * C * CH, C, CH, VEC) * w[None, :, None]
+            _put(y, p, D, k * C * CH, tl.sum(acc, 1), C, CH, VEC)
 
 
 @triton.jit
-def row_grads(x, dy, order, bag, roffs, ds, ga, du, dv, P, D,
-               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    r, start, end, cols, cm = _run(roffs, D, BLOCK_D)
-    acc_u = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k0 in range(start, end, BLOCK_S):  # this row's selections, tokens as the "rows"
-        k, km, ok, m2, off = _tile(bag, k0, end, P, D, cols, cm, BLOCK_S)
-        i = tl.load(order + k, mask=km, other=0)
-        dsk = tl.load(ds + i, mask=ok, other=0.0)
-        gak = tl.load(ga + i, mask=ok, other=0.0)
-        acc_u += tl.sum(tl.load(x + off, mask=m2, other=0.0).to(tl.float32) * dsk[:, None], 0)
-        acc_v += tl.sum(tl.load(dy + off, mask=m2, other=0.0).to(tl.float32) * gak[:, None],
-                        0)
-    tl.store(du + r * D + cols, acc_u.to(du.dtype.element_ty), mask=cm)
-    tl.store(dv + r * D + cols, acc_v.to(dv.dtype.element_ty), mask=cm)
+def _bag_weights(dw, q, qm, ok, gates, pre, dg, ds, ga, GELU: tl.constexpr):
+    """From dw = V rows . dy (W,): dgates, ds = dw * g * act'(pre) and g * act(pre), stored;
+    returns ds (0 where not ok)."""
+    s = tl.load(pre + q, mask=qm, other=0.0)
+    g = tl.load(gates + q, mask=qm, other=0.0).to(tl.float32)
+    a = _act(s, GELU)
+    dsq = tl.where(ok, dw * g * _dact(s, GELU), 0.0)
+    tl.store(dg + q, (dw * a).to(dg.dtype.element_ty), mask=qm)
+    tl.store(ds + q, dsq, mask=qm)
+    tl.store(ga + q, g * a, mask=qm)
+    return dsq
+
+
+@triton.jit
+def mix_bwd_bags(dy, rows, offs, gates, pre, u, v, dx, dg, ds, ga, N, D, GELU: tl.constexpr,
+                 W: tl.constexpr, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr,
+                 PARTS: tl.constexpr, STAGES: tl.constexpr):
+    p, start, end = _run(offs)
+    if PARTS == 1:
+        dyr = _vec(dy, p, D, 0, C, CH, VEC)
+        acc = tl.zeros([C, W, CH], dtype=tl.float32)
+        for q0 in tl.range(start, end, W, num_stages=STAGES):
+            q, qm, ok, r = _sel(rows, q0, end, N, W)
+            vt = _rows(v, r, ok, D, 0, C, CH, VEC)
+            ut = _rows(u, r, ok, D, 0, C, CH, VEC)
+            dsq = _bag_weights(tl.sum(tl.sum(vt * dyr, 2), 0), q, qm, ok, gates, pre, dg, ds,
+                               ga, GELU)
+            acc += ut * dsq[None, :, None]
+        _put(dx, p, D, 0, tl.sum(acc, 1), C, CH, VEC)
+    else:
+        for q0 in tl.range(start, end, W, num_stages=STAGES):  # the dots, over V
+            q, qm, ok, r = _sel(rows, q0, end, N, W)
+            _bag_weights(_dots(v, r, ok, dy, p, D, C, CH, VEC, PARTS), q, qm, ok, gates, pre,
+                         dg, ds, ga, GELU)
+        tl.debug_barrier()  # ds written by other threads of this program
+        for k in tl.static_range(PARTS):  # dx over U, a column part at a time
+            acc = tl.zeros([C, W, CH], dtype=tl.float32)
+            for q0 in tl.range(start, end, W, num_stages=STAGES):
+                q, qm, ok, r = _sel(rows, q0, end, N, W)
+                dsq = tl.load(ds + q, mask=ok, other=0.0)
+                acc += _rows(u, r, ok, D, k * C * CH, C, CH, VEC) * dsq[None, :, None]
+            _put(dx, p, D, k * C * CH, tl.sum(acc, 1), C, CH, VEC)
+
+
+@triton.jit
+def row_grads(x, dy, order, bag, roffs, ds, ga, du, dv, R, P, D, W: tl.constexpr,
+              C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr, PARTS: tl.constexpr,
+              STAGES: tl.constexpr):
+    """W unique rows per program, a warp each: warp w walks row (program * W + w)'s
+    selections, one a step, loading x[bag] and dy[bag] (the "rows" here); its sums are its
+    own, so no reduction crosses warps and each gradient row is written once."""
+    j = tl.program_id(0).to(tl.int64) * W + tl.arange(0, W)  # (W,) unique-row numbers
+    jm = j < R
+    start = tl.load(roffs + j, mask=jm, other=0)
+    count = tl.load(roffs + j + 1, mask=jm, other=0) - start
+    for k in tl.static_range(PARTS):
+        acc_u = tl.zeros([C, W, CH], dtype=tl.float32)
+        acc_v = tl.zeros([C, W, CH], dtype=tl.float32)
+        for i in tl.range(0, tl.max(count, 0), num_stages=STAGES):
+            km = i < count
+            sel = tl.load(order + start + i, mask=km, other=0)
+            b = tl.load(bag + start + i, mask=km, other=0)
+            ok = km & (b >= 0) & (b < P)
+            xt = _rows(x, tl.where(ok, b, 0), ok, D, k * C * CH, C, CH, VEC)
+            dyt = _rows(dy, tl.where(ok, b, 0), ok, D, k * C * CH, C, CH, VEC)
+            acc_u += xt * tl.load(ds + sel, mask=ok, other=0.0)[None, :, None]
+            acc_v += dyt * tl.load(ga + sel, mask=ok, other=0.0)[None, :, None]
+        _put_rows(du, j, jm, D, k * C * CH, acc_u, C, CH, VEC)
+        _put_rows(dv, j, jm, D, k * C * CH, acc_v, C, CH, VEC)
+
+
+@triton.jit
+def _put_rows(t, j, jm, D, c0, val, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr):
+    """Rows j (W,) of t where jm, columns [c0, c0 + C * CH) <- val (C, W, CH)."""
+    cols = _cols(c0, C, CH)
+    m = jm[None, :, None] & _colmask(cols, D, VEC)
+    tl.store(t + tl.multiple_of(j * D, VEC)[None, :, None] + cols, val.to(t.dtype.element_ty),
+             mask=m)

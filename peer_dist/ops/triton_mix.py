@@ -1,26 +1,31 @@
 """Triton kernels for the expert mix on CUDA (and on CPU tensors under TRITON_INTERPRET=1,
 which is how CI checks them against the same oracle as the C and PyTorch paths): when they
-run (`takes`) and their launches. The kernels are in triton_kernels.py, imported on first use.
+run (`takes`), the launch parameters chosen by d (`plan`) and their launches. The kernels are
+in triton_kernels.py, imported on first use; peer-bench kernels compiles them for sm_80 and
+sm_90 with exactly these parameters.
 
 Shape legend: P = bags (tokens), Q = selections, D = dim, N = table rows, R = unique rows.
 Selections arrive bag-major: bag p owns selections [offs[p], offs[p+1]) (CSR offsets).
 
-    mix_fwd       one program per bag: S rows of U dotted with x[p] (fp32), act, gate, and the
-                  gate-weighted sum of the same S rows of V: y[p] (P, D) and pre (Q,) fp32.
-                  Never a (P, S, D) tensor: rows stream through registers BLOCK_S at a time.
+    mix_fwd       one program per bag: W rows of U and of V a tile (a warp per row), each
+                  U row dotted with x[p] (fp32) by its warp, act, gate, and the gate-weighted
+                  sum of the V rows: y[p] (P, D) and pre (Q,) fp32. Never a (P, S, D) tensor.
     mix_bwd_bags  one program per bag: dw = V rows . dy[p], dgates = dw * act(pre),
                   ds = dw * g * act'(pre) (saved for the tables), dx[p] = sum ds * U rows.
-    row_grads     one program per unique row (selections sorted by row, RowGroups): du[r] =
-                  sum ds * x[bag], dv[r] = sum g * act(pre) * dy[bag]. Each row's gradient is
-                  written once by one program: hot rows never serialise on atomics.
+    row_grads     W unique rows per program, a warp each (selections sorted by row,
+                  RowGroups): du[r] = sum ds * x[bag], dv[r] = sum g * act(pre) * dy[bag].
+                  Each row's gradient is written once by one warp: hot rows never serialise
+                  on atomics.
 
-Activations (x, dy) and tables may be fp32, bf16 or fp16, each its own; every sum is fp32.
-Row ids are checked against N on the host before any launch (a clear IndexError), and every
-kernel also masks rows outside [0, N), so a bad id can never read or write outside a table.
+Activations (x, dy) and tables may be fp32, bf16 or fp16, each its own (U and V one dtype);
+every sum is fp32. Row ids are checked against N on the host before any launch (a clear
+IndexError), and every kernel also masks rows outside [0, N), so a bad id can never read or
+write outside a table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -29,8 +34,10 @@ import os
 import torch
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-MAX_DIM = 8192  # one row in registers per program; wider tables take the PyTorch path
-TILE = 4096  # BLOCK_S * BLOCK_D elements per loaded tile
+MAX_DIM = 8192  # past this the column parts grow past 8; wider tables take the PyTorch path
+PART_COLS = 1024  # columns of a row a lane holds at once: 32 lanes x (C * VEC <= 32) values
+NUM_WARPS = 8  # a warp per row: 8 rows of U and 8 of V in flight per program and tile
+STAGES = 1  # software prefetch depth of the tile loops (tl.range num_stages)
 
 
 class _Switch:
@@ -63,59 +70,100 @@ def available() -> bool:
     return SWITCH.enabled is not False and installed()
 
 
-def takes(x: torch.Tensor, u: torch.Tensor) -> bool:
+def takes(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None) -> bool:
     """True when the Triton kernels run this mix: CUDA tensors (or CPU ones under the
-    interpreter when forced on), float dtypes the kernels load, rows that fit a program."""
+    interpreter when forced on), float dtypes the kernels load, tables (u and v when given)
+    of one dtype, contiguous (the kernels index rows as r * D), on x's device, rows of at
+    most MAX_DIM values. The bag-side operands are made contiguous by the launches."""
+    tables = [u] if v is None else [u, v]
     if not available() or x.dtype not in FLOATS or u.dtype not in FLOATS:
         return False
-    if not (0 < u.shape[1] <= MAX_DIM and u.is_contiguous()):
+    if any(t.dtype != u.dtype or t.shape != u.shape or t.device != x.device
+           or not t.is_contiguous() for t in tables):
         return False
-    if x.device.type == "cuda" and u.device == x.device:
+    if not (u.dim() == 2 and 0 < u.shape[1] <= MAX_DIM):
+        return False
+    if x.device.type == "cuda":
         return True
-    return (SWITCH.enabled is True and x.device.type == u.device.type == "cpu"
+    return (SWITCH.enabled is True and x.device.type == "cpu"
             and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _blocks(d: int) -> tuple[int, int]:
-    block_d = 1 << max(0, d - 1).bit_length()  # the next power of two
-    return max(1, min(32, TILE // block_d)), block_d
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Launch parameters of one kernel at one d: a tile is W rows x (C * CH) columns, CH = 32
+    lanes x VEC values (VEC: one 128-bit load where D allows), PARTS column parts a row."""
+
+    num_warps: int
+    W: int
+    C: int
+    CH: int
+    VEC: int
+    PARTS: int
+    STAGES: int
+
+    def constexprs(self) -> dict[str, int]:
+        return dict(W=self.W, C=self.C, CH=self.CH, VEC=self.VEC, PARTS=self.PARTS,
+                    STAGES=self.STAGES)
+
+
+def plan(d: int, dtype: torch.dtype) -> Plan:
+    """The launch parameters at dim d for rows of `dtype` (the tables' for the mix kernels,
+    the activations' for row_grads). VEC divides d, so rows of d values stay VEC-aligned;
+    where a row's bytes are not a multiple of 16 the loads are narrower (8, 4, 2 bytes), the
+    stated fallback: correct, slower."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    while d % vec:
+        vec //= 2
+    ch = 32 * vec
+    chunks = -(-d // ch)
+    c = min(1 << (chunks - 1).bit_length(), max(1, PART_COLS // ch))
+    parts = -(-chunks // c)
+    rows_per_warp = 2 if c * vec <= 8 else 1  # short rows: two a warp, as many bytes a tile
+    return Plan(NUM_WARPS, NUM_WARPS * rows_per_warp, c, ch, vec, parts, STAGES)
+
+
+def _launch(kernel, grid: int, pl: Plan, *args, **constexprs) -> None:
+    kernel[(grid,)](*args, **constexprs, **pl.constexprs(), num_warps=pl.num_warps)
 
 
 def forward(x, rows, offs, gates, u, v, gelu: bool):
     """x (P, D), rows (Q,) int64, offs (P+1,) int64, gates (Q,) -> y (P, D) in x's dtype,
     pre (Q,) fp32."""
+    x, rows, offs, gates = (t.contiguous() for t in (x, rows, offs, gates))
     p, d = x.shape
     y = torch.empty_like(x)
     pre = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
     if p:
-        bs, bd = _blocks(d)
-        _kernels().mix_fwd[(p,)](x, rows, offs, gates, u, v, y, pre, u.shape[0], d,
-                                 GELU=gelu, BLOCK_S=bs, BLOCK_D=bd)
+        _launch(_kernels().mix_fwd, p, plan(d, u.dtype), x, rows, offs, gates, u, v, y, pre,
+                u.shape[0], d, GELU=gelu)
     return y, pre
 
 
 def backward_bags(dy, rows, offs, gates, pre, u, v, gelu: bool):
     """-> dx (P, D) in dy's dtype, dgates (Q,) in gates' dtype, ds and g * act(pre) (Q,) fp32
     (the weights of the two table gradients)."""
+    dy, rows, offs, gates, pre = (t.contiguous() for t in (dy, rows, offs, gates, pre))
     p, d = dy.shape
     dx = torch.empty_like(dy)
     dg = torch.empty_like(gates)
     ds = torch.empty(rows.shape, dtype=torch.float32, device=dy.device)
     ga = torch.empty_like(ds)
     if p:
-        bs, bd = _blocks(d)
-        _kernels().mix_bwd_bags[(p,)](dy, rows, offs, gates, pre, u, v, dx, dg, ds, ga,
-                                      u.shape[0], d, GELU=gelu, BLOCK_S=bs, BLOCK_D=bd)
+        _launch(_kernels().mix_bwd_bags, p, plan(d, u.dtype), dy, rows, offs, gates, pre, u,
+                v, dx, dg, ds, ga, u.shape[0], d, GELU=gelu)
     return dx, dg, ds, ga
 
 
 def row_grads(groups, x, dy, ds, ga, dtype: torch.dtype):
     """groups: RowGroups of the selections -> du, dv (R, D) in `dtype` (the tables')."""
+    x, dy = x.contiguous(), dy.contiguous()
     r, d = groups.rows.numel(), x.shape[1]
     du = torch.empty(r, d, dtype=dtype, device=x.device)
     dv = torch.empty_like(du)
     if r:
-        bs, bd = _blocks(d)
-        _kernels().row_grads[(r,)](x, dy, groups.order, groups.bag, groups.offsets, ds, ga,
-                                   du, dv, x.shape[0], d, BLOCK_S=bs, BLOCK_D=bd)
+        pl = plan(d, x.dtype)
+        _launch(_kernels().row_grads, -(-r // pl.W), pl, x, dy, groups.order.contiguous(),
+                groups.bag.contiguous(), groups.offsets.contiguous(), ds, ga, du, dv, r,
+                x.shape[0], d)
     return du, dv
