@@ -84,7 +84,7 @@ def mix_dtype(x: torch.Tensor, u: torch.Tensor) -> torch.dtype:
 def _path(x, rows, gates, u, v) -> str:
     if _fused_ok(x, rows, gates, u, v):
         return "c"
-    return "triton" if triton_mix.takes(x, u) and v.dtype == u.dtype else "torch"
+    return "triton" if triton_mix.takes(x, u, v) else "torch"
 
 
 class RaggedMix(torch.autograd.Function):
