@@ -9,6 +9,7 @@ message names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -93,7 +94,7 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256  # byte-level tokenizer by default
+    vocab_size: int = 256  # byte-level tokenizer; in a Config: 0 = the prepared dataset's
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4  # attention heads
@@ -129,7 +130,9 @@ class ModelConfig:
         return ids
 
     def validate(self) -> None:
-        for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffw_mult"):
+        _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size,
+               "an integer >= 1, or 0 (the prepared dataset's vocabulary)")
+        for key in ("dim", "n_layers", "n_heads", "max_seq_len", "ffw_mult"):
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
         _check(self.dim % self.n_heads == 0 and (self.dim // self.n_heads) % 2 == 0,
                "model.n_heads", self.n_heads,
@@ -144,12 +147,22 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = "data/stdlib"  # a prepared shard folder (see peer-prepare)
-    # Raw text used when `path` does not exist yet: "stdlib" (this Python's own library source
-    # and docs, always present), or files / folders, comma-separated.
-    source: str = "stdlib"
+    # Raw text prepared into `path` when it does not exist yet: "stdlib" (this Python's own
+    # library source and docs, always present), or files / folders, comma-separated. Empty (the
+    # default): `path` must exist, so a mistyped path is an error, not another dataset.
+    source: str = ""
     tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizers JSON file
     val_fraction: float = 0.01
     max_bytes: int = 50_000_000  # cap on raw text read when preparing
+
+    def vocab_size(self) -> int:
+        """The vocabulary of the prepared folder (its meta.json), else the byte tokenizer's 256
+        when that prepares it; 0 when not known before preparing (peer-train sets it then)."""
+        meta = Path(self.path) / "meta.json"
+        try:
+            return int(json.loads(meta.read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 256 if self.tokenizer == "byte" else 0
 
     def validate(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
@@ -160,14 +173,14 @@ class DataConfig:
 # The sets of choices live here, at the bottom of the package order (config <- ops <- model <-
 # parallel <- data <- train <- tools), so the implementations, the memory model and the
 # benchmarks all import the one list instead of writing it out again.
-STRATEGIES = ("auto", "fetch", "dispatch")
+STRATEGIES = ("auto", "fetch", "dispatch", "node_dispatch")
 BN_SYNC = ("global", "local")
 
 
 @dataclass
 class ParallelConfig:
     ep: int = 0  # expert-parallel degree; 0 = the whole world (one table copy in all)
-    strategy: str = "auto"  # auto (cost model) | fetch | dispatch
+    strategy: str = "auto"  # auto (cost model) | fetch | dispatch | node_dispatch
     balance_ids: bool = False  # permute expert ids e -> (a*e + c) mod N before choosing owners
     bn_sync: str = "global"  # query BatchNorm statistics: global (all ranks) | local (per rank)
 
@@ -242,6 +255,8 @@ class TrainConfig:
     max_skipped: int = 10
     # A collective that waits longer than this ends the job, naming the ranks that did not come.
     collective_timeout_s: float = 600.0
+    # CPU threads per rank; 0 = OMP_NUM_THREADS if set, else the cores / the ranks on the node.
+    threads: int = 0
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
@@ -255,17 +270,21 @@ class TrainConfig:
                f"one of {list(NONFINITE)}")
         _check(self.collective_timeout_s > 0, "train.collective_timeout_s",
                self.collective_timeout_s, "a number of seconds > 0")
+        _check(self.threads >= 0, "train.threads", self.threads,
+               "0 (cores / local ranks, or OMP_NUM_THREADS) or an integer >= 1")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(vocab_size=0))
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
+        if self.model.vocab_size == 0:
+            self.model.vocab_size = self.data.vocab_size()
         self.model.validate()
         self.data.validate()
         self.parallel.validate()

@@ -8,6 +8,8 @@ variable splits there, while the list form `all_to_all` is missing on some gloo 
 Byte accounting: `bytes_sent` / `bytes_recv` count what is handed to and returned by
 `all_to_all_single` for OTHER ranks: the slice a rank addresses to itself is a local copy and
 never leaves the process, so it is not counted (the cost model counts the same way).
+`bytes_internode` is the part of `bytes_sent` addressed to ranks on other nodes (the Exchange
+knows each member's node); the rest of `bytes_sent` stayed inside the node.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class CommStats:
     strategy: str = ""  # strategy of the latest step
     bytes_sent: dict[str, int] = field(default_factory=lambda: {"fwd": 0, "bwd": 0})
     bytes_recv: dict[str, int] = field(default_factory=lambda: {"fwd": 0, "bwd": 0})
+    bytes_internode: dict[str, int] = field(default_factory=lambda: {"fwd": 0, "bwd": 0})
     seconds: float = 0.0
     calls: int = 0  # forward calls
     strategy_calls: dict[str, int] = field(default_factory=dict)
@@ -45,9 +48,13 @@ class CommStats:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + (
                 time.perf_counter() - t0)
 
-    def add(self, direction: str, sent: int, recv: int, seconds: float) -> None:
+    def add(self, direction: str, sent: int, recv: int, seconds: float,
+            internode: int = 0) -> None:
+        """sent and recv: bytes to / from other ranks; internode: the part of sent that left
+        the node."""
         self.bytes_sent[direction] += int(sent)
         self.bytes_recv[direction] += int(recv)
+        self.bytes_internode[direction] += int(internode)
         self.seconds += seconds
 
     def note_call(self, strategy: str, tokens: int) -> None:
@@ -63,6 +70,9 @@ class CommStats:
             "bytes_recv": sum(self.bytes_recv.values()),
             "bytes_sent_fwd": self.bytes_sent["fwd"], "bytes_sent_bwd": self.bytes_sent["bwd"],
             "bytes_recv_fwd": self.bytes_recv["fwd"], "bytes_recv_bwd": self.bytes_recv["bwd"],
+            "bytes_sent_internode": sum(self.bytes_internode.values()),
+            "bytes_sent_intranode": sum(self.bytes_sent.values()) - sum(
+                self.bytes_internode.values()),
             "seconds": self.seconds,
             "calls": self.calls,
             "tokens": self.tokens,
@@ -76,10 +86,19 @@ class CommStats:
 
 
 class Exchange:
-    """One EP group's all-to-all endpoint: the group, this rank's index in it, the stats sink."""
+    """One EP group's all-to-all endpoint: the group, this rank's index in it, the stats sink,
+    and the node of each member (all on one node unless given)."""
 
-    def __init__(self, group, size: int, rank: int, stats: CommStats):
+    def __init__(self, group, size: int, rank: int, stats: CommStats,
+                 nodes: tuple[int, ...] | None = None):
         self.group, self.size, self.rank, self.stats = group, size, rank, stats
+        self.nodes = tuple(nodes) if nodes else (0,) * size
+        # (W,) 1 where a member sits on another node than this rank
+        self.remote_node = [int(n != self.nodes[rank]) for n in self.nodes]
+
+    def internode(self, splits: list[int]) -> int:
+        """Rows of a send, by destination (W,), that go to other nodes."""
+        return sum(c for c, far in zip(splits, self.remote_node, strict=True) if far)
 
     def counts(self, send: torch.Tensor,
                direction: str = "fwd") -> tuple[list[list[int]], list[list[int]]]:
@@ -96,8 +115,18 @@ class Exchange:
         dist.all_to_all_single(recv, send, group=self.group)
         both = torch.stack([send, recv]).cpu().tolist()
         remote = (self.size - 1) * send.shape[1] * 8
-        self.stats.add(direction, remote, remote, time.perf_counter() - t0)
+        far = sum(self.remote_node) * send.shape[1] * 8
+        self.stats.add(direction, remote, remote, time.perf_counter() - t0, far)
         return both[0], both[1]
+
+    def gather_counts(self, mine: torch.Tensor) -> list[list[int]]:
+        """mine (C,) int64 counts -> (W, C) every member's, as lists (one equal-split
+        all-to-all of the row repeated W times: the one host sync of node-aware dispatch)."""
+        mine = mine.to(torch.int64).reshape(1, -1)
+        if self.size == 1:
+            return mine.tolist()
+        send = mine.expand(self.size, -1).contiguous()
+        return self.counts(send)[1]
 
     def send(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
              direction: str) -> torch.Tensor:
@@ -112,7 +141,8 @@ class Exchange:
         row_bytes = x.element_size() * math.prod(x.shape[1:])
         sent = (sum(send_splits) - send_splits[self.rank]) * row_bytes
         recv = (sum(recv_splits) - recv_splits[self.rank]) * row_bytes
-        self.stats.add(direction, sent, recv, time.perf_counter() - t0)
+        self.stats.add(direction, sent, recv, time.perf_counter() - t0,
+                       self.internode(send_splits) * row_bytes)
         return out
 
 

@@ -46,21 +46,40 @@ class Received:
     plan: DispatchPlan
 
 
+@dataclass
+class Grouping:
+    """Selections grouped by (destination, token): what a DispatchPlan needs besides splits."""
+
+    order: torch.Tensor  # (Q,) selections sorted by (destination, token)
+    pair_token: torch.Tensor  # (P,) token of each pair
+    meta: torch.Tensor  # (Q, 2) int32 (row at the destination, pair index within its block)
+    pair_count: torch.Tensor  # (W,) pairs per destination
+    sel_count: torch.Tensor  # (W,) selections per destination
+
+
+def group_pairs(dest: torch.Tensor, row: torch.Tensor, token: torch.Tensor, tokens: int,
+                size: int) -> Grouping:
+    """dest, row, token (Q,) int64 per selection, token in [0, tokens) -> the (destination,
+    token) pairs that carry one x each, and each selection's (row, pair in block) metadata."""
+    key, order = torch.sort(dest * tokens + token, stable=True)
+    pair_key, sel_pair = torch.unique_consecutive(key, return_inverse=True)
+    pair_dest = torch.div(pair_key, tokens, rounding_mode="floor")
+    pair_count = torch.bincount(pair_dest, minlength=size)
+    first_pair = torch.cumsum(pair_count, 0) - pair_count
+    in_block = sel_pair - first_pair[dest[order]]
+    meta = torch.stack([row[order], in_block], 1).to(torch.int32)
+    return Grouping(order, pair_key - pair_dest * tokens, meta, pair_count,
+                    torch.bincount(dest, minlength=size))
+
+
 def plan_dispatch(ids: torch.Tensor, idmap: IdMap, ex: Exchange) -> DispatchPlan:
     """Group selections by (owner, token) and exchange the counts (the one host sync)."""
     t, s = ids.shape
     owner, local = idmap.split(idmap.position(ids.reshape(-1)))  # (Q,)
     token = torch.arange(t, device=ids.device).repeat_interleave(s)
-    key, order = torch.sort(owner * t + token, stable=True)
-    pair_key, sel_pair = torch.unique_consecutive(key, return_inverse=True)
-    pair_owner = torch.div(pair_key, t, rounding_mode="floor")
-    pair_count = torch.bincount(pair_owner, minlength=ex.size)
-    sel_count = torch.bincount(owner, minlength=ex.size)
-    first_pair = torch.cumsum(pair_count, 0) - pair_count
-    in_block = sel_pair - first_pair[owner[order]]
-    meta = torch.stack([local[order], in_block], 1).to(torch.int32)
-    sent, recv = ex.counts(torch.stack([pair_count, sel_count], 1))
-    return DispatchPlan(order, pair_key - pair_owner * t, meta, [c[0] for c in sent],
+    g = group_pairs(owner, local, token, t, ex.size)
+    sent, recv = ex.counts(torch.stack([g.pair_count, g.sel_count], 1))
+    return DispatchPlan(g.order, g.pair_token, g.meta, [c[0] for c in sent],
                         [c[1] for c in sent], [c[0] for c in recv], [c[1] for c in recv])
 
 

@@ -24,6 +24,7 @@ from peer_dist.parallel.comm import CommStats, Exchange
 from peer_dist.parallel.dispatch import Dispatch
 from peer_dist.parallel.fetch import Fetch
 from peer_dist.parallel.idmap import IdMap
+from peer_dist.parallel.node_dispatch import NodeDispatch
 from peer_dist.parallel.topology import Topology
 
 
@@ -91,10 +92,10 @@ def build_shard(name: str, tables: ExpertTables, idmap: IdMap, owner: int,
 class ShardedExperts(nn.Module):
     """(x (T, D), ids (T, S), gates (T, S)) -> y (T, D), with the tables sharded over EP ranks.
 
-    Each strategy (fetch.Fetch, dispatch.Dispatch) is three stages, torchrec's shape:
-    input_dist (what travels to the owners), compute (the work at the owner), output_dist (what
-    travels back, and how it becomes y). forward composes them; stats.stage_seconds times each
-    (forward; the backward's traffic is in stats.seconds)."""
+    Each strategy (fetch.Fetch, dispatch.Dispatch, node_dispatch.NodeDispatch) is three
+    stages, torchrec's shape: input_dist (what travels to the owners), compute (the work at the
+    owner), output_dist (what travels back, and how it becomes y). forward composes them;
+    stats.stage_seconds times each (forward; the backward's traffic is in stats.seconds)."""
 
     def __init__(self, name: str, tables: ExpertTables, topo: Topology, strategy: str = "auto",
                  balance_ids: bool = False):
@@ -105,9 +106,9 @@ class ShardedExperts(nn.Module):
         self.idmap = IdMap(tables.num_experts, topo.ep, balance=balance_ids)
         self._shard = build_shard(name, tables, self.idmap, topo.ep_rank, topo.device)
         self.stats = CommStats()
-        ex = Exchange(topo.ep_group, topo.ep, topo.ep_rank, self.stats)
-        self.strategies = {st.name: st for st in (Fetch(self.idmap, ex, self.activation),
-                                                  Dispatch(self.idmap, ex, self.activation))}
+        ex = Exchange(topo.ep_group, topo.ep, topo.ep_rank, self.stats, topo.ep_nodes)
+        self.strategies = {st.name: st(self.idmap, ex, self.activation)
+                           for st in (Fetch, Dispatch, NodeDispatch)}
 
     @property
     def shard(self) -> ExpertShard:

@@ -3,6 +3,10 @@
 Rank layout (row-major over the mesh (dp, ep)): rank = dp_rank * ep + ep_rank, so an
 expert-parallel group is EP consecutive ranks (one node, when EP <= GPUs per node) and a DP group
 holds the ranks with the same ep_rank (replicas of one shard).
+
+Nodes: torchrun numbers the ranks of a node consecutively, so rank r sits on node
+r // LOCAL_WORLD_SIZE (torchrun sets it; unset means one node). `ep_nodes` gives the node of
+each EP group member: node-aware dispatch and the per-link byte counts read it.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import torch.distributed as dist
 
 from peer_dist.errors import UserError
 
-# Process groups are built once per (world, ep): building them again would create new
-# communicators on every rank, and every rank must do it in the same order.
-_BUILT: dict[tuple[int, int], Topology] = {}
+# Process groups are built once per (world, ep, ranks per node): building them again would
+# create new communicators on every rank, and every rank must do it in the same order.
+_BUILT: dict[tuple[int, int, int], Topology] = {}
 
 
 class TopologyError(UserError, ValueError):
@@ -83,6 +87,19 @@ def check_degrees(world_size: int, ep: int) -> tuple[int, int]:
     return ep, world_size // ep
 
 
+def ranks_per_node(world_size: int) -> int:
+    """LOCAL_WORLD_SIZE (torchrun's ranks per node), the whole world when unset."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE", "")
+    try:
+        local = int(raw) if raw else world_size
+    except ValueError:
+        local = 0
+    if local < 1 or world_size % local != 0:
+        raise TopologyError(f"LOCAL_WORLD_SIZE={raw!r}: allowed is a divisor of the world size "
+                            f"{world_size} (ranks per node; unset = one node)")
+    return local
+
+
 @dataclass
 class Topology:
     rank: int
@@ -96,6 +113,12 @@ class Topology:
     device: torch.device
     mesh: Any  # DeviceMesh of shape (dp, ep), names ("dp", "ep")
     backend: str = "gloo"
+    local_world_size: int = 0  # ranks per node; 0 = the whole world (one node)
+    ep_nodes: tuple[int, ...] = ()  # (ep,) node of each EP group member
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // (self.local_world_size or self.world_size)
 
     @classmethod
     def build(cls, ep: int = 0) -> Topology:
@@ -105,8 +128,9 @@ class Topology:
                                 "peer_dist.parallel.init_distributed() (or run under torchrun)")
         world, rank = dist.get_world_size(), dist.get_rank()
         ep, dp = check_degrees(world, ep)
-        if (world, ep) in _BUILT:
-            return _BUILT[(world, ep)]
+        local = ranks_per_node(world)
+        if (world, ep, local) in _BUILT:
+            return _BUILT[(world, ep, local)]
         backend = dist.get_backend()
         if backend == "nccl":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -117,10 +141,13 @@ class Topology:
         mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
         topo = cls(rank=rank, world_size=world, ep=ep, dp=dp, ep_rank=rank % ep,
                    dp_rank=rank // ep, ep_group=mesh.get_group("ep"),
-                   dp_group=mesh.get_group("dp"), device=device, mesh=mesh, backend=backend)
-        _BUILT[(world, ep)] = topo
+                   dp_group=mesh.get_group("dp"), device=device, mesh=mesh, backend=backend,
+                   local_world_size=local,
+                   ep_nodes=tuple((rank - rank % ep + j) // local for j in range(ep)))
+        _BUILT[(world, ep, local)] = topo
         return topo
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: ep={self.ep} (ep_rank {self.ep_rank}), "
-                f"dp={self.dp} (dp_rank {self.dp_rank}), {self.backend} on {self.device}")
+                f"dp={self.dp} (dp_rank {self.dp_rank}), {self.nodes} node(s), {self.backend} on "
+                f"{self.device}")
