@@ -15,14 +15,19 @@ step turns back into exactly `factor` (both divide by (norm + 1e-6) / clip_grad)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from peer_dist.config import Config
+from peer_dist.errors import debug
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -81,12 +86,28 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Hold back what a third-party call prints (shown on failure, or with PEER_DEBUG=1)."""
+    if debug():
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> Any:
     """deepspeed.initialize over the dense parameters only (the shards are not parameters)."""
     quiet_deepspeed()
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    with quiet_stdout():  # "DeepSpeed ... shm_comm_op built successfully", once per rank
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=dense_optimizer(params, cfg), model_parameters=params,
