@@ -6,10 +6,12 @@ that runs this: its *.py sources and the *.txt / *.rst / *.md text next to them;
 pydoc_data/topics.py, the language reference as text). Everything is read in sorted order, so
 the same inputs give the same shards. Files that are not UTF-8 text (or contain NUL) are skipped.
 
-Whole documents go to train or to validation: in the order of a hash of their names, documents
-are moved to validation until it holds val_fraction of the bytes (a single document is cut in
-two instead). The output folder (see peer_dist/data/dataset.py) is written under a temporary name
-and renamed when complete, so a failure leaves nothing half-written.
+Whole documents go to train or to validation: in the order of a hash of their names, each
+document that still fits is moved to validation, and the gap left to val_fraction of the bytes is
+filled by cutting one more document in two (train head, validation tail), so the held-out share
+is what was asked whether there are 3 files or 30,000. The output folder (see
+peer_dist/data/dataset.py) is written under a temporary name and renamed when complete, so a
+failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Doc:
     path: Path
     size: int  # bytes to read (the last document may be cut to respect max_bytes)
     split: str = "train"
-    part: str = "all"  # all | head | tail (a single document cut into train head / val tail)
+    part: str = "all"  # all | head | tail (a document cut into train head / val tail)
+    val_share: float = 0.0  # head / tail: the share of the document's text in the tail
 
 
 def _log_stderr(msg: str) -> None:
@@ -103,31 +106,31 @@ def plan_documents(files: list[tuple[str, Path]], max_bytes: int,
             break
     if not docs:
         raise ValueError("no input text found (all inputs empty): give files with text")
-    if len(docs) == 1:
-        head = docs[0]
-        docs.append(Doc(head.name, head.path, head.size, "val", "tail"))
-        head.part = "head"
-        return docs
-    _choose_val(docs, val_fraction * total)
-    return docs
+    return _choose_val(docs, val_fraction * total)
 
 
-def _choose_val(docs: list[Doc], target: float) -> None:
-    """Move documents to val in name-hash order until val holds `target` bytes; keep a train."""
-    by_hash = sorted(docs, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
+def _choose_val(docs: list[Doc], target: float) -> list[Doc]:
+    """Move every document that still fits to val, in name-hash order, then cut one train
+    document in two so that val holds `target` bytes; returns the documents in stream order."""
     val_bytes = 0
-    for d in by_hash:
-        if val_bytes >= target:
-            break
-        d.split = "val"
-        val_bytes += d.size
-    if all(d.split == "val" for d in docs):
-        by_hash[-1].split = "train"
+    for d in sorted(docs, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest()):
+        if val_bytes + d.size <= target and len(docs) > 1:
+            d.split = "val"
+            val_bytes += d.size
+    gap = target - val_bytes
+    cut = next((d for d in sorted(docs, key=lambda d: d.size)
+                if d.split == "train" and d.size > gap), None)
+    if cut is None or gap < max(1.0, 0.001 * target):  # close enough: no document cut
+        return docs
+    cut.part, cut.val_share = "head", gap / cut.size
+    tail = Doc(cut.name, cut.path, cut.size, "val", "tail", cut.val_share)
+    i = docs.index(cut)
+    return docs[:i + 1] + [tail] + docs[i + 1:]
 
 
 # --------------------------------------------------------------------------- reading text
 
-def read_text(doc: Doc, val_fraction: float) -> str | None:
+def read_text(doc: Doc) -> str | None:
     """The document's text, or None when it is not UTF-8 text."""
     with open(doc.path, "rb") as f:
         raw = f.read(doc.size)
@@ -142,8 +145,12 @@ def read_text(doc: Doc, val_fraction: float) -> str | None:
         text = raw[:e.start].decode("utf-8")
     if doc.part == "all":
         return text
-    cut = int(len(text) * (1.0 - val_fraction))
-    return text[:cut] if doc.part == "head" else text[cut:]
+    # Cut by bytes (the share was planned in bytes), back to the start of a character.
+    data = text.encode("utf-8")
+    cut = int(len(data) * (1.0 - doc.val_share))
+    while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return (data[:cut] if doc.part == "head" else data[cut:]).decode("utf-8")
 
 
 # --------------------------------------------------------------------------- writing shards
@@ -187,16 +194,17 @@ class ShardWriter:
 
 
 def _write(folder: Path, docs: list[Doc], tok: ByteTokenizer | HFTokenizer,
-           val_fraction: float, log: Log) -> tuple[ShardWriter, list[str]]:
+           log: Log) -> tuple[ShardWriter, list[str]]:
     writer = ShardWriter(folder, tok)
     skipped: list[str] = []
     planned = sum(d.size for d in docs if d.part != "tail")
     done, t0, last = 0, time.perf_counter(), 0.0
     try:
         for i, doc in enumerate(docs):
-            text = read_text(doc, val_fraction)
+            text = read_text(doc)
             if text is None:
-                skipped.append(doc.name)
+                if doc.part != "tail":  # a cut document is named once
+                    skipped.append(doc.name)
             elif text:
                 writer.add(doc.split, text)
             done += doc.size if doc.part != "tail" else 0
@@ -228,7 +236,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte",
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        writer, skipped = _write(tmp, docs, tok, val_fraction, log)
+        writer, skipped = _write(tmp, docs, tok, log)
         if writer.tokens["train"] == 0 or writer.tokens["val"] == 0:
             raise ValueError(f"inputs {inputs} gave {writer.tokens} tokens: both splits need "
                              f"text ({len(skipped)} files skipped as not UTF-8 text)")
@@ -292,6 +300,9 @@ def prepare_dataset(data_cfg: DataConfig, log: Log = print) -> Path:
     if (path / META_FILE).is_file():
         return path
     sources = [s.strip() for s in str(data_cfg.source).split(",") if s.strip()]
+    if not sources:
+        raise FileNotFoundError(f"data.path={str(path)!r} does not exist and data.source is "
+                                "empty: allowed are a prepared folder, or a source to prepare")
     prepare(sources, path, tokenizer=data_cfg.tokenizer, val_fraction=data_cfg.val_fraction,
             max_bytes=data_cfg.max_bytes, log=log)
     return path

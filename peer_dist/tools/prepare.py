@@ -44,7 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peer-prepare: wrote {args.out}: {t['train']:,} train + {t['val']:,} val tokens "
           f"({meta['dtype']}, vocab {meta['vocab_size']}), {sum(meta['documents'].values())} "
           f"documents, {len(meta['skipped'])} skipped, {time.perf_counter() - t0:.1f} s")
+    print(f"peer-prepare: {held_out_note(meta)}")
     return 0
+
+
+def held_out_note(meta: dict) -> str:
+    """The share of the bytes held out, against what was asked (they differ when files were
+    skipped as not text, or the text is tiny)."""
+    b = meta["bytes"]
+    share = b["val"] / max(1, b["train"] + b["val"])
+    asked = meta["val_fraction"]
+    note = f"validation holds {share:.2%} of the bytes (asked {asked:.2%})"
+    if abs(share - asked) > 0.1 * asked:
+        note += ": it differs because files were skipped as not text or the text is tiny"
+    return note
 
 
 if __name__ == "__main__":

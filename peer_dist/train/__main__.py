@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 
 from peer_dist.config import ConfigError, load_config
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="restart every rank this many times after a failure (resumes from "
                         "the latest checkpoint)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dim=64")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options and overrides in any order
 
 
 def _rank() -> int:
@@ -52,12 +53,17 @@ def report(message: str, code: int) -> int:
     return code
 
 
-def _launch_args(args: argparse.Namespace, argv: list[str]) -> list[str] | str:
-    """torchrun's arguments for this command, or the one-line error for bad launcher flags."""
+def launcher_error(args: argparse.Namespace) -> str | None:
+    """The one-line error for bad launcher flags, checked whether or not ranks are started."""
     if args.nproc < 1 or args.nnodes < 1 or args.max_restarts < 0:
         return (f"--nproc={args.nproc} --nnodes={args.nnodes} --max-restarts="
                 f"{args.max_restarts}: allowed are --nproc >= 1, --nnodes >= 1, "
                 "--max-restarts >= 0")
+    return None
+
+
+def _launch_args(args: argparse.Namespace, argv: list[str]) -> list[str] | str:
+    """torchrun's arguments for this command, or the one-line error for bad launcher flags."""
     if args.nnodes > 1 and not args.rdzv_endpoint:
         return f"--nnodes={args.nnodes} needs --rdzv-endpoint HOST:PORT (the first node)"
     rest = [a for a in ([*(["--config", args.config] if args.config else []), *args.overrides])]
@@ -99,14 +105,35 @@ def launch(torchrun_args: list[str]) -> int:
     return 0
 
 
+def node_line(env: dict[str, str]) -> str | None:
+    """On a node's first rank of a multi-node job: which global ranks this node runs, and
+    whether it holds global rank 0 (which prints the job's progress). The rendezvous numbers
+    the nodes in the order they arrive, so NODE_RANK=1 may well hold rank 0."""
+    nodes = int(env.get("GROUP_WORLD_SIZE", "1") or 1)
+    if nodes <= 1 or env.get("LOCAL_RANK", "0") != "0":
+        return None
+    first, local = int(env.get("RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
+    where = (f"node {env.get('GROUP_RANK', '?')} of {nodes} ({socket.gethostname()}) runs global "
+             f"ranks {first}-{first + local - 1}")
+    if first == 0:
+        return f"{PROG}: {where}, global rank 0 among them: this node prints the job's progress"
+    return f"{PROG}: {where}; global rank 0 is on another node and prints the job's progress"
+
+
 def train(cfg) -> int:
     """Train as one rank; every failure ends in at most one line from this rank."""
     import torch.distributed as dist
 
     from peer_dist.train.loop import run
+    from peer_dist.train.startup import apply_threads, check_layout
 
     code, error = 0, None
     try:
+        check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1") or 1))
+        apply_threads(cfg)
+        line = node_line(dict(os.environ))
+        if line:
+            print(line, flush=True)
         run(cfg)
     except UserError as e:
         error = e
@@ -151,6 +178,9 @@ def _teardown(code: int, in_step: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    problem = launcher_error(args)
+    if problem:
+        return report(problem, 2)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -161,8 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         torchrun_args = _launch_args(args, argv)
         if isinstance(torchrun_args, str):
             return report(torchrun_args, 2)
-        return launch(torchrun_args)
+        return start_ranks(cfg, args, torchrun_args)
     return train(cfg)
+
+
+def start_ranks(cfg, args: argparse.Namespace, torchrun_args: list[str]) -> int:
+    """Check the layout before any rank starts, share the cores among this node's ranks, then
+    launch them."""
+    from peer_dist.train.startup import check_layout, cpu_threads
+
+    try:
+        check_layout(cfg, args.nproc * args.nnodes)
+    except UserError as e:
+        if debug():
+            raise
+        return report(str(e), e.exit_code)
+    # Set here, the ranks inherit it (and torchrun does not force 1 thread with a warning).
+    os.environ["OMP_NUM_THREADS"] = str(cpu_threads(cfg, args.nproc))
+    return launch(torchrun_args)
 
 
 if __name__ == "__main__":

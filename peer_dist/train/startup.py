@@ -110,16 +110,25 @@ class RunDirLock:
 def _prepare(cfg: Config) -> None:
     from peer_dist.data import META_FILE, prepare_dataset
 
-    path = Path(cfg.data.path)
-    if path.is_dir() and not (path / META_FILE).is_file() and any(path.iterdir()):
-        raise UserError(f"data.path={cfg.data.path!r} holds no prepared dataset (no "
-                        f"{META_FILE}); allowed: a folder written by peer-prepare, or a path "
-                        "that does not exist yet (it is then prepared from data.source)")
+    d = cfg.data
+    path = Path(d.path)
+    if (path / META_FILE).is_file():
+        return
+    if path.is_dir():
+        raise UserError(f"data.path={d.path!r} holds no prepared dataset (no {META_FILE}); "
+                        "allowed: a folder written by peer-prepare, or a path that does not "
+                        "exist yet together with data.source (what to prepare there)")
+    if not d.source.strip():
+        raise UserError(f"data.path={d.path!r} does not exist; allowed: a folder written by "
+                        "peer-prepare, or data.source=stdlib (or files and folders, "
+                        "comma-separated) to prepare it there")
+    print(f"peer-train: data.path={d.path!r} does not exist: preparing it from "
+          f"data.source={d.source!r} ({d.tokenizer} tokenizer)", flush=True)
     try:
-        prepare_dataset(cfg.data)
+        prepare_dataset(d)
     except (OSError, ValueError) as e:
-        raise UserError(f"data.source={cfg.data.source!r} could not be prepared into "
-                        f"data.path={cfg.data.path!r}: {e}") from None
+        raise UserError(f"data.source={d.source!r} could not be prepared into "
+                        f"data.path={d.path!r}: {e}") from None
 
 
 def _open(cfg: Config) -> Any:
@@ -132,15 +141,95 @@ def _open(cfg: Config) -> Any:
             data.batch(split, 0, 0, 1, t.seq_len, t.seed)  # enough tokens for one window
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"data.path={cfg.data.path!r} is not a usable dataset: {e}") from None
+    if cfg.model.vocab_size == 0:  # "the dataset's": known only once it was prepared
+        cfg.model.vocab_size = data.vocab_size
     if data.vocab_size > cfg.model.vocab_size:
         raise UserError(f"data.path={cfg.data.path!r} has token ids up to "
                         f"{data.vocab_size - 1} (vocabulary {data.vocab_size}) but "
                         f"model.vocab_size={cfg.model.vocab_size}; allowed: model.vocab_size >= "
-                        f"{data.vocab_size}")
+                        f"{data.vocab_size}, or 0 (the dataset's)")
     return data
+
+
+def empty_shard_ranks(num_experts: int, ep: int) -> list[int]:
+    """EP ranks that own no table row: rows are cut in blocks of ceil(N / ep)."""
+    block = -(-num_experts // ep)
+    return [r for r in range(ep) if r * block >= num_experts]
+
+
+def check_layout(cfg: Config, world_size: int) -> None:
+    """Refuse a layout that leaves a rank with nothing to hold: an EP rank without a table row.
+    Every rank finds the same answer (one line, from rank 0)."""
+    from peer_dist.parallel.topology import TopologyError, check_degrees
+
+    try:
+        ep, _ = check_degrees(world_size, cfg.parallel.ep)
+    except TopologyError as e:
+        raise UserError(str(e), all_ranks=True) from None
+    n = cfg.model.peer.num_experts
+    if cfg.model.sparse_kind != "peer" or not cfg.model.peer_block_ids():
+        return  # only PEER tables are sharded
+    empty = empty_shard_ranks(n, ep)
+    if empty:
+        fits = [d for d in range(1, world_size + 1)
+                if world_size % d == 0 and not empty_shard_ranks(n, d)]
+        raise UserError(f"model.peer.num_experts={n} over parallel.ep={ep} ranks leaves EP "
+                        f"rank{'s' if len(empty) > 1 else ''} {_span(empty)} without a table row; "
+                        f"allowed: parallel.ep in {fits} at world size {world_size}, or more "
+                        "experts", all_ranks=True)
+
+
+def _span(ranks: list[int]) -> str:
+    return f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container or taskset may give fewer
+    than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_threads(cfg: Config, local_ranks: int, env: dict[str, str] | None = None) -> int:
+    """Threads per rank: train.threads, else OMP_NUM_THREADS, else the cores shared evenly by
+    the node's ranks (more would oversubscribe them: threads that spin waiting for a core)."""
+    env = os.environ if env is None else env
+    if cfg.train.threads:
+        return cfg.train.threads
+    raw = env.get("OMP_NUM_THREADS", "")
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return max(1, cpu_cores() // max(1, local_ranks))
+
+
+def apply_threads(cfg: Config) -> int:
+    """Set this rank's intra-op threads (before any work); returns how many."""
+    import torch
+
+    n = cpu_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    torch.set_num_threads(n)
+    return n
+
+
+def data_line(cfg: Config, data: Any, threads: int) -> str:
+    """The start line about the data: what is read, how much, which vocabulary, and the CPU
+    threads each rank uses."""
+    meta = data.meta
+    tok = meta.get("tokenizer_source", meta.get("tokenizer", "?"))
+    return (f"peer-train: data {cfg.data.path}: {data.num_tokens('train'):,} train + "
+            f"{data.num_tokens('val'):,} val tokens, vocabulary {data.vocab_size} "
+            f"({tok} tokenizer), model.vocab_size={cfg.model.vocab_size}; "
+            f"{threads} CPU thread{'s' if threads != 1 else ''} per rank")
 
 
 def open_data(cfg: Config) -> Any:
     """Prepare the dataset on rank 0 if needed, then open it on every rank; errors agreed."""
+    import torch
+
     agree(lambda: _prepare(cfg), rank0_only=True)
-    return agree(lambda: _open(cfg))
+    data = agree(lambda: _open(cfg))
+    if dist.get_rank() == 0:
+        print(data_line(cfg, data, torch.get_num_threads()), flush=True)
+    return data
