@@ -1,28 +1,28 @@
-"""Run a function on several CPU processes joined by gloo (one spawn per call)."""
+"""Run a function on several CPU processes joined by gloo (one spawn per call), and keep what
+one spawn found for every test case that reads it."""
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), PEER_BACKEND="gloo")
+def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple) -> None:
+    # PEER_BACKEND for the code under test; no MASTER_PORT: the ranks meet in a file, so no
+    # free port is picked and lost to another process between the pick and the bind
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      PEER_BACKEND="gloo")
     # a collective that never matches (a rank skipping one) fails the test instead of hanging it
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         fn(rank, world, *args)
         dist.barrier()
@@ -37,4 +37,21 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
 
 def run_ranks(fn: Callable, world: int, *args) -> None:
     """fn(rank, world, *args) on `world` processes; an exception in any rank fails the call."""
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory(prefix="peer_ranks_") as tmp:
+        store = str(Path(tmp) / "store")
+        mp.spawn(_entry, args=(world, store, fn, args), nprocs=world, join=True)
+
+
+def run_once(cache: dict, key: str, run: Callable[[], dict]) -> dict:
+    """run() the first time `key` is asked for; its result, or its failure, answers every
+    later case: a layout whose ranks crash fails each of its cases at once, not after a spawn
+    of its own."""
+    if key not in cache:
+        try:
+            cache[key] = run()
+        except Exception as e:  # noqa: BLE001 (any failure of the ranks is the answer)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            cache[key] = RuntimeError(f"{key}: the ranks failed ({type(e).__name__}: {first})")
+    if isinstance(cache[key], Exception):
+        pytest.fail(str(cache[key]), pytrace=False)
+    return cache[key]
