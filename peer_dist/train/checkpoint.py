@@ -16,8 +16,11 @@
 
 A checkpoint is written to `.tmp_step_...`, hashed into its manifest, and renamed when every
 rank has finished; only then is `latest` moved, and checkpoints beyond `train.keep_last` are
-removed. A kill at any point leaves the previous checkpoints as they were. The training data
-position is the step itself (batches are a function of the global step).
+removed (never the one just written). Replacing a step that exists renames the old one aside
+first and deletes it last. A kill at any point leaves the previous checkpoints as they were.
+The checkpoints form one timeline: a run that resumes from step s (or starts at 0) first moves
+every checkpoint of a later step into checkpoints/abandoned/. The training data position is the
+step itself (batches are a function of the global step).
 
 Loading verifies first: sizes and checksums against the manifest (hashing spread over the
 ranks), then the config keys that fix tensor shapes and layouts. A damaged or incomplete
@@ -79,6 +82,11 @@ def find_resume(cfg: Config, log: Callable[[str], None] = print) -> Path | None:
     spec = cfg.train.resume
     if spec == "never":
         return None
+    root = checkpoint_root(cfg)
+    if _rank() == 0 and root.is_dir():
+        recover(root)  # an interrupted replacement of a step, finished or undone
+    if dist.is_initialized():
+        dist.barrier()
     if spec != "auto":
         path = Path(spec)
         if (path / LATEST).is_file():  # a checkpoints/ folder: take its newest
@@ -103,15 +111,10 @@ def find_resume(cfg: Config, log: Callable[[str], None] = print) -> Path | None:
 
 
 def _candidates(root: Path) -> list[Path]:
-    """`latest` first, then every step_* directory, newest first."""
-    out = []
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text(errors="replace").strip()
-        if name.startswith("step_") and "/" not in name:
-            out.append(root / name)
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
-    return out + [p for p in steps if p not in out]
+    """Every step_* directory, newest first. Not `latest` first: a kill between renaming a new
+    checkpoint in and moving `latest` leaves the pointer one behind, and every folder here is
+    of the current timeline (start_timeline), so the newest valid one is the one to take."""
+    return list(reversed(_steps(root)))
 
 
 # --------------------------------------------------------------------------- manifest
@@ -288,10 +291,7 @@ def save_checkpoint(step: int, cfg: Config, engine: DeepSpeedEngine,
     write_manifest(tmp)  # last: a directory with a manifest is complete
     dist.barrier()
     if topo.rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name)
-        prune(root, cfg.train.keep_last)
+        commit(root, step, cfg.train.keep_last)
     dist.barrier()
     return final
 
@@ -325,11 +325,108 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Remove complete checkpoints beyond the newest `keep_last` (and stale temporaries)."""
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[:-keep_last] + sorted(root.glob(".tmp_step_*")):
+# --------------------------------------------------------------------------- the timeline
+# A run's checkpoints form one timeline: every step_* folder in checkpoints/ was written by the
+# run that continues from the newest of them. A resume from step s (or a start from step 0)
+# moves every newer folder aside first, so a damaged or abandoned future can never be resumed
+# from, take a keep_last slot, or be what `latest` names. Filesystem only: rank 0 calls these.
+
+ABANDONED = "abandoned"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[1])
+
+
+def _steps(root: Path) -> list[Path]:
+    """Complete-named checkpoint folders, oldest first."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                  key=step_of)
+
+
+def commit(root: Path, step: int, keep_last: int, crash: Callable[[str], None] | None = None
+           ) -> Path:
+    """Rename the finished `.tmp_step_<step>` into place, point `latest` at it, prune.
+
+    Replacing an existing step never leaves a moment without one of the two: the old folder is
+    renamed aside (`.old_step_...`), the new one renamed in, `latest` moved, and only then the
+    old one deleted; `recover` finishes or undoes an interrupted replacement. `crash(stage)` is
+    for tests: it may raise between the stages, as a kill would stop there."""
+    final, tmp, old = root / step_name(step), root / f".tmp_{step_name(step)}", \
+        root / f".old_{step_name(step)}"
+    crash = crash or (lambda stage: None)
+    if final.exists():
         shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        crash("aside")
+    os.replace(tmp, final)
+    crash("renamed")
+    _write_atomic(root / LATEST, final.name)
+    crash("latest")
+    shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep_last, keep=final)
+    return final
+
+
+def recover(root: Path) -> None:
+    """Finish what an interrupted `commit` left: a `.old_step_X` whose `step_X` is missing
+    goes back into place (the new one never arrived); one whose `step_X` exists is deleted;
+    `latest` names the newest step folder."""
+    for old in sorted(root.glob(".old_step_*")):
+        final = root / old.name[len(".old_"):]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    steps = _steps(root)  # a kill before `latest` moved leaves it behind (or absent)
+    if steps and _pointer(root) != steps[-1].name:
+        _write_atomic(root / LATEST, steps[-1].name)
+
+
+def _pointer(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def start_timeline(root: Path, step: int, log: Callable[[str], None] = print) -> list[str]:
+    """Continue the timeline from `step` (0: a fresh start): move every checkpoint of a later
+    step into checkpoints/abandoned/, point `latest` at the checkpoint resumed from (or remove
+    it), drop stale temporaries. Returns the names moved (one line says where they went)."""
+    if not root.is_dir():
+        return []
+    recover(root)
+    later = [p for p in _steps(root) if step_of(p) > step]
+    if later:
+        aside = root / ABANDONED
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            target = aside / p.name
+            n = 1
+            while target.exists():  # the same step abandoned twice: keep both
+                target, n = aside / f"{p.name}.{n}", n + 1
+            os.replace(p, target)
+        log(f"peer-train: {len(later)} checkpoint(s) after step {step} belong to an abandoned "
+            f"timeline ({', '.join(p.name for p in later)}): moved to "
+            f"{aside} (delete them when no longer wanted)")
+    current = root / step_name(step)
+    if step > 0 and current.is_dir():
+        _write_atomic(root / LATEST, current.name)
+    elif (root / LATEST).exists():
+        (root / LATEST).unlink()
+    for stale in root.glob(".tmp_step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return [p.name for p in later]
+
+
+def prune(root: Path, keep_last: int, keep: Path | None = None) -> None:
+    """Remove checkpoints beyond the newest `keep_last` of the timeline (never `keep`, the one
+    just written, which is also its newest valid one) and stale temporaries."""
+    done = _steps(root)
+    for old in done[:-keep_last] + sorted(root.glob(".tmp_step_*")):
+        if keep is None or old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:

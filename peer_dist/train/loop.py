@@ -332,6 +332,9 @@ def _run(job: Job) -> dict[str, Any]:
     if resume is not None:
         job.step = ckpt.load_checkpoint(resume, cfg, job.engine, job.shards, job.table_opt,
                                         job.topo)
+    if job.topo.rank == 0:  # checkpoints after the resumed step belong to an abandoned timeline
+        ckpt.start_timeline(ckpt.checkpoint_root(cfg), job.step)
+    dist.barrier()
     log = Logger(t.run_dir, job.topo.rank, t.steps, job.step)
     if job.topo.rank == 0:
         save_config(cfg, Path(t.run_dir) / "config.yaml")
