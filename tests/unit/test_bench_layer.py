@@ -66,10 +66,19 @@ def test_tiny_run_gives_roofline_rows():
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
-    args = _args(num_experts=1024, dim=16, heads=2, topk=4)
+    # by hand: 32 tokens x 8 selections of 1024 rows reach 1024 (1 - (1023/1024)^256) rows;
+    # fwd + bwd read U and V rows twice and write du, dv (6 row passes), and move 5 token
+    # vectors (x, y; x, dy, dx); bf16 halves every term
+    rows_hit = 1024 * (1 - (1023 / 1024) ** 256)
+    want_bytes = {"fp32": int(6 * rows_hit * 16 * 4 + 5 * 32 * 16 * 4)}
+    want_bytes["bf16"] = int(6 * rows_hit * 16 * 2 + 5 * 32 * 16 * 2)
+    assert 220 < rows_hit < 230 and want_bytes["fp32"] == 2 * want_bytes["bf16"]
+    # one copy measurement (best of several) is the roofline of every row; no speed threshold:
+    # a busy machine copies slowly, and the ratio below is what the table reports
+    assert rows[0]["copy_bytes_per_s"] == rows[1]["copy_bytes_per_s"] > 0
     for r in rows:
-        assert r["device"] == "cpu" and r["tokens"] == 32 and r["copy_bytes_per_s"] > 1e8
-        assert r["bytes_moved"] == bench_layer.mix_bytes(args, 32, "fwd_bwd", r["dtype"])
+        assert r["device"] == "cpu" and r["tokens"] == 32
+        assert r["bytes_moved"] == want_bytes[r["dtype"]]
         want = r["bytes_moved"] / r["copy_bytes_per_s"] / r["seconds"]
         assert r["roofline_fraction"] == pytest.approx(want) and 0 < want < 1
         assert r["tokens_per_s"] == pytest.approx(32 / r["seconds"])
