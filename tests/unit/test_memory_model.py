@@ -160,8 +160,15 @@ def test_plan_lists_fitting_settings_best_first(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows and all(r["fits"] for r in rows)
     assert all(r["peak_bytes_per_rank_predicted"] <= 16 * GIB * 0.95 for r in rows)
-    assert all(r["headroom_bytes"] == 16 * GIB - r["peak_bytes_per_rank_predicted"]
-               for r in rows)
+    # by hand, the leading setting (EP 2: 524288 rows of fp32 U and V per rank, lazy Adam's two
+    # fp32 moments per value): 4 GiB of tables and 8 GiB of moments, and the headroom is what
+    # the rest of the peak leaves of the 16 GiB
+    best = rows[0]
+    assert best["ep"] == 2 and best["table_dtype"] == "fp32"
+    assert best["expert_params"] == 524288 * 1024 * 2 * 4 == 4 * GIB
+    assert best["expert_optim"] == 2 * 4 * GIB
+    rest = sum(best[k] for k in ("expert_grads", "dense", "activations", "a2a", "runtime"))
+    assert best["headroom_bytes"] == 16 * GIB - 12 * GIB - rest
     assert {r["micro_batch"] for r in rows} <= {1, 2, 4, 8, 16, 32}
     assert rows[0]["table_optimizer"] == "lazy_adam" and rows[0]["ep"] > 1
     assert not any(r["ep"] == 1 and r["table_optimizer"] == "lazy_adam" for r in rows)
@@ -244,3 +251,59 @@ def test_touched_rows_match_counts_of_uniform_ids():
         counted = [torch.unique(torch.randint(0, n, (tokens * world * 8,), generator=g)).numel()
                    for _ in range(5)]
         assert abs(mm.touched_rows(s) / (sum(counted) / 5) - 1) < 0.02
+
+
+def test_fit_calibration_recovers_known_constants():
+    """Synthetic peaks made from known constants (two runtime groups, a per-token scratch and
+    one per selection for local and dispatch): the fit finds them back and its residuals are
+    zero; a point off by 1 MB moves the fit, and the residual shows it."""
+    runtime = {"a": 300 << 20, "b": 410 << 20}
+    truth = {"local": 100, "dispatch": 250, "fetch": 0, "token": 3000}
+    pts = [(1, 1, 128, 8, 16, "a"), (1, 1, 4096, 8, 16, "a"), (1, 1, 4096, 4, 8, "a"),
+           (2, 2, 128, 8, 16, "b"), (2, 2, 4096, 8, 16, "b"), (2, 2, 2048, 4, 8, "b")]
+    setups, groups = [], []
+    for ep, world, tokens, heads, topk, g in pts:
+        setups.append(setup(n=4096, d=64, heads=heads, topk=topk, ep=ep, world_size=world,
+                            tokens_per_rank=tokens, scratch=truth))
+        groups.append(g)
+    measured = [mm.breakdown(s)["total"] - mm.breakdown(s)["runtime"] + runtime[g]
+                for s, g in zip(setups, groups, strict=True)]
+    fit = mm.fit_calibration(setups, measured, groups)
+    assert fit.runtime == runtime
+    assert fit.scratch == {"local": 100, "dispatch": 250, "token": 3000}
+    assert max(map(abs, fit.residuals)) < 1e-9
+    # the fit's own terms: the point's prediction with the fitted constants is the peak
+    s = setups[1]
+    s.scratch, s.runtime_bytes = {**truth, **fit.scratch}, fit.runtime["a"]
+    assert mm.breakdown(s)["total"] == measured[1]
+    off = mm.fit_calibration(setups, [m + (1 << 20) * (i == 1) for i, m in enumerate(measured)],
+                             groups)
+    assert off.scratch != fit.scratch and max(map(abs, off.residuals)) > 1e-4
+
+
+def test_selection_scratch_per_token_and_selection():
+    # 128 selections: token + 128 * per-selection bytes, by kind (EP 1: local)
+    table = {"local": 10, "fetch": 20, "dispatch": 30, "token": 500}
+    assert mm.selection_scratch(setup(ep=1, scratch=table)) == 500 + 128 * 10
+    assert mm.selection_scratch(setup(ep=2, world_size=2, strategy="fetch",
+                                      scratch=table)) == 500 + 128 * 20
+    assert mm.selection_scratch(setup(ep=2, world_size=2, scratch=table)) == 500 + 128 * 30
+    assert mm.selection_scratch(setup(peer_blocks="none", scratch=table)) == 0
+
+
+def test_calibration_and_validation_grids_are_disjoint_and_varied():
+    """The validation grid shares no point with the calibration grid, has at least 24 points,
+    and varies what the issue asks: N, d, tokens, selections, EP, ZeRO stage, table dtype."""
+    from peer_dist.tools import scale
+
+    cal, val = set(scale.CALIBRATION_GRID), scale.VALIDATION_GRID
+    assert len(val) >= 24 and len(set(val)) == len(val) and not cal & set(val)
+    assert {p.n for p in val} >= {16384, 65536, 262144} and not {p.n for p in val} & {
+        p.n for p in cal}
+    assert len({p.d for p in val}) >= 3 and not {p.d for p in val} & {p.d for p in cal}
+    assert len({p.tokens for p in val}) >= 3 and len({p.heads * p.topk for p in val}) >= 3
+    assert {p.ep for p in val} == {1, 2} and {p.zero for p in val} == {0, 1, 2, 3}
+    assert {p.table_dtype for p in val} == {"fp32", "bf16"}
+    assert {p.strategy for p in val if p.ep > 1} == {"fetch", "dispatch"}
+    # every runtime group the validation uses is calibrated
+    assert {(p.world, p.zero) for p in val} <= {(p.world, p.zero) for p in cal}
