@@ -10,6 +10,11 @@ dispatch (tokens travel, one x per (token, owner) pair):
     fwd  counts (W-1)*16, x P_out*De, (id, pair, gate) Q_out*(8 + 4*ceil(e/4)),
          partial y back P_in*De
     bwd  dy P_out*De, dx back P_in*De, dgate back Q_in*e
+node_dispatch (hop 1 to one gateway per remote node, hop 2 inside the gateway's node):
+    counts (W-1)*(2W+M)*8 (every member's counts, gathered)
+    hop 1, all inter-node: as dispatch with P1_out (token, remote node) pairs, Q1_out selections
+    hop 2, all intra-node: as dispatch with the (token, owner) pairs and selections whose
+         owner is not the gateway that relays them (the source's own node: not itself)
 replicated baseline: ring all-reduce of the dense U, V gradients (2*N*D*e bytes):
     2*(W-1)/W * 2NDe
 R_out = distinct rows this rank asks of other owners, P_out = (token, other owner) pairs,
@@ -17,8 +22,15 @@ Q_out = selections held by other owners; *_in are the same counts seen from the 
 group sum(R_in) = sum(R_out) (and so on), so the per-rank formulas below, written with the
 "out" counts only, add up to the exact group total.
 
+Links: every byte above is attributed to one (source, destination) pair of members, so it is
+split into intra-node and inter-node bytes by the two members' nodes (by_link). Per rank, the
+split is exact for what the rank sends itself; the traffic it causes elsewhere (the partials an
+owner returns, what a gateway relays) is attributed to its source, so the group totals are
+exact.
+
 The choice between the strategies is made here too (choose_strategy): from the ids each rank
-holds, the EP group's total bytes of each, one small all_reduce, the cheaper one.
+holds, the EP group's total bytes of each by link, one small all_reduce, the cheapest with
+inter-node bytes weighted INTERNODE_COST times intra-node ones.
 """
 
 from __future__ import annotations
@@ -29,9 +41,13 @@ import torch
 import torch.distributed as dist
 
 from peer_dist.parallel.idmap import IdMap
+from peer_dist.parallel.node_dispatch import Routes
 
 ID_BYTES = 4  # local row ids travel as int32
 COUNT_BYTES = 8  # split counts travel as int64
+# What a byte across nodes costs against one inside a node, for the automatic choice: an H100 or
+# H200 node's NVLink (~450 GB/s per GPU and direction) over one 400 Gb/s NIC per GPU (50 GB/s).
+INTERNODE_COST = 8.0
 
 
 def meta_bytes(elem: int) -> int:
@@ -80,6 +96,7 @@ class LayerShape:
     ep: int
     world: int
     elem: int = 4  # bytes per element (4 fp32, 2 bf16)
+    ranks_per_node: int = 0  # 0 = every rank on one node
 
     def owners_touched(self) -> float:
         """E[owners holding at least one of a token's S uniform selections]."""
@@ -87,21 +104,109 @@ class LayerShape:
         return sum(1.0 - (1.0 - b / n) ** self.selections
                    for b in block_rows(n, self.ep))
 
+    def routes(self) -> Routes:
+        """The EP group of ranks 0..EP-1: member j on node j // ranks_per_node."""
+        local = self.ranks_per_node or self.world
+        return Routes(tuple(j // local for j in range(self.ep)), -(-self.num_experts // self.ep))
+
+    def nodes(self) -> int:
+        """Nodes of the whole world."""
+        return self.world // (self.ranks_per_node or self.world)
+
+
+@dataclass
+class Counts:
+    """What one rank sends in one step, by destination: the inputs of by_link."""
+
+    rows: list[float]  # (W,) distinct rows asked of each owner (fetch)
+    pairs: list[float]  # (W,) (token, owner) pairs
+    sels: list[float]  # (W,) selections held by each owner
+    node_pairs: list[float]  # (M,) (token, node) pairs
+
+
+def by_link(strategy: str, c: Counts, me: int, r: Routes, dim: int,
+            elem: int) -> tuple[float, float]:
+    """(intra-node, inter-node) bytes that member `me` sends or causes, one step, fwd + bwd."""
+    w, here = r.size, r.node[me]
+    per_pair, per_sel = 4 * dim * elem, meta_bytes(elem) + elem
+    out = [0.0, 0.0]  # intra, inter
+    count_row = {"fetch": COUNT_BYTES, "dispatch": 2 * COUNT_BYTES,
+                 "node_dispatch": COUNT_BYTES * (2 * w + r.num_nodes)}[strategy]
+    for j in range(w):
+        if j != me:
+            out[r.node[j] != here] += count_row
+    if strategy == "fetch":
+        for j in range(w):
+            if j != me:
+                out[r.node[j] != here] += c.rows[j] * (ID_BYTES + 4 * dim * elem)
+    elif strategy == "dispatch":
+        for j in range(w):
+            if j != me:
+                out[r.node[j] != here] += c.pairs[j] * per_pair + c.sels[j] * per_sel
+    else:
+        for b, members in enumerate(r.members):  # hop 1: to the gateway of each remote node
+            if b != here:
+                out[1] += c.node_pairs[b] * per_pair + sum(c.sels[o] for o in members) * per_sel
+        for o in range(w):  # hop 2: gateway -> owner, inside the owner's node
+            if o != r.gateway[me][r.node[o]]:
+                out[0] += c.pairs[o] * per_pair + c.sels[o] * per_sel
+    return out[0], out[1]
+
+
+def source_counts(ids: torch.Tensor, idmap: IdMap, r: Routes) -> Counts:
+    """The Counts of a rank holding ids (T, S), counted from the ids."""
+    t, s = ids.shape
+    w, tt = r.size, max(t, 1)
+    pos = idmap.position(ids.reshape(-1))
+    owner, _ = idmap.split(pos)
+    token = torch.arange(t, device=ids.device).repeat_interleave(s)
+    node = torch.tensor(r.node, device=ids.device, dtype=torch.int64)[owner]
+    rows = torch.bincount(idmap.split(torch.unique(pos))[0], minlength=w)
+    pairs = torch.bincount(torch.unique(owner * t + token) // tt, minlength=w)
+    node_pairs = torch.bincount(torch.unique(node * t + token) // tt, minlength=r.num_nodes)
+    return Counts(rows.tolist(), pairs.tolist(), torch.bincount(owner, minlength=w).tolist(),
+                  node_pairs.tolist())
+
+
+def expected_counts(shape: LayerShape, r: Routes) -> Counts:
+    """The Counts of any rank for uniform random ids (the same for every rank)."""
+    n, s, t = shape.num_experts, shape.selections, shape.tokens
+    blocks = block_rows(n, shape.ep)
+    node_rows = [sum(blocks[o] for o in m) for m in r.members]
+    fresh = 1.0 - (1.0 - 1.0 / n) ** (t * s)  # P(a row is selected at least once)
+    return Counts([b * fresh for b in blocks],
+                  [t * (1.0 - (1.0 - b / n) ** s) for b in blocks],
+                  [t * s * b / n for b in blocks],
+                  [t * (1.0 - (1.0 - nb / n) ** s) for nb in node_rows])
+
+
+SHARDED = ("fetch", "dispatch", "node_dispatch")
+
+
+def predict_by_link(shape: LayerShape) -> dict[str, tuple[float, float]]:
+    """(intra-node, inter-node) bytes per token per layer and step, mean over ranks, of each
+    strategy and of the replicated baseline, for uniform random expert ids."""
+    r, t = shape.routes(), shape.tokens
+    out = {}
+    for strategy in SHARDED:
+        if shape.ep == 1:
+            out[strategy] = (0.0, 0.0)
+            continue
+        c = expected_counts(shape, r)
+        links = [by_link(strategy, c, me, r, shape.dim, shape.elem) for me in range(r.size)]
+        out[strategy] = tuple(sum(x[i] for x in links) / (r.size * t) for i in (0, 1))
+    rep = replicated_bytes(shape.num_experts, shape.dim, shape.world, shape.elem) / t
+    # a ring in rank order crosses nodes M times out of W hops
+    m = shape.nodes()
+    far = rep * m / shape.world if m > 1 else 0.0
+    out["replicated"] = (rep - far, far)
+    return out
+
 
 def predict_per_token(shape: LayerShape) -> dict[str, float]:
-    """Bytes per token per layer and step each strategy sends, for uniform random expert ids.
-
-    Remote shares use the average over ranks: a rank's own owner holds 1/EP of everything."""
-    s, ep = shape, shape.ep
-    remote = (ep - 1) / ep
-    rows = expected_distinct(s.num_experts, s.tokens * s.selections) * remote
-    pairs = s.tokens * s.owners_touched() * remote
-    sels = s.tokens * s.selections * remote
-    return {
-        "fetch": fetch_bytes(rows, ep, s.dim, s.elem) / s.tokens,
-        "dispatch": dispatch_bytes(pairs, sels, ep, s.dim, s.elem) / s.tokens,
-        "replicated": replicated_bytes(s.num_experts, s.dim, s.world, s.elem) / s.tokens,
-    }
+    """Bytes per token per layer and step each strategy sends, for uniform random expert ids
+    (intra- and inter-node together; predict_by_link splits them)."""
+    return {k: a + b for k, (a, b) in predict_by_link(shape).items()}
 
 
 def table_bytes_per_rank(num_experts: int, dim: int, ep: int, elem: int = 4) -> int:
@@ -125,21 +230,24 @@ def dispatch_counts_out(ids: torch.Tensor, idmap: IdMap, me: int) -> tuple[int, 
     return pairs, int(remote.sum())
 
 
-def predicted_bytes(ids: torch.Tensor, idmap: IdMap, me: int, ep: int, dim: int,
-                    elem: int) -> tuple[float, float]:
-    """(fetch, dispatch) bytes this rank would send this step, from the ids it holds."""
-    pairs, sels = dispatch_counts_out(ids, idmap, me)
-    return (fetch_bytes(fetch_rows_out(ids, idmap, me), ep, dim, elem),
-            dispatch_bytes(pairs, sels, ep, dim, elem))
+def predicted_links(ids: torch.Tensor, idmap: IdMap, me: int, r: Routes, dim: int,
+                    elem: int) -> dict[str, tuple[float, float]]:
+    """{strategy: (intra, inter) bytes} this rank would send or cause this step, from its ids;
+    node_dispatch only where the group spans several nodes (on one it is dispatch and more)."""
+    c = source_counts(ids, idmap, r)
+    names = SHARDED if r.num_nodes > 1 else SHARDED[:2]
+    return {k: by_link(k, c, me, r, dim, elem) for k in names}
 
 
-def choose_strategy(ids: torch.Tensor, idmap: IdMap, me: int, ep: int, dim: int, elem: int,
+def choose_strategy(ids: torch.Tensor, idmap: IdMap, me: int, r: Routes, dim: int, elem: int,
                     group) -> str:
-    """"local" at EP = 1, else the strategy that sends fewer bytes over the whole EP group;
-    identical on every rank of the group (each knows its own traffic: one tiny all_reduce)."""
-    if ep == 1:
+    """"local" at EP = 1, else the strategy with the fewest bytes over the whole EP group, a
+    byte across nodes counted INTERNODE_COST times; identical on every rank of the group (each
+    knows its own traffic: one tiny all_reduce)."""
+    if r.size == 1:
         return "local"
-    est = torch.tensor(predicted_bytes(ids, idmap, me, ep, dim, elem), dtype=torch.float64,
+    links = predicted_links(ids, idmap, me, r, dim, elem)
+    est = torch.tensor([a + INTERNODE_COST * b for a, b in links.values()], dtype=torch.float64,
                        device=ids.device)
     dist.all_reduce(est, group=group)
-    return "fetch" if float(est[0]) < float(est[1]) else "dispatch"
+    return list(links)[int(torch.argmin(est))]

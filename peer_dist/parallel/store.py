@@ -136,8 +136,9 @@ class ShardedExperts(nn.Module):
         """The strategy for this step (the cost model's choice under "auto")."""
         if self.strategy != "auto":
             return self.strategy
-        return cost.choose_strategy(ids, self.idmap, self.topo.ep_rank, self.topo.ep,
-                                    self._shard.dim, elem, self.topo.ep_group)
+        return cost.choose_strategy(ids, self.idmap, self.topo.ep_rank,
+                                    self.strategies["node_dispatch"].routes, self._shard.dim,
+                                    elem, self.topo.ep_group)
 
     def extra_repr(self) -> str:
         s = self._shard
