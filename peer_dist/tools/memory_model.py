@@ -30,9 +30,14 @@ What is exact and what is an estimate:
                     rough (see `a2a_bytes`). Zero at E = 1.
   runtime           measured, not modelled: what a rank holds beyond the terms above (the
                     interpreter, torch, DeepSpeed, the communicators, kernels, allocator pools),
-                    taken once per machine from a minimal training run (peer-scale measures and
-                    caches it) or given; on CUDA, what max_memory_allocated sees beyond them.
-The sum of all terms is the whole peak per rank.
+                    one constant per (machine, versions, config, world size, ZeRO stage, dtype);
+                    on CUDA, what max_memory_allocated sees beyond them.
+The sum of all terms is the whole peak per rank; the modelled terms are all but the runtime.
+
+Measured constants (the runtime per group, SELECTION_SCRATCH per strategy) are fitted together
+by `peer-scale calibrate` on a calibration grid (`fit_calibration`: least squares of measured
+peak minus the other terms); `peer-scale measure` with no grid arguments reports accuracy on a
+disjoint validation grid.
 """
 
 from __future__ import annotations
@@ -67,8 +72,11 @@ class Setup:
     zero_stage: int = 0
     strategy: str = "dispatch"
     tokens_per_rank: int = 1024  # per micro-batch
-    runtime_bytes: int = 0  # the runtime's own baseline (measured per machine, or given)
+    runtime_bytes: int = 0  # the runtime's own baseline (calibrated per machine, or given)
     device: str = "cpu"  # cpu (peak RSS) | cuda (the allocator's peak)
+    # bytes per selection and PEER layer by kind (local | fetch | dispatch); None: the stored
+    # SELECTION_SCRATCH. A calibration file's values when one is given.
+    scratch: dict[str, int] | None = None
 
     def validate(self) -> Setup:
         self.model.validate()
@@ -238,18 +246,29 @@ def activation_bytes(s: Setup) -> int:
 
 # Scratch per selection and PEER layer while one layer runs (bytes): int64 index arrays the
 # router's top-k, the grouping of selections by row (order, bag, rows, offsets) and, with
-# dispatch, its plan and metadata both ways. Not countable from saved tensors: measured with
-# `peer-scale measure --json` (default grid, h = 8, k = 16: 128 selections per token) as the
-# gap to the other terms, and checked on the README's study grid.
+# dispatch or fetch, their plans and metadata both ways. Not countable from saved tensors:
+# fitted with the runtime by `peer-scale calibrate` (CPU, fp32 dense part, the calibration grid
+# of scale.py: 14 points, none of them in the validation grid); the record of that run, every
+# point with its residual, is docs/scale/calibration/cpu.json (SCRATCH_PROVENANCE).
 SELECTION_SCRATCH = {"local": 96, "fetch": 112, "dispatch": 256}
+SCRATCH_PROVENANCE = "not yet calibrated: fitted on the former default measure grid"
+SCRATCH_KINDS = ("local", "fetch", "dispatch")
+
+
+def scratch_kind(s: Setup) -> str:
+    """Which scratch constant a point uses: one rank's own tables, or the strategy's."""
+    return "local" if s.ep == 1 else s.strategy
 
 
 def selection_scratch(s: Setup) -> int:
-    """Bytes per token of one PEER layer's selection scratch (see SELECTION_SCRATCH)."""
+    """Bytes per token of one PEER layer's scratch: SELECTION_SCRATCH["token"] plus, per
+    selection, the constant of the point's kind (see SELECTION_SCRATCH)."""
     if s.layers == 0:
         return 0
-    kind = "local" if s.ep == 1 else s.strategy
-    return s.selections * SELECTION_SCRATCH[kind]
+    table = s.scratch or SELECTION_SCRATCH
+    # a strategy not calibrated yet (node_dispatch) holds at least dispatch's index arrays
+    per_selection = table.get(scratch_kind(s), table["dispatch"])
+    return table.get("token", 0) + s.selections * per_selection
 
 
 def saved_activation_bytes(s: Setup) -> int:
@@ -331,3 +350,51 @@ def breakdown(s: Setup) -> dict[str, int]:
     out["expert_tables"] = out["expert_params"] + out["expert_optim"]
     out["total"] = sum(out[k] for k in COMPONENTS)
     return out
+
+
+# --------------------------------------------------------------------------- calibration
+
+@dataclass
+class Fit:
+    """What `fit_calibration` found: the runtime per group, the scratch per kind (bytes per
+    selection and layer), and per point the fitted peak's relative error."""
+
+    runtime: dict[str, int]
+    scratch: dict[str, int]
+    residuals: list[float]
+
+
+def fixed_terms(s: Setup) -> int:
+    """The whole peak less the runtime and the selection scratch: what needs no constant."""
+    b = breakdown(s)
+    return b["total"] - b["runtime"] - int(s.tokens_per_rank * selection_scratch(s))
+
+
+def fit_calibration(setups: list[Setup], measured: list[int], groups: list[str]) -> Fit:
+    """Least squares over calibration points i with runtime group g(i) and scratch kind k(i):
+
+        measured_i - fixed_terms_i = runtime[g(i)] + T_i * (token + S_i * scratch[k(i)])
+
+    (T tokens per rank, S selections per token; the scratch columns are 0 without a PEER
+    layer). Every group needs a point; a kind is fitted only where some point uses it, and
+    `token` apart from the kinds only when S varies among the points."""
+    import numpy as np
+
+    kinds = sorted({scratch_kind(s) for s in setups if s.layers})
+    cols = sorted(set(groups)) + [f"scratch:{k}" for k in kinds] + ["scratch:token"]
+    a = np.zeros((len(setups), len(cols)))
+    y = np.zeros(len(setups))
+    for i, (s, m, g) in enumerate(zip(setups, measured, groups, strict=True)):
+        a[i, cols.index(g)] = 1.0
+        if s.layers:
+            a[i, cols.index(f"scratch:{scratch_kind(s)}")] = s.tokens_per_rank * s.selections
+            a[i, -1] = s.tokens_per_rank
+        y[i] = m - fixed_terms(s)
+    sol = np.linalg.lstsq(a, y, rcond=None)[0]
+    fitted = a @ sol
+    runtime = {c: int(round(v)) for c, v in zip(cols, sol, strict=True) if c in groups}
+    scratch = {c.split(":")[1]: int(round(v)) for c, v in zip(cols, sol, strict=True)
+               if c.startswith("scratch:")}
+    residuals = [float((fitted[i] + fixed_terms(s)) / m - 1.0)
+                 for i, (s, m) in enumerate(zip(setups, measured, strict=True))]
+    return Fit(runtime, scratch, residuals)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from peer_dist.config import TABLE_DTYPES, ConfigError, ModelConfig, load_config
@@ -38,7 +39,8 @@ OPTIMIZER_RANK = {"lazy_adam": 0, "dense_adam": 1, "adagrad": 2, "sgd": 3}  # pl
 
 # Row keys: the setup of a point, then predict's byte counts (per rank).
 SETUP_KEYS = ("num_experts", "dim", "layers", "ep", "world_size", "dtype", "table_dtype",
-              "table_optimizer", "zero_stage", "strategy", "tokens_per_rank", "device")
+              "table_optimizer", "zero_stage", "strategy", "tokens_per_rank", "heads", "topk",
+              "device")
 PREDICT_KEYS = ("expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a",
                 "runtime", "expert_bytes_per_rank_predicted", "total_bytes_per_rank_predicted",
                 "peak_bytes_per_rank_predicted", "a2a_bytes_moved_predicted")
@@ -58,38 +60,57 @@ def _strs(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+# Grid flags and their defaults when a grid is given on the command line (predict, and measure
+# with some grid flag; measure with none measures VALIDATION_GRID, calibrate CALIBRATION_GRID).
+GRID_DEFAULTS = {
+    "predict": dict(num_experts=[65536, 262144, 1048576], dim=[256, 1024], ep=[1, 2, 4, 8]),
+    "measure": dict(num_experts=[4096, 16384], dim=[64], ep=[1, 2],
+                    tokens_per_rank=[128, 1024, 4096]),
+}
+GRID_FLAGS = ("num_experts", "dim", "layers", "ep", "world_size", "dtype", "table_dtype",
+              "table_optimizer", "zero_stage", "strategy", "tokens_per_rank", "heads", "topk")
+
+
 def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--config", default=None, help="base YAML config (model shape, batch)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override of the base config, e.g. model.n_layers=2 (repeatable)")
-    p.add_argument("--num-experts", type=_ints, default=[4096, 16384] if measure
-                   else [65536, 262144, 1048576], help="N values (perfect squares)")
-    p.add_argument("--dim", type=_ints, default=[64] if measure else [256, 1024])
+    defaults = GRID_DEFAULTS["measure" if measure else "predict"]
+    p.add_argument("--num-experts", type=_ints, default=None,
+                   help=f"N values (perfect squares); default {defaults['num_experts']}")
+    p.add_argument("--dim", type=_ints, default=None, help=f"default {defaults['dim']}")
     p.add_argument("--layers", type=_ints, default=None,
                    help="PEER layers (middle blocks); default: the config's peer_blocks")
-    p.add_argument("--ep", type=_ints, default=[1, 2] if measure else [1, 2, 4, 8])
+    p.add_argument("--ep", type=_ints, default=None, help=f"default {defaults['ep']}")
     p.add_argument("--world-size", type=_ints, default=None,
                    help="ranks; default: each point's EP (one expert-parallel group)")
-    p.add_argument("--dtype", type=_strs, default=["fp32"],
-                   help="fp32 | bf16: dense part, activations and messages")
-    p.add_argument("--table-dtype", default=None, choices=TABLE_DTYPES,
-                   help="expert tables (model.peer.table_dtype; default: the config's)")
+    p.add_argument("--heads", type=_ints, default=None, help="PEER heads; default: the config's")
+    p.add_argument("--topk", type=_ints, default=None,
+                   help="experts per head; default: the config's")
+    p.add_argument("--dtype", type=_strs, default=None,
+                   help="fp32 | bf16: dense part, activations and messages (default fp32)")
+    p.add_argument("--table-dtype", type=_strs, default=None,
+                   help=f"any of {list(TABLE_DTYPES)}: expert tables (model.peer.table_dtype; "
+                        "default: the config's)")
     p.add_argument("--table-state-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES),
                    help="the table optimizer's state (optim.table_state_dtype)")
-    p.add_argument("--table-optimizer", type=_strs, default=["lazy_adam"],
-                   help=f"any of {list(mm.TABLE_OPTIMIZERS)}")
-    p.add_argument("--zero-stage", type=_ints, default=[0])
-    p.add_argument("--strategy", type=_strs, default=["dispatch"],
-                   help=f"any of {list(mm.STRATEGIES)}")
-    p.add_argument("--tokens-per-rank", type=_ints, default=[128, 1024, 4096] if measure else None,
+    p.add_argument("--table-optimizer", type=_strs, default=None,
+                   help=f"any of {list(mm.TABLE_OPTIMIZERS)} (default lazy_adam)")
+    p.add_argument("--zero-stage", type=_ints, default=None, help="default 0")
+    p.add_argument("--strategy", type=_strs, default=None,
+                   help=f"any of {list(mm.STRATEGIES)} (default dispatch)")
+    p.add_argument("--tokens-per-rank", type=_ints, default=None,
                    help="tokens per rank per micro-batch (rounded to whole sequences); "
                         "default batch_size * seq_len" + (", 128, 1024, 4096 for measure"
                                                           if measure else ""))
     p.add_argument("--runtime-bytes", type=int, default=None,
-                   help="the runtime's own bytes per rank; default: measured once per machine "
-                        "(a minimal training run) and cached" if measure else
+                   help="the runtime's own bytes per rank; default: the calibration's, else "
+                        "measured by a minimal training run and cached" if measure else
                         "the runtime's own bytes per rank (default 0; peer-scale measure and "
                         "plan --check measure it)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="constants written by peer-scale calibrate (default: the last "
+                        "calibration of this machine, else the stored CPU constants)")
     if not measure:
         p.add_argument("--device", default="cuda", choices=mm.DEVICES,
                        help="what the prediction is for (measure uses this machine's)")
@@ -97,19 +118,42 @@ def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per point")
 
 
+def fill_grid_defaults(args: argparse.Namespace, command: str) -> None:
+    """Unset grid flags take the command's defaults (GRID_DEFAULTS; a list of None: the
+    config's value)."""
+    common = dict(dtype=["fp32"], table_optimizer=["lazy_adam"], zero_stage=[0],
+                  strategy=["dispatch"])
+    for key, value in {**common, **GRID_DEFAULTS[command]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """What measure and calibrate need to launch the trainer."""
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    p.add_argument("--keep-runs", action="store_true", help="keep each run's folder")
+    p.add_argument("--data-bytes", type=int, default=2_000_000,
+                   help="raw text bytes to prepare when the data folder does not exist yet")
+    p.add_argument("--data", default=None,
+                   help="prepared data folder for the runs (default: OUT/data, made on first use)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peer-scale", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _grid_args(sub.add_parser("predict", help="memory model over a grid"), measure=False)
-    m = sub.add_parser("measure", help="short torchrun runs of peer-train over a grid")
+    m = sub.add_parser("measure", help="short torchrun runs of peer-train over a grid "
+                       "(no grid flags: the validation grid)")
     _grid_args(m, measure=True)
-    m.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
-    m.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
-    m.add_argument("--keep-runs", action="store_true", help="keep each run's folder")
-    m.add_argument("--data-bytes", type=int, default=2_000_000,
-                   help="raw text bytes to prepare when the data folder does not exist yet")
-    m.add_argument("--data", default=None,
-                   help="prepared data folder for the runs (default: OUT/data, made on first use)")
+    _run_args(m)
+    m.add_argument("--grid", default=None, choices=sorted(NAMED_GRIDS),
+                   help="a named grid instead of grid flags (default, with no grid flags: "
+                        "validation)")
+    c = sub.add_parser("calibrate", help="fit the measured constants (runtime, selection "
+                       "scratch) on the calibration grid (or the grid flags) and store them")
+    _grid_args(c, measure=True)
+    _run_args(c)
     _plan_args(sub.add_parser("plan", help="settings that fit a cluster, best first"))
     return parser
 
@@ -135,6 +179,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime-bytes", type=int, default=None,
                    help="the runtime's own bytes per GPU (CUDA context and allocator pools "
                         "beyond the model's terms; default 0); --check measures it here")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="constants from peer-scale calibrate (on CUDA: launch/gpu_check.sh)")
     p.add_argument("--top", type=int, default=20, help="rows to print")
     p.add_argument("--json", action="store_true")
     p.add_argument("--check", action="store_true",
@@ -149,10 +195,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- grid
 
-def model_for(base: ModelConfig, num_experts: int, dim: int, layers: int | None) -> ModelConfig:
-    """A copy of `base` with N experts, model dim d and `layers` PEER blocks in the middle."""
+def model_for(base: ModelConfig, num_experts: int, dim: int, layers: int | None,
+              heads: int | None = None, topk: int | None = None) -> ModelConfig:
+    """A copy of `base` with N experts, model dim d and `layers` PEER blocks in the middle
+    (and, when given, PEER heads and top-k)."""
     m = copy.deepcopy(base)
     m.dim, m.peer.num_experts = dim, num_experts
+    m.peer.heads, m.peer.topk = heads or m.peer.heads, topk or m.peer.topk
     if layers is not None:
         m.n_layers = max(m.n_layers, layers)
         start = (m.n_layers - layers) // 2
@@ -168,6 +217,88 @@ def base_config(args: argparse.Namespace):
         raise SystemExit(f"peer-scale: {err}") from err
 
 
+@dataclass(frozen=True)
+class Point:
+    """One point of a named grid (the default config otherwise; fp32 dense part, lazy Adam)."""
+
+    n: int
+    d: int
+    ep: int
+    world: int
+    zero: int
+    tokens: int
+    heads: int
+    topk: int
+    table_dtype: str = "fp32"
+    strategy: str = "dispatch"
+
+    def __post_init__(self) -> None:  # a grid typo fails at import, not after an hour of runs
+        assert self.table_dtype in TABLE_DTYPES and self.strategy in mm.STRATEGIES, self
+
+
+def _tiny(world: int, zero: int) -> Point:
+    """The calibration's runtime point of a group: 16^2 experts, one sequence per rank."""
+    return Point(256, 64, 1, world, zero, 128, 8, 16)
+
+
+# Calibration: each runtime group (world 1 and 2 x ZeRO 0-3) by a minimal run, and the scratch
+# per token and per selection of each kind (local, dispatch, fetch) by large-batch points
+# (N = 4096, d = 64, 32 and 128 selections per token).
+CALIBRATION_GRID = tuple(_tiny(w, z) for w in (1, 2) for z in range(4)) + (
+    Point(4096, 64, 1, 1, 0, 4096, 8, 16), Point(4096, 64, 1, 2, 2, 4096, 8, 16),
+    Point(4096, 64, 1, 1, 0, 4096, 4, 8),
+    Point(4096, 64, 2, 2, 0, 4096, 8, 16), Point(4096, 64, 2, 2, 3, 2048, 8, 16),
+    Point(4096, 64, 2, 2, 0, 4096, 4, 8),
+    Point(4096, 64, 2, 2, 1, 4096, 8, 16, strategy="fetch"),
+    Point(4096, 64, 2, 2, 2, 4096, 4, 8, strategy="fetch"))
+
+# Validation: other N (128^2 to 512^2), d (32, 96, 128), tokens per rank, selections per token
+# (32, 64, 128; 16 heads once), EP, ZeRO stage, table dtype and strategy; no point of it is in
+# CALIBRATION_GRID (tests/unit/test_memory_model.py checks).
+VALIDATION_GRID = (
+    Point(16384, 32, 1, 1, 0, 256, 4, 8), Point(16384, 96, 1, 1, 1, 1024, 8, 8, "bf16"),
+    Point(16384, 128, 1, 1, 2, 2048, 8, 16), Point(16384, 96, 1, 1, 3, 2048, 4, 8),
+    Point(65536, 32, 1, 1, 0, 2048, 8, 16, "bf16"), Point(65536, 96, 1, 1, 2, 256, 8, 8),
+    Point(65536, 128, 1, 1, 1, 1024, 4, 8), Point(262144, 32, 1, 1, 3, 1024, 8, 16),
+    Point(262144, 96, 1, 1, 0, 2048, 8, 8, "bf16"),
+    Point(262144, 128, 1, 1, 2, 256, 8, 16, "bf16"), Point(65536, 32, 1, 1, 0, 1024, 16, 8),
+    Point(16384, 32, 1, 2, 1, 2048, 8, 16), Point(65536, 128, 1, 2, 0, 1024, 8, 8, "bf16"),
+    Point(262144, 96, 1, 2, 3, 256, 4, 8), Point(16384, 128, 2, 2, 0, 256, 8, 8),
+    Point(16384, 96, 2, 2, 2, 2048, 8, 16, "bf16"), Point(65536, 32, 2, 2, 1, 1024, 4, 8),
+    Point(65536, 96, 2, 2, 3, 2048, 8, 16), Point(262144, 32, 2, 2, 0, 2048, 8, 8),
+    Point(262144, 128, 2, 2, 2, 1024, 8, 16), Point(262144, 96, 2, 2, 1, 256, 8, 16, "bf16"),
+    Point(16384, 32, 2, 2, 3, 1024, 8, 8, "bf16", "fetch"),
+    Point(16384, 128, 2, 2, 0, 2048, 4, 8, strategy="fetch"), Point(65536, 96, 2, 2, 2, 1024, 8, 16,
+                                                          strategy="fetch"),
+    Point(65536, 128, 2, 2, 1, 256, 8, 8, strategy="fetch"),
+    Point(262144, 32, 2, 2, 2, 2048, 8, 16, "bf16", "fetch"),
+    Point(262144, 96, 2, 2, 0, 1024, 4, 8, strategy="fetch"),
+    Point(262144, 128, 2, 2, 3, 2048, 8, 8, strategy="fetch"))
+
+NAMED_GRIDS = {"calibration": CALIBRATION_GRID, "validation": VALIDATION_GRID}
+
+
+def named_grid(name: str, args: argparse.Namespace) -> list[mm.Setup]:
+    """A named grid's points on the base config."""
+    cfg = base_config(args)
+    seq = cfg.train.seq_len
+    return [_setup(args, cfg, model_for(cfg.model, p.n, p.d, None, p.heads, p.topk), p.ep,
+                   p.world, "fp32", p.table_dtype, "lazy_adam", p.zero, p.strategy,
+                   max(1, p.tokens // seq) * seq) for p in NAMED_GRIDS[name]]
+
+
+def _setup(args: argparse.Namespace, cfg, model: ModelConfig, ep: int, world: int, dtype: str,
+           table_dtype: str, opt: str, zero: int, strategy: str, tokens: int) -> mm.Setup:
+    try:
+        return mm.Setup(model, ep=ep, world_size=world, dtype=dtype, table_dtype=table_dtype,
+                        table_optimizer=opt, zero_stage=zero,
+                        table_state_dtype=args.table_state_dtype, strategy=strategy,
+                        tokens_per_rank=tokens, runtime_bytes=args.runtime_bytes or 0,
+                        device=getattr(args, "device", None) or local_device()).validate()
+    except (ValueError, ConfigError) as err:
+        raise SystemExit(f"peer-scale: {err}") from err
+
+
 def grid(args: argparse.Namespace) -> list[mm.Setup]:
     """Every combination of the grid flags; points whose EP does not divide the world size are
     skipped."""
@@ -175,24 +306,21 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
     seq = cfg.train.seq_len
     token_list = args.tokens_per_rank or [cfg.train.batch_size * seq]
     points = []
-    for n, d, layers, ep, world, dtype, opt, zero, strat, tokens in itertools.product(
-            args.num_experts, args.dim, args.layers or [None], args.ep,
-            args.world_size or [None], args.dtype, args.table_optimizer, args.zero_stage,
-            args.strategy, token_list):
+    for n, d, layers, ep, world, dtype, tdt, opt, zero, strat, tokens, heads, topk in \
+            itertools.product(args.num_experts, args.dim, args.layers or [None], args.ep,
+                              args.world_size or [None], args.dtype,
+                              args.table_dtype or [cfg.model.peer.table_dtype],
+                              args.table_optimizer, args.zero_stage, args.strategy, token_list,
+                              args.heads or [None], args.topk or [None]):
         world = world or ep
         if world % ep:
             continue
         try:
-            s = mm.Setup(model_for(cfg.model, n, d, layers), ep=ep, world_size=world, dtype=dtype,
-                         table_dtype=args.table_dtype or cfg.model.peer.table_dtype,
-                         table_optimizer=opt, zero_stage=zero,
-                         table_state_dtype=args.table_state_dtype, strategy=strat,
-                         tokens_per_rank=max(1, tokens // seq) * seq,
-                         runtime_bytes=args.runtime_bytes or 0,
-                         device=getattr(args, "device", None) or local_device()).validate()
-        except (ValueError, ConfigError) as err:
+            model = model_for(cfg.model, n, d, layers, heads, topk)
+        except ConfigError as err:
             raise SystemExit(f"peer-scale: {err}") from err
-        points.append(s)
+        points.append(_setup(args, cfg, model, ep, world, dtype, tdt, opt, zero, strat,
+                             max(1, tokens // seq) * seq))
     if not points:
         raise SystemExit("peer-scale: the grid is empty (no --ep value divides a --world-size)")
     return points
@@ -209,7 +337,8 @@ def setup_row(s: mm.Setup) -> dict:
             "world_size": s.world_size, "dtype": s.dtype, "table_dtype": s.table_dtype,
             "table_optimizer": s.table_optimizer, "table_state_dtype": s.table_state_dtype,
             "zero_stage": s.zero_stage, "strategy": s.strategy,
-            "tokens_per_rank": s.tokens_per_rank, "device": s.device}
+            "tokens_per_rank": s.tokens_per_rank, "heads": s.model.peer.heads,
+            "topk": s.model.peer.topk, "device": s.device}
 
 
 def predict_row(s: mm.Setup) -> dict:
@@ -220,6 +349,7 @@ def predict_row(s: mm.Setup) -> dict:
     row["total_bytes_per_rank_predicted"] = b["total"] - b["runtime"]  # the model's terms
     row["peak_bytes_per_rank_predicted"] = b["total"]  # the whole peak, runtime included
     row["a2a_bytes_moved_predicted"] = mm.a2a_bytes_moved(s)
+    row["scratch_bytes"] = int(s.tokens_per_rank * mm.selection_scratch(s))  # in activations
     return row
 
 
@@ -326,7 +456,12 @@ def emit(rows: list[dict], keys: list[str], as_json: bool) -> None:
 # --------------------------------------------------------------------------- predict
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    rows = [predict_row(s) for s in grid(args)]
+    fill_grid_defaults(args, "predict")
+    cal = load_calibration(args)
+    points = grid(args)
+    for s in points:
+        apply_calibration(s, cal)
+    rows = [predict_row(s) for s in points]
     keys = list(SETUP_KEYS) + list(PREDICT_KEYS)
     if args.out:
         write_outputs(rows, keys, Path(args.out), "predict",
@@ -350,6 +485,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
     capacity = args.gpu_mem_gib * GIB
     seq = cfg.train.seq_len
     micro = args.micro_batch or [cfg.train.batch_size]
+    cal = load_calibration(args)
     rows = []
     for ep, zero, mb, opt in itertools.product(
             [e for e in range(1, world + 1) if world % e == 0], mm.ZERO_STAGES, micro,
@@ -358,7 +494,8 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
                      table_dtype=args.table_dtype or m.peer.table_dtype,
                      table_optimizer=opt, zero_stage=zero, strategy=args.strategy,
                      table_state_dtype=args.table_state_dtype, tokens_per_rank=mb * seq,
-                     runtime_bytes=args.runtime_bytes or 0, device="cuda")
+                     runtime_bytes=plan_runtime(args, cal), device="cuda")
+        apply_calibration(s, cal)
         row = predict_row(s)
         peak = row["peak_bytes_per_rank_predicted"]
         row.update(dp=world // ep, micro_batch=mb, headroom_bytes=int(capacity - peak),
@@ -390,6 +527,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"(at least {100 * args.headroom:.0f}% kept free); model: N={r0['num_experts']}, "
           f"d={r0['dim']}, {r0['layers']} PEER layers, {args.dtype}, {args.strategy}, "
           f"runtime {human(r0['runtime'])} per rank")
+    print(constants_note(args, fit[0] if fit else r0))
     if not fit:
         smallest = min(rows, key=lambda r: r["peak_bytes_per_rank_predicted"])
         print(f"nothing fits: the smallest setting needs "
@@ -399,6 +537,33 @@ def cmd_plan(args: argparse.Namespace) -> None:
         return
     print(f"{len(fit)} of {len(rows)} settings fit; best first:")
     print(markdown(fit[:args.top], PLAN_KEYS), end="")
+
+
+def plan_runtime(args: argparse.Namespace, cal: dict | None) -> int:
+    """--runtime-bytes, else a GPU calibration's largest runtime (any group: a plan's world
+    size and stage need not be one it measured), else 0 (a CPU's RSS runtime is not what the
+    CUDA allocator holds)."""
+    if args.runtime_bytes is not None:
+        return args.runtime_bytes
+    if cal and cal["device"] == "cuda" and cal["runtime"]:
+        return max(int(v) for v in cal["runtime"].values())
+    return 0
+
+
+def constants_note(args: argparse.Namespace, row: dict) -> str:
+    """Where a CUDA plan's measured constants come from, and how much of the shown setting's
+    peak (and so of its headroom) rests on numbers taken on a CPU."""
+    cal = load_calibration(args)
+    where = cal["file"] if cal else "the stored constants"
+    if cal and cal["device"] == "cuda":
+        return f"constants: calibrated on a GPU ({where}): runtime and selection scratch"
+    runtime = ("given" if args.runtime_bytes is not None else "not calibrated on a GPU: 0 B")
+    frac = row["scratch_bytes"] / (args.gpu_mem_gib * GIB)
+    return (f"constants from a CPU ({where}): selection scratch "
+            f"{human(row['scratch_bytes'])} of the best setting's peak ({100 * frac:.1f}% of a "
+            f"GPU), which its headroom covers only if the GPU's scratch is no larger; CUDA "
+            f"runtime {runtime}. Calibrate on the GPU: GPU_CHECK_ONLY=calibrate bash "
+            f"launch/gpu_check.sh, then --calibration FILE")
 
 
 def check_plan(args: argparse.Namespace, best: dict) -> None:
@@ -427,26 +592,22 @@ def check_plan(args: argparse.Namespace, best: dict) -> None:
 
 # --------------------------------------------------------------------------- measure
 
-MEASURE_KEYS = ("expert_bytes_per_rank_predicted", "expert_bytes_per_rank_measured",
-                "expert_rel_err", "runtime", "peak_bytes_per_rank_predicted",
-                "peak_bytes_per_rank_measured", "peak_rel_err", "step_s",
-                "a2a_bytes_moved_predicted", "bytes_moved_per_step")
-
-
 def trainer_overrides(s: mm.Setup, args: argparse.Namespace, run_dir: Path, data: Path
                       ) -> list[str]:
     """Dotted overrides that make peer-train run point `s` for a few steps, quietly."""
-    m = s.model
-    seq = base_config(args).train.seq_len
+    m, cfg = s.model, base_config(args)
+    seq = cfg.train.seq_len
     return list(args.set) + [
         f"model.dim={m.dim}", f"model.n_layers={m.n_layers}", f"model.peer_blocks={m.peer_blocks}",
-        f"model.peer.num_experts={m.peer.num_experts}", f"parallel.ep={s.ep}",
+        f"model.peer.num_experts={m.peer.num_experts}", f"model.peer.heads={m.peer.heads}",
+        f"model.peer.topk={m.peer.topk}", f"parallel.ep={s.ep}",
         f"parallel.strategy={s.strategy}", f"optim.table_optimizer={s.table_optimizer}",
         f"optim.table_state_dtype={s.table_state_dtype}", f"model.peer.table_dtype={s.table_dtype}",
         f"train.zero_stage={s.zero_stage}", f"train.dtype={s.dtype}",
         f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps + 1}",
         f"train.run_dir={run_dir}", "train.resume=never", "train.eval_batches=1",
         f"data.path={data}", f"data.max_bytes={args.data_bytes}",
+        f"data.source={getattr(cfg.data, 'source', '') or 'stdlib'}",
         f"train.batch_size={max(1, s.tokens_per_rank // seq)}",
     ]
 
@@ -505,77 +666,189 @@ def read_run(run_dir: Path) -> dict:
             "bytes_moved_per_step": statistics.median(sent) if sent else None}
 
 
-def _cache_file() -> Path:
+def _cache_file(name: str = "runtime_bytes.json") -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "peer_dist" / "runtime_bytes.json"
+    return Path(root) / "peer_dist" / name
 
 
 def runtime_key(s: mm.Setup, args: argparse.Namespace) -> str:
     import deepspeed
     import torch
 
-    config = Path(args.config).read_text() if args.config else ""
-    digest = hashlib.sha256((config + "\n".join(args.set)).encode()).hexdigest()[:12]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return (f"{device}|torch {torch.__version__}|deepspeed {deepspeed.__version__}|"
-            f"config {digest}|world {s.world_size}|zero {s.zero_stage}|{s.dtype}")
+            f"config {config_digest(args)}|world {s.world_size}|zero {s.zero_stage}|{s.dtype}")
 
 
-def runtime_bytes(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> int:
-    """The runtime's own bytes per rank for s's world size, ZeRO stage and dtype: a minimal
-    training run (the smallest table the config allows, one sequence per rank) measured, less
-    what the model predicts for it. Measured once per machine and cached."""
+def config_digest(args: argparse.Namespace) -> str:
+    config = Path(args.config).read_text() if args.config else ""
+    return hashlib.sha256((config + "\n".join(args.set)).encode()).hexdigest()[:12]
+
+
+def point_key(s: mm.Setup, args: argparse.Namespace) -> str:
+    """What identifies a measured point: its setup on its base config."""
+    r = setup_row(s)
+    return f"config {config_digest(args)}|" + "|".join(f"{k}={r[k]}" for k in SETUP_KEYS)
+
+
+def load_calibration(args: argparse.Namespace) -> dict | None:
+    """--calibration FILE, else this machine's last `peer-scale calibrate` (cached), else None
+    (the stored SELECTION_SCRATCH and a runtime from a minimal run)."""
+    path = getattr(args, "calibration", None)
+    path = Path(path) if path else _cache_file("calibration.json")
+    if not path.is_file():
+        if getattr(args, "calibration", None):
+            raise SystemExit(f"peer-scale: --calibration {path}: no such file (allowed: a "
+                             "calibration.json written by peer-scale calibrate)")
+        return None
+    try:
+        cal = json.loads(path.read_text())
+        cal["selection_scratch"], cal["runtime"], cal["points"]  # noqa: B018 (the keys we read)
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"peer-scale: --calibration {path}: not a calibration file ({err!r}); "
+                         "allowed: a calibration.json written by peer-scale calibrate") from err
+    cal["file"] = str(path)
+    return cal
+
+
+def apply_calibration(s: mm.Setup, cal: dict | None) -> None:
+    if cal:
+        s.scratch = {**mm.SELECTION_SCRATCH, **cal["selection_scratch"]}
+
+
+def runtime_bytes(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path,
+                  cal: dict | None = None) -> tuple[int, str]:
+    """The runtime's own bytes per rank for s's world size, ZeRO stage and dtype, and where the
+    value came from: given (--runtime-bytes), the calibration's, or (for a group the
+    calibration lacks) a minimal training run (the smallest table the config allows, one
+    sequence per rank) measured less what the model predicts for it, cached per machine."""
     if args.runtime_bytes is not None:
-        return args.runtime_bytes
-    cache, key = _cache_file(), runtime_key(s, args)
+        return args.runtime_bytes, "given"
+    key = runtime_key(s, args)
+    if cal and key in cal["runtime"]:
+        return int(cal["runtime"][key]), "calibration"
+    cache = _cache_file()
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     if key in known:
-        return int(known[key])
-    m = copy.deepcopy(s.model)
-    n_sub = max(m.peer.topk, 16)
-    m.peer.num_experts = n_sub * n_sub
-    seq = base_config(args).train.seq_len
-    tiny = mm.Setup(m, ep=1, world_size=s.world_size, dtype=s.dtype, zero_stage=s.zero_stage,
-                    table_optimizer=s.table_optimizer, strategy=s.strategy,
-                    tokens_per_rank=seq, device=s.device)
+        return int(known[key]), "minimal run"
+    tiny = tiny_setup(s, args)
+    apply_calibration(tiny, cal)
     print(f"peer-scale: measuring the runtime's own memory ({key})", file=sys.stderr)
     measured = run_point(tiny, args, work / "runtime", data)["peak_bytes_per_rank_measured"]
     value = max(0, measured - mm.breakdown(tiny)["total"])
     known[key] = value
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    tmp.replace(cache)
-    return value
+    _write_json(cache, known)
+    return value, "minimal run"
 
 
-def measure_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> dict:
-    """One point: the prediction (runtime measured or cached), the run, and their errors."""
-    s.runtime_bytes = runtime_bytes(s, args, work, data)
+def tiny_setup(s: mm.Setup, args: argparse.Namespace) -> mm.Setup:
+    """s on the smallest table the config allows, one sequence per rank, EP 1."""
+    m = copy.deepcopy(s.model)
+    n_sub = max(m.peer.topk, 16)
+    m.peer.num_experts = n_sub * n_sub
+    return mm.Setup(m, ep=1, world_size=s.world_size, dtype=s.dtype, zero_stage=s.zero_stage,
+                    table_optimizer=s.table_optimizer, strategy=s.strategy,
+                    tokens_per_rank=base_config(args).train.seq_len, device=s.device)
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def measure_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path,
+                  cal: dict | None = None, split: str = "validation") -> dict:
+    """One point: the prediction (constants from the calibration), the run, their errors, on
+    the whole peak and on the modelled terms alone (peak less the runtime)."""
+    apply_calibration(s, cal)
+    s.runtime_bytes, source = runtime_bytes(s, args, work, data, cal)
     row = predict_row(s)
     row.update(run_point(s, args, work / "runs", data))
+    row.update(split=split, runtime_source=source,
+               calibration=cal["file"] if cal else "stored constants")
+    return add_errors(row)
+
+
+def add_errors(row: dict) -> dict:
+    """Relative errors of the expert bytes, the whole peak and the modelled terms alone (both
+    sides less the runtime term)."""
     meas = row["expert_bytes_per_rank_measured"]
     row["expert_rel_err"] = (row["expert_bytes_per_rank_predicted"] - meas) / meas
-    row["peak_rel_err"] = (row["peak_bytes_per_rank_predicted"]
-                           / row["peak_bytes_per_rank_measured"] - 1.0)
+    peak = row["peak_bytes_per_rank_measured"]
+    row["peak_rel_err"] = row["peak_bytes_per_rank_predicted"] / peak - 1.0
+    row["modelled_bytes_predicted"] = row["peak_bytes_per_rank_predicted"] - row["runtime"]
+    row["modelled_bytes_measured"] = peak - row["runtime"]
+    row["modelled_rel_err"] = (row["modelled_bytes_predicted"]
+                               / max(1, row["modelled_bytes_measured"]) - 1.0)
     return row
 
 
-def cmd_measure(args: argparse.Namespace) -> None:
-    points = grid(args)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="peer-scale-"))
+MEASURE_KEYS = ("split", "expert_bytes_per_rank_predicted", "expert_bytes_per_rank_measured",
+                "expert_rel_err", "runtime", "peak_bytes_per_rank_predicted",
+                "peak_bytes_per_rank_measured", "peak_rel_err", "modelled_bytes_predicted",
+                "modelled_bytes_measured", "modelled_rel_err", "step_s",
+                "a2a_bytes_moved_predicted", "bytes_moved_per_step")
+
+
+def measure_points(args: argparse.Namespace) -> tuple[list[mm.Setup], str]:
+    """The grid flags' points, else the named grid (--grid, default validation)."""
+    flags = any(getattr(args, k) is not None for k in GRID_FLAGS)
+    if flags and getattr(args, "grid", None):
+        raise SystemExit(f"peer-scale: --grid {args.grid} takes no grid flags (allowed: "
+                         "--grid alone, or grid flags without --grid)")
+    if flags:
+        fill_grid_defaults(args, "measure")
+        return grid(args), "flags"
+    name = getattr(args, "grid", None) or ("calibration" if args.command == "calibrate"
+                                          else "validation")
+    return named_grid(name, args), name
+
+
+def run_grid(args: argparse.Namespace, points: list[mm.Setup], out: Path, cal: dict | None,
+             label: str) -> list[dict]:
+    """Measure every point, printing progress; a point is in the calibration split when the
+    calibration was fitted on it."""
     data = Path(args.data) if args.data else out / "data"
-    rows = []
+    fitted = set(cal["points"]) if cal else set()
+    rows, t0 = [], time.perf_counter()
     for i, s in enumerate(points, 1):
-        row = measure_point(s, args, out, data)
+        split = ("calibration" if label == "calibrate" or point_key(s, args) in fitted
+                 else "validation")
+        row = measure_point(s, args, out, data, cal, split)
         rows.append(row)
-        if args.json:
+        if args.json and label == "measure":
             print(json.dumps(row), flush=True)
-        else:
-            print(f"peer-scale: point {i}/{len(points)}: predicted "
-                  f"{human(row['peak_bytes_per_rank_predicted'])}, measured "
-                  f"{human(row['peak_bytes_per_rank_measured'])} "
-                  f"({100 * row['peak_rel_err']:+.1f}%)", file=sys.stderr)
+        got = f"measured {human(row['peak_bytes_per_rank_measured'])}"
+        if label == "measure":  # calibrate has no prediction before its fit
+            got = (f"predicted {human(row['peak_bytes_per_rank_predicted'])}, {got} "
+                   f"({100 * row['peak_rel_err']:+.1f}%; modelled terms "
+                   f"{100 * row['modelled_rel_err']:+.1f}%)")
+        print(f"peer-scale {label}: point {i}/{len(points)} ({row['split']}): {got}, "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return rows
+
+
+def accuracy(rows: list[dict]) -> str:
+    """Worst and mean |error| of the whole peak and of the modelled terms, per split."""
+    lines = []
+    for split in ("validation", "calibration"):
+        rs = [r for r in rows if r["split"] == split]
+        if not rs:
+            continue
+        parts = []
+        for key, name in (("peak_rel_err", "whole peak"), ("modelled_rel_err", "modelled terms")):
+            worst = max(rs, key=lambda r, k=key: abs(r[k]))
+            mean = statistics.mean(abs(r[key]) for r in rs)
+            parts.append(f"{name}: worst {100 * worst[key]:+.1f}% (N={worst['num_experts']}, "
+                         f"d={worst['dim']}, ep={worst['ep']}, tokens={worst['tokens_per_rank']}"
+                         f", zero={worst['zero_stage']}), mean |error| {100 * mean:.1f}%")
+        lines.append(f"{split} split, {len(rs)} points: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def write_measure(rows: list[dict], out: Path) -> None:
     keys = list(SETUP_KEYS) + list(MEASURE_KEYS)
     write_outputs(rows, keys, out, "measure",
                   [("peak_bytes_per_rank_predicted", "line"),
@@ -586,25 +859,96 @@ def cmd_measure(args: argparse.Namespace) -> None:
                           [r["peak_bytes_per_rank_measured"] for r in rows],
                           [f"ep={r['ep']} zero={r['zero_stage']}" for r in rows],
                           "peer-scale measure: whole peak per rank")
-    worst = max(rows, key=lambda r: abs(r["peak_rel_err"]))
-    summary = (f"worst whole-peak error {100 * worst['peak_rel_err']:+.1f}% over {len(rows)} "
-               f"points (N={worst['num_experts']}, d={worst['dim']}, ep={worst['ep']}, "
-               f"tokens={worst['tokens_per_rank']}, zero={worst['zero_stage']})")
+
+
+def cmd_measure(args: argparse.Namespace) -> None:
+    points, name = measure_points(args)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="peer-scale-"))
+    cal = load_calibration(args)
+    t0 = time.perf_counter()
+    rows = run_grid(args, points, out, cal, "measure")
+    write_measure(rows, out)
     if not args.json:
-        print(markdown(rows, shown_keys(rows, keys)), end="")
-    print(f"peer-scale: {summary}", file=sys.stderr)
+        print(markdown(rows, shown_keys(rows, list(SETUP_KEYS) + list(MEASURE_KEYS))), end="")
+    print(f"peer-scale measure ({name} grid, constants: "
+          f"{cal['file'] if cal else 'stored'}): {time.perf_counter() - t0:.0f} s\n"
+          f"{accuracy(rows)}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Measure the calibration grid, fit the runtime per group and the scratch per kind
+    together (memory_model.fit_calibration), write OUT/calibration.json with every point and
+    its residual, and make it this machine's calibration (the cache that measure reads)."""
+    points, name = measure_points(args)
+    out = Path(args.out or "runs/scale/calibration")
+    t0 = time.perf_counter()
+    if args.runtime_bytes is None:
+        args.runtime_bytes = 0  # the fit finds it: no minimal runs of their own
+    rows = run_grid(args, points, out, None, "calibrate")
+    groups = [runtime_key(s, args) for s in points]
+    fit = mm.fit_calibration(points, [r["peak_bytes_per_rank_measured"] for r in rows], groups)
+    for s, r, g, res in zip(points, rows, groups, fit.residuals, strict=True):
+        s.scratch, s.runtime_bytes = {**mm.SELECTION_SCRATCH, **fit.scratch}, fit.runtime[g]
+        r.update(predict_row(s), split="calibration", runtime_source="calibration",
+                 fit_rel_err=res)
+        add_errors(r)
+    cal = calibration_record(args, points, rows, fit, name, time.perf_counter() - t0)
+    _write_json(out / "calibration.json", cal)
+    _write_json(_cache_file("calibration.json"), cal)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+    print(markdown(rows, ["num_experts", "dim", "ep", "world_size", "zero_stage", "strategy",
+                          "tokens_per_rank", "heads", "topk", "peak_bytes_per_rank_measured",
+                          "fit_rel_err"]), end="")
+    print(f"peer-scale calibrate: selection scratch per selection and layer "
+          f"{fit.scratch} B; runtime per group:", file=sys.stderr)
+    for key, value in fit.runtime.items():
+        print(f"  {key}: {human(value)}", file=sys.stderr)
+    print(f"peer-scale calibrate: {len(rows)} points in {time.perf_counter() - t0:.0f} s, worst "
+          f"fit error {100 * max(map(abs, fit.residuals)):.2f}%; wrote "
+          f"{out / 'calibration.json'} (also this machine's default)", file=sys.stderr)
+
+
+def calibration_record(args: argparse.Namespace, points: list[mm.Setup], rows: list[dict],
+                       fit: mm.Fit, name: str, seconds: float) -> dict:
+    import deepspeed
+    import torch
+
+    return {
+        "device": points[0].device,
+        "selection_scratch": fit.scratch,
+        "runtime": fit.runtime,
+        "points": [point_key(s, args) for s in points],
+        "provenance": {
+            "command": " ".join(["peer-scale", *args.argv]),
+            "grid": name, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "steps": args.steps, "seconds": round(seconds),
+            "fit": "least squares: measured peak - other terms = runtime[group] + "
+                   "tokens * selections * scratch[kind]",
+            "worst_fit_rel_err": max(map(abs, fit.residuals)),
+        },
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv)  # calibrate records the command that made its constants
     if args.command == "predict":
         cmd_predict(args)
     elif args.command == "plan":
         cmd_plan(args)
     elif args.command == "measure":
         cmd_measure(args)
+    elif args.command == "calibrate":
+        cmd_calibrate(args)
 
 
 if __name__ == "__main__":
