@@ -119,14 +119,23 @@ class Logger:
             # the checkpoint), so every step appears once.
             self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1)
             self.jsonl = open(path, "a")  # noqa: SIM115
+        # The last row written and where it starts: more values of the same (kind, step)
+        # rewrite it, so each step has one row per kind.
+        self._last: tuple[str, int, dict, int] | None = None
 
     def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if self.rank != 0:
             return
         for key, value in values.items():
             self.writer.add_scalar(key if "/" in key else f"{kind}/{key}", value, step)
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        row = {"kind": kind, "step": step, **values}
+        if self._last is not None and self._last[:2] == (kind, step):
+            row = {**self._last[2], **values}
+            self.jsonl.truncate(self._last[3])  # append mode: the next write lands at the end
+        start = self.jsonl.tell()
+        self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
+        self._last = (kind, step, row, start)
 
     def progress(self, step: int, values: dict[str, float]) -> None:
         """One console line: step, loss, perplexity, lr, grad norm, tokens/s, ETA."""

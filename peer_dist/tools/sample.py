@@ -1,0 +1,233 @@
+"""peer-sample: text from a trained model.
+
+    peer-sample --checkpoint runs/tiny --prompt "def main(" --tokens 200
+    peer-sample --checkpoint runs/tiny --prompt "import " --temperature 0.8 --top-k 40 --seed 1
+    peer-sample --checkpoint runs/tiny --prompt "class " --nproc 2     # tables sharded, 2 ranks
+    peer-sample --checkpoint model.safetensors --prompt "for "         # a peer-export file
+
+Greedy by default (--temperature 0); otherwise softmax(logits / temperature) over the --top-k
+most likely tokens (0 = all), drawn with --seed. The context is the last model.max_seq_len
+tokens; generation stops after --tokens tokens or at the end-of-document token.
+
+One process loads the whole model (the tables gathered). With --nproc N (or under torchrun)
+every rank holds only its rows of each table, as in training (EP = the world): each rank runs
+the same forward, the expert rows are reached by the training strategies' all-to-all, and rank 0
+chooses each token and sends it to the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from peer_dist.config import Config
+from peer_dist.errors import UserError, debug
+
+PROG = "peer-sample"
+
+
+# --------------------------------------------------------------------------- sampling
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int,
+               generator: torch.Generator | None) -> int:
+    """One token id from the last position's logits (V,): argmax when temperature is 0."""
+    logits = logits.float()
+    if temperature <= 0:
+        return int(logits.argmax())
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt: list[int], tokens: int, max_len: int,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+             eos_id: int | None = None, agree=None) -> list[int]:
+    """prompt + up to `tokens` new ids. `agree(token) -> token` makes every rank take rank 0's
+    choice (sharded models); the forward itself is the same call on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = list(prompt)
+    device = next(model.parameters()).device
+    for _ in range(tokens):
+        x = torch.tensor([ids[-max_len:]], device=device)  # (1, T)
+        logits = model(x)[0, -1]  # (V,)
+        tok = next_token(logits, temperature, top_k, gen)
+        tok = agree(tok) if agree else tok
+        ids.append(tok)
+        if eos_id is not None and tok == eos_id:
+            break
+    return ids
+
+
+def load_tokenizer_of(cfg: Config, spec: str | None = None):
+    """The tokenizer the training data was prepared with (byte unless meta.json says else)."""
+    from peer_dist.data.tokenizers import ByteTokenizer, HFTokenizer
+    from peer_dist.tools.export import tokenizer_spec
+
+    spec = spec or tokenizer_spec(cfg)
+    if spec == "byte":
+        return ByteTokenizer()
+    try:
+        return HFTokenizer(spec)
+    except (OSError, ImportError) as e:
+        raise UserError(f"the tokenizer {spec!r} of data.path={cfg.data.path!r} cannot be "
+                        f"loaded: {e}; allowed: the prepared data folder at that path") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_single(spec: str) -> tuple[Config, torch.nn.Module]:
+    """The whole model in this process: from a peer-export file or a checkpoint."""
+    from peer_dist.tools.export import load_exported, load_from_checkpoint
+
+    return load_exported(spec) if spec.endswith(".safetensors") else load_from_checkpoint(spec)
+
+
+def load_sharded(spec: str) -> tuple[Config, torch.nn.Module, object]:
+    """This rank's part of the model, tables sharded over the world as in training (every rank
+    calls this under an initialised process group); returns (cfg, model, topology)."""
+    import torch.distributed.checkpoint as dcp
+
+    from peer_dist.model.transformer import build_model
+    from peer_dist.parallel import Topology, expert_shards, parallelize
+    from peer_dist.parallel.parallelize import shard_dtensors
+    from peer_dist.tools.export import checkpoint_config, resolve_checkpoint
+    from peer_dist.train.checkpoint import verify
+
+    path = resolve_checkpoint(spec)
+    problem = verify(path)  # collective: every rank gets the same answer
+    if problem is not None:
+        raise UserError(f"checkpoint {str(path)!r} {problem}", all_ranks=True)
+    cfg = checkpoint_config(path)
+    cfg.parallel.ep = 0  # the whole world holds one copy of the tables
+    topo = Topology.build(0)
+    model = parallelize(build_model(cfg.model, cfg.train.seed, materialize=False), topo,
+                        cfg.parallel).to(topo.device)
+    dense = torch.load(path / "dense_full.pt", weights_only=True, map_location=topo.device)
+    model.load_state_dict(dense, strict=True)
+    tables = {f"{s.name}.{side}": t for s in expert_shards(model)
+              for side, t in shard_dtensors(s, topo).items()}
+    dcp.load(tables, checkpoint_id=str(path / "tables"))  # this rank's rows, in place
+    return cfg, model.eval(), topo
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoints/ folder, "
+                   "step_* directory, or a .safetensors file from peer-export")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    p.add_argument("--tokens", type=int, default=100, help="new tokens at most (default 100)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the draws (default 0)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks on this node, tables sharded over them (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ids and text)")
+    return p
+
+
+def arg_error(args: argparse.Namespace) -> str | None:
+    if args.tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.nproc < 1:
+        return (f"--tokens={args.tokens} --temperature={args.temperature} --top-k={args.top_k} "
+                f"--nproc={args.nproc}: allowed are --tokens >= 0, --temperature >= 0, "
+                "--top-k >= 0, --nproc >= 1")
+    if args.nproc > 1 and args.checkpoint.endswith(".safetensors"):
+        return "--nproc > 1 shards a checkpoint's tables: allowed is --checkpoint <run or step>"
+    return None
+
+
+def rank_args(args: argparse.Namespace) -> list[str]:
+    """The ranks' command line: this one without --nproc, each value attached with '=' (so
+    torchrun's own parser, which reads the line first, cannot take one for its options)."""
+    out = [f"--checkpoint={args.checkpoint}", f"--prompt={args.prompt}",
+           f"--tokens={args.tokens}", f"--temperature={args.temperature}",
+           f"--top-k={args.top_k}", f"--seed={args.seed}"]
+    return out + (["--json"] if args.json else [])
+
+
+def sample(args: argparse.Namespace) -> dict:
+    """Generate per args in this process (one rank, or one of the ranks under torchrun)."""
+    import torch.distributed as dist
+
+    sharded = "RANK" in os.environ
+    if sharded:
+        from peer_dist.parallel.topology import init_distributed
+
+        init_distributed()
+        cfg, model, topo = load_sharded(args.checkpoint)
+
+        def agree(tok: int) -> int:
+            t = torch.tensor([tok], device=topo.device)
+            dist.broadcast(t, src=0)
+            return int(t)
+    else:
+        cfg, model = load_single(args.checkpoint)
+        agree = None
+    tok = load_tokenizer_of(cfg)
+    prompt = [int(i) for i in tok.encode(args.prompt)]
+    if not prompt:  # start from the end-of-document token, as after a document
+        prompt = [tok.eos_id if tok.eos_id is not None else 0]
+    t0 = time.perf_counter()
+    ids = generate(model, prompt, args.tokens, cfg.model.max_seq_len, args.temperature,
+                   args.top_k, args.seed, tok.eos_id, agree)
+    new = ids[len(prompt):]
+    if sharded:
+        dist.barrier()  # no rank leaves while another still needs it
+    return {"prompt": args.prompt, "ids": new, "text": tok.decode(new),
+            "seconds": time.perf_counter() - t0, "ranks": dist.get_world_size() if sharded else 1}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_intermixed_args(argv)
+    problem = arg_error(args)
+    if problem:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "RANK" not in os.environ:
+        from peer_dist.train.__main__ import launch
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        return launch(["--standalone", f"--nproc-per-node={args.nproc}", "-m",
+                       "peer_dist.tools.sample", *rank_args(args)])
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        out = sample(args)
+    except UserError as e:
+        if debug():
+            raise
+        if e.should_print(rank):
+            print(f"{PROG}: {e}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        _close_group()
+    if rank == 0:
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(args.prompt + out["text"])
+            print(f"{PROG}: {len(out['ids'])} tokens in {out['seconds']:.1f} s on "
+                  f"{out['ranks']} rank(s)", file=sys.stderr)
+    return 0
+
+
+def _close_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

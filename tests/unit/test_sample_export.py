@@ -1,0 +1,96 @@
+"""peer-export's file format and table gathering, and peer-sample's token choice (no training:
+the end-to-end checks against a trained checkpoint are in tests/integration)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer_dist.config import load_config, save_config
+from peer_dist.model.transformer import build_model
+from peer_dist.parallel.idmap import IdMap
+from peer_dist.tools.export import build_loaded, load_safetensors, model_state, save_safetensors
+from peer_dist.tools.sample import generate, next_token
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+def test_safetensors_round_trip_keeps_dtypes_shapes_and_values(tmp_path: Path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+               "count": torch.tensor(12, dtype=torch.int64), "none": torch.zeros(0, 4),
+               "t": torch.randn(4, 6, generator=g).t()}  # not contiguous
+    save_safetensors(tmp_path / "m.safetensors", tensors, {"format": "x", "step": "3"})
+    back, meta = load_safetensors(tmp_path / "m.safetensors")
+    assert meta == {"format": "x", "step": "3"}
+    assert set(back) == set(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape
+        assert torch.equal(back[k], t), k
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert n % 8 == 0 and header["b"]["dtype"] == "BF16" and header["count"]["shape"] == []
+    assert header["a"]["data_offsets"] == [0, 60]  # 15 float32 values first
+
+
+def _fake_checkpoint(tmp_path: Path, balance: bool):
+    """A checkpoint folder as training writes it (dense_full.pt, tables/ by DCP in table-position
+    order, config.yaml) for the tiny model; returns (cfg, the model it holds)."""
+    import torch.distributed.checkpoint as dcp
+
+    cfg = load_config(TINY, [f"parallel.balance_ids={str(balance).lower()}"])
+    model = build_model(cfg.model, seed=5)  # whole tables, expert-id order
+    state = model.state_dict()
+    tables = {k: state.pop(k) for k in list(state) if k.endswith(("experts.u", "experts.v"))}
+    torch.save(state, tmp_path / "dense_full.pt")
+    n = cfg.model.peer.num_experts
+    experts = IdMap(n, 1, balance).expert(torch.arange(n))  # the expert at each position
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({k: t[experts].contiguous() for k, t in tables.items()},
+                 checkpoint_id=str(tmp_path / "tables"), no_dist=True)
+    save_config(cfg, tmp_path / "config.yaml")
+    return cfg, model
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_gathered_tables_are_in_expert_order(tmp_path: Path, balance: bool):
+    cfg, model = _fake_checkpoint(tmp_path, balance)
+    if balance:
+        assert not IdMap(cfg.model.peer.num_experts, 1, True).identity  # a real permutation
+    loaded = build_loaded(cfg, model_state(tmp_path, cfg))
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                               strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_next_token_greedy_top_k_and_seed():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0, 0.5])
+    assert next_token(logits, 0.0, 0, None) == 1
+    g = torch.Generator().manual_seed(0)
+    assert {next_token(logits, 5.0, 1, g) for _ in range(20)} == {1}  # top-1 is greedy
+    draws = {next_token(logits, 100.0, 2, g) for _ in range(200)}
+    assert draws == {1, 2}  # flat at high temperature, but only the 2 likeliest
+    a = [next_token(logits, 1.0, 0, torch.Generator().manual_seed(7)) for _ in range(3)]
+    b = [next_token(logits, 1.0, 0, torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert a == b
+
+
+def test_generate_continues_greedily_and_stops_at_eos():
+    class Fixed(torch.nn.Module):  # next token = (last + 1) % 5, as logits
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x + 1) % 5, 5).float() * 10
+
+    assert generate(Fixed(), [1], 6, max_len=4) == [1, 2, 3, 4, 0, 1, 2]
+    assert generate(Fixed(), [1], 6, max_len=4, eos_id=4) == [1, 2, 3, 4]
