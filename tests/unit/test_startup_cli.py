@@ -1,0 +1,103 @@
+"""What a new user meets first, without starting ranks: the command line (options and
+overrides in any order, launcher flags), the data checks, the layout checks, threads per rank,
+the multi-node lines, and one metrics row per step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peer_dist.config import load_config
+from peer_dist.errors import UserError
+from peer_dist.train import startup
+from peer_dist.train.__main__ import main, node_line, parse_args
+from peer_dist.train.metrics import Logger
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+def test_options_after_overrides_are_parsed():
+    args = parse_args(["--config", "c.yaml", "train.steps=5", "--max-restarts", "2",
+                       "train.run_dir=r", "--nproc", "3"])
+    assert args.overrides == ["train.steps=5", "train.run_dir=r"]
+    assert (args.config, args.max_restarts, args.nproc) == ("c.yaml", 2, 3)
+
+
+@pytest.mark.parametrize("flag", [["--nproc", "0"], ["--nproc", "-2"], ["--nnodes", "0"]])
+def test_bad_launcher_flags_are_one_line(capsys, flag):
+    assert main(["--config", str(TINY), *flag]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "allowed are --nproc >= 1" in err[0]
+
+
+def test_missing_data_path_is_an_error_without_a_source(tmp_path: Path):
+    cfg = load_config(TINY, [f"data.path={tmp_path / 'typo'}", "data.source="])
+    with pytest.raises(UserError, match=r"does not exist; allowed: .*data.source=stdlib"):
+        startup._prepare(cfg)
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    cfg = load_config(TINY, [f"data.path={tmp_path / 'empty'}"])  # tiny names a source
+    with pytest.raises(UserError, match="holds no prepared dataset") as e:
+        startup._prepare(cfg)
+    assert "--force" not in str(e.value)
+
+
+def test_vocab_size_zero_takes_the_prepared_folders(tmp_path: Path):
+    (tmp_path / "bpe").mkdir()
+    (tmp_path / "bpe" / "meta.json").write_text(json.dumps({"vocab_size": 4000}))
+    cfg = load_config(TINY, ["model.vocab_size=0", f"data.path={tmp_path / 'bpe'}"])
+    assert cfg.model.vocab_size == 4000
+    assert load_config(None, [f"data.path={tmp_path / 'none'}"]).model.vocab_size == 256  # bytes
+    assert load_config(TINY, [f"data.path={tmp_path / 'bpe'}"]).model.vocab_size == 256  # set
+
+
+def test_a_rank_without_table_rows_is_refused():
+    assert startup.empty_shard_ranks(9, 4) == [3]  # blocks of 3 rows: 3 + 3 + 3 + 0
+    assert startup.empty_shard_ranks(1024, 4) == []
+    cfg = load_config(TINY, ["model.peer.num_experts=9", "model.peer.topk=3"])
+    with pytest.raises(UserError, match=r"leaves EP rank 3 without a table row; allowed: "
+                                        r"parallel.ep in \[1, 2\] at world size 4"):
+        startup.check_layout(cfg, 4)
+    startup.check_layout(cfg, 2)
+    with pytest.raises(UserError, match="does not divide the world size 4"):
+        startup.check_layout(load_config(TINY, ["parallel.ep=3"]), 4)
+    startup.check_layout(load_config(TINY, ["model.sparse_kind=moe", "model.peer.num_experts=9",
+                                            "model.peer.topk=3"]), 4)  # no PEER table
+
+
+def test_threads_share_the_cores_unless_set(monkeypatch):
+    monkeypatch.setattr(startup, "cpu_cores", lambda: 8)
+    cfg = load_config(TINY)
+    assert startup.cpu_threads(cfg, 1, env={}) == 8
+    assert startup.cpu_threads(cfg, 3, env={}) == 2
+    assert startup.cpu_threads(cfg, 16, env={}) == 1
+    assert startup.cpu_threads(cfg, 3, env={"OMP_NUM_THREADS": "5"}) == 5
+    assert startup.cpu_threads(load_config(TINY, ["train.threads=3"]), 1,
+                               env={"OMP_NUM_THREADS": "5"}) == 3
+
+
+def test_each_node_says_which_global_ranks_it_runs():
+    base = {"GROUP_WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "0"}
+    first = node_line({**base, "RANK": "0", "GROUP_RANK": "0"})
+    assert "global ranks 0-3" in first and "this node prints the job's progress" in first
+    other = node_line({**base, "RANK": "4", "GROUP_RANK": "1"})
+    assert "global ranks 4-7" in other and "global rank 0 is on another node" in other
+    assert node_line({**base, "RANK": "5", "LOCAL_RANK": "1"}) is None
+    assert node_line({"RANK": "0", "LOCAL_RANK": "0"}) is None  # one node: nothing to say
+
+
+def test_metrics_hold_one_row_per_step_and_kind(tmp_path: Path):
+    log = Logger(tmp_path, 0, 4, 0)
+    log.scalars(1, {"loss": 2.0})
+    log.scalars(2, {"loss": 1.5})
+    log.scalars(2, {"comm/x/bytes_sent": 10.0, "memory/rank0/peak_rss_mib": 5.0})
+    log.scalars(2, {"val_loss": 1.7}, kind="val")
+    log.scalars(3, {"loss": 1.2})
+    log.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("val", 2),
+                                                      ("train", 3)]
+    assert rows[1] == {"kind": "train", "step": 2, "loss": 1.5, "comm/x/bytes_sent": 10.0,
+                       "memory/rank0/peak_rss_mib": 5.0}
