@@ -1,22 +1,32 @@
 """peer-study: the paper's quality claims at small scale, on this machine.
 
     peer-study isoflop                    # PEER against dense, MoE and PKM at equal compute
-    peer-study isoflop --budgets 1e12,2e12 --sizes 64,96,128 --seeds 0,1 --json
+    peer-study isoflop --budgets 2.5e11,5e11,1e12 --sizes 32,48,64 --seeds 0,1,2 --json
     peer-study experts                    # Table 2: expert usage and unevenness, BN on and off
+    peer-study experts-scaling            # Figure 3: more experts at equal active params
 
 isoflop: for each FLOP budget, each kind and each model width, a model is trained for
 budget / (training FLOPs per token) tokens (peer_dist/model/flops.py) on the local default
-corpus (this Python's library, byte tokens) and evaluated on the held-out split. Every kind
-gets the same data order, tokenizer, optimizer (AdamW on dense weights, lazy Adam on PEER's
-tables, both at one learning rate), warmup + cosine schedule and gradient clipping; no
-per-kind tuning. The sparse layer replaces the middle block's FFW (as in the paper); MoE is
-expert-choice routing (the paper's baseline), PKM uses PEER's keys with one value table.
-Writes OUT/isoflop.md, OUT/isoflop.csv and OUT/isoflop.png (validation perplexity against
-parameters, per kind and budget); --json prints one object per trained model.
+corpus (this Python's library, byte tokens). Every kind gets the same data order, tokenizer,
+optimizer (AdamW on dense weights, lazy Adam on PEER's tables, both at one learning rate),
+warmup + cosine schedule and gradient clipping; no per-kind tuning. The sparse layer replaces
+the middle block's FFW (as in the paper); MoE is token choice (top-1 of 8 experts with the
+Switch load-balancing loss); `moe_ec` (expert choice, the paper's baseline) picks tokens over
+the whole batch, future positions included, so its loss is not a causal LM loss: it is
+reported, marked non-causal, and left out of the ranking. The held-out split is cut in two:
+the width of each kind at each budget is chosen on the selection half (mean over seeds) and
+its perplexity reported on the test half. When the chosen width is the smallest or largest of
+the sweep, the sweep is extended along WIDTHS until the optimum is inside it (--max-extend
+steps at most; an optimum left at an edge is flagged). Writes OUT/isoflop.md, .csv and .png;
+--json prints one object per trained model.
 
 experts: PEER trained with and without query BatchNorm for several N, then expert usage
 (share of experts any held-out token selected) and unevenness (KL of the gate mass from
 uniform) on the held-out split, as the paper's Table 2.
+
+experts-scaling: PEER with the same active parameters and FLOPs per token (d, h, k fixed) for
+N from 32^2 to 512^2, the same recipe and steps, several seeds: test perplexity and expert
+usage against N (the paper's Figure 3 at small scale).
 """
 
 from __future__ import annotations
@@ -36,7 +46,10 @@ import torch
 
 from peer_dist.config import DataConfig, ModelConfig, MoEConfig, PEERConfig
 
-KINDS = ("dense", "moe", "pkm", "peer")
+KINDS = ("dense", "moe", "pkm", "peer", "moe_ec")
+DEFAULT_KINDS = ("dense", "moe", "pkm", "peer")
+NON_CAUSAL = ("moe_ec",)  # expert choice sees the batch's future tokens: not ranked
+WIDTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # where a sweep is extended (8 | d)
 
 
 @dataclass
@@ -59,10 +72,12 @@ def model_config(kind: str, dim: int, r: Recipe, num_experts: int = 128 ** 2,
     """A model of width `dim`: r.layers blocks, the middle one's FFW replaced by `kind`."""
     peer = PEERConfig(num_experts=num_experts, heads=4, topk=8, d_key=32,
                       query_batchnorm=query_batchnorm)
+    sparse = {"dense": "peer", "moe_ec": "moe"}.get(kind, kind)
     cfg = ModelConfig(vocab_size=256, dim=dim, n_layers=r.layers, n_heads=r.heads,
                       max_seq_len=r.seq_len, peer_blocks="none" if kind == "dense" else "middle",
-                      sparse_kind="peer" if kind == "dense" else kind, peer=peer,
-                      moe=MoEConfig(experts=8, topk=1, routing="expert"))
+                      sparse_kind=sparse, peer=peer,
+                      moe=MoEConfig(experts=8, topk=1,
+                                    routing="expert" if kind == "moe_ec" else "token"))
     cfg.validate()
     return cfg
 
@@ -109,20 +124,37 @@ def train_eval(cfg: ModelConfig, steps: int, seed: int, data, r: Recipe) -> dict
         for p in tables:
             p.grad = None
     train_s = time.perf_counter() - t0
-    return {"val_loss": evaluate(model, data, r), "train_s": train_s, "model": model}
+    selection, test = evaluate(model, data, r)
+    return {"selection_loss": selection, "test_loss": test, "train_s": train_s, "model": model}
+
+
+def held_out(data, r: Recipe, part: str) -> list:
+    """The held-out split's first 2 * r.eval_batches batches (fewer if it is smaller), cut in
+    two: `selection` (the first half: choosing widths) and `test` (the second: reporting)."""
+    batches = list(data.eval_batches(r.batch, r.seq_len, max_batches=2 * r.eval_batches))
+    if len(batches) < 2:
+        raise SystemExit(f"peer-study: the held-out split has {len(batches)} batch of "
+                         f"{r.batch} x {r.seq_len} tokens: allowed are 2 or more (a larger "
+                         "--data-bytes)")
+    half = (len(batches) + 1) // 2
+    return batches[:half] if part == "selection" else batches[half:]
 
 
 @torch.no_grad()
-def evaluate(model, data, r: Recipe) -> float:
+def evaluate(model, data, r: Recipe) -> tuple[float, float]:
+    """Mean token loss on the selection and on the test half of the held-out split."""
     from peer_dist.model.transformer import lm_loss
 
     model.eval()
-    total, count = 0.0, 0
-    for inputs, targets in data.eval_batches(r.batch, r.seq_len, max_batches=r.eval_batches):
-        total += float(lm_loss(model(inputs), targets)) * targets.numel()
-        count += targets.numel()
+    out = []
+    for part in ("selection", "test"):
+        total, count = 0.0, 0
+        for inputs, targets in held_out(data, r, part):
+            total += float(lm_loss(model(inputs), targets)) * targets.numel()
+            count += targets.numel()
+        out.append(total / count)
     model.train()
-    return total / count
+    return out[0], out[1]
 
 
 def open_corpus(path: str, max_bytes: int):
@@ -134,57 +166,115 @@ def open_corpus(path: str, max_bytes: int):
 
 # --------------------------------------------------------------------------- isoflop
 
-def isoflop_rows(args: argparse.Namespace) -> list[dict]:
+def isoflop_model(kind: str, dim: int, budget: float, seed: int, data, r: Recipe) -> dict:
+    """Train one model on `budget` FLOPs; its row (what --json prints)."""
     from peer_dist.model.flops import param_counts, train_flops_per_token
 
+    cfg = model_config(kind, dim, r)
+    fpt = train_flops_per_token(cfg, r.seq_len)
+    tokens_per_step = r.batch * r.seq_len
+    steps = max(1, round(budget / (fpt * tokens_per_step)))
+    params, active = param_counts(cfg)
+    out = train_eval(cfg, steps, seed, data, r)
+    return dict(kind=kind, routing=cfg.moe.routing if cfg.sparse_kind == "moe" and
+                kind != "dense" else None, causal=kind not in NON_CAUSAL, dim=dim, seed=seed,
+                budget=budget, params=params, active_params=active, flops_per_token=fpt,
+                steps=steps, tokens=steps * tokens_per_step,
+                train_flops=fpt * steps * tokens_per_step,
+                selection_loss=out["selection_loss"], test_loss=out["test_loss"],
+                selection_ppl=math.exp(out["selection_loss"]),
+                test_ppl=math.exp(out["test_loss"]), train_s=out["train_s"])
+
+
+def next_width(widths: list[int], best: int) -> int | None:
+    """The width that extends a sweep whose best is at an edge: the WIDTHS neighbour beyond
+    it (None when the optimum is inside the sweep or the ladder ends)."""
+    lo, hi = min(widths), max(widths)
+    if len(widths) >= 2 and lo < best < hi:
+        return None
+    if best == lo:
+        smaller = [w for w in WIDTHS if w < lo]
+        return smaller[-1] if smaller else None
+    larger = [w for w in WIDTHS if w > hi]
+    return larger[0] if larger else None
+
+
+def sweep(kind: str, budget: float, args, data, r: Recipe, log) -> list[dict]:
+    """Every seed at every width of --sizes, extended while the best mean selection perplexity
+    sits at an edge of the sweep (at most args.max_extend extra widths)."""
+    rows: list[dict] = []
+    widths = list(args.sizes)
+    todo = list(widths)
+    for _ in range(args.max_extend + 1):
+        for dim in todo:
+            for seed in args.seeds:
+                rows.append(isoflop_model(kind, dim, budget, seed, data, r))
+                log(rows[-1])
+        means = {d: statistics.mean(x["selection_ppl"] for x in rows if x["dim"] == d)
+                 for d in widths}
+        extra = next_width(widths, min(means, key=means.get))
+        if extra is None:
+            break
+        widths.append(extra)
+        todo = [extra]
+    return rows
+
+
+def isoflop_rows(args: argparse.Namespace) -> list[dict]:
     r = Recipe()
     data = open_corpus(args.data, args.data_bytes)
-    rows, points = [], [(b, k, d, s) for b in args.budgets for k in args.kinds
-                        for d in args.sizes for s in args.seeds]
-    for i, (budget, kind, dim, seed) in enumerate(points, 1):
-        cfg = model_config(kind, dim, r)
-        fpt = train_flops_per_token(cfg, r.seq_len)
-        tokens_per_step = r.batch * r.seq_len
-        steps = max(1, round(budget / (fpt * tokens_per_step)))
-        params, active = param_counts(cfg)
-        out = train_eval(cfg, steps, seed, data, r)
-        row = dict(kind=kind, dim=dim, seed=seed, budget=budget, params=params,
-                   active_params=active, flops_per_token=fpt, steps=steps,
-                   tokens=steps * tokens_per_step, train_flops=fpt * steps * tokens_per_step,
-                   val_loss=out["val_loss"], val_ppl=math.exp(out["val_loss"]),
-                   train_s=out["train_s"])
-        rows.append(row)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+
+    def log(row: dict) -> None:
         if args.json:
             print(json.dumps(row), flush=True)
-        print(f"peer-study: {i}/{len(points)} {kind} d={dim} seed={seed} budget={budget:.1e}: "
-              f"{steps} steps, val ppl {row['val_ppl']:.3f} ({row['train_s']:.0f} s)",
+        print(f"peer-study: {len(rows) + 1} {row['kind']} d={row['dim']} seed={row['seed']} "
+              f"budget={row['budget']:.1e}: {row['steps']} steps, selection ppl "
+              f"{row['selection_ppl']:.3f}, test ppl {row['test_ppl']:.3f} "
+              f"({row['train_s']:.0f} s; {time.perf_counter() - t0:.0f} s in all)",
               file=sys.stderr)
+
+    for budget in args.budgets:
+        for kind in args.kinds:
+            rows += sweep(kind, budget, args, data, r, log)
     return rows
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (budget, kind, dim): mean and spread (max - min) of val ppl over seeds."""
+    """Per (budget, kind, dim): mean selection and test perplexity over seeds, and the test
+    perplexity's spread (max - min)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["budget"], row["kind"], row["dim"]), []).append(row)
     out = []
     for (budget, kind, dim), rs in groups.items():
-        ppl = [x["val_ppl"] for x in rs]
+        test = [x["test_ppl"] for x in rs]
         out.append(dict(budget=budget, kind=kind, dim=dim, params=rs[0]["params"],
                         active_params=rs[0]["active_params"], steps=rs[0]["steps"],
-                        seeds=len(rs), val_ppl=statistics.mean(ppl),
-                        spread=max(ppl) - min(ppl)))
+                        seeds=len(rs), causal=rs[0]["causal"],
+                        selection_ppl=statistics.mean(x["selection_ppl"] for x in rs),
+                        test_ppl=statistics.mean(test), spread=max(test) - min(test)))
     return out
 
 
 def best_per_kind(summary: list[dict]) -> list[dict]:
-    """At each budget, each kind's best width (the isoFLOP minimum)."""
+    """At each budget, each kind's width chosen on the selection split (mean over seeds), with
+    whether the sweep brackets it, and its test perplexity's gap to dense's in percent."""
     best: dict[tuple, dict] = {}
     for s in summary:
         key = (s["budget"], s["kind"])
-        if key not in best or s["val_ppl"] < best[key]["val_ppl"]:
+        if key not in best or s["selection_ppl"] < best[key]["selection_ppl"]:
             best[key] = s
-    return sorted(best.values(), key=lambda s: (s["budget"], s["val_ppl"]))
+    out = []
+    for (budget, kind), s in best.items():
+        dims = [x["dim"] for x in summary if x["budget"] == budget and x["kind"] == kind]
+        dense = best.get((budget, "dense"))
+        out.append(dict(s, bracketed=min(dims) < s["dim"] < max(dims),
+                        gap_to_dense_pct=100 * (s["test_ppl"] / dense["test_ppl"] - 1)
+                        if dense else None))
+    # ranked kinds by test perplexity, the non-causal ones after them
+    return sorted(out, key=lambda s: (s["budget"], not s["causal"], s["test_ppl"]))
 
 
 def write_isoflop(rows: list[dict], out: Path) -> None:
@@ -194,16 +284,26 @@ def write_isoflop(rows: list[dict], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     summary = summarise(rows)
-    lines = ["| budget (FLOPs) | kind | d | params | active params | steps | seeds | "
-             "val ppl (mean) | spread |", "|---|---|---|---|---|---|---|---|---|"]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Seeds {seeds}; ppl = mean over seeds; spread = max - min of the test ppl. "
+             "Widths are chosen on the selection half of the held-out split, perplexity "
+             "reported on the test half.", "",
+             "| budget (FLOPs) | kind | d | params | active params | steps | seeds | "
+             "selection ppl | test ppl | spread |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(summary, key=lambda s: (s["budget"], s["kind"], s["dim"])):
         lines.append(f"| {s['budget']:.1e} | {s['kind']} | {s['dim']} | {s['params']:,} | "
                      f"{s['active_params']:,} | {s['steps']} | {s['seeds']} | "
-                     f"{s['val_ppl']:.3f} | {s['spread']:.3f} |")
-    lines += ["", "Best width per kind at each budget:", "",
-              "| budget (FLOPs) | kind | d | val ppl | spread |", "|---|---|---|---|---|"]
-    lines += [f"| {s['budget']:.1e} | {s['kind']} | {s['dim']} | {s['val_ppl']:.3f} | "
-              f"{s['spread']:.3f} |" for s in best_per_kind(summary)]
+                     f"{s['selection_ppl']:.3f} | {s['test_ppl']:.3f} | {s['spread']:.3f} |")
+    lines += ["", "Best width per kind at each budget (chosen on the selection split; test "
+              "ppl; ranked, non-causal kinds last and unranked):", "",
+              "| budget (FLOPs) | kind | d | bracketed | test ppl | spread | vs dense |",
+              "|---|---|---|---|---|---|---|"]
+    for s in best_per_kind(summary):
+        gap = "" if s["gap_to_dense_pct"] is None else f"{s['gap_to_dense_pct']:+.1f}%"
+        kind = s["kind"] + ("" if s["causal"] else " (non-causal, not ranked)")
+        lines.append(f"| {s['budget']:.1e} | {kind} | {s['dim']} | "
+                     f"{'yes' if s['bracketed'] else 'no (edge)'} | {s['test_ppl']:.3f} | "
+                     f"{s['spread']:.3f} | {gap} |")
     (out / "isoflop.md").write_text("\n".join(lines) + "\n")
     plot_isoflop(summary, out / "isoflop.png")
 
@@ -217,7 +317,7 @@ def plot_isoflop(summary: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, budget in zip(axes[0], budgets, strict=True):
         for i, kind in enumerate(KINDS):
-            pts = sorted((s["params"], s["val_ppl"], s["spread"]) for s in summary
+            pts = sorted((s["params"], s["test_ppl"], s["spread"]) for s in summary
                          if s["budget"] == budget and s["kind"] == kind)
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
@@ -225,7 +325,7 @@ def plot_isoflop(summary: list[dict], path: Path) -> None:
                             color=f"C{i}", capsize=3)
         ax.set_xscale("log")
         ax.set(title=f"{budget:.1e} training FLOPs", xlabel="parameters",
-               ylabel="validation perplexity")
+               ylabel="test perplexity")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -235,26 +335,34 @@ def plot_isoflop(summary: list[dict], path: Path) -> None:
 
 # --------------------------------------------------------------------------- experts
 
-def experts_rows(args: argparse.Namespace) -> list[dict]:
+@torch.no_grad()
+def expert_stats(model, n: int, batches):
+    """Expert usage and gate mass of the (first) PEER layer over `batches`."""
     from peer_dist.train.expert_stats import ExpertStats
 
+    model.eval()
+    layer = model.peer_layers()[0]
+    stats = ExpertStats(n)
+    layer.record_routing = True
+    for inputs, _ in batches:
+        model(inputs)
+        stats.add(*layer.last_routing)
+    layer.record_routing = False
+    return stats
+
+
+def experts_rows(args: argparse.Namespace) -> list[dict]:
     r = Recipe()
     data = open_corpus(args.data, args.data_bytes)
     rows = []
     for n, bn, seed in itertools.product(args.num_experts, (True, False), args.seeds):
         cfg = model_config("peer", args.dim, r, num_experts=n, query_batchnorm=bn)
         out = train_eval(cfg, args.steps, seed, data, r)
-        model = out["model"].eval()
-        layer = model.peer_layers()[0]
-        stats = ExpertStats(n)
-        layer.record_routing = True
-        with torch.no_grad():
-            for inputs, _ in data.eval_batches(r.batch, r.seq_len, max_batches=r.eval_batches):
-                model(inputs)
-                stats.add(*layer.last_routing)
+        stats = expert_stats(out["model"], n, held_out(data, r, "selection"))
+        # the held-out split's first r.eval_batches batches, as this table always used
         row = dict(num_experts=n, query_batchnorm=bn, seed=seed, steps=args.steps,
                    dim=args.dim, usage=stats.usage(), unevenness=stats.unevenness(),
-                   val_ppl=math.exp(out["val_loss"]))
+                   val_ppl=math.exp(out["selection_loss"]))
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
@@ -285,6 +393,86 @@ def write_experts(rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------- experts-scaling
+
+def scaling_rows(args: argparse.Namespace) -> list[dict]:
+    """PEER at one width, heads and top-k (so the same active parameters and FLOPs per token,
+    up to the sub-key scores' 2 H sqrt(N) d_key) for each N, each seed, args.steps steps."""
+    from peer_dist.model.flops import param_counts, train_flops_per_token
+
+    r = Recipe()
+    data = open_corpus(args.data, args.data_bytes)
+    rows, t0 = [], time.perf_counter()
+    for n, seed in itertools.product(args.num_experts, args.seeds):
+        cfg = model_config("peer", args.dim, r, num_experts=n)
+        params, active = param_counts(cfg)
+        out = train_eval(cfg, args.steps, seed, data, r)
+        stats = expert_stats(out["model"], n, held_out(data, r, "test"))
+        row = dict(num_experts=n, seed=seed, steps=args.steps, dim=args.dim, params=params,
+                   active_params=active, flops_per_token=train_flops_per_token(cfg, r.seq_len),
+                   usage=stats.usage(), unevenness=stats.unevenness(),
+                   selection_ppl=math.exp(out["selection_loss"]),
+                   test_ppl=math.exp(out["test_loss"]), train_s=out["train_s"])
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        print(f"peer-study: N={n} seed {seed}: test ppl {row['test_ppl']:.3f}, usage "
+              f"{100 * row['usage']:.1f}% ({row['train_s']:.0f} s; "
+              f"{time.perf_counter() - t0:.0f} s in all)", file=sys.stderr)
+    return rows
+
+
+def write_scaling(rows: list[dict], out: Path) -> None:
+    """experts_scaling.md (mean and spread over seeds per N), .csv (every model), .png."""
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"PEER, d = {rows[0]['dim']}, {rows[0]['steps']} steps each; mean over seeds "
+             f"{seeds}, spread = max - min; perplexity and usage on the test half of the "
+             "held-out split.", "",
+             "| N | params | active params | train FLOPs/token | test ppl | spread | usage | "
+             "spread | unevenness |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, rs in _by(rows, "num_experts").items():
+        ppl, use = [x["test_ppl"] for x in rs], [x["usage"] for x in rs]
+        lines.append(f"| {n:,} | {rs[0]['params']:,} | {rs[0]['active_params']:,} | "
+                     f"{rs[0]['flops_per_token']:,.0f} | {statistics.mean(ppl):.3f} | "
+                     f"{max(ppl) - min(ppl):.3f} | {statistics.mean(use):.1%} | "
+                     f"{max(use) - min(use):.1%} | "
+                     f"{statistics.mean(x['unevenness'] for x in rs):.3f} |")
+    (out / "experts_scaling.md").write_text("\n".join(lines) + "\n")
+    with open(out / "experts_scaling.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_scaling(rows, out / "experts_scaling.png")
+
+
+def _by(rows: list[dict], key: str) -> dict:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def plot_scaling(rows: list[dict], path: Path) -> None:
+    from peer_dist.tools.plots import _pyplot
+
+    plt = _pyplot()
+    groups = _by(rows, "num_experts")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    for ax, key, label in ((axes[0], "test_ppl", "test perplexity"),
+                           (axes[1], "usage", "expert usage")):
+        ns = list(groups)
+        vals = [[x[key] for x in groups[n]] for n in ns]
+        ax.errorbar(ns, [statistics.mean(v) for v in vals],
+                    yerr=[(max(v) - min(v)) / 2 for v in vals], marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="experts N", ylabel=label)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- command line
@@ -323,17 +511,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     iso = sub.add_parser("isoflop", help="PEER against dense, MoE and PKM at equal compute")
-    iso.add_argument("--budgets", type=_floats, default=[1e12, 2e12],
+    iso.add_argument("--budgets", type=_floats, default=[2.5e11, 5e11, 1e12],
                      help="training FLOPs per model")
-    iso.add_argument("--kinds", type=_kinds, default=list(KINDS))
-    iso.add_argument("--sizes", type=_ints, default=[64, 96, 128], help="model widths d")
-    iso.add_argument("--seeds", type=_ints, default=[0, 1])
+    iso.add_argument("--kinds", type=_kinds, default=list(DEFAULT_KINDS),
+                     help=f"any of {', '.join(KINDS)} (moe_ec: expert choice, non-causal, "
+                          "not ranked)")
+    iso.add_argument("--sizes", type=_ints, default=[32, 48, 64],
+                     help="model widths d to start from (multiples of 8, >= 16)")
+    iso.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    iso.add_argument("--max-extend", type=int, default=3,
+                     help="widths added per kind and budget while the optimum is at an edge")
     ex = sub.add_parser("experts", help="expert usage and unevenness (the paper's Table 2)")
     ex.add_argument("--num-experts", type=_ints, default=[32 ** 2, 64 ** 2, 128 ** 2])
     ex.add_argument("--dim", type=int, default=64)
     ex.add_argument("--steps", type=int, default=600)
     ex.add_argument("--seeds", type=_ints, default=[0, 1])
-    for q in (iso, ex):
+    sc = sub.add_parser("experts-scaling", help="perplexity and usage against N at equal "
+                        "active parameters (the paper's Figure 3)")
+    sc.add_argument("--num-experts", type=_ints,
+                    default=[32 ** 2, 64 ** 2, 128 ** 2, 256 ** 2, 512 ** 2])
+    sc.add_argument("--dim", type=int, default=64)
+    sc.add_argument("--steps", type=int, default=600)
+    sc.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    for q in (iso, ex, sc):
         q.add_argument("--data", default="data/stdlib_study",
                        help="prepared corpus (made from this Python's library if missing)")
         q.add_argument("--data-bytes", type=int, default=20_000_000,
@@ -348,21 +548,24 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out, t0 = Path(args.out), time.perf_counter()
     if args.command == "isoflop":
-        if any(d % 4 or d < 32 for d in args.sizes):
-            raise SystemExit(f"peer-study: --sizes={args.sizes}: allowed are widths >= 32 "
-                             "divisible by 4 (4 attention heads of even size)")
-        rows = isoflop_rows(args)
-        write_isoflop(rows, out)
+        if any(d % 8 or d < 16 for d in args.sizes) or args.max_extend < 0:
+            raise SystemExit(f"peer-study: --sizes={args.sizes} --max-extend="
+                             f"{args.max_extend}: allowed are widths >= 16 divisible by 8 (4 "
+                             "attention heads of even size) and --max-extend >= 0")
+        write_isoflop(isoflop_rows(args), out)
     else:
         for n in args.num_experts:
             if math.isqrt(n) ** 2 != n or math.isqrt(n) < 8:
                 raise SystemExit(f"peer-study: --num-experts {n}: allowed are perfect squares "
                                  ">= 64 (top-k 8 of sqrt(N) sub-keys)")
-        rows = experts_rows(args)
-        write_experts(rows, out)
-    print(f"peer-study: wrote {out}", file=sys.stderr)
+        if args.command == "experts":
+            write_experts(experts_rows(args), out)
+        else:
+            write_scaling(scaling_rows(args), out)
+    print(f"peer-study {args.command}: wrote {out} in {time.perf_counter() - t0:.0f} s "
+          f"(wall time)", file=sys.stderr)
 
 
 if __name__ == "__main__":
