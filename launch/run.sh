@@ -14,5 +14,5 @@ if [ -z "${NPROC:-}" ]; then
 fi
 ARGS=("$@")
 case " $* " in *" --config "*|*" --config="*) ;; *) ARGS=(--config configs/small.yaml "$@") ;; esac
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Threads: peer-train gives each rank cores / NPROC unless OMP_NUM_THREADS or train.threads says.
 exec "$PY" -m peer_dist.train --nproc "$NPROC" "${ARGS[@]}"

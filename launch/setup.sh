@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install --quiet "torch==2.13.0"
-"$PY" -m pip install --quiet -e ".[test,gpu]"  # gpu: triton (its kernels are tested on CPU too)
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install --progress-bar on "torch==2.13.0"
+"$PY" -m pip install --progress-bar on -e ".[test,gpu]"  # gpu: triton (tested on CPU too)

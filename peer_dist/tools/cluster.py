@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -166,15 +167,31 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"peer-launch: {e}", file=sys.stderr)
         return 2
-    line = " ".join(cmd)
-    print(f"peer-launch: {layout.style}: node {layout.node_rank} of {layout.nnodes}, "
-          f"{layout.nproc} ranks per node", file=sys.stderr)
+    env = launch_env(layout, os.environ)
+    print(f"peer-launch: {layout.style}: {where(layout)}, {layout.nproc} ranks per node",
+          file=sys.stderr)
     if dry:
-        print(line)
+        print(shown_command(cmd, env, os.environ))
         return 0
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, launch_env(layout, os.environ))
+    os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
+
+
+def where(layout: Layout) -> str:
+    """This agent's place: with several nodes the rendezvous numbers them in arrival order, so
+    the node rank given here need not be the one the job uses (each node's first rank prints
+    the global ranks it runs)."""
+    if layout.nnodes == 1:
+        return "one node"
+    return (f"started as node {layout.node_rank} of {layout.nnodes} (the rendezvous may number "
+            "it otherwise)")
+
+
+def shown_command(cmd: list[str], env: Mapping[str, str], parent: Mapping[str, str]) -> str:
+    """The command as it will run: the variables the launch sets or changes, then the line."""
+    added = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if parent.get(k) != v]
+    return " ".join(["env", *added, *cmd] if added else cmd)
 
 
 if __name__ == "__main__":

@@ -18,26 +18,29 @@ from peer_dist.tools.cluster import first_host
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--config", "configs/tiny.yaml", "train.steps=2"]
-BASE = "python -m peer_dist.train"
+# --dry-run prints the environment the launch adds, then the command: what really runs.
+ONE = "env OMP_NUM_THREADS=1 python -m peer_dist.train"
+MANY = "env OMP_NUM_THREADS=1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 python -m peer_dist.train"
+BASE = ONE
 STYLES = {
-    "single": ({}, f"{BASE} --nproc 2"),
-    "single-nproc": ({"NPROC": "4"}, f"{BASE} --nproc 4"),
+    "single": ({}, f"{ONE} --nproc 2"),
+    "single-nproc": ({"NPROC": "4"}, f"{ONE} --nproc 4"),
     "c10d": ({"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "NNODES": "2",
               "NODE_RANK": "1", "NPROC": "8"},
-             f"{BASE} --nproc 8 --nnodes 2 --rdzv-endpoint 10.0.0.1:29500 --rdzv-id peer_dist"),
+             f"{MANY} --nproc 8 --nnodes 2 --rdzv-endpoint 10.0.0.1:29500 --rdzv-id peer_dist"),
     "slurm": ({"SLURM_JOB_ID": "4242", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
                "SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_GPUS_ON_NODE": "8",
                "SLURM_NTASKS_PER_NODE": "1"},
-              f"{BASE} --nproc 8 --nnodes 3 --rdzv-endpoint gpu07:29400 --rdzv-id 4242 "
+              f"{MANY} --nproc 8 --nnodes 3 --rdzv-endpoint gpu07:29400 --rdzv-id 4242 "
               "--max-restarts 3"),
     "pytorchjob": ({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",
                     "PET_MASTER_ADDR": "peer-dist-master-0", "PET_MASTER_PORT": "23456",
                     "MASTER_ADDR": "peer-dist-master-0", "WORLD_SIZE": "8", "RANK": "1"},
-                   f"{BASE} --nproc 4 --nnodes 2 --rdzv-endpoint peer-dist-master-0:23456 "
+                   f"{MANY} --nproc 4 --nnodes 2 --rdzv-endpoint peer-dist-master-0:23456 "
                    "--rdzv-id peer_dist --max-restarts 3"),
     "pytorchjob-pods": ({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "MASTER_ADDR": "job-master-0",
                          "MASTER_PORT": "23456", "WORLD_SIZE": "4", "RANK": "3", "NPROC": "8"},
-                        f"{BASE} --nproc 8 --nnodes 4 --rdzv-endpoint job-master-0:23456 "
+                        f"{MANY} --nproc 8 --nnodes 4 --rdzv-endpoint job-master-0:23456 "
                         "--rdzv-id peer_dist --max-restarts 3"),
 }
 
@@ -46,7 +49,8 @@ def _env(extra: dict) -> dict:
     keep = {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "PET_", "KUBERNETES_")) and k not in (
                 "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC", "WORLD_SIZE",
-                "RANK", "RDZV_ID", "MAX_RESTARTS")}
+                "RANK", "RDZV_ID", "MAX_RESTARTS", "OMP_NUM_THREADS",
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
     return {**keep, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, **extra}
 
 
@@ -160,3 +164,42 @@ def test_dockerfiles_pass_hadolint() -> None:
         out = subprocess.run([hadolint, str(ROOT / "docker" / name)], capture_output=True,
                              text=True)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _arg(dockerfile: str, name: str) -> str:
+    m = re.search(rf"^ARG {name}=(\S+)$", (ROOT / "docker" / dockerfile).read_text(), re.M)
+    assert m, f"{dockerfile} has no ARG {name}=..."
+    return m.group(1)
+
+
+def test_images_pin_the_versions_the_tests_run_with() -> None:
+    import deepspeed
+    import torch
+
+    tested = {"TORCH_VERSION": torch.__version__.split("+")[0],
+              "DEEPSPEED_VERSION": deepspeed.__version__}
+    for dockerfile in ("Dockerfile", "Dockerfile.cpu"):
+        for name, version in tested.items():
+            assert _arg(dockerfile, name) == version, (dockerfile, name)
+    triton = pytest.importorskip("triton")
+    assert _arg("Dockerfile", "TRITON_VERSION") == triton.__version__
+    setup = (ROOT / "launch" / "setup.sh").read_text()
+    assert f'"torch=={tested["TORCH_VERSION"]}"' in setup
+
+
+def test_pytorchjob_volumes_are_writable_for_the_image_user() -> None:
+    uid = re.search(r"useradd .*--uid (\d+)", (ROOT / "docker/Dockerfile").read_text()).group(1)
+    docs = list(yaml.safe_load_all((ROOT / "docker/k8s/pytorchjob.yaml").read_text()))
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert all(c["spec"].get("storageClassName") for c in claims.values())
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    for role in ("Master", "Worker"):
+        pod = job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]
+        assert str(pod["securityContext"]["fsGroup"]) == uid
+        container = pod["containers"][0]
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        data = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("data.path="))
+        assert data.startswith(mounts["data"]["mountPath"]) and mounts["data"]["readOnly"]
+        assert {v["name"]: v for v in pod["volumes"]}["data"]["persistentVolumeClaim"][
+            "claimName"] in claims
