@@ -6,7 +6,9 @@
 #   3. peer-bench layer --device cuda: ours in fp32 and bf16 against PEER-pytorch and against
 #      the copy-bandwidth roofline at the paper's shape (N = 1024^2, d = 1024, h = 8, k = 16)
 #   4. configs/peer_1m.yaml on one GPU in bf16 at ZeRO 1, 2 and 3 (a few steps each)
-#   5. peer-scale measure on the CUDA allocator (predicted against measured peak per rank)
+#   5. peer-scale calibrate on the CUDA allocator (the memory model's runtime and scratch
+#      constants, written to $OUT/calibration/calibration.json for plan --calibration), then
+#      peer-scale measure with them (predicted against measured peak per rank)
 #
 #   bash launch/gpu_check.sh                  # report: runs/gpu_check/report.md
 #   GPU_CHECK_OUT=/tmp/gc bash launch/gpu_check.sh
@@ -125,9 +127,21 @@ fi
 
 # 5. predicted against measured memory on the CUDA allocator
 if wants scale; then
+echo -e "\n## Memory model constants, calibrated on this GPU" >>"$REPORT"
+# one GPU: world size 1; tokens and selections per token vary so that the runtime, the scratch
+# per token and per selection are told apart (memory_model.fit_calibration)
+CALIB=("$PY" -m peer_dist.tools.scale calibrate --config configs/peer_1m.yaml --num-experts 4096
+       --dim 256 --ep 1 --dtype bf16 --tokens-per-rank 1024,4096 --topk 8,16 --steps 3
+       --out "$OUT/calibration")
+echo -e "\n\`${CALIB[*]}\`" >>"$REPORT"
+CAL_ARGS=()
+if step scale_calibrate 900 "${CALIB[@]}"; then
+    { echo '```'; tail -n 12 "$OUT/scale_calibrate.log"; echo '```'; } >>"$REPORT"
+    CAL_ARGS=(--calibration "$OUT/calibration/calibration.json")
+fi
 echo -e "\n## Per-rank memory, predicted and measured (CUDA allocator)" >>"$REPORT"
 SCALE=("$PY" -m peer_dist.tools.scale measure --config configs/peer_1m.yaml --num-experts "$SCALE_N" --dim 256
-       --ep 1 --dtype bf16 --tokens-per-rank 4096 --steps 3 --out "$OUT/scale")
+       --ep 1 --dtype bf16 --tokens-per-rank 4096 --steps 3 --out "$OUT/scale" ${CAL_ARGS[@]+"${CAL_ARGS[@]}"})
 echo -e "\n\`${SCALE[*]}\`" >>"$REPORT"
 if step scale_measure 900 "${SCALE[@]}"; then
     { cat "$OUT/scale/table.md" 2>/dev/null || tail -n 20 "$OUT/scale_measure.log"; } \

@@ -159,8 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--nodes", type=int, default=None,
+                   help="nodes of the cluster (or --min-gpus to find how many are needed)")
     p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--min-gpus", action="store_true",
+                   help="the fewest GPUs (1 .. --gpus-per-node, then whole nodes) on which the "
+                        "model fits, and the best layout there")
+    p.add_argument("--max-gpus", type=int, default=4096, help="--min-gpus: the largest tried")
+    p.add_argument("--table-optimizer", type=_strs, default=None, metavar="NAMES",
+                   help=f"consider only these table optimizers (comma-separated, of "
+                        f"{','.join(mm.TABLE_OPTIMIZERS)}; default: all)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write DIR/plan.md and DIR/plan.png (per-rank memory against EP, "
+                        "or against GPUs with --min-gpus, and the GPU's capacity)")
     p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per GPU, GiB")
     p.add_argument("--headroom", type=float, default=0.05,
                    help="fraction of memory that must stay free beyond the predicted peak")
@@ -471,17 +482,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- plan
 
-def plan_rows(args: argparse.Namespace) -> list[dict]:
-    """Every EP (divisor of the world) x ZeRO stage x micro-batch x table optimizer, each with
-    its predicted whole peak and headroom, best first: the fitting ones, then the strongest
-    table optimizer, an EP group inside one node (all-to-all stays on the node's links), the
-    smallest EP (fewest owners per token), ZeRO 0-2 before 3 (stages 1 and 2 move the same
-    bytes as plain data parallelism, stage 3 adds parameter all-gathers), the largest
-    micro-batch, then the least memory."""
+RANK_RULE = ("ranked: settings that fit first, then the table optimizer (lazy_adam, "
+             "dense_adam, adagrad, sgd), an EP group inside one node (its all-to-all stays on "
+             "the node's links), the smaller EP (fewer owners per token), ZeRO 0-2 before 3 "
+             "(3 adds parameter all-gathers), the larger micro-batch, the least memory")
+
+
+def plan_rows(args: argparse.Namespace, world: int | None = None) -> list[dict]:
+    """Every EP (divisor of the world) x ZeRO stage x micro-batch x table optimizer (those of
+    --table-optimizer), each with its predicted whole peak and headroom, best first by
+    RANK_RULE. world: GPUs in all (default nodes x GPUs per node)."""
     cfg = base_config(args)
     m = model_for(cfg.model, args.num_experts or cfg.model.peer.num_experts,
                   args.dim or cfg.model.dim, args.layers)
-    world = args.nodes * args.gpus_per_node
+    world = world or args.nodes * args.gpus_per_node
     capacity = args.gpu_mem_gib * GIB
     seq = cfg.train.seq_len
     micro = args.micro_batch or [cfg.train.batch_size]
@@ -489,7 +503,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     for ep, zero, mb, opt in itertools.product(
             [e for e in range(1, world + 1) if world % e == 0], mm.ZERO_STAGES, micro,
-            mm.TABLE_OPTIMIZERS):
+            plan_optimizers(args)):
         s = mm.Setup(m, ep=ep, world_size=world, dtype=args.dtype,
                      table_dtype=args.table_dtype or m.peer.table_dtype,
                      table_optimizer=opt, zero_stage=zero, strategy=args.strategy,
@@ -513,8 +527,106 @@ PLAN_KEYS = ["ep", "dp", "zero_stage", "micro_batch", "table_optimizer", "expert
              "peak_bytes_per_rank_predicted", "headroom_bytes"]
 
 
+def plan_optimizers(args: argparse.Namespace) -> list[str]:
+    """--table-optimizer's names (checked), else every table optimizer."""
+    names = args.table_optimizer or list(mm.TABLE_OPTIMIZERS)
+    bad = [n for n in names if n not in mm.TABLE_OPTIMIZERS]
+    if bad:
+        raise SystemExit(f"peer-scale: --table-optimizer={','.join(names)}: {bad} unknown; "
+                         f"allowed are {list(mm.TABLE_OPTIMIZERS)}")
+    return names
+
+
+def gpu_counts(per_node: int, most: int) -> list[int]:
+    """GPU counts --min-gpus tries, in order: 1 .. one node, then whole nodes."""
+    return [g for g in range(1, per_node + 1) if g <= most] + list(
+        range(2 * per_node, most + 1, per_node))
+
+
+def min_gpus(args: argparse.Namespace) -> tuple[int, list[dict], list[tuple[int, dict]]]:
+    """(the fewest GPUs that fit, that world's rows best first, (GPUs, least-memory row) for
+    every count tried); GPUs is 0 when none up to --max-gpus fits."""
+    tried: list[tuple[int, dict]] = []
+    for g in gpu_counts(args.gpus_per_node, args.max_gpus):
+        rows = plan_rows(args, world=g)
+        tried.append((g, min(rows, key=lambda r: r["peak_bytes_per_rank_predicted"])))
+        if any(r["fits"] for r in rows):
+            return g, rows, tried
+    return 0, [], tried
+
+
+def cmd_min_gpus(args: argparse.Namespace) -> None:
+    g, rows, tried = min_gpus(args)
+    if args.out:
+        plot_min_gpus(args, tried, Path(args.out))
+    if not g:
+        best = tried[-1][1]
+        raise SystemExit(f"peer-scale: nothing fits on up to {args.max_gpus} GPUs of "
+                         f"{args.gpu_mem_gib:g} GiB: {tried[-1][0]} GPUs still need "
+                         f"{human(best['peak_bytes_per_rank_predicted'])} per rank; allowed: "
+                         "a larger --max-gpus or --gpu-mem-gib, or a smaller model")
+    fit = [r for r in rows if r["fits"]]
+    if args.json:
+        emit(fit[:args.top], list(fit[0]), True)
+        return
+    nodes = -(-g // args.gpus_per_node)
+    best = fit[0]
+    print(f"fewest GPUs: {g} ({nodes} node{'s' if nodes > 1 else ''} of "
+          f"{args.gpus_per_node}, {args.gpu_mem_gib:g} GiB each); best layout there: "
+          f"ep={best['ep']} dp={best['dp']} zero={best['zero_stage']} "
+          f"micro_batch={best['micro_batch']} {best['table_optimizer']}, peak "
+          f"{human(best['peak_bytes_per_rank_predicted'])} per rank")
+    print(RANK_RULE)
+    print(markdown(fit[:args.top], PLAN_KEYS), end="")
+
+
+def plot_min_gpus(args: argparse.Namespace, tried: list[tuple[int, dict]], out: Path) -> None:
+    xs = [g for g, _ in tried]
+    series = [Series("least peak per rank", xs,
+                     [r["peak_bytes_per_rank_predicted"] for _, r in tried], "line", 0)]
+    _plot_with_capacity(args, out, series, "GPUs", xs)
+
+
+def _plot_with_capacity(args: argparse.Namespace, out: Path, series: list[Series],
+                        xlabel: str, xs: list[int]) -> None:
+    """plan.png: the series and the GPU's capacity (less the headroom) as lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    cap = args.gpu_mem_gib * GIB
+    lo, hi = min(xs), max(max(xs), 2)
+    series = series + [Series(f"GPU capacity {args.gpu_mem_gib:g} GiB", [lo, hi], [cap, cap],
+                              "line", 7),
+                       Series(f"capacity less {100 * args.headroom:.0f}% headroom", [lo, hi],
+                              [cap * (1 - args.headroom)] * 2, "cross", 7)]
+    line_chart(out / "plan.png", series, f"peer-scale plan: predicted peak per rank "
+               f"({args.gpus_per_node} GPUs per node)", xlabel, "bytes per rank")
+    print(f"peer-scale: wrote {out / 'plan.png'}", file=sys.stderr)
+
+
+def plot_plan(args: argparse.Namespace, rows: list[dict], out: Path) -> None:
+    """Per-rank peak against EP: per ZeRO stage, the least memory over micro-batches and the
+    optimizers considered, with the capacity line."""
+    series = []
+    for color, zero in enumerate(sorted({r["zero_stage"] for r in rows})):
+        eps = sorted({r["ep"] for r in rows})
+        ys = [min(r["peak_bytes_per_rank_predicted"] for r in rows
+                  if r["ep"] == ep and r["zero_stage"] == zero) for ep in eps]
+        series.append(Series(f"ZeRO {zero}", eps, ys, "line", color))
+    _plot_with_capacity(args, out, series, "EP (expert-parallel ranks)",
+                        sorted({r["ep"] for r in rows}))
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
+    if args.min_gpus:
+        cmd_min_gpus(args)
+        return
+    if args.nodes is None:
+        raise SystemExit("peer-scale: plan needs --nodes N (the cluster), or --min-gpus to "
+                         "find how many GPUs the model needs")
     rows = plan_rows(args)
+    if args.out:
+        plot_plan(args, rows, Path(args.out))
+        (Path(args.out) / "plan.md").write_text(RANK_RULE + "\n\n" + markdown(
+            [r for r in rows if r["fits"]][:args.top], PLAN_KEYS))
     fit = [r for r in rows if r["fits"]]
     if args.check and fit:
         check_plan(args, fit[0])
@@ -535,7 +647,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
               f"(ep={smallest['ep']}, zero={smallest['zero_stage']}, "
               f"micro_batch={smallest['micro_batch']}, {smallest['table_optimizer']})")
         return
-    print(f"{len(fit)} of {len(rows)} settings fit; best first:")
+    print(f"{len(fit)} of {len(rows)} settings fit; best first ({RANK_RULE}):")
     print(markdown(fit[:args.top], PLAN_KEYS), end="")
 
 
@@ -562,7 +674,7 @@ def constants_note(args: argparse.Namespace, row: dict) -> str:
     return (f"constants from a CPU ({where}): selection scratch "
             f"{human(row['scratch_bytes'])} of the best setting's peak ({100 * frac:.1f}% of a "
             f"GPU), which its headroom covers only if the GPU's scratch is no larger; CUDA "
-            f"runtime {runtime}. Calibrate on the GPU: GPU_CHECK_ONLY=calibrate bash "
+            f"runtime {runtime}. Calibrate on the GPU: GPU_CHECK_ONLY=scale bash "
             f"launch/gpu_check.sh, then --calibration FILE")
 
 
