@@ -14,8 +14,9 @@ Wide rows (D > C * CH) are done in PARTS column parts: the dots first (a pass ov
 the backward), the per-selection weights written to global memory, one barrier, then one pass
 per column part for the sums. Every table row is still read once.
 
-Table-row loads go through `_rows` only (one source line): the compile check in
-peer_dist/tools/bench_kernels.py finds them in the SASS by that line.
+Table-row loads go through `_rows` only, as L2-only loads (.cg: a gathered row is rarely
+read again by the same SM, so it does not take L1 from x and the ids); the compile check in
+peer_dist/tools/bench_kernels.py finds them in the SASS by that modifier.
 """
 
 import triton
@@ -63,7 +64,9 @@ def _rows(t, r, ok, D, c0, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr)
     D a multiple of VEC); zero where not ok (W,) or past D."""
     cols = _cols(c0, C, CH)
     base = tl.multiple_of(r * D, VEC)  # (W,) row starts, VEC-aligned: vector loads
-    return tl.load(t + base[None, :, None] + cols, mask=ok[None, :, None] & _colmask(cols, D, VEC), other=0.0).to(tl.float32)  # noqa: E501 (one line: the table-row load)
+    m = ok[None, :, None] & _colmask(cols, D, VEC)
+    return tl.load(t + base[None, :, None] + cols, mask=m, other=0.0,
+                   cache_modifier=".cg").to(tl.float32)
 
 
 @triton.jit
@@ -96,7 +99,7 @@ def _dots(t, r, ok, a, p, D, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexp
           PARTS: tl.constexpr):
     """(W,) fp32: rows r of t dotted with row p of a, over all PARTS column parts."""
     part = tl.zeros([C, r.shape[0], CH], dtype=tl.float32)
-    for k in tl.static_range(PARTS):
+    for k in range(PARTS):  # not unrolled: one part's rows in registers at a time
         part += _rows(t, r, ok, D, k * C * CH, C, CH, VEC) * _vec(a, p, D, k * C * CH, C, CH,
                                                                   VEC)
     return tl.sum(tl.sum(part, 2), 0)  # in-thread over C, then shuffles over CH
@@ -159,8 +162,8 @@ def mix_bwd_bags(dy, rows, offs, gates, pre, u, v, dx, dg, ds, ga, N, D, GELU: t
         acc = tl.zeros([C, W, CH], dtype=tl.float32)
         for q0 in tl.range(start, end, W, num_stages=STAGES):
             q, qm, ok, r = _sel(rows, q0, end, N, W)
+            ut = _rows(u, r, ok, D, 0, C, CH, VEC)  # issued first, used last
             vt = _rows(v, r, ok, D, 0, C, CH, VEC)
-            ut = _rows(u, r, ok, D, 0, C, CH, VEC)
             dsq = _bag_weights(tl.sum(tl.sum(vt * dyr, 2), 0), q, qm, ok, gates, pre, dg, ds,
                                ga, GELU)
             acc += ut * dsq[None, :, None]
