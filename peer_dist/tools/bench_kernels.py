@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -257,17 +258,17 @@ def _job(job) -> dict:
     return measure(spec, arch, latency_ns)
 
 
+def _compiler_process() -> None:
+    """Worker start: the kernels defined for compiling, not for the interpreter (the tests'
+    process runs them under TRITON_INTERPRET=1)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
 def measure_all(jobs, latency_ns: float, workers: int, progress=None) -> list[dict]:
-    """Rows of every (spec, arch), compiled in `workers` processes, in the jobs' order."""
+    """Rows of every (spec, arch), compiled in `workers` fresh processes, in jobs' order."""
     args = [(spec, arch, latency_ns) for spec, arch in jobs]
-    if workers <= 1:
-        rows = []
-        for i, a in enumerate(args):
-            rows.append(_job(a))
-            if progress:
-                progress(i + 1, len(args))
-        return rows
-    with ProcessPoolExecutor(workers) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_compiler_process) as pool:
         rows = []
         for i, row in enumerate(pool.map(_job, args)):
             rows.append(row)
