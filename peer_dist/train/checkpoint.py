@@ -33,22 +33,24 @@ be verified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from peer_dist.config import Config, save_config, to_dict
 from peer_dist.errors import UserError
-from peer_dist.train import faults
+from peer_dist.train import faults, safe_load
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -173,10 +175,15 @@ def verify(path: Path) -> str | None:
     """What is wrong with checkpoint `path`, or None if it is complete and intact. Collective
     when the process group is up: every rank returns the same answer."""
     problem = _check_manifest(path)
-    if problem is None and (path / MANIFEST).is_file():
-        files = json.loads((path / MANIFEST).read_text())["files"]
-        problem = next((p for p in (_check_file(path, n, files[n]) for n in _share(sorted(files)))
-                        if p), None)
+    if problem is None:
+        has_manifest = (path / MANIFEST).is_file()
+        files = json.loads((path / MANIFEST).read_text())["files"] if has_manifest else \
+            {n: {} for n in _listing(path)}  # written before manifests: nothing to hash against
+        for n in _share(sorted(files)):
+            problem = (_check_file(path, n, files[n]) if has_manifest else None) or \
+                safe_load.problem(path, n)  # a pickle that is more than data: refused
+            if problem:
+                break
     problems = [p for p in _gather(problem) if p]
     return problems[0] if problems else None
 
@@ -471,22 +478,42 @@ def load_checkpoint(path: Path, cfg: Config, engine: DeepSpeedEngine,
     same_layout = (meta["world_size"] == topo.world_size
                    and meta["zero_stage"] == cfg.train.zero_stage)
     # ZeRO 0 state is not partitioned: the engine checkpoint loads at any world size.
-    if same_layout or meta["zero_stage"] == cfg.train.zero_stage == 0:
-        engine.load_checkpoint(str(path), tag="dense", load_module_strict=True)
-    else:
-        load_dense_weights(engine, torch.load(path / "dense_full.pt", weights_only=True))
-        if topo.rank == 0:
-            _warn(f"checkpoint {path.name} was written at world size {meta['world_size']}, "
-                  f"ZeRO {meta['zero_stage']}; loading at {topo.world_size}, ZeRO "
-                  f"{cfg.train.zero_stage}: dense weights restored, dense optimizer state "
-                  "reinitialised")
+    with _one_line(path, "dense", all_ranks=False):  # each rank reads its own files
+        if same_layout or meta["zero_stage"] == cfg.train.zero_stage == 0:
+            with safe_load.engine_loads(engine):
+                engine.load_checkpoint(str(path), tag="dense", load_module_strict=True)
+        else:
+            load_dense_weights(engine, safe_load.load_tensors(path / "dense_full.pt"))
+            if topo.rank == 0:
+                _warn(f"checkpoint {path.name} was written at world size "
+                      f"{meta['world_size']}, ZeRO {meta['zero_stage']}; loading at "
+                      f"{topo.world_size}, ZeRO {cfg.train.zero_stage}: dense weights "
+                      "restored, dense optimizer state reinitialised")
     state = table_state(shards, table_opt, topo.mesh)
-    dcp.load(state, checkpoint_id=str(path / "tables"))
+    with _one_line(path, "tables", all_ranks=True):  # DCP raises on every rank alike
+        dcp.load(state, storage_reader=safe_load.reader(path / "tables"))
     _restore_table_steps(shards, table_opt, state)
     rng_file = path / "rng" / f"rank_{topo.rank}.pt"
     if same_layout and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(safe_load.load_tensors(rng_file))
     return int(meta["step"])
+
+
+@contextlib.contextmanager
+def _one_line(path: Path, part: str, all_ranks: bool) -> Iterator[None]:
+    """A file that passed verification but still fails to load (damaged before its manifest
+    was written, say) ends the run in one line on every rank, not in a traceback per rank."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        # DCP's holds each rank's traceback: its last line is the error itself
+        first = (lines[-1] if isinstance(e, CheckpointException) else lines[0])[:200]
+        raise UserError(f"checkpoint {str(path)!r}: its {part} state cannot be loaded "
+                        f"({type(e).__name__}: {first}); allowed: an intact checkpoint, or "
+                        "train.resume=never", all_ranks=all_ranks) from e
 
 
 def _restore_table_steps(shards: list[ExpertShard], table_opt: RowSparseOptimizer,
@@ -535,8 +562,8 @@ def read_full_state(path: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    out = dict(torch.load(path / "dense_full.pt", weights_only=True))
-    reader = dcp.FileSystemReader(str(path / "tables"))
+    out = dict(safe_load.load_tensors(path / "dense_full.pt"))
+    reader = safe_load.reader(path / "tables")
     md = reader.read_metadata()
     tables = {k: torch.empty(m.size, dtype=m.properties.dtype)
               for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}

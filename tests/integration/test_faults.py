@@ -204,7 +204,9 @@ def test_user_errors_end_in_one_line(base, name):
     (tmp / "emptydir").mkdir()
     (tmp / "emptydir" / "notes.txt").write_text("not tokens")
     overrides, words = USER_ERRORS[name]
-    proc = launch(tmp, *[o.format(tmp=tmp) for o in overrides])
+    # errors found inside the ranks need no second rank (and its start-up): one; the EP check
+    # names the allowed degrees of a 2-rank world
+    proc = launch(tmp, *[o.format(tmp=tmp) for o in overrides], nproc=2 if name == "ep" else 1)
     assert_one_line(proc, 2, *words)
 
 
@@ -229,7 +231,7 @@ def test_token_ids_beyond_the_vocabulary(base, tmp_path):
     (data / "meta.json").write_text(json.dumps({
         "vocab_size": 256, "dtype": "uint16", "tokens": {"train": 4000, "val": 1000},
         "tokenizer": "byte", "eos_id": 0}))
-    proc = launch(tmp_path, data=data)
+    proc = launch(tmp_path, data=data, nproc=1)
     assert_one_line(proc, 2, "token id 300", "model.vocab_size=256")
 
 
@@ -240,7 +242,7 @@ def test_run_dir_of_a_live_job_is_refused(base, tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.write(f"pid {os.getpid()} on testhost")
         f.flush()
-        proc = launch(tmp_path)
+        proc = launch(tmp_path, nproc=1)
     assert_one_line(proc, 2, "is in use by a live job", "testhost")
 
 
