@@ -1,7 +1,9 @@
-"""peer-bench dist: sharded expert strategies (fetch, dispatch) against replicated tables.
+"""peer-bench dist: sharded expert strategies (fetch, dispatch, node_dispatch) against
+replicated tables.
 
     peer-bench dist                            # launches itself with torchrun at 1, 2, 4 ranks
     peer-bench dist --nprocs-list 2,4 --num-experts 262144 --dim 256 --tokens 1024 --json
+    peer-bench dist --nodes 2 --nprocs-list 2,4   # each world as two torchrun agents ("nodes")
 
 One PEER expert stage (the only part that communicates; routing is replicated and silent) per
 rank: uniform random expert ids (T, h*k), random gates and inputs, forward + backward +
@@ -14,6 +16,15 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
   bytes_per_token_layer_predicted the cost model (parallel/cost.py) for uniform ids
   expert_mem_bytes_per_rank       bytes of the local U and V rows (parameters only; gradients
                                   and optimizer state scale the same way)
+  bytes_internode_per_token_layer the part of bytes_per_token_layer sent to ranks on other nodes
+  (and _predicted; bytes_intranode_per_token_layer the rest; replicated: the ring's crossings)
+  step_s_predicted                the step-time model (tools/cluster_model.py) with this
+                                  machine's constants, measured in the same run: the mix's
+                                  speed (one process, the ranks' thread count; ranks beyond the
+                                  cores share them) and the all-to-all's latency and bandwidth
+                                  (a probe in each world)
+With --nodes M each world runs as M torchrun agents on this machine (LOCAL_WORLD_SIZE = W / M):
+the ranks see M nodes, and node_dispatch joins the strategies.
 A model-only row at the paper's scale (N=1024^2, d=1024, h=8, k=16, 4096 tokens, EP=8) closes
 the table.
 """
@@ -48,7 +59,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank per step")
     p.add_argument("--ep", type=int, default=0, help="0 = the whole world")
-    p.add_argument("--strategies", default="fetch,dispatch,replicated")
+    p.add_argument("--strategies", default=None,
+                   help="default fetch,dispatch,replicated (and node_dispatch with --nodes > 1)")
+    p.add_argument("--nodes", type=int, default=1, help="torchrun agents per world size")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank; 0 = cores/W")
@@ -56,6 +69,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-paper", action="store_true", help="leave out the model-only paper row")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.strategies is None:
+        args.strategies = ",".join(s for s in ROWS if args.nodes > 1 or s != "node_dispatch")
     bad = [s for s in args.strategies.split(",") if s not in ROWS]
     if bad:
         p.error(f"--strategies: {bad} invalid; allowed are {', '.join(ROWS)}")
@@ -66,6 +81,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not sizes or min(sizes) < 1:
         p.error(f"--nprocs-list={args.nprocs_list!r} is invalid: allowed are world sizes >= 1, "
                 "comma-separated, e.g. 1,2,4")
+    if args.nodes < 1 or any(w % args.nodes for w in sizes):
+        p.error(f"--nodes={args.nodes} with --nprocs-list={args.nprocs_list}: allowed is a "
+                f"node count >= 1 that divides every world size")
     return args
 
 
@@ -120,13 +138,11 @@ def _build(strategy: str, args, topo):
     return ShardedExperts("bench", tables, topo, strategy)
 
 
-def _measure(strategy: str, args, topo) -> dict:
+def _measure(strategy: str, args, topo, consts: dict) -> dict:
     import torch.distributed as dist
 
-    from peer_dist.parallel import cost
-
     layer = _build(strategy, args, topo)
-    times, sent = [], 0.0
+    times, sent, far = [], 0.0, 0.0
     for step in range(args.warmup + args.steps):
         if strategy != "replicated":
             layer.stats.reset()
@@ -134,31 +150,100 @@ def _measure(strategy: str, args, topo) -> dict:
         t0 = time.perf_counter()
         if strategy == "replicated":
             sent = _replicated_step(layer, args, topo.rank, step, topo.device)
+            far = sent * _ring_crossing(topo)
         else:
             _sharded_step(layer, args, topo.rank, step, topo.device)
             sent = float(sum(layer.stats.bytes_sent.values()))
+            far = float(sum(layer.stats.bytes_internode.values()))
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    agg = torch.tensor([statistics.median(times), sent], dtype=torch.float64)
+    agg = torch.tensor([statistics.median(times), sent, far], dtype=torch.float64)
     slowest = agg[:1].clone()
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     dist.all_reduce(agg)
-    shape = cost.LayerShape(args.num_experts, args.dim, args.heads * args.topk, args.tokens,
-                            topo.ep, topo.world_size)
     mem = (2 * layer[0].numel() * 4 if strategy == "replicated"
            else 2 * layer.shard.rows * args.dim * 4)
-    return _row(strategy, topo.world_size, topo.ep, args, step_s=float(slowest),
-                measured=float(agg[1]) / (topo.world_size * args.tokens),
-                predicted=cost.predict_per_token(shape)[strategy], mem=mem)
+    per = topo.world_size * args.tokens
+    row = _row(strategy, topo.world_size, topo.ep, args, step_s=float(slowest),
+               measured=float(agg[1]) / per, mem=mem, nodes=topo.nodes)
+    row["bytes_internode_per_token_layer"] = float(agg[2]) / per
+    row["bytes_intranode_per_token_layer"] = (float(agg[1]) - float(agg[2])) / per
+    row["step_s_predicted"] = _predicted_step(strategy, args, topo, consts)
+    return row
 
 
-def _row(strategy: str, world: int, ep: int, args, step_s, measured, predicted, mem,
+def _ring_crossing(topo) -> float:
+    """Share of a rank-order ring's hops that leave a node (what the replicated baseline's
+    all-reduce sends across nodes, in the model's ring)."""
+    return topo.nodes / topo.world_size if topo.nodes > 1 else 0.0
+
+
+def _shape(args, world: int, ep: int, nodes: int):
+    from peer_dist.parallel import cost
+
+    return cost.LayerShape(args.num_experts, args.dim, args.heads * args.topk, args.tokens,
+                           ep, world, ranks_per_node=world // nodes)
+
+
+def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
+    """The step-time model with this machine's measured constants (None without them)."""
+    from peer_dist.tools import cluster_model as cm
+
+    if not consts.get("mix_s_per_token"):
+        return None
+    threads = torch.get_num_threads()
+    layer = cm.Layer(args.num_experts, args.dim, args.heads * args.topk, args.tokens, elem=4,
+                     optimizer=False)
+    # the mix's measured speed, written as a bandwidth over the bytes the model says it streams
+    rate = cm.mix_bytes(layer) / consts["mix_s_per_token"]
+    a2a = consts.get("a2a_bytes_per_s") or 1.0
+    c = cm.Cluster(topo.nodes, topo.world_size // topo.nodes, rate, a2a, a2a, 0.0,
+                   hbm_fraction=1.0, latency_s=consts.get("a2a_latency_s", 0.0),
+                   cores_per_rank=(os.cpu_count() or 1) / (topo.world_size * threads),
+                   name="this machine")
+    return cm.predict_step(layer, c, topo.ep, strategy)["step_s_predicted"]
+
+
+def _row(strategy: str, world: int, ep: int, args, step_s, measured, mem, nodes: int = 1,
          source: str = "measured") -> dict:
-    return dict(strategy=strategy, world_size=world, ep=ep, num_experts=args.num_experts,
-                dim=args.dim, heads=args.heads, topk=args.topk, tokens_per_rank=args.tokens,
-                step_s=step_s, bytes_per_token_layer=measured,
-                bytes_per_token_layer_predicted=predicted, expert_mem_bytes_per_rank=mem,
-                source=source)
+    """A row with the cost model's bytes for uniform ids beside what was measured."""
+    from peer_dist.parallel import cost
+
+    intra, inter = cost.predict_by_link(_shape(args, world, ep, nodes))[strategy]
+    return dict(strategy=strategy, world_size=world, ep=ep, nodes=nodes,
+                num_experts=args.num_experts, dim=args.dim, heads=args.heads, topk=args.topk,
+                tokens_per_rank=args.tokens, step_s=step_s, bytes_per_token_layer=measured,
+                bytes_per_token_layer_predicted=intra + inter,
+                bytes_internode_per_token_layer=None,
+                bytes_internode_per_token_layer_predicted=inter,
+                bytes_intranode_per_token_layer=None,
+                bytes_intranode_per_token_layer_predicted=intra,
+                step_s_predicted=None, expert_mem_bytes_per_rank=mem, source=source)
+
+
+def probe_links(topo, sizes: tuple[int, int] = (256, 1 << 19), reps: int = 5) -> dict:
+    """All-to-all latency and bandwidth of this world: equal splits of two sizes (float32
+    elements per peer), median of reps; bandwidth = bytes one rank sends per second."""
+    import torch.distributed as dist
+
+    if topo.world_size == 1:
+        return {}
+    out = []
+    for n in sizes:
+        x = torch.zeros(topo.world_size * n)
+        y = torch.empty_like(x)
+        times = []
+        for _ in range(reps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_to_all_single(y, x)
+            times.append(time.perf_counter() - t0)
+        t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out.append(float(t))
+    sent = [(topo.world_size - 1) * n * 4 for n in sizes]
+    bw = (sent[1] - sent[0]) / max(out[1] - out[0], 1e-9)
+    return {"a2a_latency_s": out[0], "a2a_bytes_per_s": bw}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -170,41 +255,100 @@ def worker(args: argparse.Namespace) -> None:
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     topo = Topology.build(args.ep)
+    consts = {"mix_s_per_token": float(os.environ.get("PEER_BENCH_MIX_S", "0") or 0),
+              **probe_links(topo)}
     for strategy in args.strategies.split(","):
-        row = _measure(strategy, args, topo)
+        if strategy == "node_dispatch" and topo.nodes == 1:
+            continue  # one node: dispatch with more counts
+        row = _measure(strategy, args, topo, consts)
         if topo.rank == 0:
             print(json.dumps(row), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+    # Leave without C++ destructors: a gloo thread still joinable at exit aborts the process
+    # ("terminate called without an active exception") after the rows were printed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def probe_mix(args: argparse.Namespace, threads: int, reps: int = 3) -> float:
+    """Seconds per token of the single-process layer step (mix forward + backward with sparse
+    table gradients, coalesced), with `threads` threads: the model's compute constant."""
+    from peer_dist.model.peer import ExpertTables, init_rows
+    from peer_dist.ops import peer_mix
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    tables = ExpertTables(args.num_experts, args.dim, "gelu", seed=1)
+    u, v = (init_rows(s, 0, args.num_experts, args.dim, tables.std).requires_grad_(True)
+            for s in tables.table_seeds())
+    times = []
+    for step in range(reps + 1):
+        x, ids, gates = _inputs(args, 0, step, torch.device("cpu"))
+        t0 = time.perf_counter()
+        peer_mix(x, ids, gates, u, v, "gelu", sparse_grad=True).square().mean().backward()
+        u.grad, v.grad = u.grad.coalesce(), v.grad.coalesce()
+        times.append(time.perf_counter() - t0)
+        u.grad = v.grad = None
+    torch.set_num_threads(old)
+    return statistics.median(times[1:]) / args.tokens
 
 
 # ---------------------------------------------------------------- launcher and report
 
-def launch(args: argparse.Namespace, argv: list[str], nprocs: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nprocs}", "-m", "peer_dist.tools.bench_dist", "--worker", *argv]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
-        raise SystemExit(f"peer-bench dist: torchrun with {nprocs} ranks failed "
-                         f"(exit {out.returncode})")
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+def launch(args: argparse.Namespace, argv: list[str], nprocs: int, mix_s: float) -> list[dict]:
+    """One world of nprocs ranks as args.nodes torchrun agents on this machine (a static
+    rendezvous on 127.0.0.1); the rows come from rank 0, on agent 0."""
+    from peer_dist.parallel.topology import free_port
+
+    per = nprocs // args.nodes
+    if args.nodes == 1:
+        where = ["--standalone"]
+    else:
+        where = ["--nnodes", str(args.nodes), "--master-addr", "127.0.0.1", "--master-port",
+                 str(free_port())]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PEER_BENCH_MIX_S=repr(mix_s))
+    procs = []
+    for node in range(args.nodes):
+        rank = [] if args.nodes == 1 else ["--node-rank", str(node)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *where, *rank,
+               f"--nproc-per-node={per}", "-m", "peer_dist.tools.bench_dist", "--worker", *argv]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate() for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            sys.stderr.write(out[-4000:] + err[-4000:])
+            raise SystemExit(f"peer-bench dist: torchrun with {nprocs} ranks on {args.nodes} "
+                             f"node(s) failed (exit {p.returncode})")
+    return [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
+
+
+def mix_constants(args: argparse.Namespace, sizes: list[int]) -> dict[int, float]:
+    """The mix's seconds per token, once per thread count the worlds will use."""
+    cores = os.cpu_count() or 1
+    threads = {w: args.threads or max(1, cores // w) for w in sizes}
+    probe = {t: probe_mix(args, t) for t in sorted(set(threads.values()))}
+    return {w: probe[t] for w, t in threads.items()}
 
 
 def paper_rows() -> list[dict]:
+    """Model-only rows at the paper's layer: EP = 8 on one node, and 8 nodes x 8 GPUs."""
     from peer_dist.parallel import cost
 
     a = argparse.Namespace(**{k: PAPER[k] for k in ("num_experts", "dim", "heads", "topk")},
                            tokens=PAPER["tokens"])
-    shape = cost.LayerShape(PAPER["num_experts"], PAPER["dim"], PAPER["heads"] * PAPER["topk"],
-                            PAPER["tokens"], PAPER["ep"], PAPER["ep"])
-    pred = cost.predict_per_token(shape)
     rows = []
-    for strategy in ROWS:
-        ep = 1 if strategy == "replicated" else PAPER["ep"]
-        mem = cost.table_bytes_per_rank(PAPER["num_experts"], PAPER["dim"], ep)
-        rows.append(_row(strategy, PAPER["ep"], PAPER["ep"], a, None, None, pred[strategy], mem,
-                         source="model"))
+    for world, nodes in ((PAPER["ep"], 1), (8 * PAPER["ep"], 8)):
+        for strategy in ROWS:
+            if strategy == "node_dispatch" and nodes == 1:
+                continue
+            ep = 1 if strategy == "replicated" else world
+            mem = cost.table_bytes_per_rank(PAPER["num_experts"], PAPER["dim"], ep)
+            rows.append(_row(strategy, world, world, a, None, None, mem, nodes=nodes,
+                             source="model"))
     return rows
 
 
@@ -212,43 +356,77 @@ def _fmt(v, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if v is None else f"{v / scale:,.{digits}f}"
 
 
+def _ratio(a, b) -> str:
+    return "-" if not a or not b else f"{a / b:.3f}"
+
+
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'source':8} {'strategy':10} {'W':>2} {'EP':>2} {'N':>8} {'d':>5} {'T/rank':>6} "
-            f"{'step ms':>8} {'KB/tok meas':>12} {'KB/tok model':>12} {'meas/model':>10} "
-            f"{'table MB/rank':>13}")
+    head = (f"{'source':8} {'strategy':13} {'W':>2} {'M':>2} {'EP':>2} {'N':>8} {'d':>5} "
+            f"{'T/rank':>6} {'step ms':>8} {'model ms':>8} {'KB/tok meas':>11} "
+            f"{'KB/tok model':>12} {'meas/model':>10} {'inter meas':>10} {'inter model':>11} "
+            f"{'inter m/m':>9} {'table MB/rank':>13}")
     print(head)
     print("-" * len(head))
     for r in rows:
         m, p = r["bytes_per_token_layer"], r["bytes_per_token_layer_predicted"]
-        ratio = "-" if not m or not p else f"{m / p:.3f}"
-        print(f"{r['source']:8} {r['strategy']:10} {r['world_size']:>2} {r['ep']:>2} "
-              f"{r['num_experts']:>8} {r['dim']:>5} {r['tokens_per_rank']:>6} "
-              f"{_fmt(r['step_s'], 1e-3):>8} {_fmt(m, 1e3, 2):>12} {_fmt(p, 1e3, 2):>12} "
-              f"{ratio:>10} {_fmt(r['expert_mem_bytes_per_rank'], 1e6):>13}")
+        im, ip = r["bytes_internode_per_token_layer"], r[
+            "bytes_internode_per_token_layer_predicted"]
+        print(f"{r['source']:8} {r['strategy']:13} {r['world_size']:>2} {r['nodes']:>2} "
+              f"{r['ep']:>2} {r['num_experts']:>8} {r['dim']:>5} {r['tokens_per_rank']:>6} "
+              f"{_fmt(r['step_s'], 1e-3):>8} {_fmt(r['step_s_predicted'], 1e-3):>8} "
+              f"{_fmt(m, 1e3, 2):>11} {_fmt(p, 1e3, 2):>12} {_ratio(m, p):>10} "
+              f"{_fmt(im, 1e3, 2):>10} {_fmt(ip, 1e3, 2):>11} {_ratio(im, ip):>9} "
+              f"{_fmt(r['expert_mem_bytes_per_rank'], 1e6):>13}")
     print()
     for line in ratios(rows):
         print(line)
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    """replicated / dispatch bytes per (source, world) and table memory relative to EP=1."""
+    """Per (source, world): replicated / dispatch bytes, node_dispatch / dispatch inter-node
+    bytes, step against W = 1 and against the model; table memory relative to EP = 1."""
     out = []
-    key = "bytes_per_token_layer"
-    for (src, w) in sorted({(r["source"], r["world_size"]) for r in rows}):
-        by = {r["strategy"]: r for r in rows if r["source"] == src and r["world_size"] == w}
+    for (src, w, m) in sorted({(r["source"], r["world_size"], r["nodes"]) for r in rows}):
+        by = {r["strategy"]: r for r in rows if (r["source"], r["world_size"], r["nodes"])
+              == (src, w, m)}
+        sfx = "" if src == "measured" else "_predicted"
         if "dispatch" in by and "replicated" in by:
-            k = key if src == "measured" else key + "_predicted"
-            d, rep = by["dispatch"][k], by["replicated"][k]
+            d, rep = (by[k]["bytes_per_token_layer" + sfx] for k in ("dispatch", "replicated"))
             if d and rep:
-                out.append(f"{src} W={w}: replicated / dispatch bytes = {rep / d:,.1f}x")
+                out.append(f"{src} W={w} M={m}: replicated / dispatch bytes = {rep / d:,.1f}x")
+        if "dispatch" in by and "node_dispatch" in by:
+            k = "bytes_internode_per_token_layer" + sfx
+            d, nd = by["dispatch"][k], by["node_dispatch"][k]
+            if d and nd:
+                out.append(f"{src} W={w} M={m}: node_dispatch / dispatch inter-node bytes = "
+                           f"{nd / d:.3f}")
+    return out + step_ratios(rows) + _memory_ratios(rows)
+
+
+def step_ratios(rows: list[dict]) -> list[str]:
+    """Measured step of each strategy against its W = 1 row (same tokens per rank) and
+    against the model's prediction."""
+    meas = [r for r in rows if r["source"] == "measured"]
+    one = {r["strategy"]: r["step_s"] for r in meas if r["world_size"] == 1}
+    out = []
+    for r in meas:
+        base = one.get(r["strategy"])
+        line = f"step {r['strategy']} W={r['world_size']} M={r['nodes']}:"
+        if base and r["world_size"] > 1:
+            line += f" / W=1 = {r['step_s'] / base:.3f}x,"
+        if r["step_s_predicted"]:
+            line += f" measured / model = {r['step_s'] / r['step_s_predicted']:.3f}"
+        out.append(line)
+    return out
+
+
+def _memory_ratios(rows: list[dict]) -> list[str]:
     base = {r["strategy"]: r["expert_mem_bytes_per_rank"] for r in rows
             if r["source"] == "measured" and r["ep"] == 1}
-    for r in rows:
-        if r["source"] == "measured" and r["ep"] > 1 and base.get(r["strategy"]):
-            if r["strategy"] != "replicated":
-                share = r["expert_mem_bytes_per_rank"] / base[r["strategy"]]
-                out.append(f"table memory {r['strategy']} EP={r['ep']} / EP=1 = {share:.1%}")
-    return out
+    return [f"table memory {r['strategy']} EP={r['ep']} / EP=1 = "
+            f"{r['expert_mem_bytes_per_rank'] / base[r['strategy']]:.1%}"
+            for r in rows if r["source"] == "measured" and r["ep"] > 1
+            and base.get(r["strategy"]) and r["strategy"] != "replicated"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,8 +440,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("peer-bench dist launches torchrun itself; run it without torchrun "
                          "(or pass --worker for one world size)")
     passthrough = [a for a in argv if a != "--json"]
-    for n in (int(s) for s in args.nprocs_list.split(",") if s):
-        rows += launch(args, passthrough, n)
+    sizes = [int(s) for s in args.nprocs_list.split(",") if s]
+    mix = mix_constants(args, sizes)
+    for n in sizes:
+        print(f"peer-bench dist: {n} rank(s) on {args.nodes} node(s)...", file=sys.stderr,
+              flush=True)
+        rows += launch(args, passthrough, n, mix[n])
     if not args.no_paper:
         rows += paper_rows()
     if args.json:

@@ -1,0 +1,293 @@
+"""Step-time model of the PEER expert layer on a cluster: compute, traffic by link, exposure.
+
+    python -m peer_dist.tools.cluster_model --cluster 8x8:h100          # every layout, ranked
+    python -m peer_dist.tools.cluster_model --gpus 1,8,64,512 --cluster h100 --json
+
+Per layer and step (forward + backward), per rank, for one EP x DP layout and strategy:
+  compute   the bytes the mix kernels stream: per token, forward reads S rows of U and of V
+            (2*S*D*e), backward reads them again and writes their gradients (4*S*D*e); with the
+            optimizer, a lazy Adam update of the touched rows (parameter, gradient and two fp32
+            moments); at HBM bandwidth x the kernels' achieved fraction (an assumption until a
+            GPU has measured it: HBM_FRACTION)
+  intra     intra-node bytes (parallel/cost.py, by link) / NVLink bandwidth per GPU
+  inter     inter-node bytes / NIC bandwidth per GPU
+  sync      table gradients over the DP replicas of a shard: the touched rows all-gathered, or
+            the dense shard all-reduced, whichever moves fewer bytes (grad_sync.reduce_rows);
+            over the NIC when the DP group spans nodes
+  exposed   communication not hidden behind compute: all of it with one chunk; with C chunks
+            the first chunk's share, or what exceeds compute
+  step      compute + exposed + sync + one latency per collective
+Flat all-to-alls (fetch, dispatch) use NVLink and NIC at once (the slower sets the time);
+node_dispatch's two hops run one after the other (their times add).
+
+Memory per rank: the table shard (parameters, two fp32 Adam moments, gradients of the touched
+rows) and the layer's messages (x, partials and metadata both ways); the dense part is the
+memory model's (peer-scale plan without --cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from peer_dist.errors import UserError
+from peer_dist.parallel import cost
+
+GIB = 1024 ** 3
+# The mix kernels' achieved fraction of HBM bandwidth: FBGEMM's embedding kernels reach 65%
+# forward and 26.5% backward (with the fused optimizer); no GPU has measured ours yet.
+HBM_FRACTION = 0.45
+
+
+@dataclass
+class Cluster:
+    """A cluster's numbers, per GPU (bandwidths per direction)."""
+
+    nodes: int
+    gpus_per_node: int
+    hbm_bytes_per_s: float
+    intra_bytes_per_s: float  # NVLink, effective
+    inter_bytes_per_s: float  # NIC, effective
+    mem_bytes: float
+    hbm_fraction: float = HBM_FRACTION
+    latency_s: float = 20e-6  # per collective (launch and the split exchange's host sync)
+    cores_per_rank: float = 0.0  # CPU machines: cores / ranks < 1 slows compute; 0 = no limit
+    name: str = "custom"
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+# Effective bandwidths: HBM peak (the fraction applies on top), NVLink all-to-all ~370 GB/s on
+# H100/H200 (of 450), one 400 Gb/s NIC per GPU ~50 GB/s (A100: 200 Gb/s, ~24 GB/s).
+PRESETS = {
+    "h100": dict(hbm_bytes_per_s=3.35e12, intra_bytes_per_s=370e9, inter_bytes_per_s=50e9,
+                 mem_bytes=80 * GIB),
+    "h200": dict(hbm_bytes_per_s=4.8e12, intra_bytes_per_s=370e9, inter_bytes_per_s=50e9,
+                 mem_bytes=141e9),
+    "a100": dict(hbm_bytes_per_s=2.0e12, intra_bytes_per_s=240e9, inter_bytes_per_s=24e9,
+                 mem_bytes=80 * GIB),
+}
+CLUSTER_FORM = "NODESxGPUS:KIND (KIND one of h100, h200, a100) or a YAML file of Cluster fields"
+
+
+def parse_cluster(text: str) -> Cluster:
+    """'8x8:h100' or a YAML file with Cluster's fields (nodes, gpus_per_node, bandwidths)."""
+    m = re.fullmatch(r"(\d+)x(\d+):(\w+)", text.strip())
+    if m and m.group(3) in PRESETS and int(m.group(1)) > 0 and int(m.group(2)) > 0:
+        return Cluster(int(m.group(1)), int(m.group(2)), **PRESETS[m.group(3)], name=m.group(3))
+    if Path(text).is_file():
+        return _cluster_yaml(Path(text))
+    raise UserError(f"--cluster={text!r}: allowed is {CLUSTER_FORM}")
+
+
+def _cluster_yaml(path: Path) -> Cluster:
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    fields = set(Cluster.__dataclass_fields__)
+    bad = sorted(set(data) - fields) if isinstance(data, dict) else ["(not a mapping)"]
+    need = {"nodes", "gpus_per_node", "hbm_bytes_per_s", "intra_bytes_per_s",
+            "inter_bytes_per_s", "mem_bytes"}
+    if bad or need - set(data):
+        raise UserError(f"--cluster={path}: unknown keys {bad}, missing "
+                        f"{sorted(need - set(data))}; allowed are {sorted(fields)}")
+    return Cluster(**{"name": path.stem, **data})
+
+
+@dataclass
+class Layer:
+    """One PEER layer's shape and batch per rank."""
+
+    num_experts: int = 1024 ** 2
+    dim: int = 1024
+    selections: int = 128  # heads * topk
+    tokens: int = 4096  # per rank per step
+    elem: int = 2  # activations and rows (bf16)
+    optimizer: bool = True  # count the lazy Adam update of touched rows
+
+
+def mix_bytes(layer: Layer) -> float:
+    """Bytes the mix streams per token, forward + backward (rows read twice, grads written)."""
+    return 6.0 * layer.selections * layer.dim * layer.elem
+
+
+def touched_rows(layer: Layer, ep: int) -> float:
+    """Rows of one shard that an EP group's step touches (uniform ids)."""
+    b = -(-layer.num_experts // ep)
+    draws = ep * layer.tokens * layer.selections
+    return b * (1.0 - (1.0 - 1.0 / layer.num_experts) ** draws)
+
+
+def optimizer_bytes(layer: Layer, ep: int) -> float:
+    """Lazy Adam over the touched rows of U and V: parameter r/w, gradient, two fp32 moments."""
+    return touched_rows(layer, ep) * 2 * layer.dim * (3 * layer.elem + 16) if layer.optimizer \
+        else 0.0
+
+
+def _dp_crossings(c: Cluster, ep: int, dp: int) -> float:
+    """Share of a DP group's ring hops (members ep apart) that leave a node."""
+    if dp == 1:
+        return 0.0
+    node = [(k * ep) // c.gpus_per_node for k in range(dp)]
+    return sum(node[k] != node[(k + 1) % dp] for k in range(dp)) / dp
+
+
+def sync_time(layer: Layer, c: Cluster, ep: int, dp: int) -> tuple[float, float]:
+    """(bytes each rank sends, seconds) to sum a shard's table gradients over its DP group."""
+    if dp == 1:
+        return 0.0, 0.0
+    rows = touched_rows(layer, ep)
+    shard = -(-layer.num_experts // ep)
+    sparse = (dp - 1) * rows * (2 * layer.dim * layer.elem + 8)
+    dense = 2.0 * (dp - 1) / dp * 2 * shard * (layer.dim + 1) * layer.elem
+    sent = dense if rows * dp >= shard else sparse
+    far = _dp_crossings(c, ep, dp)
+    bw = far * c.inter_bytes_per_s + (1 - far) * c.intra_bytes_per_s if far < 1 \
+        else c.inter_bytes_per_s
+    return sent, sent / bw
+
+
+COLLECTIVES = {"fetch": 6, "dispatch": 7, "node_dispatch": 13, "local": 0, "replicated": 2}
+
+
+def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int = 1) -> dict:
+    """The model's per-layer, per-rank figures for one layout (EP, DP = world / EP).
+    strategy "replicated": every rank holds the whole tables, dense gradients all-reduced."""
+    dp = c.world // ep
+    shape = cost.LayerShape(layer.num_experts, layer.dim, layer.selections, layer.tokens, ep,
+                            c.world, layer.elem, ranks_per_node=c.gpus_per_node)
+    strategy = "local" if ep == 1 and strategy != "replicated" else strategy
+    intra, inter = (0.0, 0.0) if strategy == "local" else cost.predict_by_link(shape)[strategy]
+    tables_ep = 1 if strategy == "replicated" else ep
+    slow = 1.0 if not c.cores_per_rank else max(1.0, 1.0 / c.cores_per_rank)
+    work = layer.tokens * mix_bytes(layer) + optimizer_bytes(layer, tables_ep)
+    if strategy == "replicated":  # dense gradients: written, then read by the all-reduce
+        work += 4.0 * layer.num_experts * layer.dim * layer.elem
+    compute = work / (c.hbm_bytes_per_s * c.hbm_fraction) * slow
+    t_intra = layer.tokens * intra / c.intra_bytes_per_s
+    t_inter = layer.tokens * inter / c.inter_bytes_per_s
+    comm = t_intra + t_inter if strategy == "node_dispatch" else max(t_intra, t_inter)
+    exposed = comm if chunks <= 1 or strategy == "replicated" else max(comm - compute,
+                                                                       comm / chunks)
+    sync_bytes, sync = (0.0, 0.0) if strategy == "replicated" else sync_time(layer, c, ep, dp)
+    calls = COLLECTIVES[strategy] * max(1, chunks) + (3 if dp > 1 else 0)
+    step = compute + exposed + sync + calls * c.latency_s
+    return dict(ep=ep, dp=dp, strategy=strategy, chunks=chunks, nodes=c.nodes,
+                gpus=c.world, tokens_per_rank=layer.tokens,
+                bytes_intranode_per_token_layer_predicted=intra,
+                bytes_internode_per_token_layer_predicted=inter,
+                sync_bytes_per_rank=sync_bytes, compute_s=compute, intra_s=t_intra,
+                inter_s=t_inter, exposed_s=exposed, sync_s=sync, step_s_predicted=step,
+                tokens_per_s_per_gpu_predicted=layer.tokens / step,
+                peak_bytes_per_rank_predicted=expert_memory(layer, tables_ep, intra + inter))
+
+
+def expert_memory(layer: Layer, ep: int, bytes_per_token: float) -> float:
+    """One layer's table shard (parameters, fp32 Adam moments, touched-row gradients) and its
+    messages (what a rank sends is about what it receives: twice the bytes sent)."""
+    shard = -(-layer.num_experts // ep) * 2 * layer.dim
+    grads = touched_rows(layer, ep) * 2 * layer.dim * layer.elem
+    return shard * (layer.elem + 8) + grads + 2 * layer.tokens * bytes_per_token
+
+
+def layouts(layer: Layer, c: Cluster, chunks: int = 1) -> list[dict]:
+    """Every EP (divisor of the world) x strategy, best predicted tokens/s per GPU first, the
+    ones that fit in memory before the ones that do not."""
+    rows = []
+    for ep in [e for e in range(1, c.world + 1) if c.world % e == 0]:
+        names = ["local"] if ep == 1 else list(cost.SHARDED)
+        if ep <= c.gpus_per_node and "node_dispatch" in names:
+            names.remove("node_dispatch")  # one node: dispatch with extra counts
+        for strategy in names:
+            row = predict_step(layer, c, ep, strategy, chunks)
+            row["fits"] = row["peak_bytes_per_rank_predicted"] <= c.mem_bytes
+            rows.append(row)
+    rows.sort(key=lambda r: (not r["fits"], -r["tokens_per_s_per_gpu_predicted"]))
+    return rows
+
+
+def why(row: dict) -> str:
+    """The largest term of the step, in words."""
+    parts = {"compute": row["compute_s"], "exposed comm": row["exposed_s"],
+             "DP grad sync": row["sync_s"]}
+    top = max(parts, key=parts.get)
+    return f"{top} {parts[top] / row['step_s_predicted']:.0%}"
+
+
+def print_table(rows: list[dict], top: int) -> None:
+    head = (f"{'EP':>4} {'DP':>4} {'strategy':13} {'step ms':>8} {'compute':>8} {'intra':>8} "
+            f"{'inter':>8} {'exposed':>8} {'sync':>8} {'tok/s/GPU':>10} {'mem GB':>7} "
+            f"{'fits':>4}  bound by")
+    print(head)
+    print("-" * len(head))
+    for r in rows[:top]:
+        ms = [1e3 * r[k] for k in ("step_s_predicted", "compute_s", "intra_s", "inter_s",
+                                   "exposed_s", "sync_s")]
+        print(f"{r['ep']:>4} {r['dp']:>4} {r['strategy']:13} "
+              + " ".join(f"{v:>8.2f}" for v in ms)
+              + f" {r['tokens_per_s_per_gpu_predicted']:>10,.0f} "
+              f"{r['peak_bytes_per_rank_predicted'] / 1e9:>7.1f} {'yes' if r['fits'] else 'no':>4}"
+              f"  {why(r)}")
+
+
+def scaled(c: Cluster, gpus: int) -> Cluster:
+    """c with `gpus` GPUs: one node up to its size, then whole nodes."""
+    if 1 <= gpus <= c.gpus_per_node:
+        return replace(c, nodes=1, gpus_per_node=gpus)
+    if gpus < 1 or gpus % c.gpus_per_node:
+        raise UserError(f"--gpus {gpus}: allowed are 1 to {c.gpus_per_node} or multiples of "
+                        f"{c.gpus_per_node}")
+    return replace(c, nodes=gpus // c.gpus_per_node)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m peer_dist.tools.cluster_model",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cluster", default="8x8:h100", help=CLUSTER_FORM + "; with --gpus the "
+                   "kind alone (h100) is enough")
+    p.add_argument("--gpus", default="", help="comma-separated GPU counts: the best layout of "
+                   "each (the README's table)")
+    p.add_argument("--num-experts", type=int, default=Layer.num_experts)
+    p.add_argument("--dim", type=int, default=Layer.dim)
+    p.add_argument("--selections", type=int, default=Layer.selections, help="heads * topk")
+    p.add_argument("--tokens", type=int, default=Layer.tokens, help="tokens per rank")
+    p.add_argument("--chunks", type=int, default=1, help="overlap chunks per layer")
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--json", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    layer = Layer(args.num_experts, args.dim, args.selections, args.tokens)
+    try:
+        spec = args.cluster if ":" in args.cluster or Path(args.cluster).is_file() \
+            else f"1x8:{args.cluster}"
+        c = parse_cluster(spec)
+        if args.gpus:
+            rows = [layouts(layer, scaled(c, int(g)), args.chunks)[0]
+                    for g in args.gpus.split(",")]
+        else:
+            rows = layouts(layer, c, args.chunks)
+    except (UserError, ValueError) as e:
+        raise SystemExit(f"cluster_model: {e}") from None
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print(f"cluster {c.name}: HBM {c.hbm_bytes_per_s / 1e12:.2f} TB/s x {c.hbm_fraction:.0%} "
+          f"(assumed), NVLink {c.intra_bytes_per_s / 1e9:.0f} GB/s, NIC "
+          f"{c.inter_bytes_per_s / 1e9:.0f} GB/s per GPU; layer N={layer.num_experts}, "
+          f"d={layer.dim}, S={layer.selections}, {layer.tokens} tokens per rank, bf16")
+    print_table(rows, args.top if not args.gpus else len(rows))
+
+
+if __name__ == "__main__":
+    main()
