@@ -14,7 +14,10 @@ Columns, one row per (kernel, arch, d, table dtype, activation dtype):
                            table-row loads are the kernels' only L2-only (.cg) loads
   inflight_bytes           table-row bytes a program has issued before it first waits: at a
                            barrier, or at an instruction that reads a loaded row's register
-  loop_barriers            barriers inside a loop (a wait per tile); 0 is the design
+  loop_barriers            barriers inside the tile loops (in the SASS: a backward branch's
+                           span), each loop counted once
+  loads_after_barrier      table-row loads a loop issues after its first barrier: 0 means
+                           every tile's U and V rows are in flight before any wait there
   inflight_bytes_per_sm    inflight_bytes x programs_per_sm
   inflight_needed_*        what HBM needs in flight per SM by Little's law: bandwidth x
                            latency / SMs (H100 SXM 3.35 TB/s, H200 4.8 TB/s, 132 SMs each)
@@ -136,11 +139,18 @@ def compile_spec(spec: Spec, arch: int):
                           options={"num_warps": spec.num_warps})
 
 
-def _resources(cubin: str) -> dict[str, int]:
-    out = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", cubin], check=True,
-                         capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out))
-    return {k: int(v) for k, v in fields.items()}
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def disassemble(cubin: str) -> tuple[dict[str, int], list[tuple[int, str, str]]]:
+    """Resource usage (REG, SHARED, LOCAL, STACK) and (address, opcode, operands) of each
+    SASS instruction, from one cuobjdump run."""
+    out = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", "-sass", cubin],
+                         check=True, capture_output=True, text=True).stdout
+    res = {k: int(v) for k, v in re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out)}
+    insns = [(int(m.group(1), 16), m.group(3), m.group(4))
+             for m in map(_INSN.search, out.splitlines()) if m]
+    return res, insns
 
 
 def is_row_load(op: str) -> bool:
@@ -150,15 +160,6 @@ def is_row_load(op: str) -> bool:
                                      (op.startswith("LDGSTS") and "BYPASS" in op))
 
 
-_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-
-
-def sass(cubin: str) -> list[tuple[int, str, str]]:
-    """(address, opcode, operands) of each SASS instruction."""
-    out = subprocess.run([_bin("nvdisasm"), "-c", cubin], check=True, capture_output=True,
-                         text=True).stdout
-    return [(int(m.group(1), 16), m.group(3), m.group(4))
-            for m in map(_INSN.search, out.splitlines()) if m]
 
 
 def _width(op: str) -> int:
@@ -200,12 +201,25 @@ def analyse(insns) -> dict:
             lane_bits += _width(op)
             # an async copy (LDGSTS, the pipelined loops) is waited for at DEPBAR
             pending |= set() if op.startswith("LDGSTS") else set(_dest(op, operands))
-    loops = [(int(m.group(1), 16), a) for a, op, ops in insns if op.startswith("BRA")
-             for m in [re.search(r"0x([0-9a-f]+)", ops)] if m and int(m.group(1), 16) < a]
-    barriers = sum(1 for a, op, _ in insns if op.startswith("BAR")
-                   and any(lo <= a <= hi for lo, hi in loops))
+    barriers = late = 0
+    for lo, hi in _loops(insns):
+        body = [op for a, op, _ in insns if lo <= a <= hi]
+        bars = [i for i, op in enumerate(body) if op.startswith("BAR")]
+        barriers += len(bars)
+        late += sum(1 for op in body[bars[0]:] if is_row_load(op)) if bars else 0
     return dict(row_load_bits=min(map(_width, loads), default=0), row_loads=len(loads),
-                inflight_lane_bits=lane_bits, loop_barriers=barriers)
+                inflight_lane_bits=lane_bits, loop_barriers=barriers,
+                loads_after_barrier=late)
+
+
+def _loops(insns) -> list[tuple[int, int]]:
+    """(first, last) address of each loop: the span of a backward branch."""
+    spans = []
+    for a, op, operands in insns:
+        m = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") else None
+        if m and int(m.group(1), 16) < a:
+            spans.append((int(m.group(1), 16), a))
+    return spans
 
 
 def occupancy(arch: int, regs: int, shared: int, warps: int) -> int:
@@ -229,7 +243,7 @@ def measure(spec: Spec, arch: int, latency_ns: float) -> dict:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(k.asm["cubin"])
-        res, insns = _resources(cubin), sass(cubin)
+        res, insns = disassemble(cubin)
     info = analyse(insns)
     shared = int(k.metadata.shared)
     progs = occupancy(arch, res.get("REG", 0), shared, spec.num_warps)
@@ -242,6 +256,7 @@ def measure(spec: Spec, arch: int, latency_ns: float) -> dict:
                 spill_bytes=res.get("LOCAL", 0) + res.get("STACK", 0), shared_bytes=shared,
                 programs_per_sm=progs, row_load_bits=info["row_load_bits"],
                 row_loads=info["row_loads"], loop_barriers=info["loop_barriers"],
+                loads_after_barrier=info["loads_after_barrier"],
                 inflight_bytes=per_prog, inflight_bytes_per_sm=per_prog * progs,
                 inflight_needed_bytes_per_sm=needed_per_sm("H200", latency_ns),
                 inflight_needed_h100_bytes_per_sm=needed_per_sm("H100", latency_ns))
@@ -279,7 +294,7 @@ def measure_all(jobs, latency_ns: float, workers: int, progress=None) -> list[di
 
 COLUMNS = ("kernel", "arch", "d", "table_dtype", "act_dtype", "num_warps", "tile", "parts",
            "registers", "spill_bytes", "shared_bytes", "programs_per_sm", "row_load_bits",
-           "loop_barriers", "inflight_bytes", "inflight_bytes_per_sm",
+           "loop_barriers", "loads_after_barrier", "inflight_bytes", "inflight_bytes_per_sm",
            "inflight_needed_bytes_per_sm")
 
 
