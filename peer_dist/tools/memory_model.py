@@ -244,14 +244,18 @@ def activation_bytes(s: Setup) -> int:
     return int(s.tokens_per_rank * (saved + transient))
 
 
-# Scratch per selection and PEER layer while one layer runs (bytes): int64 index arrays the
-# router's top-k, the grouping of selections by row (order, bag, rows, offsets) and, with
-# dispatch or fetch, their plans and metadata both ways. Not countable from saved tensors:
-# fitted with the runtime by `peer-scale calibrate` (CPU, fp32 dense part, the calibration grid
-# of scale.py: 14 points, none of them in the validation grid); the record of that run, every
-# point with its residual, is docs/scale/calibration/cpu.json (SCRATCH_PROVENANCE).
-SELECTION_SCRATCH = {"local": 96, "fetch": 112, "dispatch": 256}
-SCRATCH_PROVENANCE = "not yet calibrated: fitted on the former default measure grid"
+# Scratch of one PEER layer while it runs, not countable from saved tensors (bytes): per
+# selection, the int64 index arrays of the router's top-k, the grouping of selections by row
+# (order, bag, rows, offsets) and, with dispatch or fetch, their plans and metadata both ways
+# (by kind); per token ("token"), the transients of the layer's and the backward's own work.
+# Fitted together with the runtime by `peer-scale calibrate` (SCRATCH_PROVENANCE); the record
+# of that run, every point with its residual, is docs/scale/calibration/calibration.json.
+SELECTION_SCRATCH = {"local": 54, "fetch": 139, "dispatch": 162, "token": 15472}
+SCRATCH_PROVENANCE = ("peer-scale calibrate (the 16-point calibration grid of scale.py: default "
+                      "config, d = 64, N = 256 and 4096, 128 to 4096 tokens per rank, 32 and "
+                      "128 selections per token, world 1 and 2, ZeRO 0-3, fp32), on a 2-core "
+                      "x86 CPU, torch 2.13, deepspeed 0.19.8, 2026-12-01; worst fit error "
+                      "6.0%")
 SCRATCH_KINDS = ("local", "fetch", "dispatch")
 
 

@@ -1040,7 +1040,7 @@ def calibration_record(args: argparse.Namespace, points: list[mm.Setup], rows: l
             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "steps": args.steps, "seconds": round(seconds),
             "fit": "least squares: measured peak - other terms = runtime[group] + "
-                   "tokens * selections * scratch[kind]",
+                   "tokens * (scratch[token] + selections * scratch[kind])",
             "worst_fit_rel_err": max(map(abs, fit.residuals)),
         },
         "rows": rows,

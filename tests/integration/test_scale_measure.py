@@ -4,7 +4,10 @@ each measurement beside its prediction; the table, CSV, plot and TensorBoard fil
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from peer_dist.tools.scale import main
 
@@ -15,8 +18,17 @@ KEYS = ("num_experts", "dim", "ep", "world_size", "zero_stage", "tokens_per_rank
         "peak_bytes_per_rank_predicted", "peak_bytes_per_rank_measured", "runtime", "step_s")
 
 
+def _own_cache(tmp_path, monkeypatch) -> None:
+    """A cache of the test's own (runtime and calibration), the C++ extensions kept where they
+    are built already."""
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
+        "TORCH_EXTENSIONS_DIR", os.path.join(home, "torch_extensions")))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def test_measure_tiny_grid(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # measure the runtime here
+    _own_cache(tmp_path, monkeypatch)  # no calibration: the runtime by a minimal run, here
     main(["measure", "--config", str(TINY), "--num-experts", "4096", "--dim", "32",
           "--ep", "1,2", "--world-size", "2", "--tokens-per-rank", "128", "--steps", "3",
           "--data-bytes", "300000", "--out", str(tmp_path), "--json"])
@@ -36,6 +48,12 @@ def test_measure_tiny_grid(tmp_path, capsys, monkeypatch):
             "expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a",
             "runtime"))
         assert r["step_s"] > 0
+        # no calibration here: every point is validation, the runtime from a minimal run
+        assert r["split"] == "validation" and r["runtime_source"] == "minimal run"
+        assert r["modelled_bytes_predicted"] == r["peak_bytes_per_rank_predicted"] - r["runtime"]
+        assert r["modelled_bytes_measured"] == r["peak_bytes_per_rank_measured"] - r["runtime"]
+        assert r["modelled_rel_err"] == pytest.approx(
+            r["modelled_bytes_predicted"] / r["modelled_bytes_measured"] - 1)
     cache = json.loads((tmp_path / "cache" / "peer_dist" / "runtime_bytes.json").read_text())
     assert len(cache) == 1 and list(cache.values())[0] == rows[0]["runtime"]  # measured once
     # EP = 2 halves the measured shard and moves bytes; EP = 1 moves none
@@ -49,8 +67,45 @@ def test_measure_tiny_grid(tmp_path, capsys, monkeypatch):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_calibrate_then_measure_apart(tmp_path, capsys, monkeypatch):
+    """calibrate fits the runtime, the scratch per token and per selection on 4 points and
+    stores them with their provenance; measure with that file marks a calibrated point
+    `calibration` and a new one `validation`, and predicts the new one's peak within 5%."""
+    _own_cache(tmp_path, monkeypatch)
+    common = ["--config", str(TINY), "--dim", "32", "--ep", "1", "--world-size", "1",
+              "--heads", "2", "--steps", "3", "--data", str(tmp_path / "data"),
+              "--data-bytes", "300000"]
+    main(["calibrate", *common, "--num-experts", "256", "--tokens-per-rank", "32,1024",
+          "--topk", "2,8", "--out", str(tmp_path / "cal"), "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("{")]
+    cal = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert cal == json.loads((tmp_path / "cache" / "peer_dist" / "calibration.json").read_text())
+    assert len(rows) == len(cal["points"]) == 4 and {r["split"] for r in rows} == {"calibration"}
+    assert cal["device"] == "cpu" and set(cal["selection_scratch"]) == {"local", "token"}
+    assert cal["provenance"]["command"].startswith("peer-scale calibrate --config")
+    assert len(cal["runtime"]) == 1 and list(cal["runtime"].values())[0] > 100 * 2 ** 20
+    for r in rows:  # the fitted constants reproduce the points they were fitted on
+        assert abs(r["fit_rel_err"]) < 0.03 and r["fit_rel_err"] == pytest.approx(
+            r["peak_rel_err"], abs=1e-4)
+    main(["measure", *common, "--num-experts", "256,4096", "--tokens-per-rank", "1024",
+          "--topk", "8", "--calibration", str(tmp_path / "cal" / "calibration.json"),
+          "--out", str(tmp_path / "m"), "--json"])
+    seen, new = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                 if line.startswith("{")]
+    assert (seen["num_experts"], seen["split"]) == (256, "calibration")
+    assert (new["num_experts"], new["split"]) == (4096, "validation")
+    for r in (seen, new):
+        assert r["runtime_source"] == "calibration"
+        assert r["runtime"] == list(cal["runtime"].values())[0]
+    assert abs(new["peak_rel_err"]) < 0.05, new
+    with pytest.raises(SystemExit, match="--calibration .*: no such file"):
+        main(["measure", *common, "--num-experts", "4096", "--calibration",
+              str(tmp_path / "none.json")])
+
+
 def test_plan_check_runs_the_best_setting(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _own_cache(tmp_path, monkeypatch)
     main(["plan", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2",
           "--gpu-mem-gib", "4", "--dtype", "fp32", "--micro-batch", "1,4", "--num-experts",
           "16384", "--check", "--steps", "2", "--data", str(tmp_path / "data"), "--json"])
