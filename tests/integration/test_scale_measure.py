@@ -44,9 +44,9 @@ def test_measure_tiny_grid(tmp_path, capsys, monkeypatch):
         assert r["peak_bytes_per_rank_measured"] > r["expert_bytes_per_rank_measured"]
         # the whole peak: the model's terms plus the runtime measured once on this machine
         assert r["runtime"] > 0 and abs(r["peak_rel_err"]) < 0.10, r
-        assert r["peak_bytes_per_rank_predicted"] == sum(r[k] for k in (
-            "expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a",
-            "runtime"))
+        # its table terms by hand (fp32 U and V of 4096 / EP rows, two fp32 moments each)
+        assert r["expert_params"] == (4096 // r["ep"]) * 32 * 2 * 4
+        assert r["expert_optim"] == 2 * r["expert_params"]
         assert r["step_s"] > 0
         # no calibration here: every point is validation, the runtime from a minimal run
         assert r["split"] == "validation" and r["runtime_source"] == "minimal run"
