@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
 import sys
+import time
 
 from peer_dist.config import ConfigError, load_config
 from peer_dist.errors import UserError, debug
@@ -76,16 +78,32 @@ def _launch_args(args: argparse.Namespace, argv: list[str]) -> list[str] | str:
             "-m", "peer_dist.train", *rest]
 
 
-def launch(torchrun_args: list[str]) -> int:
+def launch(torchrun_args: list[str], run_dir: str = "") -> int:
     """Run the ranks through torchrun's launcher in this process. A rank that failed with a
-    reported error has printed its line already; one killed by a signal is named here."""
+    reported error has printed its line already; one killed by a signal is named here. On a
+    stop signal the agent forwards it to the ranks and waits for their checkpoint (a second
+    signal does not cut that wait short); the status is then EXIT_INTERRUPTED if they saved."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import api as mp_api
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from peer_dist.train.preempt import EXIT_INTERRUPTED, read_marker
 
     if not debug():  # the agent logs every worker it stops; our ranks say what went wrong
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    started = time.time()
+    mp_api._terminate_process_handler = _first_signal_only(mp_api)
     try:
         torchrun.run(torchrun.parse_args(torchrun_args))
+    except mp_api.SignalException as e:
+        if debug():
+            raise
+        if read_marker(run_dir, started) is not None:
+            return EXIT_INTERRUPTED  # rank 0 said where the checkpoint is
+        name = signal.Signals(e.sigval).name
+        return report(f"stopped by {name} before the ranks saved a checkpoint (the last "
+                      "complete one is intact; raise train.stop_grace_s to give them longer)",
+                      128 + int(e.sigval))
     except ChildFailedError as e:
         if debug():
             raise
@@ -102,7 +120,24 @@ def launch(torchrun_args: list[str]) -> int:
         return failure.exitcode or 1
     except KeyboardInterrupt:
         return 130
+    if read_marker(run_dir, started) is not None:  # the ranks stopped on a signal they got
+        return EXIT_INTERRUPTED
     return 0
+
+
+def _first_signal_only(mp_api):
+    """torchrun's agent turns a stop signal into SignalException and then waits for the
+    ranks; a second signal would raise again inside that wait and orphan them mid-save.
+    The handler torchrun installs (module attribute of torch 2.4-2.13) raises only once."""
+    first = mp_api._terminate_process_handler
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            first(signum, frame)
+
+    return handler
 
 
 def node_line(env: dict[str, str]) -> str | None:
@@ -113,8 +148,9 @@ def node_line(env: dict[str, str]) -> str | None:
     if nodes <= 1 or env.get("LOCAL_RANK", "0") != "0":
         return None
     first, local = int(env.get("RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
+    ranks = f"rank {first}" if local == 1 else f"ranks {first}-{first + local - 1}"
     where = (f"node {env.get('GROUP_RANK', '?')} of {nodes} ({socket.gethostname()}) runs global "
-             f"ranks {first}-{first + local - 1}")
+             f"{ranks}")
     if first == 0:
         return f"{PROG}: {where}, global rank 0 among them: this node prints the job's progress"
     return f"{PROG}: {where}; global rank 0 is on another node and prints the job's progress"
@@ -208,7 +244,18 @@ def start_ranks(cfg, args: argparse.Namespace, torchrun_args: list[str]) -> int:
         return report(str(e), e.exit_code)
     # Set here, the ranks inherit it (and torchrun does not force 1 thread with a warning).
     os.environ["OMP_NUM_THREADS"] = str(cpu_threads(cfg, args.nproc))
-    return launch(torchrun_args)
+    return launch([*stop_flags(cfg.train.stop_grace_s), *torchrun_args], cfg.train.run_dir)
+
+
+def stop_flags(grace_s: float) -> list[str]:
+    """torchrun forwards SIGUSR1 too (SLURM's warning before a time limit) and waits
+    `grace_s` for the ranks to save before it kills them (flags of torch >= 2.9)."""
+    from torch.distributed import run as torchrun
+
+    known = torchrun.get_args_parser()._option_string_actions
+    flags = {"--signals-to-handle": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+             "--shutdown-timeout": str(math.ceil(grace_s))}
+    return [f"{k}={v}" for k, v in flags.items() if k in known]
 
 
 if __name__ == "__main__":

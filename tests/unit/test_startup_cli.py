@@ -85,6 +85,7 @@ def test_each_node_says_which_global_ranks_it_runs():
     other = node_line({**base, "RANK": "4", "GROUP_RANK": "1"})
     assert "global ranks 4-7" in other and "global rank 0 is on another node" in other
     assert node_line({**base, "RANK": "5", "LOCAL_RANK": "1"}) is None
+    assert "runs global rank 1;" in node_line({**base, "LOCAL_WORLD_SIZE": "1", "RANK": "1"})
     assert node_line({"RANK": "0", "LOCAL_RANK": "0"}) is None  # one node: nothing to say
 
 
