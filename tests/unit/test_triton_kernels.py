@@ -183,3 +183,37 @@ def test_bad_ids_are_refused_and_never_read():
         want = torch.einsum("ts,tsd->td", gates * ok * F.gelu(
             torch.einsum("td,tsd->ts", x, u[safe])), v[safe])
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d,table_dtype,part_cols", [
+    (300, torch.float32, 128),  # three column parts: the two-pass kernels
+    (300, torch.bfloat16, 128),  # 600-byte rows: 8-byte loads (the fallback), three parts
+    (13, torch.float32, 1024),  # odd d: one value a lane, a padded chunk
+    (40, torch.bfloat16, 1024),  # two rows a warp (short rows)
+], ids=["parts-fp32", "parts-bf16-narrow", "odd-d", "two-rows-a-warp"])
+def test_column_parts_and_narrow_rows(d, table_dtype, part_cols, launches, monkeypatch):
+    """The launch shapes plan() picks for wide rows (several column parts), rows whose bytes
+    are not a multiple of 16, odd d and short rows, against float64 autograd."""
+    monkeypatch.setattr(triton_mix, "PART_COLS", part_cols)
+    pl = triton_mix.plan(d, table_dtype)
+    assert (pl.PARTS > 1) == (part_cols == 128)
+    torch.manual_seed(8)
+    sizes = [9, 0, 17, 3]  # bags longer than a tile, an empty one
+    bag = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(DEVICE)
+    x = torch.randn(len(sizes), d, device=DEVICE, requires_grad=True)
+    u = (torch.randn(20, d, device=DEVICE) * d ** -0.5).to(table_dtype).requires_grad_()
+    v = torch.randn(20, d, device=DEVICE).to(table_dtype).requires_grad_()
+    rows = torch.randint(0, 20, (bag.numel(),), device=DEVICE)
+    rows[:5] = 7  # a hot row: one warp walks five selections
+    gates = torch.rand(bag.numel(), device=DEVICE, requires_grad=True)
+    grad_y = torch.randn(len(sizes), d, device=DEVICE)
+    with kernel_path("triton"):
+        y = ragged_mix(x, rows, bag, gates, u, v)
+        got = torch.autograd.grad((y * grad_y).sum(), [x, gates, u, v])
+    assert launches == {"forward": 1, "backward_bags": 1, "row_grads": 1}
+    want = _reference(x, rows, bag, gates, u, v, "gelu", grad_y)
+    low = table_dtype == torch.bfloat16
+    for name, g, w in zip(["y", "x", "gates", "u", "v"], [y, *got], want, strict=True):
+        atol = (1e-2 if low and name in "uv" else 1e-5) * (float(w.abs().max()) + 1e-6)
+        torch.testing.assert_close(_dense(g), w, rtol=1e-4, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
