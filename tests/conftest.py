@@ -10,6 +10,10 @@ Under CI=true a test skipped for want of something the project needs (a C compil
 hadolint, tokenizers) fails instead: a CI machine without them would otherwise stay green with
 the default CPU path untested.
 
+PEER_COVERAGE=<data file> measures the unit tier's coverage of peer_dist (collection and the
+unit tests; paused while the other tiers run, whose work is in other processes anyway);
+launch/test.sh sets it and prints the report.
+
 DeepSpeed's compiled ops (its shared-memory collective on CPU) are cached in the Python
 environment itself (TORCH_EXTENSIONS_DIR, unless set): one build per environment, which no
 change of XDG_CACHE_HOME and no other environment's torch version invalidates.
@@ -50,6 +54,37 @@ def _extensions_dir() -> None:
 
 
 _extensions_dir()
+
+
+COVERAGE = pytest.StashKey[object]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    data_file = os.environ.get("PEER_COVERAGE")
+    if data_file:
+        import coverage  # the [test] extra; only asked for by PEER_COVERAGE
+
+        cov = coverage.Coverage(data_file=data_file, source=["peer_dist"])
+        cov.start()
+        config.stash[COVERAGE] = cov
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cov = config.stash.get(COVERAGE, None)
+    if cov is not None:
+        cov.stop()
+        cov.save()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    cov = item.config.stash.get(COVERAGE, None)
+    pause = cov is not None and item.get_closest_marker("unit") is None
+    if pause:
+        cov.stop()
+    yield
+    if pause:
+        cov.start()
 
 
 def in_ci() -> bool:
