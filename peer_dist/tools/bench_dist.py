@@ -19,10 +19,10 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
   bytes_internode_per_token_layer the part of bytes_per_token_layer sent to ranks on other nodes
   (and _predicted; bytes_intranode_per_token_layer the rest; replicated: the ring's crossings)
   step_s_predicted                the step-time model (tools/cluster_model.py) with this
-                                  machine's constants, measured in the same run: the mix's
-                                  speed (one process, the ranks' thread count; ranks beyond the
-                                  cores share them) and the all-to-all's latency and bandwidth
-                                  (a probe in each world)
+                                  machine's constants, measured in each world just before its
+                                  steps: the mix's speed over a shard (every rank at once, so
+                                  ranks sharing cores show it) and the all-to-all's latency and
+                                  bandwidth
 With --nodes M each world runs as M torchrun agents on this machine (LOCAL_WORLD_SIZE = W / M):
 the ranks see M nodes, and node_dispatch joins the strategies.
 A model-only row at the paper's scale (N=1024^2, d=1024, h=8, k=16, 4096 tokens, EP=8) closes
@@ -191,7 +191,6 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
 
     if not consts.get("mix_s_per_token"):
         return None
-    threads = torch.get_num_threads()
     layer = cm.Layer(args.num_experts, args.dim, args.heads * args.topk, args.tokens, elem=4,
                      optimizer=False)
     # the mix's measured speed, written as a bandwidth over the bytes the model says it streams
@@ -199,8 +198,7 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
     a2a = consts.get("a2a_bytes_per_s") or 1.0
     c = cm.Cluster(topo.nodes, topo.world_size // topo.nodes, rate, a2a, a2a, 0.0,
                    hbm_fraction=1.0, latency_s=consts.get("a2a_latency_s", 0.0),
-                   cores_per_rank=(os.cpu_count() or 1) / (topo.world_size * threads),
-                   name="this machine")
+                   name="this machine")  # core sharing is in the measured constants
     return cm.predict_step(layer, c, topo.ep, strategy)["step_s_predicted"]
 
 
@@ -255,8 +253,7 @@ def worker(args: argparse.Namespace) -> None:
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     topo = Topology.build(args.ep)
-    consts = {"mix_s_per_token": float(os.environ.get("PEER_BENCH_MIX_S", "0") or 0),
-              **probe_links(topo)}
+    consts = {"mix_s_per_token": probe_mix_world(args, topo), **probe_links(topo)}
     for strategy in args.strategies.split(","):
         if strategy == "node_dispatch" and topo.nodes == 1:
             continue  # one node: dispatch with more counts
@@ -272,32 +269,40 @@ def worker(args: argparse.Namespace) -> None:
     os._exit(0)
 
 
-def probe_mix(args: argparse.Namespace, threads: int, reps: int = 3) -> float:
-    """Seconds per token of the single-process layer step (mix forward + backward with sparse
-    table gradients, coalesced), with `threads` threads: the model's compute constant."""
+def probe_mix(args: argparse.Namespace, rows: int, reps: int = 3) -> float:
+    """Seconds per token of the mix over a table of `rows` rows, forward + backward with sparse
+    table gradients coalesced (what a layer step computes besides its messages)."""
     from peer_dist.model.peer import ExpertTables, init_rows
     from peer_dist.ops import peer_mix
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
     tables = ExpertTables(args.num_experts, args.dim, "gelu", seed=1)
-    u, v = (init_rows(s, 0, args.num_experts, args.dim, tables.std).requires_grad_(True)
+    u, v = (init_rows(s, 0, rows, args.dim, tables.std).requires_grad_(True)
             for s in tables.table_seeds())
     times = []
     for step in range(reps + 1):
         x, ids, gates = _inputs(args, 0, step, torch.device("cpu"))
         t0 = time.perf_counter()
-        peer_mix(x, ids, gates, u, v, "gelu", sparse_grad=True).square().mean().backward()
+        peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True).square().mean().backward()
         u.grad, v.grad = u.grad.coalesce(), v.grad.coalesce()
         times.append(time.perf_counter() - t0)
         u.grad = v.grad = None
-    torch.set_num_threads(old)
     return statistics.median(times[1:]) / args.tokens
+
+
+def probe_mix_world(args: argparse.Namespace, topo) -> float:
+    """probe_mix on every rank at once, over a shard's rows (the ranks share the cores as in
+    the steps that follow): the slowest rank's figure, the model's compute constant."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t = torch.tensor([probe_mix(args, -(-args.num_experts // topo.ep))], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 # ---------------------------------------------------------------- launcher and report
 
-def launch(args: argparse.Namespace, argv: list[str], nprocs: int, mix_s: float) -> list[dict]:
+def launch(args: argparse.Namespace, argv: list[str], nprocs: int) -> list[dict]:
     """One world of nprocs ranks as args.nodes torchrun agents on this machine (a static
     rendezvous on 127.0.0.1); the rows come from rank 0, on agent 0."""
     from peer_dist.parallel.topology import free_port
@@ -308,8 +313,7 @@ def launch(args: argparse.Namespace, argv: list[str], nprocs: int, mix_s: float)
     else:
         where = ["--nnodes", str(args.nodes), "--master-addr", "127.0.0.1", "--master-port",
                  str(free_port())]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PEER_BENCH_MIX_S=repr(mix_s))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     procs = []
     for node in range(args.nodes):
         rank = [] if args.nodes == 1 else ["--node-rank", str(node)]
@@ -324,14 +328,6 @@ def launch(args: argparse.Namespace, argv: list[str], nprocs: int, mix_s: float)
             raise SystemExit(f"peer-bench dist: torchrun with {nprocs} ranks on {args.nodes} "
                              f"node(s) failed (exit {p.returncode})")
     return [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
-
-
-def mix_constants(args: argparse.Namespace, sizes: list[int]) -> dict[int, float]:
-    """The mix's seconds per token, once per thread count the worlds will use."""
-    cores = os.cpu_count() or 1
-    threads = {w: args.threads or max(1, cores // w) for w in sizes}
-    probe = {t: probe_mix(args, t) for t in sorted(set(threads.values()))}
-    return {w: probe[t] for w, t in threads.items()}
 
 
 def paper_rows() -> list[dict]:
@@ -440,12 +436,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("peer-bench dist launches torchrun itself; run it without torchrun "
                          "(or pass --worker for one world size)")
     passthrough = [a for a in argv if a != "--json"]
-    sizes = [int(s) for s in args.nprocs_list.split(",") if s]
-    mix = mix_constants(args, sizes)
-    for n in sizes:
+    for n in (int(s) for s in args.nprocs_list.split(",") if s):
         print(f"peer-bench dist: {n} rank(s) on {args.nodes} node(s)...", file=sys.stderr,
               flush=True)
-        rows += launch(args, passthrough, n, mix[n])
+        rows += launch(args, passthrough, n)
     if not args.no_paper:
         rows += paper_rows()
     if args.json:

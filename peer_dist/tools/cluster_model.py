@@ -201,15 +201,49 @@ def layouts(layer: Layer, c: Cluster, chunks: int = 1) -> list[dict]:
     ones that fit in memory before the ones that do not."""
     rows = []
     for ep in [e for e in range(1, c.world + 1) if c.world % e == 0]:
-        names = ["local"] if ep == 1 else list(cost.SHARDED)
-        if ep <= c.gpus_per_node and "node_dispatch" in names:
-            names.remove("node_dispatch")  # one node: dispatch with extra counts
-        for strategy in names:
+        for strategy in _strategies(ep, c):
             row = predict_step(layer, c, ep, strategy, chunks)
             row["fits"] = row["peak_bytes_per_rank_predicted"] <= c.mem_bytes
             rows.append(row)
     rows.sort(key=lambda r: (not r["fits"], -r["tokens_per_s_per_gpu_predicted"]))
     return rows
+
+
+def plan_layouts(c: Cluster, memory_rows: list[dict], seq_len: int, selections: int,
+                 elem: int, chunks: int = 1) -> list[dict]:
+    """peer-scale plan --cluster: for each EP, the memory model's best setting that fits
+    (memory_rows come best first, with ep, micro_batch, layers, peak_bytes_per_rank_predicted)
+    joined with the step model of each strategy at its tokens per rank. step_s_predicted is the
+    PEER layers' part of a step (layers x one layer; the dense part is not modelled); ranked by
+    predicted tokens/s per GPU."""
+    best: dict[int, dict] = {}
+    for m in memory_rows:
+        if m["fits"] and m["ep"] not in best:
+            best[m["ep"]] = m
+    out = []
+    for ep, m in best.items():
+        layer = Layer(m["num_experts"], m["dim"], selections, m["micro_batch"] * seq_len, elem)
+        for strategy in _strategies(ep, c):
+            row = predict_step(layer, c, ep, strategy, chunks)
+            layers = max(1, m["layers"])
+            for k in ("compute_s", "intra_s", "inter_s", "exposed_s", "sync_s",
+                      "step_s_predicted"):
+                row[k] *= layers
+            row.update(layers=m["layers"], micro_batch=m["micro_batch"],
+                       zero_stage=m["zero_stage"], table_optimizer=m["table_optimizer"],
+                       tokens_per_s_per_gpu_predicted=layer.tokens / row["step_s_predicted"],
+                       peak_bytes_per_rank_predicted=m["peak_bytes_per_rank_predicted"],
+                       fits=True)
+            out.append(row)
+    out.sort(key=lambda r: -r["tokens_per_s_per_gpu_predicted"])
+    return out
+
+
+def _strategies(ep: int, c: Cluster) -> list[str]:
+    """What to price at an EP: local alone at 1; node_dispatch only when EP spans nodes."""
+    if ep == 1:
+        return ["local"]
+    return [s for s in cost.SHARDED if s != "node_dispatch" or ep > c.gpus_per_node]
 
 
 def why(row: dict) -> str:

@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=None,
                    help="nodes of the cluster (or --min-gpus to find how many are needed)")
-    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--cluster", default=None, metavar="NODESxGPUS:KIND|YAML",
+                   help="rank EP x DP layouts and strategies by the step-time model's tokens/s "
+                        "per GPU (KIND h100, h200 or a100; or a YAML of the cluster's numbers)")
     p.add_argument("--min-gpus", action="store_true",
                    help="the fewest GPUs (1 .. --gpus-per-node, then whole nodes) on which the "
                         "model fits, and the best layout there")
@@ -172,7 +175,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write DIR/plan.md and DIR/plan.png (per-rank memory against EP, "
                         "or against GPUs with --min-gpus, and the GPU's capacity)")
-    p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per GPU, GiB")
+    p.add_argument("--gpu-mem-gib", type=float, default=None, help="memory per GPU, GiB")
     p.add_argument("--headroom", type=float, default=0.05,
                    help="fraction of memory that must stay free beyond the predicted peak")
     p.add_argument("--config", default=None)
@@ -616,6 +619,9 @@ def plot_plan(args: argparse.Namespace, rows: list[dict], out: Path) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    if args.cluster or args.gpus_per_node is None or args.gpu_mem_gib is None:
+        cmd_plan_cluster(args)  # --cluster, or the one line naming what is missing
+        return
     if args.min_gpus:
         cmd_min_gpus(args)
         return
@@ -649,6 +655,50 @@ def cmd_plan(args: argparse.Namespace) -> None:
         return
     print(f"{len(fit)} of {len(rows)} settings fit; best first ({RANK_RULE}):")
     print(markdown(fit[:args.top], PLAN_KEYS), end="")
+
+
+CLUSTER_KEYS = ["ep", "dp", "strategy", "micro_batch", "tokens_per_rank", "compute_s",
+                "intra_s", "inter_s", "exposed_s", "sync_s", "step_s_predicted",
+                "tokens_per_s_per_gpu_predicted", "peak_bytes_per_rank_predicted"]
+
+
+def cmd_plan_cluster(args: argparse.Namespace) -> None:
+    """plan --cluster: the memory model's best fitting setting per EP, joined with the
+    step-time model (tools/cluster_model.py) of each strategy, fastest first."""
+    from peer_dist.errors import UserError
+    from peer_dist.tools import cluster_model as cm
+
+    if not args.cluster:
+        raise SystemExit("peer-scale: plan needs --gpus-per-node and --gpu-mem-gib (with "
+                         f"--nodes or --min-gpus), or --cluster {cm.CLUSTER_FORM}")
+    try:
+        c = cm.parse_cluster(args.cluster)
+    except UserError as e:
+        raise SystemExit(f"peer-scale plan: {e}") from None
+    args.nodes, args.gpus_per_node, args.gpu_mem_gib = c.nodes, c.gpus_per_node, c.mem_bytes / GIB
+    cfg = base_config(args)
+    peer = cfg.model.peer
+    rows = cm.plan_layouts(c, plan_rows(args), cfg.train.seq_len, peer.heads * peer.topk,
+                           mm.DTYPE_BYTES[args.dtype])
+    if args.json:
+        for r in rows[:args.top]:
+            print(json.dumps(r))
+        return
+    print(f"cluster {c.name}: {c.nodes} x {c.gpus_per_node} GPUs, HBM "
+          f"{c.hbm_bytes_per_s / 1e12:.2f} TB/s x {c.hbm_fraction:.0%} (assumed until "
+          f"measured), NVLink {c.intra_bytes_per_s / 1e9:.0f} GB/s, NIC "
+          f"{c.inter_bytes_per_s / 1e9:.0f} GB/s per GPU; times: the PEER layers' part of a "
+          "step (the dense part is not modelled); memory: the whole peak (memory model)")
+    if not rows:
+        print("nothing fits: see peer-scale plan --min-gpus")
+        return
+    shown = []
+    for r in rows[:args.top]:
+        cells = {k: (f"{1e3 * r[k]:.2f} ms" if k.endswith("_s") or k == "step_s_predicted"
+                     else r[k]) for k in CLUSTER_KEYS}
+        cells["tokens_per_s_per_gpu_predicted"] = f"{r['tokens_per_s_per_gpu_predicted']:,.0f}"
+        shown.append({**cells, "bound_by": cm.why(r)})
+    print(markdown(shown, CLUSTER_KEYS + ["bound_by"]), end="")
 
 
 def plan_runtime(args: argparse.Namespace, cal: dict | None) -> int:

@@ -57,3 +57,19 @@ def test_paper_layer_on_8x8_prefers_node_dispatch_when_ep_spans_nodes() -> None:
     assert (8, "node_dispatch") not in by  # EP inside one node: no second hop to price
     assert {"ep", "dp", "strategy", "step_s_predicted", "tokens_per_s_per_gpu_predicted",
             "peak_bytes_per_rank_predicted"} <= set(rows[0])
+
+
+def test_plan_cluster_ranks_layouts_that_fit_by_tokens_per_gpu(capsys) -> None:
+    import json
+
+    from peer_dist.tools import scale
+
+    scale.main(["plan", "--cluster", "2x8:h100", "--json", "--top", "50"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows and all(r["peak_bytes_per_rank_predicted"] <= 80 * cm.GIB for r in rows)
+    speed = [r["tokens_per_s_per_gpu_predicted"] for r in rows]
+    assert speed == sorted(speed, reverse=True)
+    assert {r["ep"] * r["dp"] for r in rows} == {16}
+    assert {"node_dispatch", "dispatch"} <= {r["strategy"] for r in rows}
+    with pytest.raises(SystemExit, match=r"--cluster='2x8:tpu'.*h100, h200, a100"):
+        scale.main(["plan", "--cluster", "2x8:tpu"])
