@@ -250,12 +250,12 @@ def activation_bytes(s: Setup) -> int:
 # (by kind); per token ("token"), the transients of the layer's and the backward's own work.
 # Fitted together with the runtime by `peer-scale calibrate` (SCRATCH_PROVENANCE); the record
 # of that run, every point with its residual, is docs/scale/calibration/calibration.json.
-SELECTION_SCRATCH = {"local": 54, "fetch": 139, "dispatch": 162, "token": 15472}
+SELECTION_SCRATCH = {"local": 45, "fetch": 168, "dispatch": 202, "token": 13485}
 SCRATCH_PROVENANCE = ("peer-scale calibrate (the 16-point calibration grid of scale.py: default "
                       "config, d = 64, N = 256 and 4096, 128 to 4096 tokens per rank, 32 and "
                       "128 selections per token, world 1 and 2, ZeRO 0-3, fp32), on a 2-core "
-                      "x86 CPU, torch 2.13, deepspeed 0.19.8, 2026-12-01; worst fit error "
-                      "6.0%")
+                      "x86 CPU, torch 2.13, deepspeed 0.19.8, 2026-12-01; each group's "
+                      "smallest point exact, the others within 5.3%)")
 SCRATCH_KINDS = ("local", "fetch", "dispatch")
 
 
@@ -375,30 +375,41 @@ def fixed_terms(s: Setup) -> int:
 
 
 def fit_calibration(setups: list[Setup], measured: list[int], groups: list[str]) -> Fit:
-    """Least squares over calibration points i with runtime group g(i) and scratch kind k(i):
+    """Fit the constants of points i with runtime group g(i) and scratch kind k(i):
 
         measured_i - fixed_terms_i = runtime[g(i)] + T_i * (token + S_i * scratch[k(i)])
 
-    (T tokens per rank, S selections per token; the scratch columns are 0 without a PEER
-    layer). Every group needs a point; a kind is fitted only where some point uses it, and
-    `token` apart from the kinds only when S varies among the points."""
+    (T tokens per rank, S selections per token; no scratch without a PEER layer). The runtime
+    is what a minimal run holds beyond the model: each group's smallest point (least T * S) is
+    its base, and the scratch constants are the least-squares fit of the other points'
+    differences from their base (the runtime cancels); each runtime then makes its base exact.
+    A constant no difference involves is not fitted (left out of Fit.scratch)."""
     import numpy as np
 
     kinds = sorted({scratch_kind(s) for s in setups if s.layers})
-    cols = sorted(set(groups)) + [f"scratch:{k}" for k in kinds] + ["scratch:token"]
-    a = np.zeros((len(setups), len(cols)))
-    y = np.zeros(len(setups))
-    for i, (s, m, g) in enumerate(zip(setups, measured, groups, strict=True)):
-        a[i, cols.index(g)] = 1.0
-        if s.layers:
-            a[i, cols.index(f"scratch:{scratch_kind(s)}")] = s.tokens_per_rank * s.selections
-            a[i, -1] = s.tokens_per_rank
-        y[i] = m - fixed_terms(s)
-    sol = np.linalg.lstsq(a, y, rcond=None)[0]
-    fitted = a @ sol
-    runtime = {c: int(round(v)) for c, v in zip(cols, sol, strict=True) if c in groups}
-    scratch = {c.split(":")[1]: int(round(v)) for c, v in zip(cols, sol, strict=True)
-               if c.startswith("scratch:")}
-    residuals = [float((fitted[i] + fixed_terms(s)) / m - 1.0)
-                 for i, (s, m) in enumerate(zip(setups, measured, strict=True))]
+    cols = ["token"] + kinds
+    x = np.array([[0.0] * len(cols) if not s.layers else
+                  [s.tokens_per_rank] + [s.tokens_per_rank * s.selections
+                                         * (scratch_kind(s) == k) for k in kinds]
+                  for s in setups]).reshape(len(setups), len(cols))
+    y = np.array([m - fixed_terms(s) for s, m in zip(setups, measured, strict=True)], float)
+    base = {}
+    for i, (s, g) in enumerate(zip(setups, groups, strict=True)):
+        if g not in base or s.tokens_per_rank * (1 + s.selections) < (
+                setups[base[g]].tokens_per_rank * (1 + setups[base[g]].selections)):
+            base[g] = i
+    diff = [i for i, g in enumerate(groups) if i != base[g]]
+    sol = np.zeros(len(cols))
+    if diff:
+        d_x = x[diff] - x[[base[groups[i]] for i in diff]]
+        d_y = y[diff] - y[[base[groups[i]] for i in diff]]
+        used = np.abs(d_x).sum(0) > 0
+        sol[used] = np.linalg.lstsq(d_x[:, used], d_y, rcond=None)[0]
+    else:
+        used = np.zeros(len(cols), bool)
+    runtime = {g: int(round(y[i] - x[i] @ sol)) for g, i in base.items()}
+    fitted = [runtime[g] + x[i] @ sol for i, g in enumerate(groups)]
+    residuals = [float((f + fixed_terms(s)) / m - 1.0)
+                 for f, s, m in zip(fitted, setups, measured, strict=True)]
+    scratch = {c: int(round(v)) for c, v, u in zip(cols, sol, used, strict=True) if u}
     return Fit(runtime, scratch, residuals)

@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "scratch) on the calibration grid (or the grid flags) and store them")
     _grid_args(c, measure=True)
     _run_args(c)
+    c.add_argument("--refit", default=None, metavar="FILE",
+                   help="fit again the measurements stored in an earlier calibration.json of "
+                        "the same grid instead of running it")
     _plan_args(sub.add_parser("plan", help="settings that fit a cluster, best first"))
     return parser
 
@@ -1048,7 +1051,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.runtime_bytes is None:
         args.runtime_bytes = 0  # the fit finds it: no minimal runs of their own
-    rows = run_grid(args, points, out, None, "calibrate")
+    rows = (stored_rows(args, points) if args.refit
+            else run_grid(args, points, out, None, "calibrate"))
     groups = [runtime_key(s, args) for s in points]
     fit = mm.fit_calibration(points, [r["peak_bytes_per_rank_measured"] for r in rows], groups)
     for s, r, g, res in zip(points, rows, groups, fit.residuals, strict=True):
@@ -1074,6 +1078,20 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
           f"{out / 'calibration.json'} (also this machine's default)", file=sys.stderr)
 
 
+def stored_rows(args: argparse.Namespace, points: list[mm.Setup]) -> list[dict]:
+    """--refit FILE: the measurements of an earlier calibration of the same grid (fitted again,
+    e.g. after the fit changed), in the grid's order."""
+    cal = load_calibration(argparse.Namespace(calibration=args.refit))
+    keys = [point_key(s, args) for s in points]
+    if cal["points"] != keys:
+        raise SystemExit(f"peer-scale: --refit {args.refit} measured other points than this "
+                         "grid (allowed: the file of a calibration with the same grid flags, "
+                         "config and versions)")
+    args.measured_by = cal["provenance"].get("measured_by", cal["provenance"]["command"])
+    args.measured_s = cal["provenance"]["seconds"]
+    return cal["rows"]
+
+
 def calibration_record(args: argparse.Namespace, points: list[mm.Setup], rows: list[dict],
                        fit: mm.Fit, name: str, seconds: float) -> dict:
     import deepspeed
@@ -1086,11 +1104,14 @@ def calibration_record(args: argparse.Namespace, points: list[mm.Setup], rows: l
         "points": [point_key(s, args) for s in points],
         "provenance": {
             "command": " ".join(["peer-scale", *args.argv]),
+            "measured_by": getattr(args, "measured_by", None) or " ".join(["peer-scale",
+                                                                          *args.argv]),
             "grid": name, "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "steps": args.steps, "seconds": round(seconds),
-            "fit": "least squares: measured peak - other terms = runtime[group] + "
-                   "tokens * (scratch[token] + selections * scratch[kind])",
+            "steps": args.steps, "seconds": getattr(args, "measured_s", round(seconds)),
+            "fit": "measured peak - other terms = runtime[group] + tokens * (scratch[token] "
+                   "+ selections * scratch[kind]); scratch: least squares of each point's "
+                   "difference from its group's smallest point; runtime: that point exact",
             "worst_fit_rel_err": max(map(abs, fit.residuals)),
         },
         "rows": rows,
