@@ -211,9 +211,79 @@ def row_grads(x, dy, order, bag, roffs, ds, ga, du, dv, R, P, D, W: tl.constexpr
 
 
 @triton.jit
+def _rounded(val, t):
+    """fp32 val in t's element type; to bf16 rounded to nearest, ties to even, spelt out
+    (the interpreter truncates; on a GPU this equals the hardware conversion)."""
+    if t.dtype.element_ty == tl.bfloat16:
+        b = val.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        val = tl.where(val != val, val, b.to(tl.float32, bitcast=True))  # NaN stays NaN
+    return val.to(t.dtype.element_ty)
+
+
+@triton.jit
 def _put_rows(t, j, jm, D, c0, val, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr):
     """Rows j (W,) of t where jm, columns [c0, c0 + C * CH) <- val (C, W, CH)."""
     cols = _cols(c0, C, CH)
     m = jm[None, :, None] & _colmask(cols, D, VEC)
-    tl.store(t + tl.multiple_of(j * D, VEC)[None, :, None] + cols, val.to(t.dtype.element_ty),
-             mask=m)
+    tl.store(t + tl.multiple_of(j * D, VEC)[None, :, None] + cols, _rounded(val, t), mask=m)
+
+
+# The row optimizers (launched by peer_dist/ops/triton_optim.py): W touched rows a program, a
+# warp a row; every value in fp32, rounded once into the table's or state's dtype.
+
+
+@triton.jit
+def _row_scalars(t, j, jm, other):
+    """(W,) fp32 values t[j] where jm."""
+    return tl.load(t + j, mask=jm, other=other).to(tl.float32)
+
+
+@triton.jit
+def adam_rows(p, rows, m, v, grad, row_bc, b1, c1, b2, c2, eps, step, ib2, R, D,
+              PER_ROW: tl.constexpr, W: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
+              VEC: tl.constexpr, PARTS: tl.constexpr, STAGES: tl.constexpr):
+    """Lazy Adam on rows[j] (W of the R unique rows), grad (R, D) row j: m = b1 m + c1 g,
+    v = b2 v + c2 g^2, p -= step * m / (sqrt(v * ib2) + eps); step = lr / bc1 and ib2 =
+    1 / bc2, or per row from row_bc (R, 2) float64 (lr is folded in by the caller)."""
+    j = tl.program_id(0).to(tl.int64) * W + tl.arange(0, W)
+    jm = j < R
+    e = tl.load(rows + j, mask=jm, other=0)
+    if PER_ROW:
+        st = step / _row_scalars(row_bc, 2 * j, jm, 1.0)  # step here is lr
+        i2 = 1.0 / _row_scalars(row_bc, 2 * j + 1, jm, 1.0)
+    else:
+        st = tl.zeros([W], dtype=tl.float32) + step
+        i2 = tl.zeros([W], dtype=tl.float32) + ib2
+    for k in range(PARTS):
+        c0 = k * C * CH
+        g = _rows(grad, j, jm, D, c0, C, CH, VEC)
+        mn = _rows(m, e, jm, D, c0, C, CH, VEC) * b1 + c1 * g
+        vn = _rows(v, e, jm, D, c0, C, CH, VEC) * b2 + c2 * g * g
+        pt = _rows(p, e, jm, D, c0, C, CH, VEC)
+        den = tl.sqrt_rn(vn * i2[None, :, None]) + eps
+        _put_rows(m, e, jm, D, c0, mn, C, CH, VEC)
+        _put_rows(v, e, jm, D, c0, vn, C, CH, VEC)
+        _put_rows(p, e, jm, D, c0, pt - tl.div_rn(st[None, :, None] * mn, den), C, CH, VEC)
+
+
+@triton.jit
+def adagrad_rows(p, rows, acc, grad, lr, eps, R, D, W: tl.constexpr, C: tl.constexpr,
+                 CH: tl.constexpr, VEC: tl.constexpr, PARTS: tl.constexpr,
+                 STAGES: tl.constexpr):
+    """Row-wise Adagrad: acc[e] += mean(g^2), p[e] -= lr * g / (sqrt(acc[e]) + eps)."""
+    j = tl.program_id(0).to(tl.int64) * W + tl.arange(0, W)
+    jm = j < R
+    e = tl.load(rows + j, mask=jm, other=0)
+    sq = tl.zeros([C, W, CH], dtype=tl.float32)
+    for k in range(PARTS):  # the whole row's sum of squares first
+        g = _rows(grad, j, jm, D, k * C * CH, C, CH, VEC)
+        sq += g * g
+    a = _row_scalars(acc, e, jm, 0.0) + tl.div_rn(tl.sum(tl.sum(sq, 2), 0), D.to(tl.float32))
+    tl.store(acc + e, _rounded(a, acc), mask=jm)
+    scale = tl.div_rn(tl.zeros([W], dtype=tl.float32) - lr, tl.sqrt_rn(a) + eps)
+    for k in range(PARTS):  # one part: the gradient is still in registers
+        c0 = k * C * CH
+        g = _rows(grad, j, jm, D, c0, C, CH, VEC)
+        pt = _rows(p, e, jm, D, c0, C, CH, VEC)
+        _put_rows(p, e, jm, D, c0, pt + scale[None, :, None] * g, C, CH, VEC)

@@ -28,6 +28,7 @@ import torch
 
 from peer_dist.config import BIAS_CORRECTIONS, TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
 from peer_dist.ops import cpu as fused_cpu
+from peer_dist.ops import triton_optim
 
 KINDS = TABLE_OPTIMIZERS
 STATE_DTYPES = dict(zip(TABLE_STATE_DTYPES, (torch.float32, torch.bfloat16), strict=True))
@@ -121,6 +122,10 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             counts = state["row_step"].index_add_(0, rows, torch.ones_like(rows, dtype=torch.int32))
             t_r = counts.index_select(0, rows).double()
             row_bc = torch.stack([1 - b1 ** t_r, 1 - b2 ** t_r], 1).contiguous()  # (R, 2)
+        if rows is not None and triton_optim.takes(p.data, g, m, v):  # CUDA: fused, in place
+            triton_optim.adam_rows(p.data, m, v, rows, g, group["lr"], b1, b2, group["eps"],
+                                   1 - b1 ** t, 1 - b2 ** t, row_bc)
+            return
         if rows is not None and _fused(p, g, m, v):  # in place, one pass over touched rows
             fused_cpu.adam_rows(p.data, m, v, rows.contiguous(), g.contiguous(), group["lr"],
                                 b1, b2, group["eps"], 1 - b1 ** t, 1 - b2 ** t,
@@ -141,6 +146,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     def _adagrad(self, p, rows, g, group, state):
         acc = state["sum_sq"]
+        if rows is not None and triton_optim.takes(p.data, g, acc):  # CUDA: fused, in place
+            triton_optim.adagrad_rows(p.data, acc, rows, g, group["lr"], group["eps"])
+            return
         if rows is not None and _fused(p, g, acc):
             fused_cpu.adagrad_rows(p.data, acc, rows.contiguous(), g.contiguous(), group["lr"],
                                    group["eps"])
