@@ -23,7 +23,7 @@ from peer_dist.config import Config, save_config
 from peer_dist.errors import UserError
 from peer_dist.model.transformer import build_model, lm_loss
 from peer_dist.train import checkpoint as ckpt
-from peer_dist.train import faults
+from peer_dist.train import faults, preempt
 from peer_dist.train.deepspeed_setup import (
     apply_dense_clip,
     build_engine,
@@ -49,6 +49,7 @@ from peer_dist.train.nonfinite import (
     restore_running_stats,
     running_stats,
 )
+from peer_dist.train.preempt import Control, Interrupted
 from peer_dist.train.sparse_optim import STATE_DTYPES, RowSparseOptimizer, grad_sq_norm, scale_grads
 from peer_dist.train.startup import RunDirLock, agree, check_same_config, open_data
 
@@ -78,6 +79,7 @@ class Job:
     skips: SkipTracker
     lock: RunDirLock
     fault_store: FaultStore | None
+    control: Control
     step: int = 0
 
     @property
@@ -117,7 +119,9 @@ def setup(cfg: Config) -> Job:
         table_opt.init_state(s.v)
     skips = SkipTracker(cfg.train.nonfinite, cfg.train.max_skipped)
     store = FaultStore(cfg.train.collective_timeout_s) if topo.world_size > 1 else None
-    return Job(cfg, topo, engine, shards, table_opt, data, dtype, skips, lock, store)
+    control = Control(cfg.train.ckpt_every_s)
+    control.install()  # from here on a signal stops the run at a step boundary, saved
+    return Job(cfg, topo, engine, shards, table_opt, data, dtype, skips, lock, store, control)
 
 
 def micro_batch(job: Job, step: int, micro: int, split: str = "train") -> tuple[torch.Tensor, ...]:
@@ -217,15 +221,19 @@ def train_step(job: Job, step: int) -> dict[str, float]:
 
 
 def _reduce_loss_and_table_norms(job: Job, loss_sum: torch.Tensor) -> tuple[float, dict]:
-    """One all-reduce: (global loss sum, {layer: squared norm of its table gradients}).
+    """One all-reduce: (global loss sum, {layer: squared norm of its table gradients}); it
+    also carries the stop and checkpoint votes (job.control).
 
     Each table row is owned by one EP rank and its DP replicas hold copies after
     sync_expert_grads, so a sum over the world counts every row DP times: divide by DP."""
     sq = [grad_sq_norm([s.u, s.v]) for s in job.shards]
-    v = torch.stack([loss_sum, *sq]).to(job.topo.device)
+    votes = torch.tensor(job.control.vote(job.topo.rank), dtype=torch.float64)
+    v = torch.cat([loss_sum.reshape(1), votes, torch.stack(sq).double().reshape(-1)]
+                  if sq else [loss_sum.reshape(1), votes]).to(job.topo.device)
     dist.all_reduce(v)
     v = v.cpu()
-    return float(v[0]), {s.name: float(v[1 + i]) / job.topo.dp
+    job.control.tally(v[1:1 + len(votes)].tolist())
+    return float(v[0]), {s.name: float(v[1 + len(votes) + i]) / job.topo.dp
                          for i, s in enumerate(job.shards)}
 
 
@@ -358,11 +366,14 @@ def _run(job: Job) -> dict[str, Any]:
             since_log = 0
         if job.step % t.eval_every == 0 and job.step < t.steps:
             log.scalars(job.step, evaluate(job), kind="val")
-        if t.ckpt_every and job.step % t.ckpt_every == 0 and job.step < t.steps:
-            ckpt.save_checkpoint(job.step, cfg, job.engine, job.shards, job.table_opt, job.topo)
+        if job.step < t.steps and (job.control.save_due or job.control.stop or (
+                t.ckpt_every and job.step % t.ckpt_every == 0)):
+            path = _save(job)
+            if job.control.stop:
+                _stop(job, log, path)
     final_eval = evaluate(job)
     log.scalars(job.step, final_eval, kind="val")
-    path = ckpt.save_checkpoint(job.step, cfg, job.engine, job.shards, job.table_opt, job.topo)
+    path = _save(job)
     summary = _summary(job, last, final_eval, timed_tokens, timed_seconds, log, path)
     for line in summary_lines(summary):
         log.text(line)
@@ -370,6 +381,26 @@ def _run(job: Job) -> dict[str, Any]:
         (Path(t.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     log.close()
     return summary
+
+
+def _save(job: Job) -> Path:
+    job.control.save_started = time.monotonic()
+    path = ckpt.save_checkpoint(job.step, job.cfg, job.engine, job.shards, job.table_opt,
+                                job.topo)
+    job.control.saved()
+    return path
+
+
+def _stop(job: Job, log: Logger, path: Path) -> None:
+    """Every rank: the run was asked to stop and its checkpoint is saved; leave in one line."""
+    c = job.control
+    if job.topo.rank == 0:
+        preempt.write_marker(job.cfg.train.run_dir, job.step, c.signal_name, path)
+    log.close()
+    raise Interrupted(f"stopped by {c.signal_name} at step {job.step} of {job.cfg.train.steps}"
+                      f": checkpoint {path} saved in {c.save_seconds:.1f} s; the same command "
+                      f"resumes from it (exit status {preempt.EXIT_INTERRUPTED})",
+                      all_ranks=True)
 
 
 def _summary(job: Job, last: dict, final_eval: dict, tokens: float, seconds: float,

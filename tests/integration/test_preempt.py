@@ -1,0 +1,108 @@
+"""Preemption through the real CLI: a stop signal mid-run (SIGTERM, SIGUSR1 or SIGINT, to the
+launcher, to its whole process group as Ctrl-C does, or to one rank only) makes every rank
+stop at the same step, save a checkpoint, say so in one line and exit with EXIT_INTERRUPTED;
+the same command then resumes, and the final parameters and optimizer state equal an
+uninterrupted run's bit for bit."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_faults import all_tensors, error_lines
+from train_cli_helpers import ROOT, TIMEOUT, TINY, env, peer_train
+
+from peer_dist.train import checkpoint as ckpt
+from peer_dist.train.preempt import EXIT_INTERRUPTED
+
+STEPS = 40  # the signal lands at step 3: the rest is the run to compare
+ARGS = (f"train.steps={STEPS}", "train.log_every=1", "train.keep_last=2")
+
+
+def start(tmp: Path, data: Path) -> subprocess.Popen:
+    args = [*peer_train(), "--nproc", "2", "--config", str(TINY), f"train.run_dir={tmp / 'run'}",
+            f"data.path={data}", *ARGS]
+    return subprocess.Popen(args, cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def signal_mid_run(proc: subprocess.Popen, send) -> str:
+    """Wait for step 3 in the progress output, `send` the signal, return the whole output."""
+    out, deadline = [], time.monotonic() + TIMEOUT
+    for line in proc.stdout:
+        out.append(line)
+        if re.match(r"step\s+3/", line):
+            send(proc)
+            break
+        assert time.monotonic() < deadline, "".join(out)[-3000:]
+    rest, _ = proc.communicate(timeout=TIMEOUT)
+    return "".join(out) + rest
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The ranks: the launcher's child processes."""
+    pids = []
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+SENDERS = {
+    "SIGTERM to the launcher": lambda p: os.kill(p.pid, signal.SIGTERM),
+    "SIGUSR1 to the launcher": lambda p: os.kill(p.pid, signal.SIGUSR1),
+    "Ctrl-C (SIGINT to the group)": lambda p: os.killpg(p.pid, signal.SIGINT),
+    "SIGTERM to rank 1 only": lambda p: os.kill(max(rank_pids(p.pid)), signal.SIGTERM),
+}
+
+
+def assert_stopped(out: str, code: int, run_dir: Path, name: str) -> int:
+    """One line naming the signal and the checkpoint; that checkpoint is valid."""
+    lines = error_lines(out)
+    assert code == EXIT_INTERRUPTED, out[-3000:]
+    assert len(lines) == 1 and f"stopped by {name}" in lines[0], out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    step = int(re.search(r"at step (\d+) of", lines[0]).group(1))
+    assert 3 <= step < STEPS
+    path = run_dir / "checkpoints" / ckpt.step_name(step)
+    assert str(path) in lines[0] and ckpt.verify(path) is None
+    return step
+
+
+@pytest.fixture(scope="module")
+def data(runs) -> Path:
+    runs.get(1, "train.steps=1")  # prepares runs.data once
+    return runs.data
+
+
+@pytest.mark.parametrize("how", [k for k in SENDERS if k != "SIGTERM to the launcher"])
+def test_every_stop_signal_saves_and_exits(tmp_path, data, how):
+    proc = start(tmp_path, data)
+    out = signal_mid_run(proc, SENDERS[how])
+    name = re.search(r"SIG\w+", how).group(0)
+    assert_stopped(out, proc.returncode, tmp_path / "run", name)
+
+
+def test_preempted_run_resumes_to_the_uninterrupted_state(tmp_path, data, runs):
+    proc = start(tmp_path, data)
+    t0 = time.monotonic()
+    out = signal_mid_run(proc, SENDERS["SIGTERM to the launcher"])
+    stopped_in = time.monotonic() - t0
+    step = assert_stopped(out, proc.returncode, tmp_path / "run", "SIGTERM")
+    assert stopped_in < 60, out[-3000:]  # well inside the grace period (train.stop_grace_s)
+    proc = start(tmp_path, data)
+    rest, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, rest[-3000:]
+    assert f"at step {step}" in rest
+    reference = runs.get(2, *ARGS)
+    final = f"checkpoints/{ckpt.step_name(STEPS)}"
+    want = all_tensors(reference["run_dir"] / final)
+    have = all_tensors(tmp_path / "run" / final)
+    assert set(want) == set(have) and any(".opt." in k for k in want)
+    for k in want:
+        assert torch.equal(want[k], have[k]), k
