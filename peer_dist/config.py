@@ -245,7 +245,12 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8
-    ckpt_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 0  # every this many steps (0 = by time only, and at the end)
+    # also every this many seconds of training (0 = off): bounds what a kill can lose
+    ckpt_every_s: float = 1800.0
+    # on SIGTERM / SIGUSR1 / SIGINT the ranks save and stop; the launcher (peer-train --nproc,
+    # torchrun --shutdown-timeout) waits this long for them before killing them
+    stop_grace_s: float = 300.0
     keep_last: int = 2
     resume: str = "auto"  # auto (from run_dir/latest if present) | never | a checkpoint path
     run_dir: str = "runs/default"
@@ -266,6 +271,10 @@ class TrainConfig:
                "one of [0, 1, 2, 3]")
         _check(self.dtype in DTYPES, "train.dtype", self.dtype, f"one of {list(DTYPES)}")
         _check(self.ckpt_every >= 0, "train.ckpt_every", self.ckpt_every, ">= 0 (0 = end only)")
+        _check(self.ckpt_every_s >= 0, "train.ckpt_every_s", self.ckpt_every_s,
+               "a number of seconds >= 0 (0 = off)")
+        _check(self.stop_grace_s > 0, "train.stop_grace_s", self.stop_grace_s,
+               "a number of seconds > 0")
         _check(self.nonfinite in NONFINITE, "train.nonfinite", self.nonfinite,
                f"one of {list(NONFINITE)}")
         _check(self.collective_timeout_s > 0, "train.collective_timeout_s",
