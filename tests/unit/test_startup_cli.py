@@ -5,6 +5,7 @@ the multi-node lines, and one metrics row per step."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,15 @@ def test_options_after_overrides_are_parsed():
 
 
 @pytest.mark.parametrize("flag", [["--nproc", "0"], ["--nproc", "-2"], ["--nnodes", "0"]])
-def test_bad_launcher_flags_are_one_line(capsys, flag):
+def test_bad_launcher_flags_are_one_line(capsys, flag, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # main sets it: restored after
     assert main(["--config", str(TINY), *flag]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "allowed are --nproc >= 1" in err[0]
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # idle OpenMP threads sleep
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    main(["--config", str(TINY), *flag])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice is kept
 
 
 def test_missing_data_path_is_an_error_without_a_source(tmp_path: Path):
