@@ -7,6 +7,7 @@ optimizers are inside every comparison.
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -65,11 +66,35 @@ def test_two_ranks_lower_the_loss_and_report(runs):
     assert list((r["run_dir"] / "tb").glob("events.out.tfevents.*"))
 
 
+# The ZeRO-1 run also evaluates every 3 steps (one launch for both): evaluation in the middle
+# of a run must leave training as it was (BatchNorm back in training mode, no data or RNG used)
+MID_EVAL = "train.eval_every=3"
+
+
+def zero_run(runs, stage: int) -> dict:
+    extra = (MID_EVAL,) if stage == 1 else ()
+    return runs.get(2, *BASE, f"train.zero_stage={stage}", *extra)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_give_the_same_losses(runs, stage):
     base = runs.get(2, *BASE)
-    other = runs.get(2, *BASE, f"train.zero_stage={stage}")
-    assert_losses_close(base["losses"], other["losses"])
+    assert_losses_close(base["losses"], zero_run(runs, stage)["losses"])
+
+
+def test_mid_run_evaluation(runs):
+    """Validation at steps 3 and 6 (eval_every=3) and the final one at 8, each with loss,
+    perplexity and expert usage; the steps after an evaluation train as without one."""
+    r = zero_run(runs, 1)
+    val = [row for row in r["rows"] if row["kind"] == "val"]
+    assert [row["step"] for row in val] == [3, 6, 8]
+    for row in val:
+        assert row["val_loss"] > 0 and row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]))
+        usage = [v for k, v in row.items() if k.startswith("experts/") and k.endswith("/usage")]
+        assert len(usage) == 1 and 0 < usage[0] <= 1
+    assert val[0]["val_loss"] > val[-1]["val_loss"]  # the model learned in between
+    assert r["summary"]["val_ppl"] == pytest.approx(val[-1]["val_ppl"])
+    assert_losses_close(runs.get(2, *BASE)["losses"], r["losses"], steps=[4, 5, 7, 8])
 
 
 def test_sharded_two_ranks_match_one_rank(runs):
@@ -106,7 +131,7 @@ def test_resume_matches_uninterrupted_run(runs, tmp_path):
 def test_checkpoint_reshards_to_other_world_sizes(runs, tmp_path, nproc, stage):
     """Written at world 2 (ZeRO `stage`), loaded at world 1/3/4: identical tables, table
     optimizer state and dense weights (the loaded run saves again without training)."""
-    src = runs.get(2, *BASE) if stage == 0 else runs.get(2, *BASE, f"train.zero_stage={stage}")
+    src = runs.get(2, *BASE) if stage == 0 else zero_run(runs, stage)
     cmd = peer_train() if nproc == 1 else torchrun(nproc)
     out = run_cli(cmd, tmp_path / "loaded", [*BASE, f"train.resume={ckpt(src, 8)}",
                                              f"train.zero_stage={stage}"], runs.data)
