@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 import time
@@ -205,6 +206,13 @@ def load_exported(path: str | Path) -> tuple[Config, torch.nn.Module]:
 
 # --------------------------------------------------------------------------- command line
 
+def quiet_env() -> None:
+    """Name the accelerator for DeepSpeed, which torch's checkpoint reader imports through its
+    plugins: otherwise it guesses and prints a warning (PEER_DEBUG=1 leaves it be)."""
+    if os.environ.get("PEER_DEBUG", "") in ("", "0"):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    quiet_env()
     t0 = time.perf_counter()
     if not args.out.endswith(".safetensors"):
         print(f"{PROG}: --out={args.out!r}: allowed is a file name ending in .safetensors",

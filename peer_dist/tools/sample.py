@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         return launch(["--standalone", f"--nproc-per-node={args.nproc}", "-m",
                        "peer_dist.tools.sample", *rank_args(args)])
+    from peer_dist.tools.export import quiet_env
+
+    quiet_env()
     rank = int(os.environ.get("RANK", "0"))
     try:
         out = sample(args)
