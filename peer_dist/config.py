@@ -183,12 +183,17 @@ class ParallelConfig:
     strategy: str = "auto"  # auto (cost model) | fetch | dispatch | node_dispatch
     balance_ids: bool = False  # permute expert ids e -> (a*e + c) mod N before choosing owners
     bn_sync: str = "global"  # query BatchNorm statistics: global (all ranks) | local (per rank)
+    # dispatch: tokens cut into this many chunks whose all-to-alls run while the previous chunk
+    # computes (1 = off; measured with peer-bench dist --overlap-chunks)
+    overlap_chunks: int = 1
 
     def validate(self) -> None:
         _check(self.ep >= 0, "parallel.ep", self.ep, "0 (the whole world) or a divisor of it")
         _check(self.strategy in STRATEGIES, "parallel.strategy", self.strategy,
                f"one of {list(STRATEGIES)}")
         _check(self.bn_sync in BN_SYNC, "parallel.bn_sync", self.bn_sync, f"one of {list(BN_SYNC)}")
+        _check(self.overlap_chunks >= 1, "parallel.overlap_chunks", self.overlap_chunks,
+               "an integer >= 1 (1 = no overlap)")
 
 
 TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")

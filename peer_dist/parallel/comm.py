@@ -146,6 +146,42 @@ class Exchange:
         return out
 
 
+class Pending:
+    """An all-to-all in flight: wait() returns its output and counts the time spent waiting
+    (the exposed part of the transfer) in stats.seconds and stage_seconds["comm_wait"]."""
+
+    def __init__(self, out: torch.Tensor, work, stats: CommStats):
+        self.out, self.work, self.stats = out, work, stats
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            t0 = time.perf_counter()
+            self.work.wait()
+            waited = time.perf_counter() - t0
+            self.stats.seconds += waited
+            self.stats.stage_seconds["comm_wait"] = self.stats.stage_seconds.get(
+                "comm_wait", 0.0) + waited
+            self.work = None
+        return self.out
+
+
+def send_async(ex: Exchange, x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+               direction: str) -> Pending:
+    """Exchange.send without waiting: the transfer runs in the process group's threads while
+    the caller computes; bytes are counted now, seconds when waited for."""
+    if ex.size == 1:
+        return Pending(x, None, ex.stats)
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x, output_split_sizes=recv_splits,
+                                  input_split_sizes=send_splits, group=ex.group, async_op=True)
+    row_bytes = x.element_size() * math.prod(x.shape[1:])
+    ex.stats.add(direction, (sum(send_splits) - send_splits[ex.rank]) * row_bytes,
+                 (sum(recv_splits) - recv_splits[ex.rank]) * row_bytes, 0.0,
+                 ex.internode(send_splits) * row_bytes)
+    return Pending(out, work, ex.stats)
+
+
 def owner_starts(splits: list[int], device: torch.device) -> torch.Tensor:
     """(W,) offset of each source's block in a received buffer."""
     t = torch.tensor(splits, dtype=torch.int64, device=device)

@@ -9,6 +9,12 @@ Backward runs the stages in reverse: dL/dy goes to the owners (output_dist), the
 gives dL/dx_in, dL/dgate and the U and V gradients, which never travel (compute), and the
 dL/dx and dL/dgate partials come back (input_dist).
 
+Overlap (parallel.overlap_chunks = C > 1): the tokens are cut into C chunks, planned at once
+(one count exchange for all), and one autograd function pipelines them: chunk i+1's tokens
+travel while the owner mixes chunk i, the partials go back while the next chunk mixes; backward
+the same with dL/dy out and dL/dx, dL/dgate back. Only the time spent waiting on a transfer is
+exposed; stats.stage_seconds["comm_wait"] counts it.
+
 Shape legend: T = tokens, S = selections per token, D = dim, P = (token, owner) pairs this rank
 sends, Q = T*S selections, P_in / Q_in = pairs / selections this owner receives.
 """
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from peer_dist.ops import ragged_mix
-from peer_dist.parallel.comm import Exchange, owner_starts, source_of_rows
+from peer_dist.parallel.comm import Exchange, owner_starts, send_async, source_of_rows
 from peer_dist.parallel.idmap import IdMap
 
 
@@ -166,3 +172,110 @@ class Dispatch:
 
     def output_dist(self, got: Received, y_in: torch.Tensor, tokens: int) -> torch.Tensor:
         return ReturnPartials.apply(y_in, got.plan, self.ex, tokens)
+
+    def overlapped(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
+                   u: torch.Tensor, v: torch.Tensor, chunks: int) -> torch.Tensor:
+        """All three stages over `chunks` chunks of tokens, transfers under compute."""
+        bounds = chunk_bounds(x.shape[0], chunks)
+        plans = plan_chunks(ids, self.idmap, self.ex, bounds)
+        return OverlappedDispatch.apply(x, gates, u, v, plans, bounds, self.ex, self.act)
+
+
+def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
+    """C contiguous token ranges, as equal as possible (the last ones empty when T < C)."""
+    step = -(-tokens // chunks)
+    return [(min(i * step, tokens), min((i + 1) * step, tokens)) for i in range(chunks)]
+
+
+def plan_chunks(ids: torch.Tensor, idmap: IdMap, ex: Exchange,
+                bounds: list[tuple[int, int]]) -> list[DispatchPlan]:
+    """A DispatchPlan per chunk of tokens; one count exchange for all of them (W, 2C)."""
+    s = ids.shape[1]
+    groups = []
+    for a, b in bounds:
+        owner, local = idmap.split(idmap.position(ids[a:b].reshape(-1)))
+        token = torch.arange(b - a, device=ids.device).repeat_interleave(s)
+        groups.append(group_pairs(owner, local, token, b - a, ex.size))
+    sent, recv = ex.counts(torch.cat([torch.stack([g.pair_count, g.sel_count], 1)
+                                      for g in groups], 1))
+    return [DispatchPlan(g.order, g.pair_token, g.meta, [c[2 * i] for c in sent],
+                         [c[2 * i + 1] for c in sent], [c[2 * i] for c in recv],
+                         [c[2 * i + 1] for c in recv]) for i, g in enumerate(groups)]
+
+
+@dataclass
+class ChunkMix:
+    """One chunk at its owner: the received x and gates (leaves) and the partials' graph."""
+
+    x: torch.Tensor  # (P_in, D)
+    gates: torch.Tensor  # (Q_in,)
+    y: torch.Tensor  # (P_in, D)
+
+
+def _send_chunk(x, gates, plan: DispatchPlan, start: int, ex: Exchange):
+    """input_dist of one chunk, in flight: x per pair, and (row, pair, gate) per selection."""
+    g = gates.reshape(-1)[plan.order].to(x.dtype)
+    meta = torch.cat([plan.meta, _as_int32_columns(g)], 1)
+    return (send_async(ex, x[plan.pair_token + start], plan.pair_splits, plan.recv_pairs, "fwd"),
+            send_async(ex, meta, plan.sel_splits, plan.recv_sels, "fwd"))
+
+
+def _mix_chunk(x_in, meta_in, plan: DispatchPlan, u, v, act: str) -> ChunkMix:
+    """compute of one chunk, with its own graph (differentiated in backward)."""
+    rows = meta_in[:, 0].to(torch.int64)
+    bag = meta_in[:, 1].to(torch.int64) + owner_starts(plan.recv_pairs, x_in.device)[
+        source_of_rows(plan.recv_sels, x_in.device)]
+    g_in = _from_int32_columns(meta_in[:, 2:], x_in.dtype)
+    with torch.enable_grad():
+        x_in, g_in = x_in.requires_grad_(True), g_in.requires_grad_(True)
+        return ChunkMix(x_in, g_in, ragged_mix(x_in, rows, bag, g_in, u, v, act))
+
+
+class OverlappedDispatch(torch.autograd.Function):
+    """(x (T, D), gates (T, S), u, v) -> y (T, D), the chunks' transfers under their compute."""
+
+    @staticmethod
+    def forward(ctx, x, gates, u, v, plans, bounds, ex: Exchange, act: str):
+        pending = _send_chunk(x, gates[slice(*bounds[0])], plans[0], bounds[0][0], ex)
+        mixes, back = [], []
+        for i, plan in enumerate(plans):
+            x_in, meta_in = (p.wait() for p in pending)
+            if i + 1 < len(plans):  # the next chunk travels while this one mixes
+                a = bounds[i + 1][0]
+                pending = _send_chunk(x, gates[slice(*bounds[i + 1])], plans[i + 1], a, ex)
+            mixes.append(_mix_chunk(x_in, meta_in, plan, u, v, act))
+            back.append(send_async(ex, mixes[-1].y.detach(), plan.recv_pairs, plan.pair_splits,
+                                   "fwd"))
+        y = x.new_zeros(x.shape)
+        for (a, _), plan, p in zip(bounds, plans, back, strict=True):
+            y.index_add_(0, plan.pair_token + a, p.wait())
+        ctx.mixes, ctx.plans, ctx.bounds, ctx.ex, ctx.tables = mixes, plans, bounds, ex, (u, v)
+        ctx.g_shape = gates.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy, plans, bounds, ex = dy.contiguous(), ctx.plans, ctx.bounds, ctx.ex
+        send_dy = lambda i: send_async(ex, dy[plans[i].pair_token + bounds[i][0]],  # noqa: E731
+                                       plans[i].pair_splits, plans[i].recv_pairs, "bwd")
+        pending, back, tables = send_dy(0), [], [None, None]
+        for i, (mix, plan) in enumerate(zip(ctx.mixes, plans, strict=True)):
+            dy_in = pending.wait()
+            if i + 1 < len(plans):
+                pending = send_dy(i + 1)
+            grads = torch.autograd.grad(mix.y, [mix.x, mix.gates, *ctx.tables], dy_in,
+                                        allow_unused=True)
+            gx, gg = (g if g is not None else torch.zeros_like(t)
+                      for g, t in zip(grads[:2], (mix.x, mix.gates), strict=True))
+            back.append((send_async(ex, gx, plan.recv_pairs, plan.pair_splits, "bwd"),
+                         send_async(ex, gg.contiguous(), plan.recv_sels, plan.sel_splits, "bwd")))
+            tables = [a if b is None else b if a is None else a + b
+                      for a, b in zip(tables, grads[2:], strict=True)]
+        dx = dy.new_zeros(dy.shape)
+        dgates = dy.new_zeros(ctx.g_shape)
+        for (a, b), plan, (pdx, pdg) in zip(bounds, plans, back, strict=True):
+            dx.index_add_(0, plan.pair_token + a, pdx.wait())
+            dg = pdg.wait()
+            dgates[a:b] = dg.new_zeros(dg.shape).index_copy_(0, plan.order, dg).view(
+                b - a, dgates.shape[1])
+        return dx, dgates, *tables, None, None, None, None

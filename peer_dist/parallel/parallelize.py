@@ -28,7 +28,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: ParallelConfig) -> nn.Mod
             continue
         prefix = f"{name}." if name else ""
         layer.experts = ShardedExperts(f"{prefix}experts", layer.experts, topo, cfg.strategy,
-                                       cfg.balance_ids)
+                                       cfg.balance_ids, cfg.overlap_chunks)
         norm = layer.router.norm
         if isinstance(norm, nn.BatchNorm1d) and cfg.bn_sync == "global" and topo.world_size > 1:
             layer.router.norm = SyncBatchNorm1d(norm)

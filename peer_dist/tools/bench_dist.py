@@ -62,6 +62,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strategies", default=None,
                    help="default fetch,dispatch,replicated (and node_dispatch with --nodes > 1)")
     p.add_argument("--nodes", type=int, default=1, help="torchrun agents per world size")
+    p.add_argument("--overlap-chunks", type=int, default=1,
+                   help="dispatch: chunks whose transfers run under compute (parallel."
+                        "overlap_chunks)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank; 0 = cores/W")
@@ -135,14 +138,14 @@ def _build(strategy: str, args, topo):
         su, sv = tables.table_seeds()
         return [init_rows(s, 0, args.num_experts, args.dim, tables.std).to(topo.device)
                 .requires_grad_(True) for s in (su, sv)]
-    return ShardedExperts("bench", tables, topo, strategy)
+    return ShardedExperts("bench", tables, topo, strategy, overlap_chunks=args.overlap_chunks)
 
 
 def _measure(strategy: str, args, topo, consts: dict) -> dict:
     import torch.distributed as dist
 
     layer = _build(strategy, args, topo)
-    times, sent, far = [], 0.0, 0.0
+    times, waits, sent, far = [], [], 0.0, 0.0
     for step in range(args.warmup + args.steps):
         if strategy != "replicated":
             layer.stats.reset()
@@ -157,18 +160,22 @@ def _measure(strategy: str, args, topo, consts: dict) -> dict:
             far = float(sum(layer.stats.bytes_internode.values()))
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            waits.append(0.0 if strategy == "replicated" else layer.stats.seconds)
     agg = torch.tensor([statistics.median(times), sent, far], dtype=torch.float64)
-    slowest = agg[:1].clone()
+    slowest = torch.tensor([agg[0], statistics.median(waits)], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     dist.all_reduce(agg)
     mem = (2 * layer[0].numel() * 4 if strategy == "replicated"
            else 2 * layer.shard.rows * args.dim * 4)
     per = topo.world_size * args.tokens
-    row = _row(strategy, topo.world_size, topo.ep, args, step_s=float(slowest),
+    row = _row(strategy, topo.world_size, topo.ep, args, step_s=float(slowest[0]),
                measured=float(agg[1]) / per, mem=mem, nodes=topo.nodes)
     row["bytes_internode_per_token_layer"] = float(agg[2]) / per
     row["bytes_intranode_per_token_layer"] = (float(agg[1]) - float(agg[2])) / per
     row["step_s_predicted"] = _predicted_step(strategy, args, topo, consts)
+    # seconds a step spent in (or waiting on) transfers: what overlap did not hide
+    row["comm_exposed_s"] = float(slowest[1])
+    row["overlap_chunks"] = args.overlap_chunks if strategy == "dispatch" else 1
     return row
 
 
@@ -199,7 +206,8 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
     c = cm.Cluster(topo.nodes, topo.world_size // topo.nodes, rate, a2a, a2a, 0.0,
                    hbm_fraction=1.0, latency_s=consts.get("a2a_latency_s", 0.0),
                    name="this machine")  # core sharing is in the measured constants
-    return cm.predict_step(layer, c, topo.ep, strategy)["step_s_predicted"]
+    chunks = args.overlap_chunks if strategy == "dispatch" else 1
+    return cm.predict_step(layer, c, topo.ep, strategy, chunks)["step_s_predicted"]
 
 
 def _row(strategy: str, world: int, ep: int, args, step_s, measured, mem, nodes: int = 1,
@@ -358,7 +366,7 @@ def _ratio(a, b) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'source':8} {'strategy':13} {'W':>2} {'M':>2} {'EP':>2} {'N':>8} {'d':>5} "
-            f"{'T/rank':>6} {'step ms':>8} {'model ms':>8} {'KB/tok meas':>11} "
+            f"{'T/rank':>6} {'step ms':>8} {'model ms':>8} {'comm ms':>8} {'KB/tok meas':>11} "
             f"{'KB/tok model':>12} {'meas/model':>10} {'inter meas':>10} {'inter model':>11} "
             f"{'inter m/m':>9} {'table MB/rank':>13}")
     print(head)
@@ -370,6 +378,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['source']:8} {r['strategy']:13} {r['world_size']:>2} {r['nodes']:>2} "
               f"{r['ep']:>2} {r['num_experts']:>8} {r['dim']:>5} {r['tokens_per_rank']:>6} "
               f"{_fmt(r['step_s'], 1e-3):>8} {_fmt(r['step_s_predicted'], 1e-3):>8} "
+              f"{_fmt(r.get('comm_exposed_s'), 1e-3):>8} "
               f"{_fmt(m, 1e3, 2):>11} {_fmt(p, 1e3, 2):>12} {_ratio(m, p):>10} "
               f"{_fmt(im, 1e3, 2):>10} {_fmt(ip, 1e3, 2):>11} {_ratio(im, ip):>9} "
               f"{_fmt(r['expert_mem_bytes_per_rank'], 1e6):>13}")
