@@ -1,0 +1,54 @@
+"""peer-bench dist through its command (it launches torchrun itself): a 2-rank smoke run of
+every strategy and the replicated baseline, checked against by-hand bytes and memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from train_cli_helpers import ROOT, TIMEOUT, env
+
+N, D, HEADS, TOPK, TOKENS = 4096, 16, 2, 4, 64
+
+
+@pytest.fixture(scope="module")
+def dist_rows() -> list[dict]:
+    cmd = [sys.executable, "-m", "peer_dist.tools.bench", "dist", "--nprocs-list", "2",
+           "--num-experts", str(N), "--dim", str(D), "--heads", str(HEADS), "--topk", str(TOPK),
+           "--tokens", str(TOKENS), "--steps", "2", "--warmup", "1", "--threads", "1",
+           "--json", "--no-paper"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 rank(s) on 1 node(s)" in done.stderr  # progress on stderr, rows on stdout
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_dist_rows_cover_every_strategy(dist_rows):
+    assert [r["strategy"] for r in dist_rows] == ["fetch", "dispatch", "replicated"]
+    for r in dist_rows:
+        assert (r["world_size"], r["ep"], r["nodes"], r["tokens_per_rank"]) == (2, 2, 1, TOKENS)
+        assert r["step_s"] > 0 and r["step_s_predicted"] > 0 and r["source"] == "measured"
+        assert r["bytes_internode_per_token_layer"] == 0  # one node
+
+
+def test_dist_memory_and_replicated_bytes_by_hand(dist_rows):
+    rows = {r["strategy"]: r for r in dist_rows}
+    table = N * D * 2 * 4  # U and V, fp32
+    assert rows["fetch"]["expert_mem_bytes_per_rank"] == table // 2  # EP = 2: half the rows
+    assert rows["dispatch"]["expert_mem_bytes_per_rank"] == table // 2
+    assert rows["replicated"]["expert_mem_bytes_per_rank"] == table
+    # replicated: a ring all-reduce of dense U, V gradients sends 2 (W-1)/W of them per step
+    assert rows["replicated"]["bytes_per_token_layer"] == 2 * (1 / 2) * table / TOKENS
+
+
+def test_dist_measured_bytes_near_the_cost_model(dist_rows):
+    """Counted at the collectives for one draw of uniform ids, against the expectation."""
+    for r in dist_rows:
+        want = r["bytes_per_token_layer_predicted"]
+        assert r["bytes_per_token_layer"] == pytest.approx(want, rel=0.2), r["strategy"]
+    rows = {r["strategy"]: r for r in dist_rows}
+    # dispatch moves a token's vector, fetch the rows it selected: fewer bytes at S = 8
+    assert rows["dispatch"]["bytes_per_token_layer"] < rows["fetch"]["bytes_per_token_layer"]
