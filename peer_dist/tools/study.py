@@ -49,7 +49,7 @@ from peer_dist.config import DataConfig, ModelConfig, MoEConfig, PEERConfig
 KINDS = ("dense", "moe", "pkm", "peer", "moe_ec")
 DEFAULT_KINDS = ("dense", "moe", "pkm", "peer")
 NON_CAUSAL = ("moe_ec",)  # expert choice sees the batch's future tokens: not ranked
-WIDTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # where a sweep is extended (8 | d)
+WIDTHS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # where a sweep is extended (8 | d)
 
 
 @dataclass
@@ -224,12 +224,13 @@ def isoflop_rows(args: argparse.Namespace) -> list[dict]:
     r = Recipe()
     data = open_corpus(args.data, args.data_bytes)
     rows: list[dict] = []
-    t0 = time.perf_counter()
+    t0, done = time.perf_counter(), [0]
 
     def log(row: dict) -> None:
+        done[0] += 1
         if args.json:
             print(json.dumps(row), flush=True)
-        print(f"peer-study: {len(rows) + 1} {row['kind']} d={row['dim']} seed={row['seed']} "
+        print(f"peer-study: {done[0]} {row['kind']} d={row['dim']} seed={row['seed']} "
               f"budget={row['budget']:.1e}: {row['steps']} steps, selection ppl "
               f"{row['selection_ppl']:.3f}, test ppl {row['test_ppl']:.3f} "
               f"({row['train_s']:.0f} s; {time.perf_counter() - t0:.0f} s in all)",
@@ -517,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"any of {', '.join(KINDS)} (moe_ec: expert choice, non-causal, "
                           "not ranked)")
     iso.add_argument("--sizes", type=_ints, default=[32, 48, 64],
-                     help="model widths d to start from (multiples of 8, >= 16)")
+                     help="model widths d to start from (multiples of 8)")
     iso.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     iso.add_argument("--max-extend", type=int, default=3,
                      help="widths added per kind and budget while the optimum is at an edge")
@@ -550,9 +551,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     out, t0 = Path(args.out), time.perf_counter()
     if args.command == "isoflop":
-        if any(d % 8 or d < 16 for d in args.sizes) or args.max_extend < 0:
+        if any(d % 8 or d < 8 for d in args.sizes) or args.max_extend < 0:
             raise SystemExit(f"peer-study: --sizes={args.sizes} --max-extend="
-                             f"{args.max_extend}: allowed are widths >= 16 divisible by 8 (4 "
+                             f"{args.max_extend}: allowed are widths >= 8 divisible by 8 (4 "
                              "attention heads of even size) and --max-extend >= 0")
         write_isoflop(isoflop_rows(args), out)
     else:

@@ -71,7 +71,7 @@ def test_isoflop_sweep_extends_until_the_optimum_is_inside(tmp_path, capsys, mon
     assert [r["dim"] for r in rows] == [48, 48, 64, 64, 32, 32, 24, 24, 16, 16]
     table = (tmp_path / "isoflop.md").read_text()
     assert "| 1.0e+10 | peer | 24 | yes | 6.005 | 0.010 |" in table
-    assert study.next_width([24, 32], 24) == 16 and study.next_width([16, 32], 16) is None
+    assert study.next_width([24, 32], 24) == 16 and study.next_width([8, 32], 8) is None
     assert study.next_width([32, 48, 64], 48) is None and study.next_width([192, 256], 256) is None
 
 
