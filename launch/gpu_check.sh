@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command that checks a GPU machine and writes one markdown report with every figure:
 #   1. what is here (GPU, driver, torch, triton, deepspeed), installing what is missing
-#   2. the kernel tests on CUDA (Triton mix against Algorithm 1 and autograd, product-key
-#      selection against brute force)
+#   2. the kernel tests on CUDA (Triton mix against Algorithm 1 and autograd, the Triton row
+#      optimizers against the PyTorch path, takes() refusals, product-key selection against
+#      brute force), and peer-bench kernels: the static compile table (registers, spills,
+#      load width, bytes in flight) beside the measured figures of part 3
 #   3. peer-bench layer --device cuda: ours in fp32 and bf16 against PEER-pytorch and against
 #      the copy-bandwidth roofline at the paper's shape (N = 1024^2, d = 1024, h = 8, k = 16)
 #   4. configs/peer_1m.yaml on one GPU in bf16 at ZeRO 1, 2 and 3 (a few steps each)
@@ -91,8 +93,16 @@ EOF
 if wants kernels; then
 echo -e "\n## Kernel tests on CUDA" >>"$REPORT"
 if step kernel_tests 900 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider \
-        tests/unit/test_triton_kernels.py tests/unit/test_topk.py; then
+        tests/unit/test_triton_kernels.py tests/unit/test_triton_optim.py \
+        tests/unit/test_triton_takes.py tests/unit/test_triton_compile.py \
+        tests/unit/test_topk.py; then
     { echo '```'; tail -n 3 "$OUT/kernel_tests.log"; echo '```'; } >>"$REPORT"
+fi
+echo -e "\n## Kernels compiled for sm_80 and sm_90 (static, not a speed)" >>"$REPORT"
+COMPILE=("$PY" -m peer_dist.tools.bench kernels --dims "$DIM" --jobs 8)
+echo -e "\n\`${COMPILE[*]}\`\n" >>"$REPORT"
+if step kernel_compile 900 "${COMPILE[@]}"; then
+    grep -E "^(\||In flight)" "$OUT/kernel_compile.log" >>"$REPORT"
 fi
 fi
 
