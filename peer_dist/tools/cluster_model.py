@@ -5,10 +5,11 @@
 
 Per layer and step (forward + backward), per rank, for one EP x DP layout and strategy:
   compute   the bytes the mix kernels stream: per token, forward reads S rows of U and of V
-            (2*S*D*e), backward reads them again and writes their gradients (4*S*D*e); with the
-            optimizer, a lazy Adam update of the touched rows (parameter, gradient and two fp32
-            moments); at HBM bandwidth x the kernels' achieved fraction (an assumption until a
-            GPU has measured it: HBM_FRACTION)
+            (2*S*D*e), backward reads them again and writes their gradients (4*S*D*e); the
+            messages packed and unpacked (twice the bytes sent); with the optimizer, a lazy
+            Adam update of the touched rows (parameter, gradient and two fp32 moments); at HBM
+            bandwidth x the kernels' achieved fraction (an assumption until a GPU has measured
+            it: HBM_FRACTION)
   intra     intra-node bytes (parallel/cost.py, by link) / NVLink bandwidth per GPU
   inter     inter-node bytes / NIC bandwidth per GPU
   sync      table gradients over the DP replicas of a shard: the touched rows all-gathered, or
@@ -166,7 +167,10 @@ def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int =
     intra, inter = (0.0, 0.0) if strategy == "local" else cost.predict_by_link(shape)[strategy]
     tables_ep = 1 if strategy == "replicated" else ep
     slow = 1.0 if not c.cores_per_rank else max(1.0, 1.0 / c.cores_per_rank)
-    work = layer.tokens * mix_bytes(layer) + optimizer_bytes(layer, tables_ep)
+    # every message byte is also packed by its sender and unpacked by its receiver (gathers
+    # and index_adds that stream memory): twice the bytes sent, per rank
+    work = layer.tokens * (mix_bytes(layer) + 2 * (intra + inter)) + optimizer_bytes(
+        layer, tables_ep)
     if strategy == "replicated":  # dense gradients: written, then read by the all-reduce
         work += 4.0 * layer.num_experts * layer.dim * layer.elem
     compute = work / (c.hbm_bytes_per_s * c.hbm_fraction) * slow
