@@ -1,0 +1,143 @@
+"""peer-prepare at its edges: every input empty, a document above the tokenizer's 4 MiB chunk,
+--force over an existing folder, symbolic links, and the checks of --val-fraction and
+--max-bytes (each a one-line error naming the value and what is allowed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peer_dist.data import ByteTokenizer, prepare
+from peer_dist.tools.prepare import main as prepare_main
+
+prepare_mod = sys.modules["peer_dist.data.prepare"]  # the module (the package exports the function)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    code = prepare_main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def _one_error_line(err: str, *words: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("peer-prepare: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def _docs(out: Path, split: str) -> list[str]:
+    """The documents of one split, decoded (each ends with the end-of-document byte)."""
+    ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+    assert ids[-1] == ByteTokenizer().eos_id
+    return ByteTokenizer().decode(ids[:-1]).split("\x00")
+
+
+def test_all_inputs_empty_is_one_line(tmp_path, capsys):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "a.txt").write_text("")
+    (tmp_path / "in" / "sub" / "b.txt").write_text("")
+    (tmp_path / "empty.txt").write_text("")
+    code, err = _cli(capsys, str(tmp_path / "in"), str(tmp_path / "empty.txt"),
+                     "--out", str(tmp_path / "out"))
+    assert code == 2
+    _one_error_line(err, "no input text found (all inputs empty)")
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_a_document_above_the_encode_chunk_keeps_its_place(tmp_path):
+    """A 5 MiB document between two small ones: the tokenizer gets it in a batch of its own
+    (the pending text passes ENCODE_CHUNK_BYTES), and the stream keeps the document order."""
+    big = ("0123456789abcdef" * 65536) * 5  # 5 MiB of ASCII
+    assert len(big) > prepare_mod.ENCODE_CHUNK_BYTES
+    src = tmp_path / "in"
+    src.mkdir()
+    texts = {"a.txt": "first small document\n", "b.txt": big, "c.txt": "last small one\n"}
+    for name, text in texts.items():
+        (src / name).write_text(text)
+    batches = []
+    real = ByteTokenizer.encode_batch
+    ByteTokenizer.encode_batch = lambda self, t: batches.append(len(t)) or real(self, t)
+    try:
+        meta = prepare([str(src)], tmp_path / "out", val_fraction=0.01, max_bytes=10 << 20,
+                       log=lambda _: None)
+    finally:
+        ByteTokenizer.encode_batch = real
+    assert len(batches) >= 2  # flushed at the chunk, then the rest at the end
+    out = {split: _docs(tmp_path / "out", split) for split in ("train", "val")}
+    # the documents in stream order (meta's files), each split's in its own order, give back
+    # every input byte in file order; the big one may be cut (train head, validation tail)
+    stream = [out[split].pop(0) for _, split, _ in meta["files"]]
+    assert out == {"train": [], "val": []}
+    assert "".join(stream) == "".join(texts.values())
+    assert meta["bytes"]["train"] + meta["bytes"]["val"] == sum(map(len, texts.values()))
+
+
+def test_force_replaces_an_existing_folder_and_without_it_nothing_moves(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text to hold out a little of\n" * 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    code, err = _cli(capsys, str(tmp_path / "a.txt"), "--out", str(out))
+    assert code == 2
+    _one_error_line(err, f"output folder '{out}' exists", "--force")
+    assert (out / "stale.bin").read_bytes() == b"old"  # untouched
+    code, _ = _cli(capsys, str(tmp_path / "a.txt"), "--out", str(out), "--force")
+    assert code == 0
+    assert not (out / "stale.bin").exists()  # the old folder is gone, not merged
+    assert json.loads((out / "meta.json").read_text())["sources"] == [str(tmp_path / "a.txt")]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_symlinks_inside_folders_are_skipped_but_a_linked_input_is_read(tmp_path):
+    """A link inside a walked folder may point anywhere (a loop, outside the corpus): skipped,
+    file or folder. A link given as an input is what the user named: read."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("OUTSIDE TEXT\n" * 20)
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "own.txt").write_text("own text of the corpus\n" * 20)
+    (src / "link.txt").symlink_to(outside / "secret.txt")
+    (src / "linkdir").symlink_to(outside, target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)
+    meta = prepare([str(src)], tmp_path / "out", log=lambda _: None)
+    names = [f[0] for f in meta["files"]]
+    assert set(names) == {f"{src.as_posix()}/own.txt"}, names
+    text = "".join(_docs(tmp_path / "out", "train") + _docs(tmp_path / "out", "val"))
+    assert "OUTSIDE" not in text
+    meta = prepare([str(src / "link.txt"), str(src / "own.txt")], tmp_path / "out2",
+                   log=lambda _: None)
+    assert [f[0] for f in meta["files"] if f[2] != "tail"][0] == f"{src.as_posix()}/link.txt"
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--val-fraction", "0", ["val_fraction=0.0 is invalid", "a fraction in (0, 1)"]),
+    ("--val-fraction", "1", ["val_fraction=1.0 is invalid", "a fraction in (0, 1)"]),
+    ("--val-fraction", "-0.1", ["val_fraction=-0.1 is invalid"]),
+    ("--max-bytes", "0", ["max_bytes=0 is invalid", "allowed is > 0"]),
+    ("--max-bytes", "-5", ["max_bytes=-5 is invalid", "allowed is > 0"]),
+])
+def test_bad_fraction_or_cap_is_one_line_before_any_work(tmp_path, capsys, flag, value, words):
+    (tmp_path / "a.txt").write_text("text\n" * 100)
+    code, err = _cli(capsys, str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"),
+                     f"{flag}={value}")
+    assert code == 2
+    _one_error_line(err, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_bytes_caps_the_corpus_and_val_fraction_its_held_out_share(tmp_path):
+    """5 files of 10,000 bytes, max_bytes 25,000: the first 2.5 files in sorted order; 20%
+    held out by bytes (whole documents, then one cut) whatever the file count."""
+    for i in range(5):
+        (tmp_path / f"f{i}.txt").write_text(chr(ord("a") + i) * 9999 + "\n")
+    meta = prepare([str(tmp_path)], tmp_path / "out", val_fraction=0.2, max_bytes=25_000,
+                   log=lambda _: None)
+    assert meta["bytes"]["train"] + meta["bytes"]["val"] == 25_000
+    assert abs(meta["bytes"]["val"] - 5_000) <= 4  # a cut rounds to a character
+    text = "".join(_docs(tmp_path / "out", "train") + _docs(tmp_path / "out", "val"))
+    assert set(text) == {"a", "b", "c", "\n"} and text.count("c") == 5_000
