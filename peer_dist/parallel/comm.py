@@ -64,15 +64,18 @@ class CommStats:
         self.strategy_calls[strategy] = self.strategy_calls.get(strategy, 0) + 1
 
     def as_dict(self) -> dict:
+        sent, far = sum(self.bytes_sent.values()), sum(self.bytes_internode.values())
         return {
             "strategy": self.strategy,
             "bytes_sent": sum(self.bytes_sent.values()),
             "bytes_recv": sum(self.bytes_recv.values()),
             "bytes_sent_fwd": self.bytes_sent["fwd"], "bytes_sent_bwd": self.bytes_sent["bwd"],
             "bytes_recv_fwd": self.bytes_recv["fwd"], "bytes_recv_bwd": self.bytes_recv["bwd"],
-            "bytes_sent_internode": sum(self.bytes_internode.values()),
-            "bytes_sent_intranode": sum(self.bytes_sent.values()) - sum(
-                self.bytes_internode.values()),
+            "bytes_sent_internode": far,
+            "bytes_sent_intranode": sent - far,
+            # per token this rank sent through the layer (fwd + bwd, summed over its calls)
+            "bytes_internode_per_token": far / self.tokens if self.tokens else 0.0,
+            "bytes_intranode_per_token": (sent - far) / self.tokens if self.tokens else 0.0,
             "seconds": self.seconds,
             "calls": self.calls,
             "tokens": self.tokens,

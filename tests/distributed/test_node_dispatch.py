@@ -208,3 +208,15 @@ def test_gateways_are_rail_aligned_and_local_tokens_go_direct() -> None:
     assert [r.gateway[s][r.node[s]] for s in range(5)] == list(range(5))  # own node: itself
     assert r.gateway[1] == [1, 3] and r.gateway[4] == [0, 4]  # index 2 wraps on a node of 2
     assert r.first_row(1) == 20
+
+
+def test_comm_stats_split_bytes_by_link_per_token() -> None:
+    from peer_dist.parallel import CommStats
+
+    st = CommStats()
+    st.note_call("node_dispatch", tokens=4)
+    st.add("fwd", sent=100, recv=90, seconds=0.0, internode=30)
+    st.add("bwd", sent=20, recv=10, seconds=0.0, internode=10)
+    d = st.as_dict()
+    assert (d["bytes_sent"], d["bytes_sent_internode"], d["bytes_sent_intranode"]) == (120, 40, 80)
+    assert (d["bytes_internode_per_token"], d["bytes_intranode_per_token"]) == (10.0, 20.0)
