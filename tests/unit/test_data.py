@@ -140,6 +140,8 @@ def test_cli_writes_and_reports(corpus: Path, tmp_path: Path, capsys):
     assert prepare_main([str(corpus), "--out", str(tmp_path / "o"), "--val-fraction", "0.3"]) == 0
     out = capsys.readouterr()
     assert "train" in out.out and "files" in out.err  # summary on stdout, progress on stderr
+    # the share held out, against what was asked (the 13 skipped bytes were planned as text)
+    assert "peer-prepare: validation holds 29.75% of the bytes (asked 30.00%)" in out.out
     assert prepare_main([str(corpus), "--out", str(tmp_path / "o")]) == 2
     assert "exists" in capsys.readouterr().err
     assert prepare_main([str(corpus), "--out", str(tmp_path / "p"), "--tokenizer", "x.bin"]) == 2
