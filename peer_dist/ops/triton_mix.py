@@ -37,6 +37,10 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_DIM = 8192  # past this the column parts grow past 8; wider tables take the PyTorch path
 PART_COLS = 1024  # columns of a row a lane holds at once: 32 lanes x (C * VEC <= 32) values
 NUM_WARPS = 8  # a warp per row: 8 rows of U and 8 of V in flight per program and tile
+# (warps, rows a warp) where a kernel differs: with 8 warps of one row ptxas starts the
+# backward's V dots before its U rows are loaded (12 KB in flight a program at d = 1024 bf16,
+# peer-bench kernels); 4 warps of two rows keep the whole tile in flight (30 KB)
+WARPS = {"mix_bwd_bags": (4, 2)}
 STAGES = 1  # software prefetch depth of the tile loops (tl.range num_stages)
 
 
@@ -107,11 +111,11 @@ class Plan:
                     STAGES=self.STAGES)
 
 
-def plan(d: int, dtype: torch.dtype) -> Plan:
-    """The launch parameters at dim d for rows of `dtype` (the tables' for the mix kernels,
-    the activations' for row_grads). VEC divides d, so rows of d values stay VEC-aligned;
-    where a row's bytes are not a multiple of 16 the loads are narrower (8, 4, 2 bytes), the
-    stated fallback: correct, slower."""
+def plan(d: int, dtype: torch.dtype, kernel: str = "mix_fwd") -> Plan:
+    """The launch parameters of `kernel` at dim d for rows of `dtype` (the tables' for the mix
+    kernels and the row optimizers, the activations' for row_grads). VEC divides d, so rows
+    of d values stay VEC-aligned; where a row's bytes are not a multiple of 16 the loads are
+    narrower (8, 4, 2 bytes), the stated fallback: correct, slower."""
     vec = 16 // torch.empty((), dtype=dtype).element_size()
     while d % vec:
         vec //= 2
@@ -119,8 +123,9 @@ def plan(d: int, dtype: torch.dtype) -> Plan:
     chunks = -(-d // ch)
     c = min(1 << (chunks - 1).bit_length(), max(1, PART_COLS // ch))
     parts = -(-chunks // c)
-    rows_per_warp = 2 if c * vec <= 8 else 1  # short rows: two a warp, as many bytes a tile
-    return Plan(NUM_WARPS, NUM_WARPS * rows_per_warp, c, ch, vec, parts, STAGES)
+    # short rows: two a warp, as many bytes a tile
+    warps, rows_per_warp = WARPS.get(kernel, (NUM_WARPS, 2 if c * vec <= 8 else 1))
+    return Plan(warps, warps * rows_per_warp, c, ch, vec, parts, STAGES)
 
 
 def _launch(kernel, grid: int, pl: Plan, *args, **constexprs) -> None:
@@ -150,8 +155,8 @@ def backward_bags(dy, rows, offs, gates, pre, u, v, gelu: bool):
     ds = torch.empty(rows.shape, dtype=torch.float32, device=dy.device)
     ga = torch.empty_like(ds)
     if p:
-        _launch(_kernels().mix_bwd_bags, p, plan(d, u.dtype), dy, rows, offs, gates, pre, u,
-                v, dx, dg, ds, ga, u.shape[0], d, GELU=gelu)
+        _launch(_kernels().mix_bwd_bags, p, plan(d, u.dtype, "mix_bwd_bags"), dy, rows, offs,
+                gates, pre, u, v, dx, dg, ds, ga, u.shape[0], d, GELU=gelu)
     return dx, dg, ds, ga
 
 
@@ -162,7 +167,7 @@ def row_grads(groups, x, dy, ds, ga, dtype: torch.dtype):
     du = torch.empty(r, d, dtype=dtype, device=x.device)
     dv = torch.empty_like(du)
     if r:
-        pl = plan(d, x.dtype)
+        pl = plan(d, x.dtype, "row_grads")
         _launch(_kernels().row_grads, -(-r // pl.W), pl, x, dy, groups.order.contiguous(),
                 groups.bag.contiguous(), groups.offsets.contiguous(), ds, ga, du, dv, r,
                 x.shape[0], d)

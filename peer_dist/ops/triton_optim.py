@@ -43,12 +43,12 @@ def takes(p: torch.Tensor, grad: torch.Tensor, *state: torch.Tensor) -> bool:
     return triton_mix.takes(grad, p)
 
 
-def _launch(kernel, p, rows, *args, **constexprs) -> None:
+def _launch(name: str, p, rows, *args, **constexprs) -> None:
     r, d = rows.numel(), p.shape[1]
     if r:
-        pl = triton_mix.plan(d, p.dtype)
-        kernel[(-(-r // pl.W),)](p, rows, *args, r, d, **constexprs, **pl.constexprs(),
-                                 num_warps=pl.num_warps)
+        pl = triton_mix.plan(d, p.dtype, name)
+        getattr(_kernels(), name)[(-(-r // pl.W),)](p, rows, *args, r, d, **constexprs,
+                                                    **pl.constexprs(), num_warps=pl.num_warps)
 
 
 def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, bc1: float,
@@ -58,20 +58,20 @@ def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, 
     per_row = row_bc is not None
     bc = row_bc.contiguous() if per_row else grad  # a placeholder never read
     # 1 - b1 and 1 - b2 in float64 here, rounded once to fp32 (as the C kernels do)
-    _launch(_kernels().adam_rows, p, rows.contiguous(), m, v, grad, bc, b1, 1.0 - b1, b2,
+    _launch("adam_rows", p, rows.contiguous(), m, v, grad, bc, b1, 1.0 - b1, b2,
             1.0 - b2, eps, lr if per_row else lr / bc1, 1.0 / bc2, PER_ROW=per_row)
 
 
 def adagrad_rows(p, acc, rows, grad, lr: float, eps: float) -> None:
     """Row-wise Adagrad in place on p (N, D) and acc (N,) for unique rows (R,)."""
-    _launch(_kernels().adagrad_rows, p, rows.contiguous(), acc, grad, lr, eps)
+    _launch("adagrad_rows", p, rows.contiguous(), acc, grad, lr, eps)
 
 
 def compile_specs(d: int, table: torch.dtype):
     """peer-bench kernels' specs of these kernels at dim d (state in fp32, the default)."""
     from peer_dist.tools.bench_kernels import TRITON_TYPES, Spec
 
-    pl = triton_mix.plan(d, table)
+    pl = triton_mix.plan(d, table, "adam_rows")  # adagrad_rows: the same (the default)
     t = "*" + TRITON_TYPES[table]
     common = dict(p=t, rows="*i64")
     tail = dict(R="i32", D="i32")

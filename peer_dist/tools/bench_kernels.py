@@ -87,7 +87,7 @@ def _mix_spec(kernel: str, d: int, table: torch.dtype, act: torch.dtype) -> Spec
         "row_grads": dict(x=a, dy=a, order=ids, bag=ids, roffs=ids, ds=f32, ga=f32, du=t, dv=t,
                           R="i32", P="i32", D="i32"),
     }[kernel]
-    pl = triton_mix.plan(d, act if kernel == "row_grads" else table)
+    pl = triton_mix.plan(d, act if kernel == "row_grads" else table, kernel)
     consts = dict(pl.constexprs(), **({} if kernel == "row_grads" else {"GELU": True}))
     div = ("N",) + (("D",) if d % 16 == 0 else ())
     return Spec(kernel, "peer_dist.ops.triton_kernels", d, TRITON_TYPES[table],
