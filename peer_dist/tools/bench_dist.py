@@ -19,10 +19,10 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
   bytes_internode_per_token_layer the part of bytes_per_token_layer sent to ranks on other nodes
   (and _predicted; bytes_intranode_per_token_layer the rest; replicated: the ring's crossings)
   step_s_predicted                the step-time model (tools/cluster_model.py) with this
-                                  machine's constants, measured in each world just before its
-                                  steps: the mix's speed over a shard (every rank at once, so
-                                  ranks sharing cores show it) and the all-to-all's latency and
-                                  bandwidth
+                                  machine's constants, measured in each world: the mix's speed
+                                  over a shard (every rank at once, so ranks sharing cores show
+                                  it; again before each strategy's steps) and the all-to-all's
+                                  latency and bandwidth
 With --nodes M each world runs as M torchrun agents on this machine (LOCAL_WORLD_SIZE = W / M):
 the ranks see M nodes, and node_dispatch joins the strategies.
 A model-only row at the paper's scale (N=1024^2, d=1024, h=8, k=16, 4096 tokens, EP=8) closes
@@ -261,10 +261,12 @@ def worker(args: argparse.Namespace) -> None:
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     topo = Topology.build(args.ep)
-    consts = {"mix_s_per_token": probe_mix_world(args, topo), **probe_links(topo)}
+    links = probe_links(topo)
     for strategy in args.strategies.split(","):
         if strategy == "node_dispatch" and topo.nodes == 1:
             continue  # one node: dispatch with more counts
+        # measured just before the strategy's steps: a shared machine's load drifts
+        consts = {"mix_s_per_token": probe_mix_world(args, topo), **links}
         row = _measure(strategy, args, topo, consts)
         if topo.rank == 0:
             print(json.dumps(row), flush=True)
