@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 def start_ranks(cfg, args: argparse.Namespace, torchrun_args: list[str]) -> int:
     """Check the layout before any rank starts, share the cores among this node's ranks, then
     launch them."""
-    from peer_dist.train.startup import check_layout, cpu_threads
+    from peer_dist.train.startup import check_layout, cpu_cores, cpu_threads
 
     try:
         check_layout(cfg, args.nproc * args.nnodes)
@@ -252,7 +252,18 @@ def start_ranks(cfg, args: argparse.Namespace, torchrun_args: list[str]) -> int:
         return report(str(e), e.exit_code)
     # Set here, the ranks inherit it (and torchrun does not force 1 thread with a warning).
     os.environ["OMP_NUM_THREADS"] = str(cpu_threads(cfg, args.nproc))
+    cores = cpu_cores()
+    if args.nproc > cores and not _has_cuda():
+        print(f"{PROG}: warning: --nproc {args.nproc} CPU ranks on {cores} cores: the ranks "
+              "take turns on the cores (1 thread each); allowed, but --nproc <= "
+              f"{cores} gives each rank a core of its own", file=sys.stderr, flush=True)
     return launch([*stop_flags(cfg.train.stop_grace_s), *torchrun_args], cfg.train.run_dir)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def stop_flags(grace_s: float) -> list[str]:
