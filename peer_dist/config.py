@@ -256,6 +256,8 @@ class TrainConfig:
     # on SIGTERM / SIGUSR1 / SIGINT the ranks save and stop; the launcher (peer-train --nproc,
     # torchrun --shutdown-timeout) waits this long for them before killing them
     stop_grace_s: float = 300.0
+    # write the tables in the background: training pauses only to copy them in host memory
+    checkpoint_async: bool = False
     keep_last: int = 2
     resume: str = "auto"  # auto (from run_dir/latest if present) | never | a checkpoint path
     run_dir: str = "runs/default"

@@ -39,6 +39,8 @@ import json
 import os
 import random
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,12 +131,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _gather(obj: Any) -> list[Any]:
+def _gather(obj: Any, group: Any = None) -> list[Any]:
     """obj from every rank (one process: [obj])."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -157,14 +159,14 @@ def _listing(root: Path) -> list[str]:
                   if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(root: Path) -> None:
-    """manifest.json: size and checksum of every file under root. Collective: each rank
-    hashes a share of the files; rank 0 writes the manifest."""
-    names = _gather(_listing(root) if _rank() == 0 else None)[0]
+def write_manifest(root: Path, group: Any = None) -> None:
+    """manifest.json: size and checksum of every file under root. Collective (over `group`,
+    which spans the world): each rank hashes a share of the files; rank 0 writes it."""
+    names = _gather(_listing(root) if _rank() == 0 else None, group)[0]
     mine = {n: {"size": (root / n).stat().st_size, HASH: file_digest(root / n)}
             for n in _share(names)}
     entries: dict[str, Any] = {}
-    for part in _gather(mine):
+    for part in _gather(mine, group):
         entries.update(part)
     if _rank() == 0:
         body = {"version": 1, "hash": HASH, "files": dict(sorted(entries.items()))}
@@ -253,19 +255,25 @@ def _as_dtensor(local: torch.Tensor, mesh: DeviceMesh, full_rows: int) -> Any:
 
 
 def table_state(shards: list[ExpertShard], table_opt: RowSparseOptimizer,
-                mesh: DeviceMesh) -> dict[str, Any]:
-    """DCP state dict of the shards and their optimizer state, keyed by shard name."""
+                mesh: DeviceMesh, copy: bool = False) -> dict[str, Any]:
+    """DCP state dict of the shards and their optimizer state, keyed by shard name: views of
+    the live tensors (to load into), or `copy`: a snapshot in host memory (to write while
+    training goes on)."""
+    def snap(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", copy=True) if copy else t
+
     state: dict[str, Any] = {}
     for shard in shards:
         for side in ("u", "v"):
             p = getattr(shard, side)
             key = f"{shard.name}.{side}"
-            state[key] = _as_dtensor(p.data, mesh, shard.num_experts)
+            state[key] = _as_dtensor(snap(p.data), mesh, shard.num_experts)
             for name, value in table_opt.init_state(p).items():
                 if name == "step":  # the same on every rank: stored once (replicated)
-                    state[f"{key}.opt.step"] = value
+                    state[f"{key}.opt.step"] = snap(value)
                 else:
-                    state[f"{key}.opt.{name}"] = _as_dtensor(value, mesh, shard.num_experts)
+                    state[f"{key}.opt.{name}"] = _as_dtensor(snap(value), mesh,
+                                                             shard.num_experts)
     return state
 
 
@@ -274,33 +282,98 @@ def table_state(shards: list[ExpertShard], table_opt: RowSparseOptimizer,
 def save_checkpoint(step: int, cfg: Config, engine: DeepSpeedEngine,
                     shards: list[ExpertShard], table_opt: RowSparseOptimizer,
                     topo: Topology) -> Path:
-    """Write checkpoint `step` collectively (every rank calls this); returns its path."""
-    import torch.distributed.checkpoint as dcp
+    """Write checkpoint `step` collectively (every rank calls this) and wait for it."""
+    saver = Saver(cfg, topo, background=False)
+    path = saver.save(step, engine, shards, table_opt)
+    saver.wait()
+    return path
 
-    root = checkpoint_root(cfg)
-    final, tmp = root / step_name(step), root / f".tmp_{step_name(step)}"
-    if topo.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp), tag="dense", save_latest=False)
-    full = consolidated_dense_state(engine)
-    dcp.save(table_state(shards, table_opt, topo.mesh), checkpoint_id=str(tmp / "tables"))
-    faults.maybe_kill("kill_in_ckpt", topo.rank, step)  # tests: a rank dies mid-write
-    torch.save(rng_state(), tmp / "rng" / f"rank_{topo.rank}.pt")
-    if topo.rank == 0:
-        torch.save(full, tmp / "dense_full.pt")
-        save_config(cfg, tmp / "config.yaml")
-        meta = dict(step=step, world_size=topo.world_size, ep=topo.ep,
-                    zero_stage=cfg.train.zero_stage, table_optimizer=cfg.optim.table_optimizer)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    dist.barrier()
-    write_manifest(tmp)  # last: a directory with a manifest is complete
-    dist.barrier()
-    if topo.rank == 0:
-        commit(root, step, cfg.train.keep_last)
-    dist.barrier()
-    return final
+
+class Saver:
+    """Writes checkpoints, in the foreground or (`train.checkpoint_async`) in the background.
+
+    Foreground: training waits for the whole write. Background: training pauses only while
+    the small parts are written (dense state, RNG, config) and the tables and their optimizer
+    state are staged (copied in host memory); a thread then writes the staged tables through
+    DCP on a process group of its own, hashes the manifest and renames the checkpoint into
+    place. One save is in flight at a time: the next save, the end of the run and a stop wait
+    for it. A kill during a background write leaves a `.tmp_` folder without a manifest,
+    which is never resumed from, and the previous checkpoint as it was.
+    Each save's pause and whole write time are returned by `wait` (seconds)."""
+
+    def __init__(self, cfg: Config, topo: Topology, background: bool):
+        self.cfg, self.topo, self.background = cfg, topo, background
+        # gloo even where training uses NCCL: the staged tables are in host memory
+        self.group = dist.new_group(backend="gloo") if background else None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.pending: dict[str, float] = {}
+
+    def save(self, step: int, engine: DeepSpeedEngine, shards: list[ExpertShard],
+             table_opt: RowSparseOptimizer) -> Path:
+        """Start checkpoint `step` (collective); returns the path it will have."""
+        self.wait()
+        t0 = time.perf_counter()
+        cfg, topo = self.cfg, self.topo
+        root = checkpoint_root(cfg)
+        final, tmp = root / step_name(step), root / f".tmp_{step_name(step)}"
+        if topo.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        dist.barrier()
+        engine.save_checkpoint(str(tmp), tag="dense", save_latest=False)
+        full = consolidated_dense_state(engine)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{topo.rank}.pt")
+        if topo.rank == 0:
+            torch.save(full, tmp / "dense_full.pt")
+            save_config(cfg, tmp / "config.yaml")
+            meta = dict(step=step, world_size=topo.world_size, ep=topo.ep,
+                        zero_stage=cfg.train.zero_stage,
+                        table_optimizer=cfg.optim.table_optimizer)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        tables = table_state(shards, table_opt, topo.mesh, copy=self.background)
+        self.pending = {"step": step, "t0": t0, "checkpoint_pause_s": 0.0}
+        if self.background:
+            self.pending["checkpoint_pause_s"] = time.perf_counter() - t0
+            self.thread = threading.Thread(target=self._finish, args=(step, tables, tmp),
+                                           name="checkpoint", daemon=True)
+            self.thread.start()
+        else:
+            self._finish(step, tables, tmp)
+            self.pending["checkpoint_pause_s"] = time.perf_counter() - t0
+        return final
+
+    def _finish(self, step: int, tables: dict[str, Any], tmp: Path) -> None:
+        """Tables, manifest, rename: every rank, on `self.group` (the default group when in
+        the foreground)."""
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            dcp.save(tables, checkpoint_id=str(tmp / "tables"), process_group=self.group)
+            faults.maybe_kill("kill_in_ckpt", self.topo.rank, step)  # tests: a rank dies
+            dist.barrier(group=self.group)
+            write_manifest(tmp, group=self.group)  # last: a folder with a manifest is complete
+            dist.barrier(group=self.group)
+            if self.topo.rank == 0:
+                commit(checkpoint_root(self.cfg), step, self.cfg.train.keep_last)
+            dist.barrier(group=self.group)
+        except BaseException as e:  # re-raised by wait() in the training thread
+            self.error = e
+            if not self.background:
+                raise
+        self.pending["checkpoint_write_s"] = time.perf_counter() - self.pending["t0"]
+
+    def wait(self) -> dict[str, float]:
+        """Wait for the save in flight; its step, pause and write time ({} if none)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        done, self.pending = self.pending, {}
+        done.pop("t0", None)
+        return done
 
 
 def consolidated_dense_state(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:

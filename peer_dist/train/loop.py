@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,7 +80,9 @@ class Job:
     lock: RunDirLock
     fault_store: FaultStore | None
     control: Control
+    saver: ckpt.Saver
     step: int = 0
+    checkpoints: list[dict[str, float]] = field(default_factory=list)  # pause, write times
 
     @property
     def model(self) -> torch.nn.Module:
@@ -121,7 +123,9 @@ def setup(cfg: Config) -> Job:
     store = FaultStore(cfg.train.collective_timeout_s) if topo.world_size > 1 else None
     control = Control(cfg.train.ckpt_every_s)
     control.install()  # from here on a signal stops the run at a step boundary, saved
-    return Job(cfg, topo, engine, shards, table_opt, data, dtype, skips, lock, store, control)
+    saver = ckpt.Saver(cfg, topo, background=cfg.train.checkpoint_async)
+    return Job(cfg, topo, engine, shards, table_opt, data, dtype, skips, lock, store, control,
+               saver)
 
 
 def micro_batch(job: Job, step: int, micro: int, split: str = "train") -> tuple[torch.Tensor, ...]:
@@ -327,7 +331,13 @@ def run(cfg: Config) -> dict[str, Any]:
         return _run(job)
     except Exception as e:
         if job.fault_store is not None and is_comm_failure(e):
-            raise job.fault_store.fault(job.step + 1, e) from None
+            fault = job.fault_store.fault(job.step + 1, e)
+            if job.control.received is not None:
+                # Signalled, then a peer gone: the launcher is stopping the ranks because one
+                # died. This rank leaves as the signal would have ended it, so the launcher
+                # names the rank that died first, in its one line.
+                preempt.die_by(job.control.received)
+            raise fault from None
         raise
     finally:
         job.lock.release()
@@ -368,12 +378,13 @@ def _run(job: Job) -> dict[str, Any]:
             log.scalars(job.step, evaluate(job), kind="val")
         if job.step < t.steps and (job.control.save_due or job.control.stop or (
                 t.ckpt_every and job.step % t.ckpt_every == 0)):
-            path = _save(job)
+            path = _save(job, log)
             if job.control.stop:
                 _stop(job, log, path)
     final_eval = evaluate(job)
     log.scalars(job.step, final_eval, kind="val")
-    path = _save(job)
+    path = _save(job, log)
+    _saved(job, log, job.saver.wait())
     summary = _summary(job, last, final_eval, timed_tokens, timed_seconds, log, path)
     for line in summary_lines(summary):
         log.text(line)
@@ -383,22 +394,35 @@ def _run(job: Job) -> dict[str, Any]:
     return summary
 
 
-def _save(job: Job) -> Path:
-    job.control.save_started = time.monotonic()
-    path = ckpt.save_checkpoint(job.step, job.cfg, job.engine, job.shards, job.table_opt,
-                                job.topo)
+def _save(job: Job, log: Logger) -> Path:
+    """Save checkpoint job.step (in the background with train.checkpoint_async), after the
+    one still in flight."""
+    _saved(job, log, job.saver.wait())
+    path = job.saver.save(job.step, job.engine, job.shards, job.table_opt)
     job.control.saved()
+    if not job.saver.background:
+        _saved(job, log, job.saver.wait())
     return path
+
+
+def _saved(job: Job, log: Logger, done: dict[str, float]) -> None:
+    """A finished save's pause and write time into metrics.jsonl (kind "checkpoint")."""
+    if done:
+        job.checkpoints.append(done)
+        log.scalars(int(done["step"]), {k: v for k, v in done.items() if k != "step"},
+                    kind="checkpoint")
 
 
 def _stop(job: Job, log: Logger, path: Path) -> None:
     """Every rank: the run was asked to stop and its checkpoint is saved; leave in one line."""
     c = job.control
+    _saved(job, log, job.saver.wait())  # the stop's checkpoint is complete before we leave
     if job.topo.rank == 0:
         preempt.write_marker(job.cfg.train.run_dir, job.step, c.signal_name, path)
     log.close()
     raise Interrupted(f"stopped by {c.signal_name} at step {job.step} of {job.cfg.train.steps}"
-                      f": checkpoint {path} saved in {c.save_seconds:.1f} s; the same command "
+                      f": checkpoint {path} saved in "
+                      f"{job.checkpoints[-1]['checkpoint_write_s']:.1f} s; the same command "
                       f"resumes from it (exit status {preempt.EXIT_INTERRUPTED})",
                       all_ranks=True)
 
@@ -413,6 +437,7 @@ def _summary(job: Job, last: dict, final_eval: dict, tokens: float, seconds: flo
         "zero_stage": job.cfg.train.zero_stage, "dtype": str(job.dtype).replace("torch.", ""),
         "final_loss": last.get("loss", float("nan")), "val_loss": final_eval["val_loss"],
         "skipped_steps": job.skips.total,
+        "checkpoints": job.checkpoints, "checkpoint_async": job.saver.background,
         "val_ppl": final_eval["val_ppl"],
         "tokens_per_s": tokens / seconds if seconds > 0 else last.get("tokens_per_s", 0.0),
         "expert_mib_per_rank": [m["expert"] for m in mem],

@@ -181,6 +181,13 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("skipped_steps"):
         lines.append(f"skipped steps    {summary['skipped_steps']} (non-finite loss or gradients)")
     lines.append(f"throughput       {summary['tokens_per_s']:.0f} tokens/s (all ranks)")
+    saves = summary.get("checkpoints") or []
+    if saves:
+        pause = sum(c["checkpoint_pause_s"] for c in saves) / len(saves)
+        write = sum(c["checkpoint_write_s"] for c in saves) / len(saves)
+        how = "in the background" if summary.get("checkpoint_async") else "in the foreground"
+        lines.append(f"checkpoints      {len(saves)} written {how}: training paused {pause:.2f} s,"
+                     f" whole write {write:.2f} s (mean)")
     for r, mem in enumerate(summary["expert_mib_per_rank"]):
         lines.append(f"rank {r} experts    {mem:.2f} MiB (table shards + optimizer state), peak "
                      f"RSS {summary['peak_rss_mib_per_rank'][r]:.0f} MiB")

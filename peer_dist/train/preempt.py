@@ -47,8 +47,6 @@ class Control:
     last_save: float = field(default_factory=time.monotonic)
     stop: bool = False  # agreed by all ranks
     save_due: bool = False  # agreed by all ranks
-    save_started: float = 0.0
-    save_seconds: float = 0.0  # the last checkpoint's write time
 
     def install(self) -> None:
         """Record SIGTERM, SIGINT and SIGUSR1 instead of dying (main thread only)."""
@@ -79,9 +77,18 @@ class Control:
             self.received = SIGNALS[counts.index(max(counts))]
 
     def saved(self) -> None:
-        now = time.monotonic()
-        self.save_seconds = now - self.save_started
-        self.last_save, self.save_due = now, False
+        self.last_save, self.save_due = time.monotonic(), False
+
+
+def die_by(signum: int) -> None:
+    """End this process as the signal's default action would (no line, no clean-up)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    signal.pause()  # the signal ends the process; not reached
 
 
 def write_marker(run_dir: str | Path, step: int, signal_name: str, checkpoint: Path) -> None:

@@ -39,8 +39,10 @@ def resumed_step(out: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def test_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path):
-    proc = launch(tmp_path, "train.steps=6", "train.ckpt_every=2", fault="kill_in_ckpt@1:4")
+@pytest.mark.parametrize("background", ["false", "true"])
+def test_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path, background):
+    proc = launch(tmp_path, "train.steps=6", "train.ckpt_every=2",
+                  f"train.checkpoint_async={background}", fault="kill_in_ckpt@1:4")
     assert_one_line(proc, 1, "rank 1 was killed by SIGKILL")
     root = tmp_path / "run" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000002"

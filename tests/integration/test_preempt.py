@@ -25,9 +25,9 @@ STEPS = 40  # the signal lands at step 3: the rest is the run to compare
 ARGS = (f"train.steps={STEPS}", "train.log_every=1", "train.keep_last=2")
 
 
-def start(tmp: Path, data: Path) -> subprocess.Popen:
+def start(tmp: Path, data: Path, *extra: str) -> subprocess.Popen:
     args = [*peer_train(), "--nproc", "2", "--config", str(TINY), f"train.run_dir={tmp / 'run'}",
-            f"data.path={data}", *ARGS]
+            f"data.path={data}", *ARGS, *extra]
     return subprocess.Popen(args, cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -89,13 +89,16 @@ def test_every_stop_signal_saves_and_exits(tmp_path, data, how):
 
 
 def test_preempted_run_resumes_to_the_uninterrupted_state(tmp_path, data, runs):
-    proc = start(tmp_path, data)
+    """With background checkpoints every 2 steps: the stop waits for the one in flight and
+    writes its own; what is resumed is exactly the state of that step."""
+    background = ("train.checkpoint_async=true", "train.ckpt_every=2")
+    proc = start(tmp_path, data, *background)
     t0 = time.monotonic()
     out = signal_mid_run(proc, SENDERS["SIGTERM to the launcher"])
     stopped_in = time.monotonic() - t0
     step = assert_stopped(out, proc.returncode, tmp_path / "run", "SIGTERM")
     assert stopped_in < 60, out[-3000:]  # well inside the grace period (train.stop_grace_s)
-    proc = start(tmp_path, data)
+    proc = start(tmp_path, data, *background)
     rest, _ = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, rest[-3000:]
     assert f"at step {step}" in rest
