@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -c "import peer_dist, deepspeed, torch.utils.tensorboard" 2>/dev/null || bash launch/setup.sh
+"$PY" -c "import peer_dist, deepspeed, torch.utils.tensorboard" >/dev/null 2>&1 || bash launch/setup.sh
 if [ -z "${NPROC:-}" ]; then
   NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
