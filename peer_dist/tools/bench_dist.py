@@ -280,20 +280,26 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def probe_mix(args: argparse.Namespace, rows: int, reps: int = 3) -> float:
-    """Seconds per token of the mix over a table of `rows` rows, forward + backward with sparse
-    table gradients coalesced (what a layer step computes besides its messages)."""
+    """Seconds per token of one rank's step without messages: the mix over a table of `rows`
+    rows, forward + backward with sparse table gradients, and the gradient sync's own code on
+    them (coalesce and scale; a world of one: nothing travels)."""
+    from types import SimpleNamespace
+
     from peer_dist.model.peer import ExpertTables, init_rows
     from peer_dist.ops import peer_mix
+    from peer_dist.parallel.grad_sync import sync_layer_grads
 
     tables = ExpertTables(args.num_experts, args.dim, "gelu", seed=1)
     u, v = (init_rows(s, 0, rows, args.dim, tables.std).requires_grad_(True)
             for s in tables.table_seeds())
+    alone = SimpleNamespace(topo=SimpleNamespace(dp=1, world_size=1),
+                            shard=SimpleNamespace(params=lambda: [u, v]))
     times = []
     for step in range(reps + 1):
         x, ids, gates = _inputs(args, 0, step, torch.device("cpu"))
         t0 = time.perf_counter()
         peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True).square().mean().backward()
-        u.grad, v.grad = u.grad.coalesce(), v.grad.coalesce()
+        sync_layer_grads(alone)
         times.append(time.perf_counter() - t0)
         u.grad = v.grad = None
     return statistics.median(times[1:]) / args.tokens
