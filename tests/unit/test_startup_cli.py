@@ -108,3 +108,14 @@ def test_metrics_hold_one_row_per_step_and_kind(tmp_path: Path):
                                                       ("train", 3)]
     assert rows[1] == {"kind": "train", "step": 2, "loss": 1.5, "comm/x/bytes_sent": 10.0,
                        "memory/rank0/peak_rss_mib": 5.0}
+
+
+def test_the_data_line_names_tokens_vocabulary_and_threads(tmp_path: Path):
+    from peer_dist.data import TokenDataset, prepare
+
+    (tmp_path / "a.txt").write_text("hello world\n" * 200)
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", val_fraction=0.1, log=lambda m: None)
+    cfg = load_config(TINY, [f"data.path={tmp_path / 'd'}", "train.seq_len=8"])
+    line = startup.data_line(cfg, TokenDataset(tmp_path / "d"), 3)  # 10% of 2,400 B, + 1 EOS
+    assert line == (f"peer-train: data {tmp_path / 'd'}: 2,161 train + 241 val tokens, "
+                    "vocabulary 256 (byte tokenizer), model.vocab_size=256; 3 CPU threads per rank")
