@@ -21,8 +21,9 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
   step_s_predicted                the step-time model (tools/cluster_model.py) with this
                                   machine's constants, measured in each world: the mix's speed
                                   over a shard (every rank at once, so ranks sharing cores show
-                                  it; again before each strategy's steps) and the all-to-all's
-                                  latency and bandwidth
+                                  it; again before each strategy's steps), a streaming add's
+                                  bandwidth (the replicated baseline's dense gradients) and the
+                                  all-to-all's latency and bandwidth
 With --nodes M each world runs as M torchrun agents on this machine (LOCAL_WORLD_SIZE = W / M):
 the ranks see M nodes, and node_dispatch joins the strategies.
 A model-only row at the paper's scale (N=1024^2, d=1024, h=8, k=16, 4096 tokens, EP=8) closes
@@ -205,6 +206,7 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
     a2a = consts.get("a2a_bytes_per_s") or 1.0
     c = cm.Cluster(topo.nodes, topo.world_size // topo.nodes, rate, a2a, a2a, 0.0,
                    hbm_fraction=1.0, latency_s=consts.get("a2a_latency_s", 0.0),
+                   stream_bytes_per_s=consts.get("stream_bytes_per_s", 0.0),
                    name="this machine")  # core sharing is in the measured constants
     chunks = args.overlap_chunks if strategy == "dispatch" else 1
     return cm.predict_step(layer, c, topo.ep, strategy, chunks)["step_s_predicted"]
@@ -261,7 +263,7 @@ def worker(args: argparse.Namespace) -> None:
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     topo = Topology.build(args.ep)
-    links = probe_links(topo)
+    links = {**probe_links(topo), "stream_bytes_per_s": probe_stream(topo)}
     for strategy in args.strategies.split(","):
         if strategy == "node_dispatch" and topo.nodes == 1:
             continue  # one node: dispatch with more counts
@@ -303,6 +305,24 @@ def probe_mix(args: argparse.Namespace, rows: int, reps: int = 3) -> float:
         times.append(time.perf_counter() - t0)
         u.grad = v.grad = None
     return statistics.median(times[1:]) / args.tokens
+
+
+def probe_stream(topo, mib: int = 64, reps: int = 3) -> float:
+    """Bytes per second one rank streams (an add of two buffers into a third: read 2, write
+    1), every rank at once; the slowest rank's figure."""
+    import torch.distributed as dist
+
+    a, b = torch.ones(mib << 18), torch.ones(mib << 18)  # mib MiB of float32 each
+    out = torch.empty_like(a)
+    dist.barrier()
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        torch.add(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return 3 * a.numel() * 4 / float(t)
 
 
 def probe_mix_world(args: argparse.Namespace, topo) -> float:

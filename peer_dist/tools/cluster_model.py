@@ -57,6 +57,9 @@ class Cluster:
     hbm_fraction: float = HBM_FRACTION
     latency_s: float = 20e-6  # per collective (launch and the split exchange's host sync)
     cores_per_rank: float = 0.0  # CPU machines: cores / ranks < 1 slows compute; 0 = no limit
+    # plain streaming (dense gradients zeroed, summed, read): 0 = the kernels' rate. A CPU's
+    # mix runs far below its copy bandwidth; a GPU's gather kernels and copies both sit near HBM
+    stream_bytes_per_s: float = 0.0
     name: str = "custom"
 
     @property
@@ -171,9 +174,10 @@ def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int =
     # and index_adds that stream memory): twice the bytes sent, per rank
     work = layer.tokens * (mix_bytes(layer) + 2 * (intra + inter)) + optimizer_bytes(
         layer, tables_ep)
-    if strategy == "replicated":  # dense gradients: written, then read by the all-reduce
-        work += 4.0 * layer.num_experts * layer.dim * layer.elem
     compute = work / (c.hbm_bytes_per_s * c.hbm_fraction) * slow
+    if strategy == "replicated":  # dense gradients: zeroed, summed into, read by the all-reduce
+        stream = c.stream_bytes_per_s or c.hbm_bytes_per_s * c.hbm_fraction
+        compute += 4.0 * layer.num_experts * layer.dim * layer.elem / stream
     t_intra = layer.tokens * intra / c.intra_bytes_per_s
     t_inter = layer.tokens * inter / c.inter_bytes_per_s
     comm = t_intra + t_inter if strategy == "node_dispatch" else max(t_intra, t_inter)
