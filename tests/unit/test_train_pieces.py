@@ -3,6 +3,7 @@ config, checkpoint pointer and pruning, CLI argument handling."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -85,12 +86,14 @@ def _checkpoint(root, step: int, files: dict[str, bytes]):
 
 
 def test_manifest_detects_damage_truncation_and_missing_files(tmp_path):
+    weights = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, weights)  # a .pt file must load (weights only)
     files = {"meta.json": b"{}", "tables/__0_0.distcp": bytes(range(256)) * 64,
-             "dense/model.pt": b"weights"}
+             "dense/model.pt": weights.getvalue()}
     d = _checkpoint(tmp_path, 4, files)
     manifest = json.loads((d / ckpt.MANIFEST).read_text())
     assert sorted(manifest["files"]) == sorted(files)
-    assert manifest["files"]["dense/model.pt"]["size"] == 7
+    assert manifest["files"]["dense/model.pt"]["size"] == len(weights.getvalue())
     assert ckpt.verify(d) is None
     (d / "extra.log").write_text("not listed: ignored")
     assert ckpt.verify(d) is None
