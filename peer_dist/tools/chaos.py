@@ -1,0 +1,288 @@
+"""peer-chaos: train under injected faults and check that nothing was lost.
+
+    peer-chaos --config configs/tiny.yaml --nproc 2 --faults 20        # the soak
+    peer-chaos --faults 4 --json                                       # a short one
+
+First an uninterrupted reference run, then the same steps under `peer-train --nproc N
+--max-restarts ...` while a driver injects faults at random steps (seeded), one after another:
+
+  kill_rank      SIGKILL of a random rank mid-run: torchrun restarts the ranks, they resume
+  kill_in_ckpt   a rank SIGKILLed while a checkpoint is being written (PEER_FAULT): the
+                 half-written one is never resumed from
+  preempt        SIGTERM to the whole job: the ranks save and exit 75; the driver relaunches
+  damage         SIGTERM, then a byte of the checkpoint it saved flipped: the relaunch falls
+                 back to the checkpoint before, with one warning
+
+At the end every tensor of the final checkpoint (weights, tables, both optimizers' state) must
+equal the reference's bit for bit. It prints each fault, how many steps it cost (steps redone:
+the step reached minus the step resumed from), and the verdict; `--json` ends with one object.
+Exit status 0 when every fault was survived and the states are equal, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from peer_dist.train import checkpoint as ckpt
+from peer_dist.train import safe_load
+from peer_dist.train.preempt import EXIT_INTERRUPTED
+
+KINDS = ("kill_rank", "kill_in_ckpt", "preempt", "damage")
+STEP = re.compile(r"^step\s+(\d+)/")
+RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
+BANNER = re.compile(r"peer-train: rank 0/\d+: ")  # every start of the ranks
+
+
+@dataclass
+class Fault:
+    kind: str
+    at_step: int  # the step the run had reached when the fault hit
+    resumed_from: int | None = None  # the step the run continued from after it
+    seconds: float = 0.0  # from the fault to the resumed run's start line
+
+    @property
+    def redone(self) -> int | None:
+        return None if self.resumed_from is None else self.at_step - self.resumed_from
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="peer-chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--faults", type=int, default=20, help="faults to inject (>= 1)")
+    p.add_argument("--ckpt-every", type=int, default=5, help="checkpoint interval in steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default="runs/chaos")
+    p.add_argument("--data", default="", help="data.path (default: the config's)")
+    p.add_argument("--json", action="store_true", help="end with one JSON object")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for both runs")
+    args = p.parse_args(argv)
+    if args.faults < 1 or args.nproc < 2 or args.ckpt_every < 1:
+        p.error(f"--faults={args.faults} --nproc={args.nproc} --ckpt-every={args.ckpt_every}: "
+                "allowed are --faults >= 1, --nproc >= 2, --ckpt-every >= 1")
+    return args
+
+
+def train_cmd(args: argparse.Namespace, run_dir: Path, steps: int) -> list[str]:
+    data = [f"data.path={args.data}"] if args.data else []
+    return [sys.executable, "-m", "peer_dist.train", "--nproc", str(args.nproc),
+            "--max-restarts", str(args.faults + 1), "--config", args.config,
+            f"train.run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
+            f"train.ckpt_every={args.ckpt_every}", "train.keep_last=3", *data, *args.overrides]
+
+
+def run_env(fault: str = "") -> dict[str, str]:
+    # a fresh rendezvous store for every restart (the shared one can hand restarted ranks
+    # the dead attempt's addresses)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env.pop("PEER_FAULT", None)
+    if fault:
+        env["PEER_FAULT"] = fault
+    return env
+
+
+def rank_pids(launcher: int) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def damage_newest(run_dir: Path) -> str:
+    root = run_dir / "checkpoints"
+    newest = sorted(root.glob("step_*"), key=ckpt.step_of)[-1]
+    target = sorted((newest / "tables").glob("*.distcp"))[0]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return f"{newest.name}/tables/{target.name}"
+
+
+class Driver:
+    """Runs the chaos run to its end, injecting `plan` in order."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path, steps: int, plan: list[str],
+                 rng: random.Random):
+        self.args, self.run_dir, self.steps, self.rng = args, run_dir, steps, rng
+        self.plan, self.faults, self.step, self.log = list(plan), [], 0, []
+        self.pending: list[Fault] = []  # planned or injected, not yet resumed from
+
+    def say(self, line: str) -> None:
+        print(f"peer-chaos: {line}", flush=True)
+
+    def next_trigger(self) -> int:
+        return min(self.steps - 1, self.step + self.rng.randint(1, 2 * self.args.ckpt_every))
+
+    def run(self) -> None:
+        while True:
+            kind = self.plan[0] if self.plan else None
+            fault_env = ""
+            if kind == "kill_in_ckpt":  # the next checkpoint after a step or more of training
+                k = self.args.ckpt_every
+                at = min((self.step // k + 2) * k, (self.steps - 1) // k * k)
+                rank = self.rng.randrange(self.args.nproc)
+                fault_env = f"kill_in_ckpt@{rank}:{at}"
+                self.plan.pop(0)
+                self.pending.append(Fault("kill_in_ckpt", at))  # fires when it is written
+            code = self.launch(fault_env)
+            if code == 0:
+                return
+            if code != EXIT_INTERRUPTED:
+                raise RuntimeError(f"the run failed with status {code}:\n"
+                                   + "".join(self.log[-40:]))
+
+    def launch(self, fault_env: str) -> int:
+        """One peer-train job until it exits; kill_rank faults are injected in it (torchrun
+        restarts the ranks), preempt and damage end it (status 75)."""
+        proc = subprocess.Popen(train_cmd(self.args, self.run_dir, self.steps), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=run_env(fault_env), start_new_session=True)
+        trigger, stopping = self.next_trigger(), False
+        for line in proc.stdout:
+            self.log.append(line)
+            if line.startswith("[fault] rank"):
+                for f in self.pending:
+                    f.seconds = f.seconds or time.monotonic()  # kill_in_ckpt fired
+            m = RESUMED.search(line)
+            if m or BANNER.match(line):  # resumed, or started over (no checkpoint left)
+                self.resolve(int(m.group(1)) if m else 0)
+            if not (m := STEP.match(line)):
+                continue
+            self.step = int(m.group(1))
+            kind = self.plan[0] if self.plan else None
+            if stopping or self.pending or kind in (None, "kill_in_ckpt") or \
+                    self.step < trigger:
+                continue
+            self.plan.pop(0)
+            self.pending.append(Fault(kind, self.step, seconds=time.monotonic()))
+            if kind == "kill_rank":
+                os.kill(self.rng.choice(rank_pids(proc.pid)), signal.SIGKILL)
+                trigger = self.next_trigger()
+            else:  # preempt, damage: the whole job, as a scheduler does
+                os.killpg(proc.pid, signal.SIGTERM)
+                stopping = True
+        code = proc.wait()
+        if code == EXIT_INTERRUPTED and self.pending:
+            stop = re.search(r"stopped by \w+ at step (\d+)", "".join(self.log[-20:]))
+            fault = self.pending[-1]
+            fault.at_step = int(stop.group(1)) if stop else fault.at_step
+            if fault.kind == "damage":
+                self.say(f"damaged {damage_newest(self.run_dir)}")
+        return code
+
+    def resolve(self, resumed: int) -> None:
+        """The ranks (re)started from step `resumed`: every fault that fired is survived."""
+        for f in [f for f in self.pending if f.seconds > 0]:
+            self.pending.remove(f)
+            f.resumed_from, f.seconds = resumed, time.monotonic() - f.seconds
+            self.faults.append(f)
+            self.say(f"fault {len(self.faults)}: {f.kind} at step {f.at_step}, resumed from "
+                     f"step {resumed} ({f.redone} steps redone, {f.seconds:.1f} s)")
+
+
+def all_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: weights and tables, and the optimizers' state."""
+    out = {f"full.{k}": v for k, v in ckpt.read_full_state(path).items()}
+
+    def walk(prefix: str, obj: object) -> None:
+        if torch.is_tensor(obj):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}.{i}", v)
+
+    for f in sorted((path / "dense").rglob("*.pt")):
+        walk(f"dense.{f.name}", safe_load.load_tensors(f, map_location="cpu"))
+    return out
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    """Names of the tensors that differ (or exist on one side only)."""
+    with warnings.catch_warnings():  # DCP's note that it reads in one process
+        warnings.simplefilter("ignore")
+        want, have = all_tensors(a), all_tensors(b)
+    return sorted(set(want) ^ set(have)) + [k for k in sorted(set(want) & set(have))
+                                            if not torch.equal(want[k], have[k])]
+
+
+def make_plan(n: int, rng: random.Random) -> list[str]:
+    """n faults at random, every kind at least once where n allows. kill_in_ckpt is armed when
+    a job starts (PEER_FAULT fires in a job's first attempt), so it comes first or right
+    after a fault that ends the job (preempt, damage)."""
+    plan: list[str] = []
+    while len(plan) < n:
+        new_job = not plan or plan[-1] in ("preempt", "damage")
+        allowed = [k for k in KINDS if k != "kill_in_ckpt" or new_job]
+        unused = [k for k in allowed if k not in plan]
+        if "kill_in_ckpt" not in plan and not new_job and n - len(plan) <= 2:
+            unused = [k for k in ("preempt", "damage") if k in allowed]  # make room for it
+        plan.append(rng.choice(unused or allowed))
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    rng = random.Random(args.seed)
+    plan = make_plan(args.faults, rng)
+    steps = (args.faults + 2) * 2 * args.ckpt_every  # room for every fault
+    root = Path(args.run_dir)
+    ref_dir, chaos_dir = root / "reference", root / "chaos"
+    for d in (ref_dir, chaos_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"peer-chaos: {args.faults} faults ({', '.join(plan)}) over {steps} steps, "
+          f"checkpoint every {args.ckpt_every}; reference run first", flush=True)
+    ref = subprocess.run(train_cmd(args, ref_dir, steps), text=True, env=run_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if ref.returncode != 0:
+        print(f"peer-chaos: the reference run failed (status {ref.returncode}):\n"
+              + ref.stdout[-3000:], file=sys.stderr)
+        return 1
+    driver = Driver(args, chaos_dir, steps, plan, rng)
+    try:
+        driver.run()
+    except RuntimeError as e:
+        print(f"peer-chaos: {e}", file=sys.stderr)
+        return 1
+    final = ckpt.step_name(steps)
+    diff = compare(ref_dir / "checkpoints" / final, chaos_dir / "checkpoints" / final)
+    survived = [f for f in driver.faults if f.resumed_from is not None]
+    redone = max((f.redone for f in survived), default=0)
+    ok = not diff and len(survived) == args.faults and redone <= args.ckpt_every
+    print(f"peer-chaos: {len(survived)}/{args.faults} faults survived; final state "
+          f"{'bit-exact' if not diff else 'DIFFERS: ' + ', '.join(diff[:5])}; at most "
+          f"{redone} steps redone per fault (checkpoint interval {args.ckpt_every}); "
+          f"{time.monotonic() - t0:.0f} s; verdict {'PASS' if ok else 'FAIL'}", flush=True)
+    if args.json:
+        injected = len(driver.faults) + sum(f.seconds > 0 for f in driver.pending)
+        print(json.dumps({"faults_injected": injected,
+                          "faults_survived": len(survived), "bit_exact": not diff,
+                          "max_steps_redone": redone, "checkpoint_interval": args.ckpt_every,
+                          "steps": steps, "seconds": round(time.monotonic() - t0, 1),
+                          "faults": [asdict(f) | {"redone": f.redone} for f in driver.faults]}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
