@@ -70,6 +70,16 @@ def _rows(t, r, ok, D, c0, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr)
 
 
 @triton.jit
+def _row_per_warp(t, p, like, D, c0, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr):
+    """(C, W, CH) fp32: columns [c0, c0 + C * CH) of row p of t for each of the W rows of
+    `like` (W,): a tile's layout (through L1, not counted as a table row)."""
+    cols = _cols(c0, C, CH)
+    base = tl.multiple_of(tl.zeros_like(like) + p * D, VEC)
+    m = (like == like)[None, :, None] & _colmask(cols, D, VEC)
+    return tl.load(t + base[None, :, None] + cols, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _vec(t, p, D, c0, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexpr):
     """(C, 1, CH) fp32: columns [c0, c0 + C * CH) of row p of t."""
     cols = _cols(c0, C, CH)
@@ -99,9 +109,11 @@ def _dots(t, r, ok, a, p, D, C: tl.constexpr, CH: tl.constexpr, VEC: tl.constexp
           PARTS: tl.constexpr):
     """(W,) fp32: rows r of t dotted with row p of a, over all PARTS column parts."""
     part = tl.zeros([C, r.shape[0], CH], dtype=tl.float32)
-    for k in range(PARTS):  # not unrolled: one part's rows in registers at a time
-        part += _rows(t, r, ok, D, k * C * CH, C, CH, VEC) * _vec(a, p, D, k * C * CH, C, CH,
-                                                                  VEC)
+    for k in range(PARTS):
+        tile = _rows(t, r, ok, D, k * C * CH, C, CH, VEC)
+        # row p's part loaded by every warp, in the tile's own layout: a (C, 1, CH) load
+        # would be converted through shared memory, two barriers a part and tile (L1 hits)
+        part += tile * _row_per_warp(a, p, r, D, k * C * CH, C, CH, VEC)
     return tl.sum(tl.sum(part, 2), 0)  # in-thread over C, then shuffles over CH
 
 
@@ -131,10 +143,10 @@ def mix_fwd(x, rows, offs, gates, u, v, y, pre, N, D, GELU: tl.constexpr, W: tl.
             acc = tl.zeros([C, W, CH], dtype=tl.float32)
             for q0 in tl.range(start, end, W, num_stages=STAGES):
                 q, qm, ok, r = _sel(rows, q0, end, N, W)
+                vt = _rows(v, r, ok, D, k * C * CH, C, CH, VEC)  # issued before the weights
                 s = tl.load(pre + q, mask=qm, other=0.0)
                 g = tl.load(gates + q, mask=ok, other=0.0).to(tl.float32)
-                w = tl.where(ok, g * _act(s, GELU), 0.0)
-                acc += _rows(v, r, ok, D, k * C * CH, C, CH, VEC) * w[None, :, None]
+                acc += vt * tl.where(ok, g * _act(s, GELU), 0.0)[None, :, None]
             _put(y, p, D, k * C * CH, tl.sum(acc, 1), C, CH, VEC)
 
 
@@ -178,8 +190,8 @@ def mix_bwd_bags(dy, rows, offs, gates, pre, u, v, dx, dg, ds, ga, N, D, GELU: t
             acc = tl.zeros([C, W, CH], dtype=tl.float32)
             for q0 in tl.range(start, end, W, num_stages=STAGES):
                 q, qm, ok, r = _sel(rows, q0, end, N, W)
-                dsq = tl.load(ds + q, mask=ok, other=0.0)
-                acc += _rows(u, r, ok, D, k * C * CH, C, CH, VEC) * dsq[None, :, None]
+                ut = _rows(u, r, ok, D, k * C * CH, C, CH, VEC)  # issued before the weights
+                acc += ut * tl.load(ds + q, mask=ok, other=0.0)[None, :, None]
             _put(dx, p, D, k * C * CH, tl.sum(acc, 1), C, CH, VEC)
 
 

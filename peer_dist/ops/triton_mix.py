@@ -37,10 +37,11 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_DIM = 8192  # past this the column parts grow past 8; wider tables take the PyTorch path
 PART_COLS = 1024  # columns of a row a lane holds at once: 32 lanes x (C * VEC <= 32) values
 NUM_WARPS = 8  # a warp per row: 8 rows of U and 8 of V in flight per program and tile
-# (warps, rows a warp) where a kernel differs: with 8 warps of one row ptxas starts the
-# backward's V dots before its U rows are loaded (12 KB in flight a program at d = 1024 bf16,
-# peer-bench kernels); 4 warps of two rows keep the whole tile in flight (30 KB)
-WARPS = {"mix_bwd_bags": (4, 2)}
+# (warps, rows a warp) by (kernel, bytes a value) where they differ: with 8 warps of one row
+# ptxas starts the backward's V dots before its U rows are loaded (12 KB in flight a program
+# at d = 1024 bf16, peer-bench kernels); 4 warps of two rows keep the whole tile in flight
+# (30 KB). Not for fp32 tables: there they need 255 registers and spill at d = 1000.
+WARPS = {("mix_bwd_bags", 2): (4, 2)}
 STAGES = 1  # software prefetch depth of the tile loops (tl.range num_stages)
 
 
@@ -116,7 +117,8 @@ def plan(d: int, dtype: torch.dtype, kernel: str = "mix_fwd") -> Plan:
     kernels and the row optimizers, the activations' for row_grads). VEC divides d, so rows
     of d values stay VEC-aligned; where a row's bytes are not a multiple of 16 the loads are
     narrower (8, 4, 2 bytes), the stated fallback: correct, slower."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    vec = 16 // size
     while d % vec:
         vec //= 2
     ch = 32 * vec
@@ -124,7 +126,7 @@ def plan(d: int, dtype: torch.dtype, kernel: str = "mix_fwd") -> Plan:
     c = min(1 << (chunks - 1).bit_length(), max(1, PART_COLS // ch))
     parts = -(-chunks // c)
     # short rows: two a warp, as many bytes a tile
-    warps, rows_per_warp = WARPS.get(kernel, (NUM_WARPS, 2 if c * vec <= 8 else 1))
+    warps, rows_per_warp = WARPS.get((kernel, size), (NUM_WARPS, 2 if c * vec <= 8 else 1))
     return Plan(warps, warps * rows_per_warp, c, ch, vec, parts, STAGES)
 
 
