@@ -8,7 +8,10 @@ allow it). Triton lays the 32 lanes along CH and the warps along W, so each warp
 rows: a row's dot with x is a shuffle reduction inside its warp (no barrier), and the weighted
 sum over rows is kept per warp in a (C, W, CH) fp32 accumulator that is reduced across warps
 once per bag (or per column part), not once per tile. Every U and V load of a tile is issued
-before any reduction uses it.
+before any reduction uses it. What still meets at a barrier once a tile: the per-selection
+values stored to global memory (pre; ds, ga, dgates), which Triton moves from the warps'
+layout to a store layout through shared memory, after the tile's loads are issued
+(peer-bench kernels: loop_barriers, loads_after_barrier).
 
 Wide rows (D > C * CH) are done in PARTS column parts: the dots first (a pass over U, or V in
 the backward), the per-selection weights written to global memory, one barrier, then one pass
