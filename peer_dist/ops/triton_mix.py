@@ -43,9 +43,10 @@ NUM_WARPS = 8  # a warp per row: 8 rows of U and 8 of V in flight per program an
 # (30 KB). Not for fp32 tables: there they need 255 registers and spill at d = 1000.
 WARPS = {("mix_bwd_bags", 2): (4, 2)}
 # Software prefetch depth of the tile loops (tl.range num_stages). 2 or 3 copy the next tiles
-# through shared memory (cp.async): at d = 1024 bf16 that measured 32 KB in flight an SM
-# (one program an SM, 142-187 registers and 33-66 KB of shared memory) against 64 KB with 1,
-# where the registers already hold a whole tile a warp (peer-bench kernels).
+# through shared memory (cp.async); at d = 1024 bf16 the forward's estimate (peer-bench
+# kernels, sm_90) is 32 KB in flight an SM with 2 (one program: 142 registers, 33 KB of
+# shared memory) and 64 KB with 3 (66 KB of shared memory a program), against 64 KB with 1
+# and no shared memory for tiles: the registers already hold a whole tile a warp.
 STAGES = 1
 
 
