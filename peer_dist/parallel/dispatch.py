@@ -258,7 +258,7 @@ class OverlappedDispatch(torch.autograd.Function):
         dy, plans, bounds, ex = dy.contiguous(), ctx.plans, ctx.bounds, ctx.ex
         send_dy = lambda i: send_async(ex, dy[plans[i].pair_token + bounds[i][0]],  # noqa: E731
                                        plans[i].pair_splits, plans[i].recv_pairs, "bwd")
-        pending, back, tables = send_dy(0), [], [None, None]
+        pending, back, tables = send_dy(0), [], ([], [])  # U, V gradients of each chunk
         for i, (mix, plan) in enumerate(zip(ctx.mixes, plans, strict=True)):
             dy_in = pending.wait()
             if i + 1 < len(plans):
@@ -269,8 +269,9 @@ class OverlappedDispatch(torch.autograd.Function):
                       for g, t in zip(grads[:2], (mix.x, mix.gates), strict=True))
             back.append((send_async(ex, gx, plan.recv_pairs, plan.pair_splits, "bwd"),
                          send_async(ex, gg.contiguous(), plan.recv_sels, plan.sel_splits, "bwd")))
-            tables = [a if b is None else b if a is None else a + b
-                      for a, b in zip(tables, grads[2:], strict=True)]
+            for parts, g in zip(tables, grads[2:], strict=True):
+                if g is not None:
+                    parts.append(g)
         dx = dy.new_zeros(dy.shape)
         dgates = dy.new_zeros(ctx.g_shape)
         for (a, b), plan, (pdx, pdg) in zip(bounds, plans, back, strict=True):
@@ -278,4 +279,14 @@ class OverlappedDispatch(torch.autograd.Function):
             dg = pdg.wait()
             dgates[a:b] = dg.new_zeros(dg.shape).index_copy_(0, plan.order, dg).view(
                 b - a, dgates.shape[1])
-        return dx, dgates, *tables, None, None, None, None
+        return dx, dgates, *(_sum_sparse(p) for p in tables), None, None, None, None
+
+
+def _sum_sparse(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The chunks' row-sparse table gradients as one uncoalesced COO tensor (their rows and
+    values concatenated): adding sparse tensors pairwise would coalesce at every step."""
+    if not parts or not all(p.is_sparse for p in parts):
+        return sum(parts[1:], parts[0]) if parts else None
+    return torch.sparse_coo_tensor(torch.cat([p._indices() for p in parts], 1),
+                                   torch.cat([p._values() for p in parts]), parts[0].shape,
+                                   check_invariants=False)
