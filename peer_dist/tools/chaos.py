@@ -155,7 +155,7 @@ class Driver:
         proc = subprocess.Popen(train_cmd(self.args, self.run_dir, self.steps), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=run_env(fault_env), start_new_session=True)
-        trigger, stopping = self.next_trigger(), False
+        trigger, stopping, first = self.next_trigger(), False, len(self.log)
         for line in proc.stdout:
             self.log.append(line)
             if line.startswith("[fault] rank"):
@@ -181,9 +181,9 @@ class Driver:
                 stopping = True
         code = proc.wait()
         if code == EXIT_INTERRUPTED and self.pending:
-            stop = re.search(r"stopped by \w+ at step (\d+)", "".join(self.log[-20:]))
+            stops = re.findall(r"stopped by \w+ at step (\d+)", "".join(self.log[first:]))
             fault = self.pending[-1]
-            fault.at_step = int(stop.group(1)) if stop else fault.at_step
+            fault.at_step = int(stops[-1]) if stops else fault.at_step  # where it saved
             if fault.kind == "damage":
                 self.say(f"damaged {damage_newest(self.run_dir)}")
         return code

@@ -124,6 +124,8 @@ def setup(cfg: Config) -> Job:
     control = Control(cfg.train.ckpt_every_s)
     control.install()  # from here on a signal stops the run at a step boundary, saved
     saver = ckpt.Saver(cfg, topo, background=cfg.train.checkpoint_async)
+    if saver.background:  # the staging buffers now, not in the first checkpoint's pause
+        saver.stage(ckpt.table_state(shards, table_opt, topo.mesh))
     return Job(cfg, topo, engine, shards, table_opt, data, dtype, skips, lock, store, control,
                saver)
 
@@ -384,7 +386,8 @@ def _run(job: Job) -> dict[str, Any]:
     final_eval = evaluate(job)
     log.scalars(job.step, final_eval, kind="val")
     path = _save(job, log)
-    _saved(job, log, job.saver.wait())
+    job.saver.wait()
+    _saved(job, log)
     summary = _summary(job, last, final_eval, timed_tokens, timed_seconds, log, path)
     for line in summary_lines(summary):
         log.text(line)
@@ -397,26 +400,26 @@ def _run(job: Job) -> dict[str, Any]:
 def _save(job: Job, log: Logger) -> Path:
     """Save checkpoint job.step (in the background with train.checkpoint_async), after the
     one still in flight."""
-    _saved(job, log, job.saver.wait())
     path = job.saver.save(job.step, job.engine, job.shards, job.table_opt)
     job.control.saved()
-    if not job.saver.background:
-        _saved(job, log, job.saver.wait())
+    _saved(job, log)
     return path
 
 
-def _saved(job: Job, log: Logger, done: dict[str, float]) -> None:
-    """A finished save's pause and write time into metrics.jsonl (kind "checkpoint")."""
-    if done:
+def _saved(job: Job, log: Logger) -> None:
+    """Finished saves' pause and write time into metrics.jsonl (kind "checkpoint")."""
+    for done in job.saver.done:
         job.checkpoints.append(done)
         log.scalars(int(done["step"]), {k: v for k, v in done.items() if k != "step"},
                     kind="checkpoint")
+    job.saver.done.clear()
 
 
 def _stop(job: Job, log: Logger, path: Path) -> None:
     """Every rank: the run was asked to stop and its checkpoint is saved; leave in one line."""
     c = job.control
-    _saved(job, log, job.saver.wait())  # the stop's checkpoint is complete before we leave
+    job.saver.wait()  # the stop's checkpoint is complete before we leave
+    _saved(job, log)
     if job.topo.rank == 0:
         preempt.write_marker(job.cfg.train.run_dir, job.step, c.signal_name, path)
     log.close()
