@@ -40,7 +40,8 @@ NUM_WARPS = 8  # a warp per row: 8 rows of U and 8 of V in flight per program an
 # (warps, rows a warp) by (kernel, bytes a value) where they differ: with 8 warps of one row
 # ptxas starts the backward's V dots before its U rows are loaded (12 KB in flight a program
 # at d = 1024 bf16, peer-bench kernels); 4 warps of two rows keep the whole tile in flight
-# (30 KB). Not for fp32 tables: there they need 255 registers and spill at d = 1000.
+# (30 KB). Not for fp32 tables (255 registers, a spill at d = 1000), nor for rows of several
+# column parts (12 KB an SM at d = 8192 bf16 on sm_90, against 32 KB with 8 warps).
 WARPS = {("mix_bwd_bags", 2): (4, 2)}
 # Software prefetch depth of the tile loops (tl.range num_stages). 2 or 3 copy the next tiles
 # through shared memory (cp.async); at d = 1024 bf16 the forward's estimate (peer-bench
@@ -130,8 +131,9 @@ def plan(d: int, dtype: torch.dtype, kernel: str = "mix_fwd") -> Plan:
     chunks = -(-d // ch)
     c = min(1 << (chunks - 1).bit_length(), max(1, PART_COLS // ch))
     parts = -(-chunks // c)
-    # short rows: two a warp, as many bytes a tile
-    warps, rows_per_warp = WARPS.get((kernel, size), (NUM_WARPS, 2 if c * vec <= 8 else 1))
+    # short rows: two a warp, as many bytes a tile; WARPS where a row is one column part
+    default = (NUM_WARPS, 2 if c * vec <= 8 else 1)
+    warps, rows_per_warp = WARPS.get((kernel, size), default) if parts == 1 else default
     return Plan(warps, warps * rows_per_warp, c, ch, vec, parts, STAGES)
 
 
