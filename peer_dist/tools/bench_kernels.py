@@ -43,14 +43,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from peer_dist.ops import triton_mix
+from peer_dist.ops import triton_mix, triton_optim
 
 ARCHS = (80, 90)
 DIMS = (256, 512, 768, 1000, 1024, 2048, 4096, 8192)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 MIX_KERNELS = ("mix_fwd", "mix_bwd_bags", "row_grads")
-N_ROWS = 1024 ** 2  # the paper's table: N is specialised as divisible by 16
 # per SM: registers, shared memory (bytes usable by blocks), warps, blocks; 1 KiB of shared
 # memory reserved per block
 SM = {80: dict(regs=65536, smem=164 * 1024, warps=64, blocks=32),
@@ -89,26 +88,17 @@ def _mix_spec(kernel: str, d: int, table: torch.dtype, act: torch.dtype) -> Spec
     }[kernel]
     pl = triton_mix.plan(d, act if kernel == "row_grads" else table, kernel)
     consts = dict(pl.constexprs(), **({} if kernel == "row_grads" else {"GELU": True}))
-    div = ("N",) + (("D",) if d % 16 == 0 else ())
+    div = ("N",) + (("D",) if d % 16 == 0 else ())  # N = 1024^2 in the paper's tables
     return Spec(kernel, "peer_dist.ops.triton_kernels", d, TRITON_TYPES[table],
                 TRITON_TYPES[act], tuple(types.items()),
                 tuple(consts.items()), pl.num_warps, div, d / (pl.PARTS * pl.C * pl.CH))
 
 
 def specs(d: int, table: torch.dtype, act: torch.dtype) -> list[Spec]:
-    """Every kernel the project launches at dim d with these dtypes."""
-    out = [_mix_spec(k, d, table, act) for k in MIX_KERNELS]
-    optim = _optim_specs()
-    return out + (optim(d, table) if optim else [])
-
-
-def _optim_specs():
-    """The row optimizer's specs, where the module exists."""
-    try:
-        from peer_dist.ops import triton_optim
-    except ImportError:
-        return None
-    return getattr(triton_optim, "compile_specs", None)
+    """Every kernel the project launches at dim d with these dtypes: the mix's three and the
+    row optimizer's two (state in fp32)."""
+    return [_mix_spec(k, d, table, act) for k in MIX_KERNELS] + triton_optim.compile_specs(
+        d, table)
 
 
 def _bin(name: str) -> str:
