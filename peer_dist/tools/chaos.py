@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 
 from peer_dist.train import checkpoint as ckpt
-from peer_dist.train import safe_load
 from peer_dist.train.preempt import EXIT_INTERRUPTED
 
 KINDS = ("kill_rank", "kill_in_ckpt", "preempt", "damage")
@@ -198,30 +197,11 @@ class Driver:
                      f"step {resumed} ({f.redone} steps redone, {f.seconds:.1f} s)")
 
 
-def all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint: weights and tables, and the optimizers' state."""
-    out = {f"full.{k}": v for k, v in ckpt.read_full_state(path).items()}
-
-    def walk(prefix: str, obj: object) -> None:
-        if torch.is_tensor(obj):
-            out[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(f"{prefix}.{i}", v)
-
-    for f in sorted((path / "dense").rglob("*.pt")):
-        walk(f"dense.{f.name}", safe_load.load_tensors(f, map_location="cpu"))
-    return out
-
-
 def compare(a: Path, b: Path) -> list[str]:
     """Names of the tensors that differ (or exist on one side only)."""
     with warnings.catch_warnings():  # DCP's note that it reads in one process
         warnings.simplefilter("ignore")
-        want, have = all_tensors(a), all_tensors(b)
+        want, have = ckpt.all_tensors(a), ckpt.all_tensors(b)
     return sorted(set(want) ^ set(have)) + [k for k in sorted(set(want) & set(have))
                                             if not torch.equal(want[k], have[k])]
 

@@ -662,3 +662,24 @@ def read_full_state(path: Path) -> dict[str, torch.Tensor]:
     dcp.load(tables, storage_reader=reader, no_dist=True)
     out.update({f"tables.{k}": v for k, v in tables.items()})
     return out
+
+
+def all_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, in one process: weights and tables (read_full_state),
+    the tables' optimizer state, and DeepSpeed's files (dense optimizer state). For
+    bit-for-bit comparisons of two runs."""
+    out = {f"full.{k}": v for k, v in read_full_state(path).items()}
+
+    def walk(prefix: str, obj: object) -> None:
+        if torch.is_tensor(obj):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}.{i}", v)
+
+    for f in sorted((path / "dense").rglob("*.pt")):
+        walk(f"dense.{f.name}", safe_load.load_tensors(f, map_location="cpu"))
+    return out

@@ -18,7 +18,7 @@ import pytest
 import torch
 from train_cli_helpers import ROOT, TIMEOUT, TINY, env, peer_train, read_run
 
-from peer_dist.train.checkpoint import read_full_state
+from peer_dist.train.checkpoint import all_tensors
 
 
 def launch(tmp: Path, *overrides: str, nproc: int = 2, fault: str = "", data: Path | None = None,
@@ -51,25 +51,6 @@ def assert_one_line(proc: subprocess.CompletedProcess, code: int, *words: str) -
     for w in words:
         assert w in lines[0], lines[0]
     return lines[0]
-
-
-def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint: weights, table optimizer state, DeepSpeed's files."""
-    out = {f"full.{k}": v for k, v in read_full_state(ckpt).items()}
-
-    def walk(prefix: str, obj) -> None:
-        if torch.is_tensor(obj):
-            out[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(f"{prefix}.{i}", v)
-
-    for f in sorted((ckpt / "dense").rglob("*.pt")):
-        walk(f"dense.{f.name}", torch.load(f, map_location="cpu", weights_only=False))
-    return out
 
 
 @pytest.fixture(scope="module")
