@@ -342,6 +342,7 @@ def run(cfg: Config) -> dict[str, Any]:
             raise fault from None
         raise
     finally:
+        job.control.uninstall()
         job.lock.release()
 
 

@@ -47,11 +47,16 @@ class Control:
     last_save: float = field(default_factory=time.monotonic)
     stop: bool = False  # agreed by all ranks
     save_due: bool = False  # agreed by all ranks
+    previous: dict = field(default_factory=dict)  # the handlers install() replaced
 
     def install(self) -> None:
         """Record SIGTERM, SIGINT and SIGUSR1 instead of dying (main thread only)."""
-        for s in SIGNALS:
-            signal.signal(s, self._record)
+        self.previous = {s: signal.signal(s, self._record) for s in SIGNALS}
+
+    def uninstall(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous.clear()
 
     def _record(self, signum: int, frame: object) -> None:
         self.count += 1
