@@ -25,8 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="peer-bench checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/million_cpu.yaml")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--every", type=int, default=10,
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--every", type=int, default=40,
                    help="checkpoint interval in steps (long enough for a background write to "
                         "finish before the next: else the wait shows in the wait column)")
     p.add_argument("--run-dir", default="runs/bench_checkpoint")
