@@ -215,11 +215,16 @@ class OptimConfig:
     table_lr: float = 0.0  # 0 = use lr; the tables follow the same schedule shape
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # a checkpoint resumed with another train.steps: `continue` decays from the LR it had to
+    # the new end; `recompute` follows the new length's schedule as if it had always been
+    resume_schedule: str = "continue"
     grad_clip: float = 1.0  # global norm over dense and table gradients; 0 = off
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "> 0")
         _check(self.table_lr >= 0, "optim.table_lr", self.table_lr, ">= 0 (0 = same as optim.lr)")
+        _check(self.resume_schedule in RESUME_SCHEDULES, "optim.resume_schedule",
+               self.resume_schedule, f"one of {list(RESUME_SCHEDULES)}")
         _check(self.table_optimizer in TABLE_OPTIMIZERS, "optim.table_optimizer",
                self.table_optimizer, f"one of {list(TABLE_OPTIMIZERS)}")
         _check(self.table_state_dtype in TABLE_STATE_DTYPES, "optim.table_state_dtype",
@@ -235,6 +240,7 @@ class OptimConfig:
 
 
 DTYPES = ("auto", "fp32", "bf16")
+RESUME_SCHEDULES = ("continue", "recompute")
 NONFINITE = ("skip", "stop")
 
 
@@ -244,6 +250,10 @@ class TrainConfig:
     batch_size: int = 8  # sequences per rank per micro-batch
     seq_len: int = 128
     grad_accum: int = 1
+    # sequences per optimizer step over all ranks (0 = batch_size x grad_accum x world size);
+    # when set, grad_accum is derived from it, the world size and batch_size, so the run
+    # trains on the same batches at any world size
+    global_batch_size: int = 0
     zero_stage: int = 0
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     seed: int = 1234
@@ -278,6 +288,8 @@ class TrainConfig:
                "one of [0, 1, 2, 3]")
         _check(self.dtype in DTYPES, "train.dtype", self.dtype, f"one of {list(DTYPES)}")
         _check(self.ckpt_every >= 0, "train.ckpt_every", self.ckpt_every, ">= 0 (0 = end only)")
+        _check(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size,
+               "an integer >= 0 (0 = batch_size x grad_accum x world size)")
         _check(self.ckpt_every_s >= 0, "train.ckpt_every_s", self.ckpt_every_s,
                "a number of seconds >= 0 (0 = off)")
         _check(self.stop_grace_s > 0, "train.stop_grace_s", self.stop_grace_s,

@@ -305,8 +305,9 @@ class Saver:
         self.buffers: dict[str, torch.Tensor] = {}  # staging copies of the tables (background)
 
     def save(self, step: int, engine: DeepSpeedEngine, shards: list[ExpertShard],
-             table_opt: RowSparseOptimizer) -> Path:
-        """Start checkpoint `step` (collective); returns the path it will have."""
+             table_opt: RowSparseOptimizer, extra: dict | None = None) -> Path:
+        """Start checkpoint `step` (collective); returns the path it will have. `extra` goes
+        into meta.json."""
         t0 = time.perf_counter()
         self.wait()  # one in flight: training waits for the previous one, counted as pause
         waited = time.perf_counter() - t0
@@ -325,7 +326,7 @@ class Saver:
             save_config(cfg, tmp / "config.yaml")
             meta = dict(step=step, world_size=topo.world_size, ep=topo.ep,
                         zero_stage=cfg.train.zero_stage,
-                        table_optimizer=cfg.optim.table_optimizer)
+                        table_optimizer=cfg.optim.table_optimizer, **(extra or {}))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         tables = table_state(shards, table_opt, topo.mesh)
         if self.background:

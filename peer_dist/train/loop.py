@@ -3,8 +3,9 @@
 
 Shapes: B = micro-batch per rank, L = sequence length, W = world size, G = grad_accum.
 Global batch of step s = G micro-batches of W*B sequences; rank r reads sequences
-[r*B, (r+1)*B) of each, so the global batch does not depend on W (1 rank with B*W sequences
-sees exactly what W ranks with B each see).
+[r*B, (r+1)*B) of each, so the step reads the same sequences at any W as long as G*W*B is the
+same (1 rank with B*W sequences sees exactly what W ranks with B each see);
+train.global_batch_size keeps G*W*B fixed by deriving G (train/resume.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from peer_dist.train.nonfinite import (
     running_stats,
 )
 from peer_dist.train.preempt import Control, Interrupted
+from peer_dist.train.resume import Schedule, on_resume, resolve_batch
+from peer_dist.train.resume import meta as resume_meta
 from peer_dist.train.sparse_optim import STATE_DTYPES, RowSparseOptimizer, grad_sq_norm, scale_grads
 from peer_dist.train.startup import RunDirLock, agree, check_same_config, open_data
 
@@ -60,11 +63,9 @@ if TYPE_CHECKING:
     from peer_dist.parallel import ExpertShard, Topology
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from base to base * min_ratio."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1, progress))))
+    """Linear warmup over `warmup` steps, then cosine from base to base * min_ratio (the
+    schedule of a run that was never resumed with another length)."""
+    return base * Schedule(warmup, 1.0, total).ratio(step, warmup, min_ratio)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Job:
     fault_store: FaultStore | None
     control: Control
     saver: ckpt.Saver
+    schedule: Schedule
     step: int = 0
     checkpoints: list[dict[str, float]] = field(default_factory=list)  # pause, write times
 
@@ -105,6 +107,7 @@ def setup(cfg: Config) -> Job:
     lock = RunDirLock(cfg.train.run_dir)
     agree(lock.acquire, rank0_only=True)
     data = open_data(cfg)
+    resolve_batch(cfg, topo.world_size)  # train.global_batch_size -> train.grad_accum
     dtype = resolve_dtype(cfg, topo.device)
     model = build_model(cfg.model, cfg.train.seed, materialize=False)
     model = parallelize(model, topo, cfg.parallel).to(topo.device)  # shards are on the device
@@ -127,7 +130,7 @@ def setup(cfg: Config) -> Job:
     if saver.background:  # the staging buffers now, not in the first checkpoint's pause
         saver.stage(ckpt.table_state(shards, table_opt, topo.mesh))
     return Job(cfg, topo, engine, shards, table_opt, data, dtype, skips, lock, store, control,
-               saver)
+               saver, Schedule.fresh(cfg))
 
 
 def micro_batch(job: Job, step: int, micro: int, split: str = "train") -> tuple[torch.Tensor, ...]:
@@ -168,7 +171,7 @@ def train_step(job: Job, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
 
     # lr: one schedule shape for both parts; the tables may have their own base lr.
-    lr = lr_at(step, cfg.train.steps, o.lr, o.warmup_steps, o.min_lr_ratio)
+    lr = o.lr * job.schedule.ratio(step, o.warmup_steps, o.min_lr_ratio)
     set_lr(engine, lr)
     for group in job.table_opt.param_groups:
         group["lr"] = lr / o.lr * (o.table_lr or o.lr)
@@ -353,6 +356,9 @@ def _run(job: Job) -> dict[str, Any]:
     if resume is not None:
         job.step = ckpt.load_checkpoint(resume, cfg, job.engine, job.shards, job.table_opt,
                                         job.topo)
+        job.schedule, notes = on_resume(resume, job.step, cfg, job.topo)
+        for line in notes:  # one line for each thing that changed since the checkpoint
+            log_text(job, line)
     if job.topo.rank == 0:  # checkpoints after the resumed step belong to an abandoned timeline
         ckpt.start_timeline(ckpt.checkpoint_root(cfg), job.step)
     dist.barrier()
@@ -401,7 +407,8 @@ def _run(job: Job) -> dict[str, Any]:
 def _save(job: Job, log: Logger) -> Path:
     """Save checkpoint job.step (in the background with train.checkpoint_async), after the
     one still in flight."""
-    path = job.saver.save(job.step, job.engine, job.shards, job.table_opt)
+    path = job.saver.save(job.step, job.engine, job.shards, job.table_opt,
+                          resume_meta(job.schedule, job.cfg, job.topo.world_size))
     job.control.saved()
     _saved(job, log)
     return path

@@ -1,0 +1,111 @@
+"""What a run keeps and what it says when it resumes: the global batch, the LR schedule, and
+one line for each thing that differs from the checkpoint.
+
+Global batch: `train.global_batch_size` fixes the sequences per optimizer step; the
+accumulation steps follow from it, the world size and the per-rank micro-batch. Since rank r
+of world W reads samples [(g*W + r)*B, (g*W + r + 1)*B) for global micro-batch g, a step
+reads samples [s*G*W*B, (s+1)*G*W*B): the same sequences at any world size when G*W*B is.
+
+Schedule: warmup then cosine to `min_lr_ratio`, as one segment `Schedule(start, start_ratio,
+total)`: from step `start`, where the LR is base * start_ratio, down to base * min_ratio at
+`total`. A run starts with (warmup, 1.0, train.steps). Resumed with another `train.steps`
+(`optim.resume_schedule=continue`, the default), the segment starts again at the resumed
+step from the LR it had, so raising train.steps to continue a finished run never sends the
+LR back up. The segment is saved in each checkpoint's meta.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from peer_dist.config import Config
+from peer_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from peer_dist.parallel import Topology
+
+
+def resolve_batch(cfg: Config, world: int) -> None:
+    """With train.global_batch_size set, derive train.grad_accum (in place) or refuse in one
+    line; `world` is the number of ranks."""
+    t = cfg.train
+    if not t.global_batch_size:
+        return
+    per_step = world * t.batch_size
+    if t.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size={t.global_batch_size} cannot be split over "
+                        f"{world} ranks with train.batch_size={t.batch_size}: allowed are "
+                        f"multiples of {per_step} (ranks x batch_size), or a train.batch_size "
+                        "that divides global_batch_size / ranks", all_ranks=True)
+    t.grad_accum = t.global_batch_size // per_step
+
+
+def global_batch(cfg: Config, world: int) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum * world
+
+
+@dataclass
+class Schedule:
+    start: int  # the step the cosine segment starts at
+    start_ratio: float  # LR / base LR there
+    total: int  # the step it reaches min_lr_ratio at
+
+    @classmethod
+    def fresh(cls, cfg: Config) -> Schedule:
+        return cls(cfg.optim.warmup_steps, 1.0, cfg.train.steps)
+
+    def ratio(self, step: int, warmup: int, min_ratio: float) -> float:
+        """LR / base LR at `step` (0-based)."""
+        if step < min(warmup, self.start):
+            return (step + 1) / warmup
+        progress = min(1.0, (step - self.start) / max(1, self.total - self.start))
+        return min_ratio + (self.start_ratio - min_ratio) * 0.5 * (1 + math.cos(math.pi *
+                                                                                 progress))
+
+
+def on_resume(path: Path, step: int, cfg: Config, topo: Topology) -> tuple[Schedule, list[str]]:
+    """The schedule to continue with, and one line per thing that changed since checkpoint
+    `path` (of step `step`) was written."""
+    import yaml
+
+    meta = json.loads((path / "meta.json").read_text())
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    st = saved.get("train", {})
+    o = cfg.optim
+    old = Schedule(**meta["lr_schedule"]) if "lr_schedule" in meta else Schedule(
+        o.warmup_steps, 1.0, int(st.get("steps", cfg.train.steps)))
+    notes = []
+    if meta["world_size"] != topo.world_size or meta["ep"] != topo.ep:
+        notes.append(f"world size {meta['world_size']} -> {topo.world_size}: the tables were "
+                     f"resharded from EP {meta['ep']} to EP {topo.ep}")
+    old_batch = meta.get("global_batch") or int(st.get("batch_size", 0)) * int(
+        st.get("grad_accum", 1)) * meta["world_size"]
+    new_batch = global_batch(cfg, topo.world_size)
+    if old_batch and old_batch != new_batch:
+        notes.append(f"global batch {old_batch} -> {new_batch} sequences a step (set "
+                     f"train.global_batch_size={old_batch} to keep it at any world size)")
+    schedule = old
+    if cfg.train.steps != old.total:
+        lr_now = o.lr * old.ratio(step, o.warmup_steps, o.min_lr_ratio)
+        if o.resume_schedule == "recompute" or step < o.warmup_steps:
+            schedule = Schedule.fresh(cfg)
+            how = "the schedule of the new length from here"
+        else:
+            schedule = Schedule(step, lr_now / o.lr, cfg.train.steps)
+            how = f"the LR goes on from {lr_now:.3g} down to {o.lr * o.min_lr_ratio:.3g}"
+        lr_next = o.lr * schedule.ratio(step, o.warmup_steps, o.min_lr_ratio)
+        notes.append(f"train.steps {old.total} -> {cfg.train.steps}: {how} (lr at step "
+                     f"{step + 1}: {lr_next:.3g}; optim.resume_schedule={o.resume_schedule})")
+    return schedule, [f"peer-train: resume: {n}" for n in notes]
+
+
+def meta(schedule: Schedule, cfg: Config, world: int) -> dict:
+    """What a checkpoint's meta.json keeps of these."""
+    return {"lr_schedule": asdict(schedule), "global_batch": global_batch(cfg, world)}
