@@ -51,4 +51,7 @@ def test_unknown_command_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["rooter"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.startswith("usage: peer-bench {layer,dist,router,kernels}")
+    err = capsys.readouterr().err
+    assert err.startswith("usage: peer-bench {") and len(err.strip().splitlines()) == 1
+    commands = err.split("{")[1].split("}")[0].split(",")
+    assert {"layer", "dist", "router"} <= set(commands) and commands == list(bench.COMMANDS)
