@@ -65,25 +65,3 @@ def adam_rows(p, m, v, rows, grad, lr: float, b1: float, b2: float, eps: float, 
 def adagrad_rows(p, acc, rows, grad, lr: float, eps: float) -> None:
     """Row-wise Adagrad in place on p (N, D) and acc (N,) for unique rows (R,)."""
     _launch("adagrad_rows", p, rows.contiguous(), acc, grad, lr, eps)
-
-
-def compile_specs(d: int, table: torch.dtype):
-    """peer-bench kernels' specs of these kernels at dim d (state in fp32, the default)."""
-    from peer_dist.tools.bench_kernels import TRITON_TYPES, Spec
-
-    pl = triton_mix.plan(d, table, "adam_rows")  # adagrad_rows: the same (the default)
-    t = "*" + TRITON_TYPES[table]
-    common = dict(p=t, rows="*i64")
-    tail = dict(R="i32", D="i32")
-    adam = dict(common, m="*fp32", v="*fp32", grad="*fp32", row_bc="*fp64", b1="fp32",
-                c1="fp32", b2="fp32", c2="fp32", eps="fp32", step="fp32", ib2="fp32", **tail)
-    ada = dict(common, acc="*fp32", grad="*fp32", lr="fp32", eps="fp32", **tail)
-    active = d / (pl.PARTS * pl.C * pl.CH)
-    div = ("D",) if d % 16 == 0 else ()
-    mod = "peer_dist.ops.triton_kernels"
-    name = TRITON_TYPES[table]
-    return [Spec("adam_rows", mod, d, name, "fp32", tuple(adam.items()),
-                 tuple((pl.constexprs() | {"PER_ROW": True}).items()), pl.num_warps, div,
-                 active),
-            Spec("adagrad_rows", mod, d, name, "fp32", tuple(ada.items()),
-                 tuple(pl.constexprs().items()), pl.num_warps, div, active)]

@@ -43,7 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from peer_dist.ops import triton_mix, triton_optim
+from peer_dist.ops import triton_mix
 
 ARCHS = (80, 90)
 DIMS = (256, 512, 768, 1000, 1024, 2048, 4096, 8192)
@@ -94,11 +94,30 @@ def _mix_spec(kernel: str, d: int, table: torch.dtype, act: torch.dtype) -> Spec
                 tuple(consts.items()), pl.num_warps, div, d / (pl.PARTS * pl.C * pl.CH))
 
 
+def _optim_specs(d: int, table: torch.dtype) -> list[Spec]:
+    """The row optimizers' specs at dim d (state in fp32, the default)."""
+    pl = triton_mix.plan(d, table, "adam_rows")  # adagrad_rows: the same (the default)
+    t = "*" + TRITON_TYPES[table]
+    common = dict(p=t, rows="*i64")
+    tail = dict(R="i32", D="i32")
+    adam = dict(common, m="*fp32", v="*fp32", grad="*fp32", row_bc="*fp64", b1="fp32",
+                c1="fp32", b2="fp32", c2="fp32", eps="fp32", step="fp32", ib2="fp32", **tail)
+    ada = dict(common, acc="*fp32", grad="*fp32", lr="fp32", eps="fp32", **tail)
+    active = d / (pl.PARTS * pl.C * pl.CH)
+    div = ("D",) if d % 16 == 0 else ()
+    mod = "peer_dist.ops.triton_kernels"
+    name = TRITON_TYPES[table]
+    return [Spec("adam_rows", mod, d, name, "fp32", tuple(adam.items()),
+                 tuple((pl.constexprs() | {"PER_ROW": True}).items()), pl.num_warps, div,
+                 active),
+            Spec("adagrad_rows", mod, d, name, "fp32", tuple(ada.items()),
+                 tuple(pl.constexprs().items()), pl.num_warps, div, active)]
+
+
 def specs(d: int, table: torch.dtype, act: torch.dtype) -> list[Spec]:
     """Every kernel the project launches at dim d with these dtypes: the mix's three and the
     row optimizer's two (state in fp32)."""
-    return [_mix_spec(k, d, table, act) for k in MIX_KERNELS] + triton_optim.compile_specs(
-        d, table)
+    return [_mix_spec(k, d, table, act) for k in MIX_KERNELS] + _optim_specs(d, table)
 
 
 def _bin(name: str) -> str:
