@@ -114,6 +114,8 @@ def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
     if not measure:
         p.add_argument("--device", default="cuda", choices=mm.DEVICES,
                        help="what the prediction is for (measure uses this machine's)")
+        p.add_argument("--gpu-mem-gib", type=float, default=None,
+                       help="draw this device memory (GiB) as a line in plot.png")
     p.add_argument("--out", default=None, help="output folder (table.md, table.csv, plot.png, tb/)")
     p.add_argument("--json", action="store_true", help="print one JSON object per point")
 
@@ -396,9 +398,21 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def varying(rows: list[dict], keys: tuple[str, ...]) -> list[str]:
-    """Setup keys (other than N) that take more than one value: they name the plot series."""
-    return [k for k in keys if k != "num_experts" and len({r[k] for r in rows}) > 1]
+def varying(rows: list[dict], keys: tuple[str, ...], axis: str = "num_experts") -> list[str]:
+    """Setup keys (other than the plot's x-axis) that take more than one value: they name the
+    plot series."""
+    return [k for k in keys if k != axis and len({r[k] for r in rows}) > 1]
+
+
+# the plot's x-axis: N when it varies, else the first of these that does (log2 axes)
+AXES = ("num_experts", "ep", "world_size", "dim", "tokens_per_rank", "layers", "heads", "topk")
+AXIS_LABELS = {"num_experts": "experts N", "ep": "EP (expert-parallel ranks)",
+               "world_size": "ranks", "dim": "d", "tokens_per_rank": "tokens per rank",
+               "layers": "PEER layers", "heads": "heads", "topk": "top-k"}
+
+
+def plot_axis(rows: list[dict]) -> str:
+    return next((k for k in AXES if len({r[k] for r in rows}) > 1), "num_experts")
 
 
 def series_name(row: dict, keys: list[str]) -> str:
@@ -409,27 +423,36 @@ def series_name(row: dict, keys: list[str]) -> str:
 
 
 def write_outputs(rows: list[dict], keys: list[str], out: Path, kind: str,
-                  plot_series: list[tuple[str, str]]) -> dict[str, str]:
+                  plot_series: list[tuple[str, str]],
+                  capacity_bytes: float | None = None) -> dict[str, str]:
     """table.md (N, the setup keys that vary, results), table.csv (every key), plot.png and
     TensorBoard scalars under out/tb.
 
-    plot_series: (row key, style) pairs drawn against N, one series per varying setup."""
+    plot_series: (row key, style) pairs drawn against the axis that varies (N first, else
+    EP, ranks, d, ...: plot_axis), one series per other varying setup; capacity_bytes: a
+    device's memory, drawn as a line."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown(rows, shown_keys(rows, keys)))
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    groups = group_rows(rows)
+    axis = plot_axis(rows)
+    groups = group_rows(rows, axis)
     series = []
     for color, (name, members) in enumerate(groups.items()):
         for key, style in plot_series:
-            pts = [(r["num_experts"], r[key]) for r in members if r.get(key)]
+            pts = sorted((r[axis], r[key]) for r in members if r.get(key))
             label = f"{name} {key.replace('_bytes_per_rank', '').replace('_', ' ')}"
             series.append(Series(label, [p[0] for p in pts], [p[1] for p in pts], style, color))
-    line_chart(out / "plot.png", series, f"peer-scale {kind}: bytes per rank", "experts N",
-               "bytes per rank")
-    write_tensorboard(out / "tb", kind, groups, [k for k, _ in plot_series])
+    if capacity_bytes:
+        xs = sorted({r[axis] for r in rows})
+        series.append(Series(f"device capacity {capacity_bytes / GIB:g} GiB",
+                             [xs[0], xs[-1]] if len(xs) > 1 else [xs[0] / 2, xs[0] * 2],
+                             [capacity_bytes, capacity_bytes], "line", len(groups)))
+    line_chart(out / "plot.png", series, f"peer-scale {kind}: bytes per rank",
+               AXIS_LABELS[axis], "bytes per rank")
+    write_tensorboard(out / "tb", kind, group_rows(rows), [k for k, _ in plot_series])  # N as step
     return {"table_md": str(out / "table.md"), "table_csv": str(out / "table.csv"),
             "plot": str(out / "plot.png"), "tb": str(out / "tb")}
 
@@ -440,8 +463,11 @@ def shown_keys(rows: list[dict], keys: list[str]) -> list[str]:
     return [k for k in keys if k not in fixed]
 
 
-def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    keys = varying(rows, SETUP_KEYS)
+def group_rows(rows: list[dict], axis: str = "num_experts") -> dict[str, list[dict]]:
+    """Rows by the setup keys that vary, less those the axis fixes (world size following EP:
+    one line, not one dot per world size)."""
+    keys = [k for k in varying(rows, SETUP_KEYS, axis)
+            if len({(r[axis], r[k]) for r in rows}) > len({r[axis] for r in rows})]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(series_name(r, keys), []).append(r)
@@ -482,7 +508,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     keys = list(SETUP_KEYS) + list(PREDICT_KEYS)
     if args.out:
         write_outputs(rows, keys, Path(args.out), "predict",
-                      [("total_bytes_per_rank_predicted", "line")])
+                      [("total_bytes_per_rank_predicted", "line")],
+                      args.gpu_mem_gib * GIB if args.gpu_mem_gib else None)
     emit(rows, keys if args.json else shown_keys(rows, keys), args.json)
 
 
