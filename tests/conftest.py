@@ -108,3 +108,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tier = Path(str(item.fspath)).parent.name
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """count_calls(module, names) -> {"n": calls so far of any of module's functions `names`}
+    (each still runs): what checks that a kernel path was, or was not, taken."""
+
+    def install(module, names):
+        count = {"n": 0}
+        for name in names:
+            real = getattr(module, name)
+
+            def spy(*a, _real=real, **k):
+                count["n"] += 1
+                return _real(*a, **k)
+
+            monkeypatch.setattr(module, name, spy)
+        return count
+
+    return install

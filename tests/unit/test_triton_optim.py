@@ -24,17 +24,8 @@ PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    count = {"n": 0}
-    for name in ("adam_rows", "adagrad_rows"):
-        real = getattr(triton_optim, name)
-
-        def spy(*a, _real=real, **k):
-            count["n"] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(triton_optim, name, spy)
-    return count
+def calls(count_calls):
+    return count_calls(triton_optim, ("adam_rows", "adagrad_rows"))
 
 
 def _train(path: str, kind: str, bc: str, table: torch.dtype, state: torch.dtype, d: int):

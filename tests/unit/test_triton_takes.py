@@ -19,18 +19,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
-def launches(monkeypatch):
+def launches(count_calls):
     """Calls of any Triton launch function."""
-    count = {"n": 0}
-    for name in ("forward", "backward_bags", "row_grads"):
-        real = getattr(triton_mix, name)
-
-        def spy(*a, _real=real, **k):
-            count["n"] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(triton_mix, name, spy)
-    return count
+    return count_calls(triton_mix, ("forward", "backward_bags", "row_grads"))
 
 
 def _tables(kind: str, n: int, d: int):
