@@ -90,7 +90,10 @@ def launch(torchrun_args: list[str], run_dir: str = "") -> int:
     from peer_dist.train.preempt import EXIT_INTERRUPTED, read_marker
 
     if not debug():  # the agent logs every worker it stops; our ranks say what went wrong
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        # (its modules' loggers carry levels of their own: the parent's alone is not enough)
+        for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     started = time.time()
     mp_api._terminate_process_handler = _first_signal_only(mp_api)
     try:
