@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = _rows(args)  # checks every list argument before any work
     torch.set_num_threads(args.threads)
     rel_diff = math.nan
-    if not args.no_check:
+    if not args.no_check and any(s["impl"] == "peer-pytorch" for s in specs):  # the reference
         small = argparse.Namespace(**{**vars(args), "num_experts": 64 * 64})
         small_diff = check_outputs(small, args.check_tokens)
         rel_diff = check_outputs(args, args.check_tokens)
