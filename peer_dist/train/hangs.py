@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -43,13 +44,15 @@ class FaultStore:
                              is_master=False, timeout=timedelta(seconds=30))
         self.store = dist.PrefixStore(f"peer_dist/faults/{run_id}/{attempt}/", base)
 
-    def fault(self, step: int, error: BaseException, grace_s: float = 5.0) -> JobFault:
-        """The error to end this rank with, after marking it and reading the others' marks."""
+    def fault(self, step: int, error: BaseException, grace_s: float = 5.0,
+              stopping: Callable[[], bool] = lambda: False) -> JobFault:
+        """The error to end this rank with, after marking it and reading the others' marks
+        (no longer once `stopping()`: the launcher is ending the ranks, one having died)."""
         try:
             self.store.set(f"failed/{self.rank}", "1")
             deadline = time.monotonic() + min(grace_s, self.timeout_s)
             marked = self._marked()
-            while len(marked) < self.world and time.monotonic() < deadline:
+            while len(marked) < self.world and time.monotonic() < deadline and not stopping():
                 time.sleep(0.2)
                 marked = self._marked()
         except Exception:  # the store went with a dead rank 0: say what this rank knows

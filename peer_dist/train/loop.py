@@ -124,7 +124,9 @@ def setup(cfg: Config) -> Job:
         table_opt.init_state(s.v)
     skips = SkipTracker(cfg.train.nonfinite, cfg.train.max_skipped)
     store = FaultStore(cfg.train.collective_timeout_s) if topo.world_size > 1 else None
-    control = Control(cfg.train.ckpt_every_s)
+    # a rank that reaches no step boundary after a signal is hung (its peers time out too)
+    control = Control(cfg.train.ckpt_every_s, hung_after_s=cfg.train.collective_timeout_s
+                      if topo.world_size > 1 else 0.0)
     control.install()  # from here on a signal stops the run at a step boundary, saved
     saver = ckpt.Saver(cfg, topo, background=cfg.train.checkpoint_async)
     if saver.background:  # the staging buffers now, not in the first checkpoint's pause
@@ -336,7 +338,8 @@ def run(cfg: Config) -> dict[str, Any]:
         return _run(job)
     except Exception as e:
         if job.fault_store is not None and is_comm_failure(e):
-            fault = job.fault_store.fault(job.step + 1, e)
+            fault = job.fault_store.fault(job.step + 1, e,
+                                          stopping=lambda: job.control.received is not None)
             if job.control.received is not None:
                 # Signalled, then a peer gone: the launcher is stopping the ranks because one
                 # died. This rank leaves as the signal would have ended it, so the launcher

@@ -8,6 +8,10 @@ same step boundary, never with some ranks waiting in a collective), save a check
 leave with EXIT_INTERRUPTED after one line naming the signal, the step and the checkpoint.
 A second signal while the checkpoint is written changes nothing: the save finishes (within
 the launcher's grace period, `train.stop_grace_s`, after which torchrun kills the ranks).
+A rank that does not reach a step boundary within `train.collective_timeout_s` (plus the
+longest gap between two boundaries seen so far) of its first signal is hung: it ends itself
+with SIGKILL, as torchrun would after its grace period, but without the wait (a job whose
+rank hung then stops as soon as the hang is named).
 
 The same vote carries the time-based checkpoint interval (`train.ckpt_every_s`): rank 0's
 clock decides, so every rank saves at the same step.
@@ -16,7 +20,10 @@ clock decides, so every rank saves at the same step.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +49,16 @@ class Control:
     all-reduce, `tally` reads the sums back."""
 
     ckpt_every_s: float = 0.0
+    hung_after_s: float = 0.0  # > 0: no boundary this long after a signal ends the rank
     received: int | None = None  # the first signal's number
     count: int = 0
     last_save: float = field(default_factory=time.monotonic)
     stop: bool = False  # agreed by all ranks
     save_due: bool = False  # agreed by all ranks
     previous: dict = field(default_factory=dict)  # the handlers install() replaced
+    last_vote: float | None = None
+    longest_gap: float = 0.0  # between two step boundaries (votes)
+    watchdog: threading.Timer | None = None
 
     def install(self) -> None:
         """Record SIGTERM, SIGINT and SIGUSR1 instead of dying (main thread only)."""
@@ -57,18 +68,34 @@ class Control:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         self.previous.clear()
+        self._disarm()
 
     def _record(self, signum: int, frame: object) -> None:
         self.count += 1
         if self.received is None:
             self.received = signum
+            if self.hung_after_s > 0 and self.last_vote is not None:
+                self.watchdog = threading.Timer(self.hung_after_s + self.longest_gap, _hung)
+                self.watchdog.daemon = True
+                self.watchdog.start()
+
+    def _disarm(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
 
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received else "a signal"
 
     def vote(self, rank: int) -> list[float]:
-        """[one flag per signal in SIGNALS, save due]: this rank's signal, rank 0's clock."""
+        """[one flag per signal in SIGNALS, save due]: this rank's signal, rank 0's clock.
+        Called at every step boundary: a signal recorded before it reached its boundary."""
+        now = time.monotonic()
+        if self.last_vote is not None:
+            self.longest_gap = max(self.longest_gap, now - self.last_vote)
+        self.last_vote = now
+        self._disarm()
         due = rank == 0 and self.ckpt_every_s > 0 and \
             time.monotonic() - self.last_save >= self.ckpt_every_s
         return [float(self.received == s) for s in SIGNALS] + [float(due)]
@@ -85,11 +112,14 @@ class Control:
         self.last_save, self.save_due = time.monotonic(), False
 
 
+def _hung() -> None:
+    """The watchdog: no step boundary since the signal; end now, as torchrun would later."""
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def die_by(signum: int) -> None:
     """End this process as the signal's default action would (no line, no clean-up)."""
-    import os
-    import sys
-
     sys.stdout.flush()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)

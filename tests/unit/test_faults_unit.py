@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import string
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -178,3 +182,43 @@ def test_random_yaml_files_give_a_config_or_one_line_error(tmp_path_factory, dat
             load_config(path)
         except ConfigError as e:
             assert str(e) and "\n" not in str(e)
+
+
+HUNG_RANK = """
+import os, signal, sys, time
+from peer_dist.train.preempt import Control
+c = Control(hung_after_s=float(sys.argv[1]))
+c.install()
+for _ in range(3):  # three step boundaries 0.05 s apart: the longest gap is 0.05 s
+    c.vote(rank=1)
+    time.sleep(0.05)
+print("boundaries", flush=True)
+if sys.argv[2] == "boundary":  # a healthy rank reaches its next boundary after the signal
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    c.vote(rank=1)
+    time.sleep(1.0)
+    print("alive", c.received == signal.SIGTERM, flush=True)
+    sys.exit(0)
+os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal
+time.sleep(30)  # hung: never reaches another boundary
+print("not ended", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["hung", "boundary"])
+def test_signalled_rank_without_a_boundary_ends_itself(case):
+    """A rank that reaches no step boundary within hung_after_s (+ the longest gap seen) of a
+    stop signal ends itself with SIGKILL instead of holding the launcher for its grace period;
+    one that reaches its boundary lives on to save."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", HUNG_RANK, "0.3", case], capture_output=True,
+                          text=True, timeout=60)
+    took = time.monotonic() - t0
+    if case == "hung":
+        assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+        assert "not ended" not in proc.stdout
+        assert took < 20, took  # 0.35 s after the signal, start-up included; not the 30 s sleep
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert "alive True" in proc.stdout
