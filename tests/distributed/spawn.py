@@ -1,5 +1,6 @@
-"""Run a function on several CPU processes joined by gloo (one spawn per call), and keep what
-one spawn found for every test case that reads it."""
+"""Run a function on several CPU processes joined by gloo (one set of ranks per call, forked
+from the session's warm server: tests/forkranks.py), and keep what one run found for every
+test case that reads it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import forkranks
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple) -> None:
@@ -28,18 +29,15 @@ def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple) -> None
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    # Leave without running C++ destructors: a gloo thread still joinable at interpreter exit
-    # ("terminate called without an active exception") would turn a passed check into SIGABRT.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
 
 
 def run_ranks(fn: Callable, world: int, *args) -> None:
     """fn(rank, world, *args) on `world` processes; an exception in any rank fails the call."""
     with tempfile.TemporaryDirectory(prefix="peer_ranks_") as tmp:
         store = str(Path(tmp) / "store")
-        mp.spawn(_entry, args=(world, store, fn, args), nprocs=world, join=True)
+        forkranks.run(_entry, world, (store, fn, args))
 
 
 def run_once(cache: dict, key: str, run: Callable[[], dict]) -> dict:

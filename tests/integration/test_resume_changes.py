@@ -1,16 +1,15 @@
-"""Resuming with other settings, through the CLI: train.global_batch_size keeps the batches a
-step reads at any world size (1 rank accumulating two micro-batches = 2 ranks with one each),
-and a finished run continued at another world size with more steps says so, one line per
-change, with the LR going on down from where it was."""
+"""Resuming with other settings (the rank side of peer-train, on forked ranks):
+train.global_batch_size keeps the batches a step reads at any world size (1 rank accumulating
+two micro-batches = 2 ranks with one each), and a finished run continued at another world size
+with more steps says so, one line per change, with the LR going on down from where it was."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import pytest
-from train_cli_helpers import ROOT, TIMEOUT, TINY, env, peer_train
+from train_cli_helpers import run_ranks
 
 # Query BatchNorm off: its statistics are per micro-batch, so accumulating two micro-batches
 # normalises differently from one global micro-batch (as in any BN model)
@@ -28,10 +27,7 @@ def test_global_batch_is_the_same_batches_at_any_world_size(runs):
 def test_continued_run_says_what_changed_and_lr_never_goes_back_up(runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs.get(1, *GLOBAL)["run_dir"], run_dir)
-    args = [*peer_train(), "--nproc", "2", "--config", str(TINY), f"train.run_dir={run_dir}",
-            f"data.path={runs.data}", *GLOBAL, "train.steps=8"]
-    proc = subprocess.run(args, cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=TIMEOUT)
+    proc = run_ranks(2, run_dir, [*GLOBAL, "train.steps=8"], runs.data)
     assert proc.returncode == 0, proc.stdout[-3000:]
     notes = [line for line in proc.stdout.splitlines() if line.startswith("peer-train: resume:")]
     assert len(notes) == 2, proc.stdout[-3000:]

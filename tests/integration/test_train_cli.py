@@ -1,4 +1,5 @@
-"""The main job through the real CLI on CPU: peer-train (one process) and torchrun (2-4 ranks).
+"""The main job on CPU: the rank side of peer-train on 1-4 forked ranks (as torchrun runs it),
+two torchrun agents as two nodes, and the command line's own errors.
 
 Base run: configs/tiny.yaml, 8 steps, 2 ranks x 4 sequences, checkpoints at steps 4 and 8,
 gradient clipping active (the early norms exceed 1), so clipping, the LR schedule and both
@@ -22,8 +23,7 @@ from train_cli_helpers import (
     free_port,
     peer_train,
     read_run,
-    run_cli,
-    torchrun,
+    train_ranks,
 )
 
 from peer_dist.train.checkpoint import read_full_state
@@ -119,7 +119,7 @@ def test_resume_matches_uninterrupted_run(runs, tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt(full, 4), run_dir / "checkpoints" / "step_00000004")
     (run_dir / "checkpoints" / "latest").write_text("step_00000004\n")
-    resumed = run_cli(torchrun(2), run_dir, list(BASE), runs.data)
+    resumed = train_ranks(2, run_dir, list(BASE), runs.data)
     assert "resumed from" in resumed["log"]
     assert sorted(resumed["losses"]) == [5, 6, 7, 8]
     assert_losses_close(full["losses"], resumed["losses"], steps=[5, 6, 7, 8])
@@ -132,9 +132,8 @@ def test_checkpoint_reshards_to_other_world_sizes(runs, tmp_path, nproc, stage):
     """Written at world 2 (ZeRO `stage`), loaded at world 1/3/4: identical tables, table
     optimizer state and dense weights (the loaded run saves again without training)."""
     src = runs.get(2, *BASE) if stage == 0 else zero_run(runs, stage)
-    cmd = peer_train() if nproc == 1 else torchrun(nproc)
-    out = run_cli(cmd, tmp_path / "loaded", [*BASE, f"train.resume={ckpt(src, 8)}",
-                                             f"train.zero_stage={stage}"], runs.data)
+    out = train_ranks(nproc, tmp_path / "loaded", [*BASE, f"train.resume={ckpt(src, 8)}",
+                                                   f"train.zero_stage={stage}"], runs.data)
     assert out["summary"]["world_size"] == nproc
     before = read_full_state(ckpt(src, 8))
     after = read_full_state(tmp_path / "loaded" / "checkpoints" / "step_00000008")

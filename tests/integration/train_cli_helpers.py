@@ -1,18 +1,22 @@
-"""Helpers for the integration tier: run the real CLI (peer-train, torchrun) on CPU.
+"""Helpers for the integration tier: run the real CLI (peer-train, torchrun) on CPU, or the
+rank side of peer-train (what torchrun's workers run) on ranks forked from the session's warm
+server (tests/forkranks.py) where the launcher is not what a test is about.
 
-Every launch pays for Python + torch + DeepSpeed start-up (several seconds), so runs that
-several tests read are made once per session and cached by their arguments.
+A CLI launch pays for Python + torch + DeepSpeed start-up in every process (~5 s for two
+ranks), the forked ranks do not (~1.3 s); runs that several tests read are made once per
+session and cached by their arguments.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import forkranks
+from forkranks import free_port  # noqa: F401 (the tests' import of it)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -24,30 +28,6 @@ def env() -> dict[str, str]:
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu",
              CUDA_VISIBLE_DEVICES="")
     return e
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range. A port from bind(0) is one the system may hand
-    to any other process (a client's connection) between this check and the launcher's bind,
-    and a rendezvous that finds its port taken connects to the stranger and hangs; ports
-    below the range are only ever taken by explicit binds."""
-    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
-    rng = random.Random()  # not the tests' seeded global generator
-    for _ in range(100):
-        port = rng.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in [{low - 12000}, {low})")
-
-
-def torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "peer_dist.train"]
 
 
 def peer_train() -> list[str]:
@@ -62,13 +42,26 @@ def check(proc: subprocess.CompletedProcess) -> None:
                              f"--- output (tail) ---\n{proc.stdout[-6000:]}")
 
 
-def run_cli(cmd: list[str], run_dir: Path, overrides: list[str], data_dir: Path,
-            timeout: int = TIMEOUT) -> dict:
-    """Run a training command; returns {"losses": {step: loss}, "summary": ..., "log": ...}."""
-    args = [*cmd, "--config", str(TINY), f"train.run_dir={run_dir}",
-            f"data.path={data_dir}", *overrides]
-    proc = subprocess.run(args, cwd=ROOT, env=env(), capture_output=False, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+def run_ranks(nproc: int, run_dir: Path, overrides: list[str], data_dir: Path,
+              timeout: int = TIMEOUT, config: Path = TINY, **environ: str
+              ) -> subprocess.CompletedProcess:
+    """`python -m peer_dist.train --config CONFIG ...` on nproc ranks with torchrun's
+    environment (one rank: none, as peer-train without --nproc); the ranks' output and the
+    job's exit code (the highest rank's, a killed rank's 128 + signal) as a CompletedProcess."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    log.unlink(missing_ok=True)
+    args = ["--config", str(config), f"train.run_dir={run_dir}", f"data.path={data_dir}",
+            *overrides]
+    e = env()
+    e.pop("PEER_DEBUG", None)
+    code = forkranks.train(nproc, args, log, {**e, **environ}, timeout)
+    return subprocess.CompletedProcess(args, code, log.read_text() if log.exists() else "")
+
+
+def train_ranks(nproc: int, run_dir: Path, overrides: list[str], data_dir: Path) -> dict:
+    """run_ranks() that must succeed: {"losses": {step: loss}, "summary", "log", "rows"}."""
+    proc = run_ranks(nproc, run_dir, overrides, data_dir)
     check(proc)
     return read_run(run_dir, proc.stdout)
 
@@ -81,7 +74,7 @@ def read_run(run_dir: Path, log: str = "") -> dict:
 
 
 class Runs:
-    """Session cache of CLI runs keyed by (launcher, overrides)."""
+    """Session cache of training runs on forked ranks, keyed by (ranks, overrides)."""
 
     def __init__(self, base: Path):
         self.base, self.data, self.cache = base, base / "data", {}
@@ -90,7 +83,6 @@ class Runs:
         key = (nproc, overrides)
         if key not in self.cache:
             run_dir = self.base / f"run{len(self.cache)}"
-            cmd = peer_train() if nproc == 1 else torchrun(nproc)
-            self.cache[key] = {**run_cli(cmd, run_dir, list(overrides), self.data),
+            self.cache[key] = {**train_ranks(nproc, run_dir, list(overrides), self.data),
                                "run_dir": run_dir}
         return self.cache[key]
