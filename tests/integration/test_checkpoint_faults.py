@@ -1,6 +1,7 @@
-"""Checkpoints you can trust, through the real CLI: a rank killed while a checkpoint is being
-written leaves the previous one intact and the run resumes from it; a damaged or truncated
-newest checkpoint is skipped with one warning line; an incompatible one is refused in one line."""
+"""Checkpoints you can trust: a rank killed while a checkpoint is being written (through the
+real CLI, whose launcher names it) leaves the previous one intact and the run resumes from it;
+a damaged or truncated newest checkpoint is skipped with one warning line; an incompatible one
+is refused in one line (these on forked ranks: the rank side of peer-train)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_faults import assert_one_line, error_lines, launch
+from test_faults import assert_one_line, error_lines, in_ranks, launch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from peer_dist.train import checkpoint as ckpt
@@ -24,7 +25,7 @@ ARGS = ("train.steps=4", "train.ckpt_every=2", "train.keep_last=3", "train.log_e
 def trained(tmp_path_factory) -> Path:
     """One 1-rank run with checkpoints at steps 2 and 4, copied by each test."""
     tmp = tmp_path_factory.mktemp("ckpt")
-    proc = launch(tmp, *ARGS, nproc=1)
+    proc = in_ranks(tmp, *ARGS, nproc=1)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return tmp
 
@@ -41,6 +42,8 @@ def resumed_step(out: str) -> int | None:
 
 @pytest.mark.parametrize("background", ["false", "true"])
 def test_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path, background):
+    """Rank 1 SIGKILLed inside the step-4 write: the launcher names it in one line, step 2
+    stays the newest checkpoint, and the same command resumes from it."""
     proc = launch(tmp_path, "train.steps=6", "train.ckpt_every=2",
                   f"train.checkpoint_async={background}", fault="kill_in_ckpt@1:4")
     assert_one_line(proc, 1, "rank 1 was killed by SIGKILL")
@@ -48,7 +51,7 @@ def test_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path, background
     assert (root / "latest").read_text().strip() == "step_00000002"
     assert ckpt.verify(root / "step_00000002") is None
     assert not (root / "step_00000004").exists()  # the interrupted one was never renamed
-    proc = launch(tmp_path, "train.steps=6", "train.ckpt_every=2")
+    proc = in_ranks(tmp_path, "train.steps=6", "train.ckpt_every=2")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert resumed_step(proc.stdout) == 2
     assert sorted(p.name for p in root.iterdir()) == [
@@ -69,7 +72,7 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(trained, tmp_path
     else:
         (newest / ckpt.MANIFEST).unlink()
         (newest / "meta.json").unlink()
-    proc = launch(tmp_path, *ARGS, nproc=1)
+    proc = in_ranks(tmp_path, *ARGS, nproc=1)
     assert proc.returncode == 0, proc.stdout[-3000:]
     warnings = [line for line in error_lines(proc.stdout) if "warning" in line]
     assert len(warnings) == 1, proc.stdout[-3000:]
@@ -83,7 +86,7 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(trained, tmp_path
 
 def test_incompatible_checkpoint_is_refused_in_one_line(trained, tmp_path):
     copy_run(trained, tmp_path)
-    proc = launch(tmp_path, *ARGS, "model.dim=32", "model.n_heads=2", nproc=1)
+    proc = in_ranks(tmp_path, *ARGS, "model.dim=32", "model.n_heads=2", nproc=1)
     assert_one_line(proc, 2, "was written for another model",
                     "model.dim=64 (checkpoint) vs 32 (this run)")
 
@@ -92,7 +95,7 @@ def test_explicit_damaged_checkpoint_is_an_error(trained, tmp_path):
     root = copy_run(trained, tmp_path)
     table = sorted((root / "step_00000004" / "tables").glob("*.distcp"))[0]
     table.write_bytes(table.read_bytes()[:-1])
-    proc = launch(tmp_path, *ARGS, f"train.resume={root / 'step_00000004'}", nproc=1)
+    proc = in_ranks(tmp_path, *ARGS, f"train.resume={root / 'step_00000004'}", nproc=1)
     assert_one_line(proc, 2, "train.resume=", "is damaged", f"tables/{table.name}")
 
 
@@ -169,7 +172,7 @@ def test_poisoned_checkpoint_through_the_cli(trained, tmp_path):
     root = copy_run(trained, tmp_path)
     marker = tmp_path / "ran"
     poison(root / "step_00000004", "rng/rank_0.pt", marker)
-    proc = launch(tmp_path, *ARGS, f"train.resume={root / 'step_00000004'}", nproc=1)
+    proc = in_ranks(tmp_path, *ARGS, f"train.resume={root / 'step_00000004'}", nproc=1)
     assert_one_line(proc, 2, "train.resume=", "rng/rank_0.pt", "never run as code")
     assert not marker.exists()
 
@@ -181,5 +184,5 @@ def test_damaged_tables_with_a_matching_manifest_end_in_one_line(trained, tmp_pa
     table = sorted((root / "step_00000004" / "tables").glob("*.distcp"))[0]
     table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
     ckpt.write_manifest(root / "step_00000004")
-    proc = launch(tmp_path, *ARGS, f"train.resume={root / 'step_00000004'}", nproc=1)
+    proc = in_ranks(tmp_path, *ARGS, f"train.resume={root / 'step_00000004'}", nproc=1)
     assert_one_line(proc, 2, "step_00000004", "its tables state cannot be loaded")

@@ -140,13 +140,6 @@ def test_hanging_rank_is_named_within_the_timeout(base):
     assert lines[-1][0] - named < 20, (named, lines[-1])
 
 
-def test_killed_rank_is_named(base):
-    """A rank that dies (here SIGKILLed while writing a checkpoint) is named by the launcher."""
-    proc = launch(base / "kill", "train.ckpt_every=2", fault="kill_in_ckpt@1:2")
-    assert "[fault] rank 1 killed at kill_in_ckpt, step 2" in proc.stdout
-    assert_one_line(proc, 1, "rank 1 was killed by SIGKILL")
-
-
 def test_resumed_run_continues_its_history(base):
     """metrics.jsonl and TensorBoard hold every step once after a resume from an older
     checkpoint (the steps after it are trained again, not appended twice)."""

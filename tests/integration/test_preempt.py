@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_faults import all_tensors, error_lines
-from train_cli_helpers import ROOT, TIMEOUT, TINY, env, peer_train
+from train_cli_helpers import ROOT, TIMEOUT, TINY, env, peer_train, run_ranks
 
 from peer_dist.train import checkpoint as ckpt
 from peer_dist.train.preempt import EXIT_INTERRUPTED
@@ -98,10 +98,10 @@ def test_preempted_run_resumes_to_the_uninterrupted_state(tmp_path, data, runs):
     stopped_in = time.monotonic() - t0
     step = assert_stopped(out, proc.returncode, tmp_path / "run", "SIGTERM")
     assert stopped_in < 60, out[-3000:]  # well inside the grace period (train.stop_grace_s)
-    proc = start(tmp_path, data, *background)
-    rest, _ = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, rest[-3000:]
-    assert f"at step {step}" in rest
+    # the same command again (its rank side: the launcher has nothing to do in a resume)
+    again = run_ranks(2, tmp_path / "run", [*ARGS, *background], data)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"at step {step}" in again.stdout
     reference = runs.get(2, *ARGS)
     final = f"checkpoints/{ckpt.step_name(STEPS)}"
     want = all_tensors(reference["run_dir"] / final)
