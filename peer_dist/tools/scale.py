@@ -809,13 +809,16 @@ def trainer_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
 
 def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> dict:
-    """One torchrun launch of peer-train; returns what it measured (see read_run)."""
+    """One launch of peer-train (through torchrun for several ranks); returns what it
+    measured (see read_run)."""
     name = (f"n{s.n}_d{s.d}_L{s.layers}_ep{s.ep}_w{s.world_size}_z{s.zero_stage}_"
             f"t{s.tokens_per_rank}_{s.strategy}_{s.table_optimizer}")
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={s.world_size}", "-m", "peer_dist.train",
+    # one rank needs no launcher (and no second Python process)
+    launcher = [] if s.world_size == 1 else [
+        "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={s.world_size}"]
+    cmd = [sys.executable, *launcher, "-m", "peer_dist.train",
            *trainer_argv(args, trainer_overrides(s, args, run_dir, data))]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()

@@ -27,8 +27,15 @@ def _own_cache(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def test_measure_tiny_grid(tmp_path, capsys, monkeypatch):
-    _own_cache(tmp_path, monkeypatch)  # no calibration: the runtime by a minimal run, here
+@pytest.fixture(scope="module")
+def uncalibrated(tmp_path_factory):
+    """A cache without a calibration, shared by measure and plan --check: the runtime of a
+    2-rank fp32 ZeRO-0 run on tiny.yaml, measured by the first of them, serves both."""
+    return tmp_path_factory.mktemp("uncalibrated")
+
+
+def test_measure_tiny_grid(tmp_path, capsys, monkeypatch, uncalibrated):
+    _own_cache(uncalibrated, monkeypatch)  # no calibration: the runtime by a minimal run, here
     main(["measure", "--config", str(TINY), "--num-experts", "4096", "--dim", "32",
           "--ep", "1,2", "--world-size", "2", "--tokens-per-rank", "128", "--steps", "3",
           "--data-bytes", "300000", "--out", str(tmp_path), "--json"])
@@ -54,7 +61,7 @@ def test_measure_tiny_grid(tmp_path, capsys, monkeypatch):
         assert r["modelled_bytes_measured"] == r["peak_bytes_per_rank_measured"] - r["runtime"]
         assert r["modelled_rel_err"] == pytest.approx(
             r["modelled_bytes_predicted"] / r["modelled_bytes_measured"] - 1)
-    cache = json.loads((tmp_path / "cache" / "peer_dist" / "runtime_bytes.json").read_text())
+    cache = json.loads((uncalibrated / "cache" / "peer_dist" / "runtime_bytes.json").read_text())
     assert len(cache) == 1 and list(cache.values())[0] == rows[0]["runtime"]  # measured once
     # EP = 2 halves the measured shard and moves bytes; EP = 1 moves none
     one, two = (r["expert_bytes_per_rank_measured"] for r in rows)
@@ -104,8 +111,8 @@ def test_calibrate_then_measure_apart(tmp_path, capsys, monkeypatch):
               str(tmp_path / "none.json")])
 
 
-def test_plan_check_runs_the_best_setting(tmp_path, capsys, monkeypatch):
-    _own_cache(tmp_path, monkeypatch)
+def test_plan_check_runs_the_best_setting(tmp_path, capsys, monkeypatch, uncalibrated):
+    _own_cache(uncalibrated, monkeypatch)
     main(["plan", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2",
           "--gpu-mem-gib", "4", "--dtype", "fp32", "--micro-batch", "1,4", "--num-experts",
           "16384", "--check", "--steps", "2", "--data", str(tmp_path / "data"), "--json"])
