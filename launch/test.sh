@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh clone: installs what it needs, lints, then runs the unit,
-# distributed (gloo ranks) and integration (torchrun, the real CLI) tiers in one pytest run,
-# and prints the 15 slowest tests, the unit tier's coverage of peer_dist and the wall time.
+# distributed (gloo ranks) and integration (torchrun, the real CLI) tiers in one pytest run
+# over min(cores, 4) worker processes, and prints the 15 slowest tests, the unit tier's
+# coverage of peer_dist and the wall time.
 # CI=true: hadolint and triton are required (missing, the run fails here), and a test skipped
 # for want of a C compiler, triton, hadolint or tokenizers fails (tests/conftest.py).
 set -euo pipefail
@@ -30,9 +31,14 @@ TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PY" -c 'import sys; print(sys.p
 export TORCH_EXTENSIONS_DIR
 cov=$(mktemp -d)
 trap 'rm -rf "$cov"' EXIT
+# test files spread over worker processes (pytest-xdist), a file's tests on one worker (they
+# share its module fixtures); PEER_TEST_WORKERS=0 runs them in this process
+cores=$(nproc 2>/dev/null || echo 2)
+workers=${PEER_TEST_WORKERS:-$((cores < 4 ? cores : 4))}
 status=0
-PEER_COVERAGE="$cov/data" "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests "$@" \
-  || status=$?
+PEER_COVERAGE="$cov/data" "$PY" -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile \
+  --durations=15 tests "$@" || status=$?
+"$PY" -m coverage combine --quiet --data-file="$cov/data" "$cov" 2>/dev/null || true
 if [ -f "$cov/data" ]; then
   # modules run mostly by the distributed and integration tiers' processes show low here
   echo "unit tier's coverage of peer_dist (lines; the 10 least covered modules and the total):"

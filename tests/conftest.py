@@ -61,10 +61,15 @@ COVERAGE = pytest.StashKey[object]()
 
 def pytest_configure(config: pytest.Config) -> None:
     data_file = os.environ.get("PEER_COVERAGE")
-    if data_file:
+    # under pytest-xdist (-n) the workers run the tests, each into a file of its own
+    # (data_file.<worker>: `coverage combine` joins them); the controller runs none
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    controller = worker is None and (getattr(config.option, "numprocesses", None) or 0) != 0
+    if data_file and not controller:
         import coverage  # the [test] extra; only asked for by PEER_COVERAGE
 
-        cov = coverage.Coverage(data_file=data_file, source=["peer_dist"])
+        cov = coverage.Coverage(data_file=f"{data_file}.{worker}" if worker else data_file,
+                                source=["peer_dist"])
         cov.start()
         config.stash[COVERAGE] = cov
 

@@ -44,12 +44,13 @@ def _tables(kind: str, n: int, d: int):
 def test_refused_layouts_never_launch_and_give_the_right_result(kind, launches):
     d = triton_mix.MAX_DIM + 1 if kind == "wide" else 24
     u, v, x_dtype = _tables(kind, 12, d)
-    x = torch.randn(3, d, device=DEVICE, dtype=x_dtype, requires_grad=True)
-    ids = torch.randint(0, 12, (3, 4), device=DEVICE)
-    gates = torch.rand(3, 4, device=DEVICE, dtype=x_dtype, requires_grad=True)
+    g = torch.Generator().manual_seed(4)  # every draw its own: any test order, same values
+    x = torch.randn(3, d, generator=g, dtype=x_dtype).to(DEVICE).requires_grad_()
+    ids = torch.randint(0, 12, (3, 4), generator=g).to(DEVICE)
+    gates = torch.rand(3, 4, generator=g, dtype=x_dtype).to(DEVICE).requires_grad_()
     u.requires_grad_()
     v.requires_grad_()
-    grad_y = torch.randn(3, d, device=DEVICE, dtype=x_dtype)
+    grad_y = torch.randn(3, d, generator=g, dtype=x_dtype).to(DEVICE)
     with kernel_path("triton"):
         assert not triton_mix.takes(x, u, v)
         y = peer_mix(x, ids, gates, u, v, sparse_grad=False)
@@ -57,7 +58,9 @@ def test_refused_layouts_never_launch_and_give_the_right_result(kind, launches):
     assert launches["n"] == 0
     bag = torch.arange(3, device=DEVICE).repeat_interleave(4)
     want = _reference(x, ids.reshape(-1), bag, gates.reshape(-1), u, v, "gelu", grad_y)
-    tol = 1e-2 if kind == "mixed-dtypes" else 1e-5
+    # a bf16 v rounds products to 8 bits: over 200 draws the worst error was 1.9% of the
+    # largest value (1e-2 failed on 5 of them)
+    tol = 3e-2 if kind == "mixed-dtypes" else 1e-5
     for name, g, w in zip(["y", "x", "gates", "u", "v"], [y, *got], want, strict=True):
         scale = float(w.abs().max()) + 1e-6
         torch.testing.assert_close(_dense(g).reshape(w.shape), w, rtol=0, atol=tol * scale,
