@@ -157,6 +157,7 @@ class Dispatch:
     """The dispatch strategy's three stages for one EP group."""
 
     name = "dispatch"
+    overlaps = True  # has overlapped(): parallel.overlap_chunks > 1 pipelines it
 
     def __init__(self, idmap: IdMap, ex: Exchange, act: str):
         self.idmap, self.ex, self.act = idmap, ex, act

@@ -150,6 +150,7 @@ class NodeDispatch:
     """The node-aware dispatch strategy's three stages for one EP group."""
 
     name = "node_dispatch"
+    overlaps = False  # two hops per chunk: see the module docstring
 
     def __init__(self, idmap: IdMap, ex: Exchange, act: str):
         self.idmap, self.ex, self.act = idmap, ex, act

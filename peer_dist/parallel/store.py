@@ -100,7 +100,7 @@ class ShardedExperts(nn.Module):
     def __init__(self, name: str, tables: ExpertTables, topo: Topology, strategy: str = "auto",
                  balance_ids: bool = False, overlap_chunks: int = 1):
         super().__init__()
-        self.overlap_chunks = overlap_chunks  # dispatch: chunks whose transfers overlap compute
+        self.overlap_chunks = overlap_chunks  # fetch, dispatch: transfers under compute
         if strategy not in STRATEGIES:
             raise ValueError(f"parallel.strategy={strategy!r}: allowed are {list(STRATEGIES)}")
         self.activation, self.strategy, self.topo = tables.activation, strategy, topo
@@ -126,7 +126,7 @@ class ShardedExperts(nn.Module):
             with self.stats.stage("compute"):
                 return peer_mix(x, self.idmap.position(ids), gates, u, v, self.activation, True)
         st = self.strategies[strategy]
-        if strategy == "dispatch" and self.overlap_chunks > 1:  # the stages fused, pipelined
+        if self.overlap_chunks > 1 and st.overlaps:  # the stages fused, pipelined
             with self.stats.stage("overlapped"):
                 return st.overlapped(x, ids, gates, u, v, self.overlap_chunks)
         with self.stats.stage("input_dist"):

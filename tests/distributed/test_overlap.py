@@ -1,7 +1,8 @@
-"""dispatch with parallel.overlap_chunks > 1 (transfers of one chunk under the compute of
-another) against whole tables in one process, fp64: outputs, input and gate gradients, table
-gradients, at 2 and 3 ranks with uneven tokens (a rank with none, chunks with none), and its
-bytes: the unchunked ones plus one count row per extra chunk."""
+"""fetch and dispatch with parallel.overlap_chunks > 1 (transfers of one chunk under the
+compute of another) against whole tables in one process, fp64: outputs, input and gate
+gradients, table gradients, at 2 and 3 ranks with uneven tokens (a rank with none, chunks with
+none, more chunks than tokens or rows); outputs and gradients against the same strategy without
+chunks; and its bytes: the unchunked ones plus one count row per extra chunk."""
 
 from __future__ import annotations
 
@@ -40,12 +41,12 @@ def _reference(tables: ExpertTables, xs, ids, gates, g: torch.Generator):
     return y.detach(), x.grad, gt.grad, u.grad, v.grad, c
 
 
-def _run(rank: int, world: int, chunks: int):
+def _run(rank: int, world: int, strategy: str, chunks: int):
     tables = ExpertTables(N, DIM, "gelu", seed=1)
     g = torch.Generator().manual_seed(5)
     xs, ids, gates = _everyone(world, g)
     ref = _reference(tables, xs, ids, gates, g)
-    layer = ShardedExperts("t", tables, Topology.build(0), "dispatch", balance_ids=True,
+    layer = ShardedExperts("t", tables, Topology.build(0), strategy, balance_ids=True,
                            overlap_chunks=chunks)
     for t in layer.shard.params():
         t.data = t.data.double()
@@ -57,7 +58,7 @@ def _run(rank: int, world: int, chunks: int):
     return layer, (y, x.grad, gt.grad), ref, (a, b)
 
 
-def _worker(rank: int, world: int, chunks: int, out: str) -> None:
+def _worker(rank: int, world: int, strategy: str, chunks: int, out: str) -> None:
     torch.set_num_threads(1)
     fails: dict[str, str] = {}
 
@@ -67,7 +68,7 @@ def _worker(rank: int, world: int, chunks: int, out: str) -> None:
         except AssertionError as e:
             fails[name] = str(e).splitlines()[0][:300]
 
-    layer, mine, ref, (a, b) = _run(rank, world, chunks)
+    layer, mine, ref, (a, b) = _run(rank, world, strategy, chunks)
     e = layer.shard.expert_ids()
     check("outputs", lambda: torch.testing.assert_close(mine[0], ref[0][a:b], **TOL))
     check("input_grad", lambda: torch.testing.assert_close(mine[1], ref[1][a:b], **TOL))
@@ -76,12 +77,16 @@ def _worker(rank: int, world: int, chunks: int, out: str) -> None:
                                   for p, full in zip(layer.shard.params(), ref[3:5],
                                                      strict=True)])
     chunked = layer.stats.as_dict()
-    plain, _, _, _ = _run(rank, world, 1)
+    plain, theirs, _, _ = _run(rank, world, strategy, 1)
+    grads = lambda lay: [p.grad.to_dense() for p in lay.shard.params()]  # noqa: E731
+    check("unchunked", lambda: torch.testing.assert_close(
+        [*mine, *grads(layer)], [*theirs, *grads(plain)], **TOL))
 
     def counted():
-        extra = (chunks - 1) * (world - 1) * 16  # one (pairs, selections) count row per chunk
+        # one count column per extra chunk: dispatch (pairs, selections), fetch (rows)
+        extra = (chunks - 1) * (world - 1) * (16 if strategy == "dispatch" else 8)
         assert chunked["bytes_sent"] == plain.stats.as_dict()["bytes_sent"] + extra
-        assert chunked["strategy"] == "dispatch" and "overlapped" in chunked["stage_seconds"]
+        assert chunked["strategy"] == strategy and "overlapped" in chunked["stage_seconds"]
         assert "comm_wait" in chunked["stage_seconds"]
 
     check("bytes_and_stages", counted)
@@ -94,23 +99,41 @@ def _worker(rank: int, world: int, chunks: int, out: str) -> None:
         Path(out).write_text(json.dumps(merged))
 
 
-CASES = [(2, 2), (3, 3), (3, 8)]  # (world, chunks): 8 chunks leave some empty
-PROPS = ["outputs", "input_grad", "gate_grad", "table_grads", "bytes_and_stages"]
+# (strategy, world, chunks): 8 chunks leave some empty; 64 is more than any rank's tokens
+# and than the rows it asks of any owner
+CASES = [("dispatch", 2, 2), ("dispatch", 3, 3), ("dispatch", 3, 8),
+         ("fetch", 2, 2), ("fetch", 3, 3), ("fetch", 3, 64)]
+PROPS = ["outputs", "input_grad", "gate_grad", "table_grads", "unchunked", "bytes_and_stages"]
 _DONE: dict = {}
 
 
-@pytest.mark.parametrize("world, chunks, prop", [(w, c, p) for w, c in CASES for p in PROPS],
-                         ids=[f"w{w}-c{c}-{p}" for w, c in CASES for p in PROPS])
-def test_overlapped_dispatch_matches_whole_tables(world: int, chunks: int, prop: str,
-                                                  tmp_path_factory) -> None:
-    if (world, chunks) not in _DONE:
-        out = tmp_path_factory.getbasetemp() / f"overlap-{world}-{chunks}.json"
-        run_ranks(_worker, world, chunks, str(out))
-        _DONE[(world, chunks)] = json.loads(out.read_text())
-    assert prop not in _DONE[(world, chunks)], _DONE[(world, chunks)][prop]
+@pytest.mark.parametrize("strategy, world, chunks, prop",
+                         [(*c, p) for c in CASES for p in PROPS],
+                         ids=[f"{s}-w{w}-c{c}-{p}" for s, w, c in CASES for p in PROPS])
+def test_overlapped_matches_whole_tables(strategy: str, world: int, chunks: int, prop: str,
+                                         tmp_path_factory) -> None:
+    case = (strategy, world, chunks)
+    if case not in _DONE:
+        out = tmp_path_factory.getbasetemp() / f"overlap-{strategy}-{world}-{chunks}.json"
+        run_ranks(_worker, world, strategy, chunks, str(out))
+        _DONE[case] = json.loads(out.read_text())
+    assert prop not in _DONE[case], _DONE[case][prop]
 
 
 def test_chunks_cover_the_tokens_in_order() -> None:
     assert chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
     assert chunk_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
     assert chunk_bounds(0, 2) == [(0, 0), (0, 0)]
+
+
+def test_row_chunks_cut_each_owners_block() -> None:
+    from peer_dist.parallel.fetch import _row_chunks
+
+    owner = torch.tensor([0, 0, 0, 0, 0, 2, 2])  # owner 0: 5 rows, owner 1: none, owner 2: 2
+    chunk, slot, counts = _row_chunks(owner, 3, 2)
+    assert chunk.tolist() == [0, 0, 0, 1, 1, 0, 1]  # ceil(5/2) = 3 rows, then 2; 1 and 1
+    assert counts.tolist() == [[3, 2], [0, 0], [1, 1]]
+    assert slot.tolist() == [0, 1, 2, 0, 1, 3, 2]  # chunk buffers are owner-major
+    chunk, slot, counts = _row_chunks(owner, 3, 8)  # more chunks than rows: one row each
+    assert chunk.tolist() == [0, 1, 2, 3, 4, 0, 1]
+    assert counts.sum().item() == 7 and slot.tolist() == [0, 0, 0, 0, 0, 1, 1]
