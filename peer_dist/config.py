@@ -174,6 +174,9 @@ class DataConfig:
 # parallel <- data <- train <- tools), so the implementations, the memory model and the
 # benchmarks all import the one list instead of writing it out again.
 STRATEGIES = ("auto", "fetch", "dispatch", "node_dispatch")
+# The strategies parallel.overlap_chunks > 1 pipelines (their classes say overlaps = True);
+# under auto a step that picks node_dispatch runs it unchunked.
+OVERLAPPING = ("fetch", "dispatch")
 BN_SYNC = ("global", "local")
 
 
@@ -183,8 +186,8 @@ class ParallelConfig:
     strategy: str = "auto"  # auto (cost model) | fetch | dispatch | node_dispatch
     balance_ids: bool = False  # permute expert ids e -> (a*e + c) mod N before choosing owners
     bn_sync: str = "global"  # query BatchNorm statistics: global (all ranks) | local (per rank)
-    # dispatch: tokens cut into this many chunks whose all-to-alls run while the previous chunk
-    # computes (1 = off; measured with peer-bench dist --overlap-chunks)
+    # fetch, dispatch: work cut into this many chunks whose all-to-alls run while the previous
+    # chunk computes (1 = off; measured with peer-bench dist --overlap-chunks)
     overlap_chunks: int = 1
 
     def validate(self) -> None:
@@ -194,6 +197,10 @@ class ParallelConfig:
         _check(self.bn_sync in BN_SYNC, "parallel.bn_sync", self.bn_sync, f"one of {list(BN_SYNC)}")
         _check(self.overlap_chunks >= 1, "parallel.overlap_chunks", self.overlap_chunks,
                "an integer >= 1 (1 = no overlap)")
+        _check(self.overlap_chunks == 1 or self.strategy in ("auto", *OVERLAPPING),
+               "parallel.overlap_chunks", self.overlap_chunks,
+               f"1 with parallel.strategy={self.strategy!r} (chunks > 1 with "
+               f"{', '.join(('auto', *OVERLAPPING))})")
 
 
 TABLE_OPTIMIZERS = ("lazy_adam", "adagrad", "dense_adam", "sgd")

@@ -137,3 +137,19 @@ def test_row_chunks_cut_each_owners_block() -> None:
     chunk, slot, counts = _row_chunks(owner, 3, 8)  # more chunks than rows: one row each
     assert chunk.tolist() == [0, 1, 2, 3, 4, 0, 1]
     assert counts.sum().item() == 7 and slot.tolist() == [0, 0, 0, 0, 0, 1, 1]
+
+
+def test_overlap_chunks_for_a_strategy_without_overlap_is_one_line() -> None:
+    from peer_dist.config import OVERLAPPING, load_config
+    from peer_dist.errors import UserError
+    from peer_dist.parallel.store import Dispatch, Fetch, NodeDispatch
+
+    assert {s.name for s in (Fetch, Dispatch, NodeDispatch) if s.overlaps} == set(OVERLAPPING)
+    for strategy in (*OVERLAPPING, "auto"):
+        cfg = load_config(None, [f"parallel.strategy={strategy}", "parallel.overlap_chunks=4"])
+        assert cfg.parallel.overlap_chunks == 4
+    with pytest.raises(UserError) as err:
+        load_config(None, ["parallel.strategy=node_dispatch", "parallel.overlap_chunks=4"])
+    msg = str(err.value)
+    assert "\n" not in msg and "overlap_chunks=4" in msg and "node_dispatch" in msg
+    assert all(s in msg for s in OVERLAPPING)
