@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from peer_dist.config import STRATEGIES
+from peer_dist.config import OVERLAPPING, STRATEGIES
 
 PAPER = dict(num_experts=1024 ** 2, dim=1024, heads=8, topk=16, tokens=4096, ep=8)
 
@@ -63,9 +63,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strategies", default=None,
                    help="default fetch,dispatch,replicated (and node_dispatch with --nodes > 1)")
     p.add_argument("--nodes", type=int, default=1, help="torchrun agents per world size")
-    p.add_argument("--overlap-chunks", type=int, default=1,
-                   help="dispatch: chunks whose transfers run under compute (parallel."
-                        "overlap_chunks)")
+    p.add_argument("--overlap-chunks", default="1",
+                   help="fetch and dispatch: chunks whose transfers run under compute "
+                        "(parallel.overlap_chunks), comma-separated to measure several side by "
+                        "side, e.g. 1,4 (node_dispatch and replicated run unchunked)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank; 0 = cores/W")
@@ -85,10 +86,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not sizes or min(sizes) < 1:
         p.error(f"--nprocs-list={args.nprocs_list!r} is invalid: allowed are world sizes >= 1, "
                 "comma-separated, e.g. 1,2,4")
+    args.chunk_list = _int_list(args.overlap_chunks)
+    if not args.chunk_list or min(args.chunk_list) < 1:
+        p.error(f"--overlap-chunks={args.overlap_chunks!r} is invalid: allowed are integers >= 1 "
+                "(1 = no overlap), comma-separated, e.g. 1,4")
+    args.overlap_chunks = args.chunk_list[0]
     if args.nodes < 1 or any(w % args.nodes for w in sizes):
         p.error(f"--nodes={args.nodes} with --nprocs-list={args.nprocs_list}: allowed is a "
                 f"node count >= 1 that divides every world size")
     return args
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        return []
 
 
 # ---------------------------------------------------------------- worker (under torchrun)
@@ -139,7 +152,7 @@ def _build(strategy: str, args, topo):
         su, sv = tables.table_seeds()
         return [init_rows(s, 0, args.num_experts, args.dim, tables.std).to(topo.device)
                 .requires_grad_(True) for s in (su, sv)]
-    return ShardedExperts("bench", tables, topo, strategy, overlap_chunks=args.overlap_chunks)
+    return ShardedExperts("bench", tables, topo, strategy, overlap_chunks=_chunks(strategy, args))
 
 
 def _measure(strategy: str, args, topo, consts: dict) -> dict:
@@ -176,7 +189,7 @@ def _measure(strategy: str, args, topo, consts: dict) -> dict:
     row["step_s_predicted"] = _predicted_step(strategy, args, topo, consts)
     # seconds a step spent in (or waiting on) transfers: what overlap did not hide
     row["comm_exposed_s"] = float(slowest[1])
-    row["overlap_chunks"] = args.overlap_chunks if strategy == "dispatch" else 1
+    row["overlap_chunks"] = _chunks(strategy, args)
     return row
 
 
@@ -208,8 +221,13 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
                    hbm_fraction=1.0, latency_s=consts.get("a2a_latency_s", 0.0),
                    stream_bytes_per_s=consts.get("stream_bytes_per_s", 0.0),
                    name="this machine")  # core sharing is in the measured constants
-    chunks = args.overlap_chunks if strategy == "dispatch" else 1
-    return cm.predict_step(layer, c, topo.ep, strategy, chunks)["step_s_predicted"]
+    return cm.predict_step(layer, c, topo.ep, strategy, _chunks(strategy, args))[
+        "step_s_predicted"]
+
+
+def _chunks(strategy: str, args) -> int:
+    """The chunks a strategy's steps ran with (the others run unchunked)."""
+    return args.overlap_chunks if strategy in OVERLAPPING else 1
 
 
 def _row(strategy: str, world: int, ep: int, args, step_s, measured, mem, nodes: int = 1,
@@ -267,11 +285,13 @@ def worker(args: argparse.Namespace) -> None:
     for strategy in args.strategies.split(","):
         if strategy == "node_dispatch" and topo.nodes == 1:
             continue  # one node: dispatch with more counts
-        # measured just before the strategy's steps: a shared machine's load drifts
-        consts = {"mix_s_per_token": probe_mix_world(args, topo), **links}
-        row = _measure(strategy, args, topo, consts)
-        if topo.rank == 0:
-            print(json.dumps(row), flush=True)
+        for chunks in args.chunk_list if strategy in OVERLAPPING else [1]:
+            run = argparse.Namespace(**{**vars(args), "overlap_chunks": chunks})
+            # measured just before the strategy's steps: a shared machine's load drifts
+            consts = {"mix_s_per_token": probe_mix_world(run, topo), **links}
+            row = _measure(strategy, run, topo, consts)
+            if topo.rank == 0:
+                print(json.dumps(row), flush=True)
     dist.barrier()
     dist.destroy_process_group()
     # Leave without C++ destructors: a gloo thread still joinable at exit aborts the process
@@ -393,7 +413,7 @@ def _ratio(a, b) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'source':8} {'strategy':13} {'W':>2} {'M':>2} {'EP':>2} {'N':>8} {'d':>5} "
+    head = (f"{'source':8} {'strategy':13} {'W':>2} {'M':>2} {'EP':>2} {'C':>2} {'N':>8} {'d':>5} "
             f"{'T/rank':>6} {'step ms':>8} {'model ms':>8} {'comm ms':>8} {'KB/tok meas':>11} "
             f"{'KB/tok model':>12} {'meas/model':>10} {'inter meas':>10} {'inter model':>11} "
             f"{'inter m/m':>9} {'table MB/rank':>13}")
@@ -404,7 +424,8 @@ def print_table(rows: list[dict]) -> None:
         im, ip = r["bytes_internode_per_token_layer"], r[
             "bytes_internode_per_token_layer_predicted"]
         print(f"{r['source']:8} {r['strategy']:13} {r['world_size']:>2} {r['nodes']:>2} "
-              f"{r['ep']:>2} {r['num_experts']:>8} {r['dim']:>5} {r['tokens_per_rank']:>6} "
+              f"{r['ep']:>2} {r.get('overlap_chunks', 1):>2} {r['num_experts']:>8} "
+              f"{r['dim']:>5} {r['tokens_per_rank']:>6} "
               f"{_fmt(r['step_s'], 1e-3):>8} {_fmt(r['step_s_predicted'], 1e-3):>8} "
               f"{_fmt(r.get('comm_exposed_s'), 1e-3):>8} "
               f"{_fmt(m, 1e3, 2):>11} {_fmt(p, 1e3, 2):>12} {_ratio(m, p):>10} "
@@ -420,8 +441,10 @@ def ratios(rows: list[dict]) -> list[str]:
     bytes, step against W = 1 and against the model; table memory relative to EP = 1."""
     out = []
     for (src, w, m) in sorted({(r["source"], r["world_size"], r["nodes"]) for r in rows}):
-        by = {r["strategy"]: r for r in rows if (r["source"], r["world_size"], r["nodes"])
-              == (src, w, m)}
+        by: dict[str, dict] = {}  # per strategy its row with the fewest chunks
+        for r in sorted(rows, key=lambda r: r.get("overlap_chunks", 1)):
+            if (r["source"], r["world_size"], r["nodes"]) == (src, w, m):
+                by.setdefault(r["strategy"], r)
         sfx = "" if src == "measured" else "_predicted"
         if "dispatch" in by and "replicated" in by:
             d, rep = (by[k]["bytes_per_token_layer" + sfx] for k in ("dispatch", "replicated"))
@@ -433,23 +456,42 @@ def ratios(rows: list[dict]) -> list[str]:
             if d and nd:
                 out.append(f"{src} W={w} M={m}: node_dispatch / dispatch inter-node bytes = "
                            f"{nd / d:.3f}")
-    return out + step_ratios(rows) + _memory_ratios(rows)
+    return out + step_ratios(rows) + overlap_ratios(rows) + _memory_ratios(rows)
 
 
 def step_ratios(rows: list[dict]) -> list[str]:
     """Measured step of each strategy against its W = 1 row (same tokens per rank) and
     against the model's prediction."""
     meas = [r for r in rows if r["source"] == "measured"]
-    one = {r["strategy"]: r["step_s"] for r in meas if r["world_size"] == 1}
+    one = {(r["strategy"], r["overlap_chunks"]): r["step_s"] for r in meas
+           if r["world_size"] == 1}
     out = []
     for r in meas:
-        base = one.get(r["strategy"])
-        line = f"step {r['strategy']} W={r['world_size']} M={r['nodes']}:"
+        base = one.get((r["strategy"], r["overlap_chunks"]))
+        c = f" C={r['overlap_chunks']}" if r["overlap_chunks"] > 1 else ""
+        line = f"step {r['strategy']} W={r['world_size']} M={r['nodes']}{c}:"
         if base and r["world_size"] > 1:
             line += f" / W=1 = {r['step_s'] / base:.3f}x,"
         if r["step_s_predicted"]:
             line += f" measured / model = {r['step_s'] / r['step_s_predicted']:.3f}"
         out.append(line)
+    return out
+
+
+def overlap_ratios(rows: list[dict]) -> list[str]:
+    """Measured rows with C > 1 against the same strategy and world unchunked: the step and
+    the exposed communication (comm_exposed_s) that overlap left."""
+    meas = [r for r in rows if r["source"] == "measured"]
+    plain = {(r["strategy"], r["world_size"], r["nodes"]): r for r in meas
+             if r["overlap_chunks"] == 1}
+    out = []
+    for r in meas:
+        base = plain.get((r["strategy"], r["world_size"], r["nodes"]))
+        if r["overlap_chunks"] > 1 and base:
+            out.append(f"overlap {r['strategy']} W={r['world_size']} M={r['nodes']} "
+                       f"C={r['overlap_chunks']}: step / C=1 = "
+                       f"{_ratio(r['step_s'], base['step_s'])}x, comm exposed / C=1 = "
+                       f"{_ratio(r['comm_exposed_s'], base['comm_exposed_s'])}x")
     return out
 
 
