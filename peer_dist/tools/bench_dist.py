@@ -4,6 +4,7 @@ replicated tables.
     peer-bench dist                            # launches itself with torchrun at 1, 2, 4 ranks
     peer-bench dist --nprocs-list 2,4 --num-experts 262144 --dim 256 --tokens 1024 --json
     peer-bench dist --nodes 2 --nprocs-list 2,4   # each world as two torchrun agents ("nodes")
+    peer-bench dist --nprocs-list 2 --overlap-chunks 1,4   # unchunked and 4 chunks side by side
 
 One PEER expert stage (the only part that communicates; routing is replicated and silent) per
 rank: uniform random expert ids (T, h*k), random gates and inputs, forward + backward +
@@ -24,6 +25,10 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
                                   it; again before each strategy's steps), a streaming add's
                                   bandwidth (the replicated baseline's dense gradients) and the
                                   all-to-all's latency and bandwidth
+  comm_exposed_s                  seconds a step spent in or waiting on transfers (slowest
+                                  rank's median): with --overlap-chunks C > 1 (fetch and
+                                  dispatch; column C) only the waits on transfers that ran
+                                  under compute, i.e. what overlap did not hide
 With --nodes M each world runs as M torchrun agents on this machine (LOCAL_WORLD_SIZE = W / M):
 the ranks see M nodes, and node_dispatch joins the strategies.
 A model-only row at the paper's scale (N=1024^2, d=1024, h=8, k=16, 4096 tokens, EP=8) closes

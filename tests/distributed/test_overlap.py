@@ -41,7 +41,7 @@ def _reference(tables: ExpertTables, xs, ids, gates, g: torch.Generator):
     return y.detach(), x.grad, gt.grad, u.grad, v.grad, c
 
 
-def _run(rank: int, world: int, strategy: str, chunks: int):
+def _run(rank: int, world: int, strategy: str, chunks: int, dtype: torch.dtype):
     tables = ExpertTables(N, DIM, "gelu", seed=1)
     g = torch.Generator().manual_seed(5)
     xs, ids, gates = _everyone(world, g)
@@ -49,18 +49,35 @@ def _run(rank: int, world: int, strategy: str, chunks: int):
     layer = ShardedExperts("t", tables, Topology.build(0), strategy, balance_ids=True,
                            overlap_chunks=chunks)
     for t in layer.shard.params():
-        t.data = t.data.double()
-    x, gt = xs[rank].clone().requires_grad_(True), gates[rank].clone().requires_grad_(True)
+        t.data = t.data.to(dtype)
+    x, gt = (t[rank].to(dtype).requires_grad_(True) for t in (xs, gates))
     y = layer(x, ids[rank], gt)
     a = sum(SIZES[:rank])
     b = a + SIZES[rank]
-    (y * ref[5][a:b]).sum().backward()
+    (y * ref[5][a:b].to(dtype)).sum().backward()
     return layer, (y, x.grad, gt.grad), ref, (a, b)
 
 
-def _worker(rank: int, world: int, strategy: str, chunks: int, out: str) -> None:
+def _kernels(kernels: str) -> tuple[torch.dtype, dict, list]:
+    """The dtype and tolerance of a case; "triton": the Triton kernels (interpreter on CPU)
+    in fp32, their forward launches counted in the returned list."""
+    if kernels != "triton":
+        return torch.float64, TOL, []
+    from peer_dist.ops import cpu as fused_cpu
+    from peer_dist.ops import triton_mix
+
+    triton_mix.use_triton(True)
+    fused_cpu.use_fused_cpu(False)
+    launches: list = []
+    real = triton_mix.forward
+    triton_mix.forward = lambda *a, **k: launches.append(1) or real(*a, **k)
+    return torch.float32, dict(atol=2e-5, rtol=1e-4), launches
+
+
+def _worker(rank: int, world: int, strategy: str, chunks: int, kernels: str, out: str) -> None:
     torch.set_num_threads(1)
     fails: dict[str, str] = {}
+    dtype, tol, launches = _kernels(kernels)
 
     def check(name, fn):
         try:
@@ -68,19 +85,25 @@ def _worker(rank: int, world: int, strategy: str, chunks: int, out: str) -> None
         except AssertionError as e:
             fails[name] = str(e).splitlines()[0][:300]
 
-    layer, mine, ref, (a, b) = _run(rank, world, strategy, chunks)
+    def close(a, b):
+        torch.testing.assert_close(a, b.to(a.dtype), **tol)
+
+    layer, mine, ref, (a, b) = _run(rank, world, strategy, chunks, dtype)
     e = layer.shard.expert_ids()
-    check("outputs", lambda: torch.testing.assert_close(mine[0], ref[0][a:b], **TOL))
-    check("input_grad", lambda: torch.testing.assert_close(mine[1], ref[1][a:b], **TOL))
-    check("gate_grad", lambda: torch.testing.assert_close(mine[2], ref[2][a:b], **TOL))
-    check("table_grads", lambda: [torch.testing.assert_close(p.grad.to_dense(), full[e], **TOL)
+    check("outputs", lambda: close(mine[0], ref[0][a:b]))
+    check("input_grad", lambda: close(mine[1], ref[1][a:b]))
+    check("gate_grad", lambda: close(mine[2], ref[2][a:b]))
+    check("table_grads", lambda: [close(p.grad.to_dense(), full[e])
                                   for p, full in zip(layer.shard.params(), ref[3:5],
                                                      strict=True)])
+    if kernels == "triton":
+        check("kernels_ran", lambda: _assert(launches or not SIZES[rank],  # mixes its tokens
+                                             "the Triton kernels never ran"))
     chunked = layer.stats.as_dict()
-    plain, theirs, _, _ = _run(rank, world, strategy, 1)
+    plain, theirs, _, _ = _run(rank, world, strategy, 1, dtype)
     grads = lambda lay: [p.grad.to_dense() for p in lay.shard.params()]  # noqa: E731
     check("unchunked", lambda: torch.testing.assert_close(
-        [*mine, *grads(layer)], [*theirs, *grads(plain)], **TOL))
+        [*mine, *grads(layer)], [*theirs, *grads(plain)], **tol))
 
     def counted():
         # one count column per extra chunk: dispatch (pairs, selections), fetch (rows)
@@ -99,23 +122,28 @@ def _worker(rank: int, world: int, strategy: str, chunks: int, out: str) -> None
         Path(out).write_text(json.dumps(merged))
 
 
-# (strategy, world, chunks): 8 chunks leave some empty; 64 is more than any rank's tokens
-# and than the rows it asks of any owner
-CASES = [("dispatch", 2, 2), ("dispatch", 3, 3), ("dispatch", 3, 8),
-         ("fetch", 2, 2), ("fetch", 3, 3), ("fetch", 3, 64)]
+def _assert(ok, msg: str) -> None:
+    assert ok, msg
+
+
+# (strategy, world, chunks, kernels): 8 chunks leave some empty; 64 is more than any rank's
+# tokens and than the rows it asks of any owner; "triton": fp32 on the Triton kernels
+CASES = [("dispatch", 2, 2, "cpu"), ("dispatch", 3, 3, "cpu"), ("dispatch", 3, 8, "cpu"),
+         ("fetch", 2, 2, "cpu"), ("fetch", 3, 3, "cpu"), ("fetch", 3, 64, "cpu"),
+         ("fetch", 2, 3, "triton")]
 PROPS = ["outputs", "input_grad", "gate_grad", "table_grads", "unchunked", "bytes_and_stages"]
+PARAMS = [(*c, p) for c in CASES for p in PROPS + (["kernels_ran"] if c[3] == "triton" else [])]
 _DONE: dict = {}
 
 
-@pytest.mark.parametrize("strategy, world, chunks, prop",
-                         [(*c, p) for c in CASES for p in PROPS],
-                         ids=[f"{s}-w{w}-c{c}-{p}" for s, w, c in CASES for p in PROPS])
-def test_overlapped_matches_whole_tables(strategy: str, world: int, chunks: int, prop: str,
-                                         tmp_path_factory) -> None:
-    case = (strategy, world, chunks)
+@pytest.mark.parametrize("strategy, world, chunks, kernels, prop", PARAMS,
+                         ids=[f"{s}-w{w}-c{c}-{k}-{p}" for s, w, c, k, p in PARAMS])
+def test_overlapped_matches_whole_tables(strategy: str, world: int, chunks: int, kernels: str,
+                                         prop: str, tmp_path_factory) -> None:
+    case = (strategy, world, chunks, kernels)
     if case not in _DONE:
-        out = tmp_path_factory.getbasetemp() / f"overlap-{strategy}-{world}-{chunks}.json"
-        run_ranks(_worker, world, strategy, chunks, str(out))
+        out = tmp_path_factory.getbasetemp() / f"overlap-{'-'.join(map(str, case))}.json"
+        run_ranks(_worker, world, strategy, chunks, kernels, str(out))
         _DONE[case] = json.loads(out.read_text())
     assert prop not in _DONE[case], _DONE[case][prop]
 
