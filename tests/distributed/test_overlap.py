@@ -17,10 +17,11 @@ from peer_dist.model.peer import ExpertTables, init_rows
 from peer_dist.ops import peer_mix
 from peer_dist.parallel import ShardedExperts, Topology
 from peer_dist.parallel.dispatch import chunk_bounds
+from peer_dist.parallel.grad_sync import sync_layer_grads
 
 N, DIM, S = 300, 8, 6
 TOL = dict(atol=1e-10, rtol=1e-10)
-SIZES = [5, 0, 7]  # tokens per rank
+SIZES = [5, 0, 7, 3]  # tokens per rank (a world of W ranks: the first W)
 
 
 def _everyone(world: int, g: torch.Generator):
@@ -41,12 +42,12 @@ def _reference(tables: ExpertTables, xs, ids, gates, g: torch.Generator):
     return y.detach(), x.grad, gt.grad, u.grad, v.grad, c
 
 
-def _run(rank: int, world: int, strategy: str, chunks: int, dtype: torch.dtype):
+def _run(rank: int, world: int, strategy: str, chunks: int, dtype: torch.dtype, ep: int):
     tables = ExpertTables(N, DIM, "gelu", seed=1)
     g = torch.Generator().manual_seed(5)
     xs, ids, gates = _everyone(world, g)
     ref = _reference(tables, xs, ids, gates, g)
-    layer = ShardedExperts("t", tables, Topology.build(0), strategy, balance_ids=True,
+    layer = ShardedExperts("t", tables, Topology.build(ep), strategy, balance_ids=True,
                            overlap_chunks=chunks)
     for t in layer.shard.params():
         t.data = t.data.to(dtype)
@@ -55,6 +56,10 @@ def _run(rank: int, world: int, strategy: str, chunks: int, dtype: torch.dtype):
     a = sum(SIZES[:rank])
     b = a + SIZES[rank]
     (y * ref[5][a:b].to(dtype)).sum().backward()
+    if layer.topo.dp > 1:  # EP x DP: the replicas' row gradients summed (sync divides by W)
+        sync_layer_grads(layer)
+        for t in layer.shard.params():
+            t.grad = t.grad * float(world)
     return layer, (y, x.grad, gt.grad), ref, (a, b)
 
 
@@ -74,7 +79,8 @@ def _kernels(kernels: str) -> tuple[torch.dtype, dict, list]:
     return torch.float32, dict(atol=2e-5, rtol=1e-4), launches
 
 
-def _worker(rank: int, world: int, strategy: str, chunks: int, kernels: str, out: str) -> None:
+def _worker(rank: int, world: int, strategy: str, chunks: int, kernels: str, ep: int,
+            out: str) -> None:
     torch.set_num_threads(1)
     fails: dict[str, str] = {}
     dtype, tol, launches = _kernels(kernels)
@@ -88,7 +94,7 @@ def _worker(rank: int, world: int, strategy: str, chunks: int, kernels: str, out
     def close(a, b):
         torch.testing.assert_close(a, b.to(a.dtype), **tol)
 
-    layer, mine, ref, (a, b) = _run(rank, world, strategy, chunks, dtype)
+    layer, mine, ref, (a, b) = _run(rank, world, strategy, chunks, dtype, ep)
     e = layer.shard.expert_ids()
     check("outputs", lambda: close(mine[0], ref[0][a:b]))
     check("input_grad", lambda: close(mine[1], ref[1][a:b]))
@@ -100,14 +106,14 @@ def _worker(rank: int, world: int, strategy: str, chunks: int, kernels: str, out
         check("kernels_ran", lambda: _assert(launches or not SIZES[rank],  # mixes its tokens
                                              "the Triton kernels never ran"))
     chunked = layer.stats.as_dict()
-    plain, theirs, _, _ = _run(rank, world, strategy, 1, dtype)
+    plain, theirs, _, _ = _run(rank, world, strategy, 1, dtype, ep)
     grads = lambda lay: [p.grad.to_dense() for p in lay.shard.params()]  # noqa: E731
     check("unchunked", lambda: torch.testing.assert_close(
         [*mine, *grads(layer)], [*theirs, *grads(plain)], **tol))
 
     def counted():
         # one count column per extra chunk: dispatch (pairs, selections), fetch (rows)
-        extra = (chunks - 1) * (world - 1) * (16 if strategy == "dispatch" else 8)
+        extra = (chunks - 1) * (layer.topo.ep - 1) * (16 if strategy == "dispatch" else 8)
         assert chunked["bytes_sent"] == plain.stats.as_dict()["bytes_sent"] + extra
         assert chunked["strategy"] == strategy and "overlapped" in chunked["stage_seconds"]
         assert "comm_wait" in chunked["stage_seconds"]
@@ -126,24 +132,25 @@ def _assert(ok, msg: str) -> None:
     assert ok, msg
 
 
-# (strategy, world, chunks, kernels): 8 chunks leave some empty; 64 is more than any rank's
-# tokens and than the rows it asks of any owner; "triton": fp32 on the Triton kernels
-CASES = [("dispatch", 2, 2, "cpu"), ("dispatch", 3, 3, "cpu"), ("dispatch", 3, 8, "cpu"),
-         ("fetch", 2, 2, "cpu"), ("fetch", 3, 3, "cpu"), ("fetch", 3, 64, "cpu"),
-         ("fetch", 2, 3, "triton")]
+# (strategy, world, chunks, kernels, ep): 8 chunks leave some empty; 64 is more than any
+# rank's tokens and than the rows it asks of any owner; "triton": fp32 on the Triton kernels;
+# ep 2 of world 4: EP x DP = 2 x 2 (0: EP = W)
+CASES = [("dispatch", 2, 2, "cpu", 0), ("dispatch", 3, 3, "cpu", 0), ("dispatch", 3, 8, "cpu", 0),
+         ("fetch", 2, 2, "cpu", 0), ("fetch", 3, 3, "cpu", 0), ("fetch", 3, 64, "cpu", 0),
+         ("fetch", 2, 3, "triton", 0), ("fetch", 4, 3, "cpu", 2)]
 PROPS = ["outputs", "input_grad", "gate_grad", "table_grads", "unchunked", "bytes_and_stages"]
 PARAMS = [(*c, p) for c in CASES for p in PROPS + (["kernels_ran"] if c[3] == "triton" else [])]
 _DONE: dict = {}
 
 
-@pytest.mark.parametrize("strategy, world, chunks, kernels, prop", PARAMS,
-                         ids=[f"{s}-w{w}-c{c}-{k}-{p}" for s, w, c, k, p in PARAMS])
+@pytest.mark.parametrize("strategy, world, chunks, kernels, ep, prop", PARAMS,
+                         ids=[f"{s}-w{w}-c{c}-{k}-ep{e}-{p}" for s, w, c, k, e, p in PARAMS])
 def test_overlapped_matches_whole_tables(strategy: str, world: int, chunks: int, kernels: str,
-                                         prop: str, tmp_path_factory) -> None:
-    case = (strategy, world, chunks, kernels)
+                                         ep: int, prop: str, tmp_path_factory) -> None:
+    case = (strategy, world, chunks, kernels, ep)
     if case not in _DONE:
         out = tmp_path_factory.getbasetemp() / f"overlap-{'-'.join(map(str, case))}.json"
-        run_ranks(_worker, world, strategy, chunks, kernels, str(out))
+        run_ranks(_worker, world, strategy, chunks, kernels, ep, str(out))
         _DONE[case] = json.loads(out.read_text())
     assert prop not in _DONE[case], _DONE[case][prop]
 
