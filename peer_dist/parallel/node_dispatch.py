@@ -24,6 +24,14 @@ gateway before they cross back, the U and V gradients stay at the owners.
 One host sync per layer: every member's per-owner pair and selection counts and per-node pair
 counts, gathered once; both hops' splits follow from them on the host.
 
+No overlap (parallel.overlap_chunks > 1 is a config error with this strategy, and under auto a
+step that picks it runs unchunked): a chunk here is four dependent transfers each way (hop 1,
+hop 2, the partials to the gateway, the sums home) with the gateway's regrouping (plan_relay,
+which needs hop 1's data) between them, so a pipeline would have to interleave the stages of
+three chunks at once, and its backward could not reuse SendTokens / ReturnPartials (their
+transfers wait) but would restate both hops by hand. Left until a NIC-bound cluster can measure
+whether the hidden time pays for that.
+
 Shape legend: T = tokens, S = selections per token, D = dim, W = EP members, M = nodes,
 P1 / Q1 = (token, node) pairs / selections this rank sends to gateways, P1_in / Q1_in = what
 this rank receives as a gateway, P2_in / Q2_in = what it receives as an owner.
