@@ -36,8 +36,8 @@ trap 'rm -rf "$cov"' EXIT
 cores=$(nproc 2>/dev/null || echo 2)
 workers=${PEER_TEST_WORKERS:-$((cores < 4 ? cores : 4))}
 status=0
-PEER_COVERAGE="$cov/data" "$PY" -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile \
-  --durations=15 tests "$@" || status=$?
+PEER_COVERAGE="$cov/data" "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n "$workers" \
+  --dist loadfile --durations=15 tests "$@" || status=$?
 "$PY" -m coverage combine --quiet --data-file="$cov/data" "$cov" 2>/dev/null || true
 if [ -f "$cov/data" ]; then
   # modules run mostly by the distributed and integration tiers' processes show low here

@@ -108,11 +108,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = f"required in CI (CI={os.environ['CI']}), skipped instead: {reason}"
 
 
+# The longest files first (measured), then the integration, distributed and unit tiers: the
+# workers of `pytest -n` (launch/test.sh) take files in this order, so the long ones start
+# early and the many short unit files fill the end instead of one worker finishing alone.
+LONGEST_FIRST = ("test_scale_measure.py", "test_chaos.py", "test_faults.py", "test_preempt.py",
+                 "test_restart.py", "test_checkpoint_faults.py", "test_node_dispatch.py",
+                 "test_train_cli.py", "test_parity.py", "test_triton_compile.py")
+
+
+def _order(item: pytest.Item) -> tuple[int, int]:
+    path = Path(str(item.fspath))
+    rank = LONGEST_FIRST.index(path.name) if path.name in LONGEST_FIRST else len(LONGEST_FIRST)
+    tier = ("integration", "distributed", "unit").index(path.parent.name) \
+        if path.parent.name in TIERS else len(TIERS)
+    return rank, tier
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         tier = Path(str(item.fspath)).parent.name
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+    items.sort(key=_order)  # stable: a file's tests keep their order
 
 
 @pytest.fixture

@@ -23,8 +23,15 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+# what a rank imports up to its end: besides the modules themselves, those they import only
+# when first used (torch._dynamo by the first optimizer, 0.7 s; TensorBoard's writer; the
+# checkpoint reader's file system); a name that does not import is skipped by the server
 PRELOAD = ["torch", "torch.distributed.checkpoint", "deepspeed", "peer_dist.ops",
-           "peer_dist.train.loop", "peer_dist.train.__main__"]
+           "peer_dist.train.loop", "peer_dist.train.__main__", "peer_dist.data",
+           "peer_dist.parallel", "peer_dist.train.expert_stats", "torch._dynamo",
+           "torch._inductor", "torch.onnx", "torch.utils.tensorboard", "torch.utils.cpp_extension",
+           "torch.distributed.checkpoint._fsspec_filesystem", "deepspeed.ops.op_builder.all_ops",
+           "deepspeed.ops.triton_ops", "numpy.random", "multiprocessing.pool"]
 _ctx: list = []
 
 
