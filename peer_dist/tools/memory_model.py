@@ -26,8 +26,15 @@ What is exact and what is an estimate:
                     gradients and the loss's softmax, and per selection the index scratch of
                     routing, grouping and dispatch (measured constants, SELECTION_SCRATCH).
   all-to-all        bytes moved per step from peer_dist/parallel/cost.py; the buffers one PEER
-                    layer holds while it exchanges, plus what each layer keeps for backward, are
-                    rough (see `a2a_bytes`). Zero at E = 1.
+                    layer holds while it exchanges, plus what each layer keeps for backward
+                    (see `a2a_bytes`; fetch's from what parallel/fetch.py allocates). Zero at
+                    E = 1.
+  query BN (W > 1)  the router's BatchNorm with global statistics (parallel/batchnorm.py) runs
+                    its backward sums in float64: a transient of the activations (see
+                    `sync_bn_bytes`).
+  grad sync         the sum of a shard's row-sparse gradient over its DP replicas
+                    (parallel/grad_sync.reduce_rows) runs after backward, when activations are
+                    freed: only what it holds beyond them counts (see `grad_sync_bytes`).
   runtime           measured, not modelled: what a rank holds beyond the terms above (the
                     interpreter, torch, DeepSpeed, the communicators, kernels, allocator pools),
                     one constant per (machine, versions, config, world size, ZeRO stage, dtype);
@@ -45,8 +52,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from peer_dist.config import BN_SYNC, TABLE_OPTIMIZERS, ModelConfig, OptimConfig, ParallelConfig
 from peer_dist.config import STRATEGIES as PARALLEL_STRATEGIES
-from peer_dist.config import TABLE_OPTIMIZERS, ModelConfig, OptimConfig
 from peer_dist.parallel import cost
 from peer_dist.train.deepspeed_setup import bucket_elements  # noqa: F401 (re-exported)
 
@@ -69,6 +76,7 @@ class Setup:
     table_optimizer: str = "lazy_adam"
     table_state_dtype: str = "fp32"  # the table optimizer's moments / accumulator
     table_bias_correction: str = OptimConfig.table_bias_correction  # "row": an int32 per row
+    bn_sync: str = ParallelConfig.bn_sync  # the router's query BN: global statistics or local
     zero_stage: int = 0
     strategy: str = "dispatch"
     tokens_per_rank: int = 1024  # per micro-batch
@@ -96,6 +104,7 @@ class Setup:
             (self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {list(STRATEGIES)}"),
             (self.tokens_per_rank >= 1, "tokens_per_rank", self.tokens_per_rank, ">= 1"),
             (self.device in DEVICES, "device", self.device, f"one of {list(DEVICES)}"),
+            (self.bn_sync in BN_SYNC, "bn_sync", self.bn_sync, f"one of {list(BN_SYNC)}"),
             (self.model.sparse_kind == "peer", "model.sparse_kind", self.model.sparse_kind,
              "peer (the memory model prices PEER layers; MoE and PKM baselines are dense)"),
         ]
@@ -241,7 +250,21 @@ def activation_bytes(s: Setup) -> int:
     """
     saved, largest_block = _saved_per_token(s)
     transient = largest_block + 2 * 4 * s.model.vocab_size + selection_scratch(s)
-    return int(s.tokens_per_rank * (saved + transient))
+    return int(s.tokens_per_rank * (saved + transient)) + sync_bn_bytes(s)
+
+
+def sync_bn_bytes(s: Setup) -> int:
+    """The query BatchNorm's backward with global statistics (world > 1, bn_sync = global;
+    parallel/batchnorm.py): float64 copies of dxhat and xhat and their product, 3 x (T, C) x
+    8 B, C = H * d_key channels, for the sums it all-reduces, beside two (T, C) tensors in the
+    activations' dtype: dxhat and the incoming gradient (a fresh tensor, made by the backward
+    of the router's use of the query). Counted with live-tensor tracking in a training run and
+    in tests/unit/test_memory_model.py. One layer's at a time; zero on one rank
+    (nn.BatchNorm1d's native backward) or without the query BN."""
+    p = s.model.peer
+    if s.world_size == 1 or s.bn_sync != "global" or not p.query_batchnorm or not s.layers:
+        return 0
+    return s.tokens_per_rank * p.heads * p.d_key * (3 * 8 + 2 * s.elem)
 
 
 # Scratch of one PEER layer while it runs, not countable from saved tensors (bytes): per
@@ -250,12 +273,16 @@ def activation_bytes(s: Setup) -> int:
 # (by kind); per token ("token"), the transients of the layer's and the backward's own work.
 # Fitted together with the runtime by `peer-scale calibrate` (SCRATCH_PROVENANCE); the record
 # of that run, every point with its residual, is docs/scale/calibration/calibration.json.
-SELECTION_SCRATCH = {"local": 45, "fetch": 168, "dispatch": 202, "token": 13485}
-SCRATCH_PROVENANCE = ("peer-scale calibrate (the 16-point calibration grid of scale.py: default "
-                      "config, d = 64, N = 256 and 4096, 128 to 4096 tokens per rank, 32 and "
-                      "128 selections per token, world 1 and 2, ZeRO 0-3, fp32), on a 2-core "
-                      "x86 CPU, torch 2.13, deepspeed 0.19.8, 2026-12-01; each group's "
-                      "smallest point exact, the others within 5.3%)")
+# The per-selection values are negative since the query-BN, grad-sync and fetch terms were
+# derived: beside them, what the derived per-selection terms (saved ids, kept exchange buffers)
+# count is a little more than the runs hold per selection, and the per-token constant carries
+# the rest; a negative value is a correction to those terms, not a buffer.
+SELECTION_SCRATCH = {"local": -10, "fetch": -100, "dispatch": -66, "token": 9947}
+SCRATCH_PROVENANCE = ("peer-scale calibrate (the 18-point calibration grid of scale.py: default "
+                      "config, d = 64, N = 256, 4096 and 65536, 128 to 4096 tokens per rank, "
+                      "32 and 128 selections per token, world 1 and 2, ZeRO 0-3, fp32), on a "
+                      "2-core x86 CPU, torch 2.13, deepspeed 0.19.8, 2026-12-01; each group's "
+                      "smallest point exact, the others within 4.9%)")
 SCRATCH_KINDS = ("local", "fetch", "dispatch")
 
 
@@ -296,31 +323,71 @@ def _layer_shape(s: Setup) -> cost.LayerShape:
 
 
 def a2a_bytes(s: Setup) -> int:
-    """Rough all-to-all buffers per rank: one layer's transient send/receive buffers plus what
-    every layer keeps for backward. Counts as in peer_dist/parallel/cost.py (uniform routing):
-    R distinct rows a rank selects, a remote share f = (E-1)/E of them; P (token, remote owner)
-    pairs; Q remote selections.
+    """The exchange's buffers at the step's peak: what every PEER layer keeps for backward.
+    Counts as in peer_dist/parallel/cost.py (uniform routing): R distinct rows a rank selects;
+    P (token, remote owner) pairs, Q remote selections, a remote share f = (E-1)/E.
 
-    fetch: R*f int32 ids out and in, R*f rows of 2d served and as many received; every layer
-    keeps its R fetched rows (U and V, d each) for backward.
-    dispatch: x out and in, partial y out and in (d per pair), 12 B of (id, pair, gate) per
-    selection each way; the owner keeps the received x, the metadata and u.x before and after
-    the activation per selection.
+    fetch (parallel/fetch.py): every layer keeps the R rows of U and V it fetched, (R, 2d) in
+    the tables' dtype (all R: all_to_all_single also writes the requester's own block).
+    dispatch: the owner keeps the received x (d per pair), the metadata and u.x before and
+    after the activation per selection.
+    Not counted: a layer's forward exchange (fetch: the owner's gathered (R_in, 2d) rows and
+    the ids; dispatch: x and partial y out and in). They live only while that layer runs
+    forward, before the blocks after it and the logits exist, so they are not at the peak,
+    which is in backward (a count of the live tensors of a fetch run finds it in the query
+    BN's backward, see sync_bn_bytes, with no exchange buffer alive).
     """
     if s.ep == 1:
         return 0
     f = (s.ep - 1) / s.ep
     t, d, e, sel = s.tokens_per_rank, s.d, s.elem, s.selections
     if s.strategy == "fetch":
-        r = cost.expected_distinct(s.n, t * sel)
-        transient = 2 * f * r * cost.ID_BYTES + 2 * f * r * 2 * d * e
-        kept = r * 2 * d * e
+        kept = cost.expected_distinct(s.n, t * sel) * 2 * d * s.table_elem
     else:
         pairs = t * _layer_shape(s).owners_touched() * f
-        sels = t * sel * f
-        transient = 4 * pairs * d * e + 2 * sels * cost.meta_bytes(e)
-        kept = pairs * d * e + sels * (cost.meta_bytes(e) + 2 * e)
-    return int(transient + s.layers * kept)
+        kept = pairs * d * e + t * sel * f * (cost.meta_bytes(e) + 2 * e)
+    return int(s.layers * kept)
+
+
+def replica_rows(s: Setup) -> float:
+    """Expected rows of the largest shard one DP replica's gradient touches before the DP sum:
+    its EP group's tokens, T * E * S draws (touched_rows counts the whole world's)."""
+    rows = rows_per_rank(s.n, s.ep)
+    return min(float(rows), rows * expected_unique(s.n, s.tokens_per_rank * s.ep
+                                                   * s.selections) / s.n)
+
+
+def reduce_rows_bytes(s: Setup) -> int:
+    """What grad_sync.reduce_rows holds for one table beside its result (the union of touched
+    rows, counted by expert_grads), DP = W / E replicas; zero without DP."""
+    dp = s.world_size // s.ep
+    if dp == 1:
+        return 0
+    return reduce_rows_held(rows_per_rank(s.n, s.ep), replica_rows(s), touched_rows(s), dp,
+                            s.d, s.table_elem)
+
+
+def reduce_rows_held(rows: int, n1: float, union: float, dp: int, d: int, elem: int) -> int:
+    """reduce_rows over dp replicas of a (rows, d) shard whose gradient has n1 rows here:
+    its input (n1 values and int64 ids), and on the dense path (dp * n1 >= rows) a (rows, d + 1)
+    buffer and the union's int64 ids; on the sparse path the padded values and ids, dp
+    gathered copies, their concatenation and the real rows picked out, (1 + 3 dp) n1 rows.
+    Bytes, beside the result."""
+    row = d * elem + INDEX_BYTES
+    if n1 * dp >= rows:
+        return int(n1 * row + rows * (d + 1) * elem + union * INDEX_BYTES)
+    return int((2 + 3 * dp) * n1 * row)
+
+
+def grad_sync_bytes(s: Setup) -> int:
+    """The gradient sync's phase (after backward, parallel/grad_sync.py): one table at a time
+    is summed over DP (reduce_rows_bytes) and scaled by 1/W (a copy of its union rows), while
+    the activations and all-to-all buffers are gone. The peak is the larger phase: count only
+    what this one holds beyond theirs."""
+    if not s.layers:
+        return 0
+    sync = reduce_rows_bytes(s) + int(touched_rows(s) * (s.d * s.table_elem + INDEX_BYTES))
+    return max(0, sync - activation_bytes(s) - a2a_bytes(s))
 
 
 def a2a_bytes_moved(s: Setup) -> int:
@@ -335,7 +402,7 @@ def a2a_bytes_moved(s: Setup) -> int:
 # --------------------------------------------------------------------------- the breakdown
 
 COMPONENTS = ("expert_params", "expert_optim", "expert_grads", "dense", "activations", "a2a",
-              "runtime")
+              "grad_sync", "runtime")
 
 
 def breakdown(s: Setup) -> dict[str, int]:
@@ -349,6 +416,7 @@ def breakdown(s: Setup) -> dict[str, int]:
         "dense": dense_bytes(s),
         "activations": activation_bytes(s),
         "a2a": a2a_bytes(s),
+        "grad_sync": grad_sync_bytes(s),
         "runtime": int(s.runtime_bytes),
     }
     out["expert_tables"] = out["expert_params"] + out["expert_optim"]

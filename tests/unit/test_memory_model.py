@@ -117,12 +117,13 @@ def test_all_to_all_buffers_and_bytes_moved():
     s = setup(n=16, d=8, heads=1, topk=1, ep=2, world_size=2, strategy="dispatch",
               tokens_per_rank=100)
     assert mm.a2a_bytes_moved(s) == 16 + 3200 + 3200 + 800
-    # buffers: 4 * P * d * 4 transient + 2 * Q * 12 meta; kept: P*d*4 + Q * (12 + 2*4)
-    assert mm.a2a_bytes(s) == 4 * 50 * 8 * 4 + 2 * 50 * 12 + 50 * 8 * 4 + 50 * 20
+    # at the peak, what the layer keeps for backward: P*d*4 of x + Q * (12 B meta + 2*4)
+    assert mm.a2a_bytes(s) == 50 * 8 * 4 + 50 * 20
     # fetch with every one of the 16 rows selected: 8 remote rows, int32 ids, 4*d*4 B per row
     fetch = setup(n=16, d=8, heads=1, topk=1, ep=2, world_size=2, strategy="fetch",
                   tokens_per_rank=10 ** 4)
     assert mm.a2a_bytes_moved(fetch) == 8 + int(8 * (4 + 4 * 8 * 4))
+    assert mm.a2a_bytes(fetch) == 16 * 2 * 8 * 4  # kept: all 16 rows of U and V
 
 
 def test_breakdown_total_and_validation():
@@ -167,7 +168,8 @@ def test_plan_lists_fitting_settings_best_first(capsys):
     assert best["ep"] == 2 and best["table_dtype"] == "fp32"
     assert best["expert_params"] == 524288 * 1024 * 2 * 4 == 4 * GIB
     assert best["expert_optim"] == 2 * 4 * GIB
-    rest = sum(best[k] for k in ("expert_grads", "dense", "activations", "a2a", "runtime"))
+    rest = sum(best[k] for k in ("expert_grads", "dense", "activations", "a2a", "grad_sync",
+                                 "runtime"))
     assert best["headroom_bytes"] == 16 * GIB - 12 * GIB - rest
     assert {r["micro_batch"] for r in rows} <= {1, 2, 4, 8, 16, 32}
     assert rows[0]["table_optimizer"] == "lazy_adam" and rows[0]["ep"] > 1
@@ -292,14 +294,16 @@ def test_selection_scratch_per_token_and_selection():
 
 
 def test_calibration_and_validation_grids_are_disjoint_and_varied():
-    """The validation grid shares no point with the calibration grid, has at least 24 points,
-    and varies what the issue asks: N, d, tokens, selections, EP, ZeRO stage, table dtype."""
+    """The validation grid shares no point with the calibration grid nor with an earlier
+    validation grid, has at least 24 points, and varies what the issue asks: N, d, tokens,
+    selections, EP, ZeRO stage, table dtype, strategy."""
     from peer_dist.tools import scale
 
     cal, val = set(scale.CALIBRATION_GRID), scale.VALIDATION_GRID
     assert len(val) >= 24 and len(set(val)) == len(val) and not cal & set(val)
-    assert {p.n for p in val} >= {16384, 65536, 262144} and not {p.n for p in val} & {
-        p.n for p in cal}
+    for past in scale.PAST_VALIDATION_GRIDS:
+        assert not set(past) & set(val) and not set(past) & cal
+    assert len({p.n for p in val}) >= 3 and not {p.n for p in val} & {p.n for p in cal}
     assert len({p.d for p in val}) >= 3 and not {p.d for p in val} & {p.d for p in cal}
     assert len({p.tokens for p in val}) >= 3 and len({p.heads * p.topk for p in val}) >= 3
     assert {p.ep for p in val} == {1, 2} and {p.zero for p in val} == {0, 1, 2, 3}
@@ -307,3 +311,140 @@ def test_calibration_and_validation_grids_are_disjoint_and_varied():
     assert {p.strategy for p in val if p.ep > 1} == {"fetch", "dispatch"}
     # every runtime group the validation uses is calibrated
     assert {(p.world, p.zero) for p in val} <= {(p.world, p.zero) for p in cal}
+
+
+class _LiveBytes:
+    """Counts the bytes of live CPU tensors that torch ops create (by storage) and keeps the
+    peak: an independent count of what a piece of code holds at once."""
+
+    def __init__(self):
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _drop(self, ptr: int) -> None:
+        entry = self.live[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.now -= entry[1]
+            del self.live[ptr]
+
+    def track(self, t) -> None:
+        import weakref
+
+        import torch
+
+        if not isinstance(t, torch.Tensor) or t.is_sparse or t.untyped_storage().nbytes() == 0:
+            return
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self.live:
+            self.live[ptr][0] += 1
+        else:
+            self.live[ptr] = [1, t.untyped_storage().nbytes()]
+            self.now += self.live[ptr][1]
+            self.peak = max(self.peak, self.now)
+        weakref.finalize(t, self._drop, ptr)
+
+    def mode(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    counter.track(t)
+                return out
+
+        return Mode()
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_query_bn_backward_bytes_match_a_count(one_rank_group):
+    """sync_bn_bytes against the live tensors the global-statistics BatchNorm's backward
+    holds at once: the incoming gradient, dxhat and float64 copies, T x C each."""
+    import torch
+
+    from peer_dist.parallel.batchnorm import SyncBatchNorm1d
+
+    t, heads, d_key = 512, 4, 64
+    bn = SyncBatchNorm1d(torch.nn.BatchNorm1d(heads * d_key))
+    x = torch.randn(t, heads * d_key, requires_grad=True)
+    y = bn(x)
+    dy = torch.randn_like(y)
+    count = _LiveBytes()
+    with count.mode():  # in training dy is a fresh (T, C) tensor too, made by the backward
+        y.backward(dy.clone())  # of what the router does with the query after the BN
+    s = setup(n=4096, d=64, heads=heads, topk=4, ep=1, world_size=2, tokens_per_rank=t)
+    s.model.peer.d_key = d_key
+    # peak: dy, dxhat and three float64 (T, C) at once (dx comes after they are freed)
+    assert abs(mm.sync_bn_bytes(s) / count.peak - 1) < 0.05, (mm.sync_bn_bytes(s), count.peak)
+    assert mm.sync_bn_bytes(setup(n=4096, d=64, heads=heads, topk=4, tokens_per_rank=t)) == 0
+    assert mm.sync_bn_bytes(mm.Setup(s.model, ep=1, world_size=2, tokens_per_rank=t,
+                                     bn_sync="local")) == 0
+
+
+@pytest.mark.parametrize("rows", [50, 100_000])  # every row touched: dense path; sparse path
+def test_reduce_rows_bytes_match_a_count(one_rank_group, rows):
+    """reduce_rows_held against the live tensors grad_sync.reduce_rows creates for a gradient
+    of n1 rows (one replica: the paths' buffers are those of DP replicas with dp = 1)."""
+    import torch
+
+    from peer_dist.parallel.grad_sync import reduce_rows
+
+    d, n1 = 32, 50
+    idx = torch.randperm(rows)[:n1].sort().values
+    g = torch.sparse_coo_tensor(idx[None], torch.randn(n1, d), (rows, d),
+                                check_invariants=True).coalesce()
+    count = _LiveBytes()
+    held_before = (g.indices(), g.values())  # the input: alive before the call
+    for t in held_before:
+        count.track(t)
+    input_ = count.now
+    with count.mode():
+        out = reduce_rows(g, one_rank_group, 1)
+    assert torch.equal(out.to_dense(), g.to_dense())
+    assert input_ == n1 * (d * 4 + 8)
+    held = mm.reduce_rows_held(rows, n1, n1, 1, d, 4)  # with the input, beside the result
+    # the result's values: the dense path copies them out of its buffer; the sparse path's
+    # coalesce keeps the selected rows when one replica has no duplicates
+    result = n1 * d * 4 if rows == n1 else 0
+    assert abs((held - input_ + result) / (count.peak - input_) - 1) < 0.05, (held, count.peak)
+
+
+def test_grad_sync_counts_only_beyond_the_activation_phase():
+    # EP 1 over 2 ranks: reduce_rows runs on replicated tables; on one rank nothing is summed
+    s2 = setup(n=65536, d=64, heads=8, topk=16, ep=1, world_size=2, tokens_per_rank=128)
+    assert mm.reduce_rows_bytes(setup(n=65536, d=64, heads=8, topk=16, ep=1,
+                                      tokens_per_rank=128)) == 0
+    n1, union = mm.replica_rows(s2), mm.touched_rows(s2)
+    assert n1 < union < 65536 and n1 * 2 < 65536  # the sparse path at these sizes
+    assert mm.reduce_rows_bytes(s2) == int(8 * n1 * (64 * 4 + 8))
+    sync = mm.reduce_rows_bytes(s2) + int(union * (64 * 4 + 8))
+    assert mm.grad_sync_bytes(s2) == max(0, sync - mm.activation_bytes(s2) - mm.a2a_bytes(s2))
+
+
+def test_fetch_keeps_distinct_rows_in_the_tables_dtype():
+    """The fetch term: every layer keeps the R distinct rows it fetched, U and V, in the
+    tables' dtype; R from counted uniform ids."""
+    import torch
+
+    from peer_dist.parallel import cost
+
+    n, t, sel = 65536, 1024, 32
+    g = torch.Generator().manual_seed(1)
+    counted = torch.unique(torch.randint(0, n, (t * sel,), generator=g)).numel()
+    assert abs(cost.expected_distinct(n, t * sel) / counted - 1) < 0.01
+    for tdt, e in (("fp32", 4), ("bf16", 2)):
+        s = setup(n=n, d=64, heads=4, topk=8, ep=2, world_size=2, strategy="fetch",
+                  tokens_per_rank=t, table_dtype=tdt)
+        assert abs(mm.a2a_bytes(s) / (counted * 2 * 64 * e) - 1) < 0.01
