@@ -17,7 +17,10 @@ What is exact and what is an estimate:
                     rows touched in a step, bounded by min(b, expected unique selections):
                     b * (1 - (1 - 1/N)^(T*W*S)) rows under uniform routing, each d values plus an
                     int64 index. Learned routing concentrates on fewer rows, so this is an upper
-                    estimate of the steady state.
+                    estimate of the steady state; so are the fetch and grad-sync terms, which
+                    count rows the same way (in a 3-step run from init the router picks 4-9x
+                    fewer distinct rows than uniform draws would: counted, and seen in fetch's
+                    bytes moved).
   dense part        exact parameter count (attention, dense FFWs, routers, embeddings); bytes
                     per parameter as DeepSpeed ZeRO counts them (see `dense_bytes_per_param`),
                     plus ZeRO's gradient-reduction buckets (see `bucket_bytes`).
