@@ -139,13 +139,21 @@ def torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
                 TORCHELASTIC_RUN_ID=f"forkranks{port}", TORCHELASTIC_RESTART_COUNT="0")
 
 
-def train(nproc: int, argv: list[str], log: Path, environ: dict, timeout_s: float) -> int:
+def _peer_train_per_rank(rank: int, world: int, argvs: list[list[str]]) -> int:
+    return _peer_train(rank, world, argvs[rank])
+
+
+def train(nproc: int, argv: list[str] | list[list[str]], log: Path, environ: dict,
+          timeout_s: float) -> int:
     """The rank side of `peer-train ARGV` on nproc ranks (one: no torchrun variables, as
-    `peer-train` without --nproc); output appended to `log`. The highest exit code, as
-    torchrun reports a failed job (a killed rank: 137)."""
+    `peer-train` without --nproc); a list of argument lists gives each rank its own (as two
+    nodes started with different arguments). Output appended to `log`. The highest exit code,
+    as torchrun reports a failed job (a killed rank: 137)."""
     port = free_port()
+    per_rank = bool(argv) and isinstance(argv[0], list)
+    target = _peer_train_per_rank if per_rank else _peer_train
     with tempfile.TemporaryDirectory(prefix="peer_ranks_") as tmp:
-        procs = start(_peer_train, nproc, (argv,), lambda r: {
+        procs = start(target, nproc, (argv,), lambda r: {
             **environ, **(torchrun_env(r, nproc, port) if nproc > 1 else {})}, tmp, str(log))
         codes = join(procs, timeout_s)
         with open(log, "a") as f:

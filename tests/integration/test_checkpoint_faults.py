@@ -42,11 +42,18 @@ def resumed_step(out: str) -> int | None:
 
 @pytest.mark.parametrize("background", ["false", "true"])
 def test_kill_during_a_write_leaves_the_previous_checkpoint(tmp_path, background):
-    """Rank 1 SIGKILLed inside the step-4 write: the launcher names it in one line, step 2
-    stays the newest checkpoint, and the same command resumes from it."""
-    proc = launch(tmp_path, "train.steps=6", "train.ckpt_every=2",
-                  f"train.checkpoint_async={background}", fault="kill_in_ckpt@1:4")
-    assert_one_line(proc, 1, "rank 1 was killed by SIGKILL")
+    """Rank 1 SIGKILLed inside the step-4 write: step 2 stays the newest checkpoint, and the
+    same command resumes from it. Foreground writes through the real CLI, whose launcher
+    names the dead rank in one line; background writes on forked ranks, where rank 0 names
+    it (no launcher to stop it, so a short collective timeout)."""
+    args = ("train.steps=6", "train.ckpt_every=2", f"train.checkpoint_async={background}")
+    if background == "false":
+        proc = launch(tmp_path, *args, fault="kill_in_ckpt@1:4")
+        assert_one_line(proc, 1, "rank 1 was killed by SIGKILL")
+    else:
+        proc = in_ranks(tmp_path, *args, "train.collective_timeout_s=2", fault="kill_in_ckpt@1:4")
+        assert "[fault] rank 1 killed at kill_in_ckpt, step 4" in proc.stdout, proc.stdout
+        assert_one_line(proc, 128 + 9, "rank 1 did not take part")
     root = tmp_path / "run" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000002"
     assert ckpt.verify(root / "step_00000002") is None

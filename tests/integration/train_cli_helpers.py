@@ -43,16 +43,19 @@ def check(proc: subprocess.CompletedProcess) -> None:
 
 
 def run_ranks(nproc: int, run_dir: Path, overrides: list[str], data_dir: Path,
-              timeout: int = TIMEOUT, config: Path = TINY, **environ: str
-              ) -> subprocess.CompletedProcess:
+              timeout: int = TIMEOUT, config: Path = TINY, rank_overrides: tuple = (),
+              **environ: str) -> subprocess.CompletedProcess:
     """`python -m peer_dist.train --config CONFIG ...` on nproc ranks with torchrun's
-    environment (one rank: none, as peer-train without --nproc); the ranks' output and the
-    job's exit code (the highest rank's, a killed rank's 128 + signal) as a CompletedProcess."""
+    environment (one rank: none, as peer-train without --nproc), rank r with
+    rank_overrides[r] added when given; the ranks' output and the job's exit code (the
+    highest rank's, a killed rank's 128 + signal) as a CompletedProcess."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
     log.unlink(missing_ok=True)
     args = ["--config", str(config), f"train.run_dir={run_dir}", f"data.path={data_dir}",
             *overrides]
+    if rank_overrides:
+        args = [[*args, *extra] for extra in rank_overrides]
     e = env()
     e.pop("PEER_DEBUG", None)
     code = forkranks.train(nproc, args, log, {**e, **environ}, timeout)
