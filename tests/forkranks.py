@@ -144,18 +144,23 @@ def _peer_train_per_rank(rank: int, world: int, argvs: list[list[str]]) -> int:
 
 
 def train(nproc: int, argv: list[str] | list[list[str]], log: Path, environ: dict,
-          timeout_s: float) -> int:
+          timeout_s: float, while_running: Callable[[list], None] | None = None) -> int:
     """The rank side of `peer-train ARGV` on nproc ranks (one: no torchrun variables, as
     `peer-train` without --nproc); a list of argument lists gives each rank its own (as two
-    nodes started with different arguments). Output appended to `log`. The highest exit code,
-    as torchrun reports a failed job (a killed rank: 137)."""
+    nodes started with different arguments). Output appended to `log`; while_running(procs)
+    is called once the ranks started (to signal one of them, say). The highest exit code, as
+    torchrun reports a failed job (a killed rank: 137)."""
     port = free_port()
     per_rank = bool(argv) and isinstance(argv[0], list)
     target = _peer_train_per_rank if per_rank else _peer_train
     with tempfile.TemporaryDirectory(prefix="peer_ranks_") as tmp:
         procs = start(target, nproc, (argv,), lambda r: {
             **environ, **(torchrun_env(r, nproc, port) if nproc > 1 else {})}, tmp, str(log))
-        codes = join(procs, timeout_s)
+        try:
+            if while_running is not None:
+                while_running(procs)
+        finally:
+            codes = join(procs, timeout_s)
         with open(log, "a") as f:
             for err in sorted(Path(tmp).glob("*.err")):
                 f.write(err.read_text())

@@ -74,3 +74,58 @@ def test_plan_cluster_ranks_layouts_that_fit_by_tokens_per_gpu(capsys) -> None:
     assert {"node_dispatch", "dispatch"} <= {r["strategy"] for r in rows}
     with pytest.raises(SystemExit, match=r"--cluster='2x8:tpu'.*h100, h200, a100"):
         scale.main(["plan", "--cluster", "2x8:tpu"])
+
+
+def test_sync_and_fresh_buffer_terms_by_hand() -> None:
+    # N = 4 rows, one token of S = 2 selections: 4 (1 - (3/4)^2) = 1.75 distinct rows
+    tiny = cm.Layer(num_experts=4, dim=8, selections=2, tokens=1, elem=4, optimizer=False)
+    assert cm.distinct_rows(tiny) == pytest.approx(1.75)
+    row = 2 * 8 * 4  # a U row and a V row, float32
+    # coalesce reads what arrived (2 selections; fetch: 1.75 served rows), writes 1.75 touched
+    # rows, the scale reads and writes them again
+    assert cm.sync_bytes(tiny, 1, "local") == pytest.approx((2 + 3 * 1.75) * row)
+    assert cm.sync_bytes(tiny, 1, "fetch") == pytest.approx((1.75 + 3 * 1.75) * row)
+    assert cm.sync_bytes(tiny, 1, "replicated") == 0.0
+    # fetch: gathered rows and zeroed row gradients; replicated: both whole tables' gradients
+    assert cm.fresh_bytes(tiny, "fetch") == pytest.approx(2 * 1.75 * row)
+    assert cm.fresh_bytes(tiny, "replicated") == pytest.approx(4 * row)
+    assert cm.fresh_bytes(tiny, "dispatch") == 0.0
+
+
+def test_measured_rates_price_fetch_replicated_and_the_sync() -> None:
+    layer = cm.Layer(num_experts=1024, dim=8, selections=4, tokens=16, elem=4, optimizer=False)
+    c = cm.Cluster(nodes=2, gpus_per_node=1, hbm_bytes_per_s=1e9, intra_bytes_per_s=1e6,
+                   inter_bytes_per_s=2e5, mem_bytes=1e9, hbm_fraction=1.0, latency_s=0.0,
+                   stream_bytes_per_s=4e8, fresh_bytes_per_s=1e6, sync_bytes_per_s=2e6,
+                   allreduce_bytes_per_s=5e5)
+    r = 1024 * (1 - (1 - 1 / 1024) ** 64)  # distinct rows of 16 x 4 selections
+    touched = 512 * (1 - (1 - 1 / 1024) ** 128)  # a shard's rows two members touch
+    row = 2 * 8 * 4
+    mix = 16 * 6 * 4 * 8 * 4 / 1e9
+    fetch = cm.predict_step(layer, c, ep=2, strategy="fetch")
+    # no packing term for fetch: its gather (fresh, 2 R rows) and coalesce (sync) replace it
+    assert fetch["compute_s"] == pytest.approx(mix + 2 * r * row / 1e6
+                                               + (r + 3 * touched) * row / 2e6)
+    disp = cm.predict_step(layer, c, ep=2, strategy="dispatch")
+    _, inter = predict_by_link(LayerShape(1024, 8, 4, 16, 2, 2, 4, ranks_per_node=1))["dispatch"]
+    assert disp["compute_s"] == pytest.approx(mix + 16 * 2 * inter / 1e9
+                                              + (64 + 3 * touched) * row / 2e6)
+    # replicated: dense gradients zeroed (fresh); the in-place all-reduce at its own measured
+    # rate (its reads and sums in it: no packing, no stream term)
+    rep = cm.predict_step(layer, c, ep=2, strategy="replicated")
+    assert rep["compute_s"] == pytest.approx(mix + 1024 * row / 1e6)
+    ring = 2.0 * (2 - 1) / 2 * 2 * 1024 * 8 * 4  # bytes one rank sends
+    assert rep["intra_s"] + rep["inter_s"] == pytest.approx(ring / 5e5)
+    # without a measured all-reduce rate (a GPU preset): the wire at the links' rate, the
+    # gradients read at the stream rate
+    wire = cm.predict_step(layer, cm.Cluster(**{**c.__dict__, "allreduce_bytes_per_s": 0.0}),
+                           ep=2, strategy="replicated")
+    assert wire["compute_s"] == pytest.approx(mix + 1024 * row / 1e6 + 1024 * row / 4e8)
+    # (two nodes of one GPU: every hop of the ring crosses)
+    assert (wire["intra_s"], wire["inter_s"]) == pytest.approx((0.0, ring / 2e5))
+    # a world of one: fetch still gathers (its sends are no-ops), no collective latency
+    alone = cm.predict_step(layer, cm.Cluster(**{**c.__dict__, "nodes": 1, "latency_s": 1.0}),
+                            ep=1, strategy="fetch")
+    one = 1024 * (1 - (1 - 1 / 1024) ** 64)
+    assert alone["step_s_predicted"] == pytest.approx(mix + 2 * r * row / 1e6
+                                                      + (r + 3 * one) * row / 2e6)

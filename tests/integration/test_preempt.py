@@ -1,5 +1,5 @@
-"""Preemption through the real CLI: a stop signal mid-run (SIGTERM, SIGUSR1 or SIGINT, to the
-launcher, to its whole process group as Ctrl-C does, or to one rank only) makes every rank
+"""Preemption: a stop signal mid-run (SIGTERM, SIGUSR1 or SIGINT, to the launcher of the real
+CLI, to its whole process group as Ctrl-C does, or to one forked rank only) makes every rank
 stop at the same step, save a checkpoint, say so in one line and exit with EXIT_INTERRUPTED;
 the same command then resumes, and the final parameters and optimizer state equal an
 uninterrupted run's bit for bit."""
@@ -45,19 +45,10 @@ def signal_mid_run(proc: subprocess.Popen, send) -> str:
     return "".join(out) + rest
 
 
-def rank_pids(launcher: int) -> list[int]:
-    """The ranks: the launcher's child processes."""
-    pids = []
-    for task in Path(f"/proc/{launcher}/task").iterdir():
-        pids += [int(p) for p in (task / "children").read_text().split()]
-    return pids
-
-
 SENDERS = {
     "SIGTERM to the launcher": lambda p: os.kill(p.pid, signal.SIGTERM),
     "SIGUSR1 to the launcher": lambda p: os.kill(p.pid, signal.SIGUSR1),
     "Ctrl-C (SIGINT to the group)": lambda p: os.killpg(p.pid, signal.SIGINT),
-    "SIGTERM to rank 1 only": lambda p: os.kill(max(rank_pids(p.pid)), signal.SIGTERM),
 }
 
 
@@ -86,6 +77,22 @@ def test_every_stop_signal_saves_and_exits(tmp_path, data, how):
     out = signal_mid_run(proc, SENDERS[how])
     name = re.search(r"SIG\w+", how).group(0)
     assert_stopped(out, proc.returncode, tmp_path / "run", name)
+
+
+def test_sigterm_to_one_rank_stops_every_rank(tmp_path, data):
+    """A signal only rank 1 got (forked ranks, no launcher): the vote stops both at the same
+    step, rank 0 names the signal it did not get."""
+
+    def sigterm_rank1_at_step_3(procs, log: Path) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not re.search(r"^step\s+3/", log.read_text() if log.exists() else "", re.M):
+            assert time.monotonic() < deadline and all(p.is_alive() for p in procs)
+            time.sleep(0.02)
+        os.kill(procs[1].pid, signal.SIGTERM)
+
+    proc = run_ranks(2, tmp_path / "run", list(ARGS), data,
+                     while_running=sigterm_rank1_at_step_3)
+    assert_stopped(proc.stdout, proc.returncode, tmp_path / "run", "SIGTERM")
 
 
 def test_preempted_run_resumes_to_the_uninterrupted_state(tmp_path, data, runs):

@@ -44,11 +44,12 @@ def check(proc: subprocess.CompletedProcess) -> None:
 
 def run_ranks(nproc: int, run_dir: Path, overrides: list[str], data_dir: Path,
               timeout: int = TIMEOUT, config: Path = TINY, rank_overrides: tuple = (),
-              **environ: str) -> subprocess.CompletedProcess:
+              while_running=None, **environ: str) -> subprocess.CompletedProcess:
     """`python -m peer_dist.train --config CONFIG ...` on nproc ranks with torchrun's
     environment (one rank: none, as peer-train without --nproc), rank r with
-    rank_overrides[r] added when given; the ranks' output and the job's exit code (the
-    highest rank's, a killed rank's 128 + signal) as a CompletedProcess."""
+    rank_overrides[r] added when given, while_running(processes, log) called once they run;
+    the ranks' output and the job's exit code (the highest rank's, a killed rank's
+    128 + signal) as a CompletedProcess."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
     log.unlink(missing_ok=True)
@@ -58,7 +59,8 @@ def run_ranks(nproc: int, run_dir: Path, overrides: list[str], data_dir: Path,
         args = [[*args, *extra] for extra in rank_overrides]
     e = env()
     e.pop("PEER_DEBUG", None)
-    code = forkranks.train(nproc, args, log, {**e, **environ}, timeout)
+    watch = None if while_running is None else (lambda procs: while_running(procs, log))
+    code = forkranks.train(nproc, args, log, {**e, **environ}, timeout, watch)
     return subprocess.CompletedProcess(args, code, log.read_text() if log.exists() else "")
 
 
