@@ -21,10 +21,13 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
   (and _predicted; bytes_intranode_per_token_layer the rest; replicated: the ring's crossings)
   step_s_predicted                the step-time model (tools/cluster_model.py) with this
                                   machine's constants, measured in each world: the mix's speed
-                                  over a shard (every rank at once, so ranks sharing cores show
-                                  it; again before each strategy's steps), a streaming add's
-                                  bandwidth (the replicated baseline's dense gradients) and the
-                                  all-to-all's latency and bandwidth
+                                  and the gradient sync's over a shard (every rank at once, so
+                                  ranks sharing cores show it; again before each strategy's
+                                  steps), a streaming add's bandwidth, the rate of writing new
+                                  buffers (fetch's gathered rows, zeroed dense gradients), the
+                                  all-to-all's latency and bandwidth (into new buffers, as the
+                                  strategies receive) and the in-place all-reduce's bandwidth
+                                  (the replicated baseline); model_constants holds them
   comm_exposed_s                  seconds a step spent in or waiting on transfers (slowest
                                   rank's median): with --overlap-chunks C > 1 (fetch and
                                   dispatch; column C) only the waits on transfers that ran
@@ -192,6 +195,7 @@ def _measure(strategy: str, args, topo, consts: dict) -> dict:
     row["bytes_internode_per_token_layer"] = float(agg[2]) / per
     row["bytes_intranode_per_token_layer"] = (float(agg[1]) - float(agg[2])) / per
     row["step_s_predicted"] = _predicted_step(strategy, args, topo, consts)
+    row["model_constants"] = consts  # what the prediction used, measured in this world
     # seconds a step spent in (or waiting on) transfers: what overlap did not hide
     row["comm_exposed_s"] = float(slowest[1])
     row["overlap_chunks"] = _chunks(strategy, args)
@@ -225,9 +229,24 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
     c = cm.Cluster(topo.nodes, topo.world_size // topo.nodes, rate, a2a, a2a, 0.0,
                    hbm_fraction=1.0, latency_s=consts.get("a2a_latency_s", 0.0),
                    stream_bytes_per_s=consts.get("stream_bytes_per_s", 0.0),
+                   fresh_bytes_per_s=consts.get("fresh_bytes_per_s", 0.0),
+                   sync_bytes_per_s=_sync_rate(args, topo, consts),
+                   allreduce_bytes_per_s=consts.get("allreduce_bytes_per_s", 0.0),
                    name="this machine")  # core sharing is in the measured constants
     return cm.predict_step(layer, c, topo.ep, strategy, _chunks(strategy, args))[
         "step_s_predicted"]
+
+
+def _sync_rate(args, topo, consts: dict) -> float:
+    """The probe's measured sync seconds as a rate over the bytes the model says it streams
+    (probe_mix: a world of one over a shard's rows, T*S selections)."""
+    from peer_dist.tools import cluster_model as cm
+
+    if not consts.get("sync_s"):
+        return 0.0
+    probe = cm.Layer(-(-args.num_experts // topo.ep), args.dim, args.heads * args.topk,
+                     args.tokens, elem=4, optimizer=False)
+    return cm.sync_bytes(probe, 1, "local") / consts["sync_s"]
 
 
 def _chunks(strategy: str, args) -> int:
@@ -252,9 +271,13 @@ def _row(strategy: str, world: int, ep: int, args, step_s, measured, mem, nodes:
                 step_s_predicted=None, expert_mem_bytes_per_rank=mem, source=source)
 
 
-def probe_links(topo, sizes: tuple[int, int] = (256, 1 << 19), reps: int = 5) -> dict:
+def probe_links(topo, sizes: tuple[int, int] = (256, 1 << 23), reps: int = 3) -> dict:
     """All-to-all latency and bandwidth of this world: equal splits of two sizes (float32
-    elements per peer), median of reps; bandwidth = bytes one rank sends per second."""
+    elements per peer; the larger one 32 MiB, the size of fetch's messages at the default
+    shape), median of reps; bandwidth = bytes one rank sends per second. Each call receives
+    into a new buffer, as Exchange.send does (on a CPU the first touch of fresh pages costs
+    more than the transfer: 2.5x the time into a reused buffer, measured on 2 cores); and the
+    replicated baseline's in-place all-reduce (probe_allreduce)."""
     import torch.distributed as dist
 
     if topo.world_size == 1:
@@ -262,19 +285,42 @@ def probe_links(topo, sizes: tuple[int, int] = (256, 1 << 19), reps: int = 5) ->
     out = []
     for n in sizes:
         x = torch.zeros(topo.world_size * n)
-        y = torch.empty_like(x)
         times = []
         for _ in range(reps + 1):
             dist.barrier()
             t0 = time.perf_counter()
-            dist.all_to_all_single(y, x)
+            dist.all_to_all_single(torch.empty_like(x), x)
             times.append(time.perf_counter() - t0)
         t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         out.append(float(t))
     sent = [(topo.world_size - 1) * n * 4 for n in sizes]
     bw = (sent[1] - sent[0]) / max(out[1] - out[0], 1e-9)
-    return {"a2a_latency_s": out[0], "a2a_bytes_per_s": bw}
+    return {"a2a_latency_s": out[0], "a2a_bytes_per_s": bw,
+            "allreduce_bytes_per_s": probe_allreduce(topo)}
+
+
+def probe_allreduce(topo, sizes: tuple[int, int] = (1 << 20, 1 << 24), reps: int = 2) -> float:
+    """Ring bytes per second (2 (W-1)/W of the buffer, what the replicated row counts as sent)
+    of an in-place all-reduce of float32 buffers of two sizes (4 and 64 MiB: larger than any
+    cache, as the tables' 256 MiB gradients), slowest rank, every rank at once: the replicated
+    baseline's dense-gradient all-reduce."""
+    import torch.distributed as dist
+
+    out = []
+    for n in sizes:
+        x = torch.ones(n)
+        times = []
+        for _ in range(reps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            times.append(time.perf_counter() - t0)
+        t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out.append(float(t))
+    ring = 2.0 * (topo.world_size - 1) / topo.world_size * 4
+    return ring * (sizes[1] - sizes[0]) / max(out[1] - out[0], 1e-9)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -286,14 +332,15 @@ def worker(args: argparse.Namespace) -> None:
     world = dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     topo = Topology.build(args.ep)
-    links = {**probe_links(topo), "stream_bytes_per_s": probe_stream(topo)}
+    links = {**probe_links(topo), "stream_bytes_per_s": probe_stream(topo),
+             "fresh_bytes_per_s": probe_fresh(topo)}
     for strategy in args.strategies.split(","):
         if strategy == "node_dispatch" and topo.nodes == 1:
             continue  # one node: dispatch with more counts
         for chunks in args.chunk_list if strategy in OVERLAPPING else [1]:
             run = argparse.Namespace(**{**vars(args), "overlap_chunks": chunks})
             # measured just before the strategy's steps: a shared machine's load drifts
-            consts = {"mix_s_per_token": probe_mix_world(run, topo), **links}
+            consts = {**probe_mix_world(run, topo), **links}
             row = _measure(strategy, run, topo, consts)
             if topo.rank == 0:
                 print(json.dumps(row), flush=True)
@@ -306,10 +353,11 @@ def worker(args: argparse.Namespace) -> None:
     os._exit(0)
 
 
-def probe_mix(args: argparse.Namespace, rows: int, reps: int = 3) -> float:
-    """Seconds per token of one rank's step without messages: the mix over a table of `rows`
-    rows, forward + backward with sparse table gradients, and the gradient sync's own code on
-    them (coalesce and scale; a world of one: nothing travels)."""
+def probe_mix(args: argparse.Namespace, rows: int, reps: int = 3) -> tuple[float, float]:
+    """One rank's step without messages, timed in two parts: seconds per token of the mix over
+    a table of `rows` rows, forward + backward with sparse table gradients; seconds of the
+    gradient sync's own code on them (coalesce and scale; a world of one: nothing travels),
+    which the model prices apart (fetch's owner coalesces fewer rows, replicated none)."""
     from types import SimpleNamespace
 
     from peer_dist.model.peer import ExpertTables, init_rows
@@ -321,15 +369,17 @@ def probe_mix(args: argparse.Namespace, rows: int, reps: int = 3) -> float:
             for s in tables.table_seeds())
     alone = SimpleNamespace(topo=SimpleNamespace(dp=1, world_size=1),
                             shard=SimpleNamespace(params=lambda: [u, v]))
-    times = []
+    mix, sync = [], []
     for step in range(reps + 1):
         x, ids, gates = _inputs(args, 0, step, torch.device("cpu"))
         t0 = time.perf_counter()
         peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True).square().mean().backward()
+        t1 = time.perf_counter()
         sync_layer_grads(alone)
-        times.append(time.perf_counter() - t0)
+        mix.append(t1 - t0)
+        sync.append(time.perf_counter() - t1)
         u.grad = v.grad = None
-    return statistics.median(times[1:]) / args.tokens
+    return statistics.median(mix[1:]) / args.tokens, statistics.median(sync[1:])
 
 
 def probe_stream(topo, mib: int = 64, reps: int = 3) -> float:
@@ -350,15 +400,31 @@ def probe_stream(topo, mib: int = 64, reps: int = 3) -> float:
     return 3 * a.numel() * 4 / float(t)
 
 
-def probe_mix_world(args: argparse.Namespace, topo) -> float:
-    """probe_mix on every rank at once, over a shard's rows (the ranks share the cores as in
-    the steps that follow): the slowest rank's figure, the model's compute constant."""
+def probe_fresh(topo, mib: int = 64, reps: int = 3) -> float:
+    """Bytes per second one rank writes into new buffers (torch.zeros of mib MiB, the way
+    gradients and gathered rows are made), every rank at once; the slowest rank's figure."""
     import torch.distributed as dist
 
     dist.barrier()
-    t = torch.tensor([probe_mix(args, -(-args.num_experts // topo.ep))], dtype=torch.float64)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        torch.zeros(mib << 18)
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return (mib << 20) / float(t)
+
+
+def probe_mix_world(args: argparse.Namespace, topo) -> dict:
+    """probe_mix on every rank at once, over a shard's rows (the ranks share the cores as in
+    the steps that follow): the slowest rank's figures, the model's compute constants."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t = torch.tensor(probe_mix(args, -(-args.num_experts // topo.ep)), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return {"mix_s_per_token": float(t[0]), "sync_s": float(t[1])}
 
 
 # ---------------------------------------------------------------- launcher and report

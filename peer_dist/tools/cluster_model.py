@@ -60,6 +60,14 @@ class Cluster:
     # plain streaming (dense gradients zeroed, summed, read): 0 = the kernels' rate. A CPU's
     # mix runs far below its copy bandwidth; a GPU's gather kernels and copies both sit near HBM
     stream_bytes_per_s: float = 0.0
+    # fresh buffers written (zeroed gradients, gathered rows): a CPU pays the first touch of
+    # newly mapped pages, ~10x below its streaming rate; 0 = stream_bytes_per_s
+    fresh_bytes_per_s: float = 0.0
+    # the gradient sync's coalesce and scale of row gradients (sync_bytes); 0 = not priced (a
+    # GPU's lazy optimizer reads the row gradients in its own pass: optimizer_bytes)
+    sync_bytes_per_s: float = 0.0
+    # ring bytes per second of the replicated baseline's in-place all-reduce; 0 = the links'
+    allreduce_bytes_per_s: float = 0.0
     name: str = "custom"
 
     @property
@@ -134,6 +142,37 @@ def optimizer_bytes(layer: Layer, ep: int) -> float:
         else 0.0
 
 
+def distinct_rows(layer: Layer) -> float:
+    """Distinct rows one rank's T*S selections name (uniform ids): R = N (1 - (1 - 1/N)^(T S))."""
+    n = layer.num_experts
+    return n * (1.0 - (1.0 - 1.0 / n) ** (layer.tokens * layer.selections))
+
+
+def sync_bytes(layer: Layer, ep: int, strategy: str) -> float:
+    """Bytes the owner's gradient sync (grad_sync.sync_layer_grads) streams per rank and step,
+    U and V: coalesce reads the row gradients that arrived (local, dispatch: one per selection,
+    T*S on average; fetch: one per served row, R_in = R on average, as each owner serves its
+    1/EP of every member's R) and writes the touched rows; the 1/W scale reads and writes those
+    again. The replicated baseline's gradients are dense: no sync."""
+    if strategy == "replicated":
+        return 0.0
+    arrived = distinct_rows(layer) if strategy == "fetch" else layer.tokens * layer.selections
+    return (arrived + 3.0 * touched_rows(layer, ep)) * 2 * layer.dim * layer.elem
+
+
+def fresh_bytes(layer: Layer, strategy: str) -> float:
+    """Bytes a step writes into new buffers besides the mix's own, per rank: fetch's owner
+    gathers the rows it serves (u[served], v[served]: R_in x 2D) and its requester's row
+    gradients are dense, zeroed before the mix sums into them (R x 2D); the replicated
+    baseline zeroes dense gradients of both whole tables (2 N D)."""
+    row = 2 * layer.dim * layer.elem  # a U row and a V row
+    if strategy == "fetch":
+        return 2.0 * distinct_rows(layer) * row
+    if strategy == "replicated":
+        return float(layer.num_experts) * row
+    return 0.0
+
+
 def _dp_crossings(c: Cluster, ep: int, dp: int) -> float:
     """Share of a DP group's ring hops (members ep apart) that leave a node."""
     if dp == 1:
@@ -166,25 +205,21 @@ def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int =
     dp = c.world // ep
     shape = cost.LayerShape(layer.num_experts, layer.dim, layer.selections, layer.tokens, ep,
                             c.world, layer.elem, ranks_per_node=c.gpus_per_node)
-    strategy = "local" if ep == 1 and strategy != "replicated" else strategy
+    # EP = 1: dispatch's work is the local mix; fetch still gathers its rows (a world of one)
+    strategy = "local" if ep == 1 and strategy in ("dispatch", "node_dispatch") else strategy
     intra, inter = (0.0, 0.0) if strategy == "local" else cost.predict_by_link(shape)[strategy]
     tables_ep = 1 if strategy == "replicated" else ep
-    slow = 1.0 if not c.cores_per_rank else max(1.0, 1.0 / c.cores_per_rank)
-    # every message byte is also packed by its sender and unpacked by its receiver (gathers
-    # and index_adds that stream memory): twice the bytes sent, per rank
-    work = layer.tokens * (mix_bytes(layer) + 2 * (intra + inter)) + optimizer_bytes(
-        layer, tables_ep)
-    compute = work / (c.hbm_bytes_per_s * c.hbm_fraction) * slow
-    if strategy == "replicated":  # dense gradients: zeroed, summed into, read by the all-reduce
-        stream = c.stream_bytes_per_s or c.hbm_bytes_per_s * c.hbm_fraction
-        compute += 4.0 * layer.num_experts * layer.dim * layer.elem / stream
+    compute = _compute_s(layer, c, tables_ep, strategy, intra + inter)
     t_intra = layer.tokens * intra / c.intra_bytes_per_s
     t_inter = layer.tokens * inter / c.inter_bytes_per_s
+    if strategy == "replicated" and c.allreduce_bytes_per_s:  # in place: its own measured rate
+        t_intra, t_inter = (layer.tokens * b / c.allreduce_bytes_per_s for b in (intra, inter))
     comm = t_intra + t_inter if strategy == "node_dispatch" else max(t_intra, t_inter)
     exposed = comm if chunks <= 1 or strategy == "replicated" else max(comm - compute,
                                                                        comm / chunks)
     sync_bytes, sync = (0.0, 0.0) if strategy == "replicated" else sync_time(layer, c, ep, dp)
-    calls = COLLECTIVES[strategy] * max(1, chunks) + (3 if dp > 1 else 0)
+    calls = 0 if ep == 1 and strategy != "replicated" else (
+        COLLECTIVES[strategy] * max(1, chunks) + (3 if dp > 1 else 0))
     step = compute + exposed + sync + calls * c.latency_s
     return dict(ep=ep, dp=dp, strategy=strategy, chunks=chunks, nodes=c.nodes,
                 gpus=c.world, tokens_per_rank=layer.tokens,
@@ -194,6 +229,27 @@ def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int =
                 inter_s=t_inter, exposed_s=exposed, sync_s=sync, step_s_predicted=step,
                 tokens_per_s_per_gpu_predicted=layer.tokens / step,
                 peak_bytes_per_rank_predicted=expert_memory(layer, tables_ep, intra + inter))
+
+
+def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float) -> float:
+    """Seconds of a rank's own work per layer and step; sent = bytes per token to others."""
+    slow = 1.0 if not c.cores_per_rank else max(1.0, 1.0 / c.cores_per_rank)
+    kernel = c.hbm_bytes_per_s * c.hbm_fraction
+    stream = c.stream_bytes_per_s or kernel
+    # every message byte is also packed by its sender and unpacked by its receiver (gathers
+    # and index_adds that stream memory): twice the bytes sent, per rank. Not fetch's: its
+    # packing is the owner's gather and its unpacking the sync's coalesce, both priced below;
+    # not the replicated all-reduce's either: it works in place
+    packed = 0.0 if strategy in ("fetch", "replicated") else 2 * sent
+    work = layer.tokens * (mix_bytes(layer) + packed) + optimizer_bytes(layer, ep)
+    seconds = work / kernel + fresh_bytes(layer, strategy) / (c.fresh_bytes_per_s or stream)
+    if c.sync_bytes_per_s:
+        seconds += sync_bytes(layer, ep, strategy) / c.sync_bytes_per_s
+    if strategy == "replicated" and not c.allreduce_bytes_per_s:
+        # the dense gradients read by the all-reduce (2 N D); a measured all-reduce rate has
+        # its reads and sums in it
+        seconds += 2.0 * layer.num_experts * layer.dim * layer.elem / stream
+    return seconds * slow
 
 
 def expert_memory(layer: Layer, ep: int, bytes_per_token: float) -> float:
