@@ -32,6 +32,11 @@ def test_dist_rows_cover_every_strategy(dist_rows):
         assert (r["world_size"], r["ep"], r["nodes"], r["tokens_per_rank"]) == (2, 2, 1, TOKENS)
         assert r["step_s"] > 0 and r["step_s_predicted"] > 0 and r["source"] == "measured"
         assert r["bytes_internode_per_token_layer"] == 0  # one node
+        # the step model's constants, measured in this world (W = 2: the links' too)
+        k = r["model_constants"]
+        assert set(k) == {"mix_s_per_token", "sync_s", "a2a_latency_s", "a2a_bytes_per_s",
+                          "allreduce_bytes_per_s", "stream_bytes_per_s", "fresh_bytes_per_s"}
+        assert all(v > 0 for v in k.values())
 
 
 def test_dist_memory_and_replicated_bytes_by_hand(dist_rows):
