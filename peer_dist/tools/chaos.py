@@ -2,8 +2,10 @@
 
     peer-chaos --config configs/tiny.yaml --nproc 2 --faults 20        # the soak
     peer-chaos --faults 4 --json                                       # a short one
+    peer-chaos --faults 20 --seed 1 --reference runs/chaos/reference   # same reference
 
-First an uninterrupted reference run, then the same steps under `peer-train --nproc N
+First an uninterrupted reference run (or --reference: one made before with the same settings,
+checked: steps, world size, config), then the same steps under `peer-train --nproc N
 --max-restarts ...` while a driver injects faults at random steps (seeded), one after another:
 
   kill_rank      SIGKILL of a random rank mid-run: torchrun restarts the ranks, they resume
@@ -16,7 +18,8 @@ First an uninterrupted reference run, then the same steps under `peer-train --np
 At the end every tensor of the final checkpoint (weights, tables, both optimizers' state) must
 equal the reference's bit for bit. It prints each fault, how many steps it cost (steps redone:
 the step reached minus the step resumed from), and the verdict; `--json` ends with one object.
-Exit status 0 when every fault was survived and the states are equal, 1 otherwise.
+Exit status 0 when every fault was survived and the states are equal, 1 otherwise (2: a
+reference that does not match, in one line).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from pathlib import Path
 
 import torch
 
+from peer_dist.config import ConfigError, load_config, to_dict
 from peer_dist.train import checkpoint as ckpt
 from peer_dist.train.preempt import EXIT_INTERRUPTED
+from peer_dist.train.startup import config_diff
 
 KINDS = ("kill_rank", "kill_in_ckpt", "preempt", "damage")
 STEP = re.compile(r"^step\s+(\d+)/")
@@ -67,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/chaos")
     p.add_argument("--data", default="", help="data.path (default: the config's)")
+    p.add_argument("--reference", default="",
+                   help="a finished uninterrupted run of the same settings to compare with "
+                        "(its run_dir; default: run one first)")
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for both runs")
     args = p.parse_args(argv)
@@ -76,12 +84,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def train_cmd(args: argparse.Namespace, run_dir: Path, steps: int) -> list[str]:
+def run_overrides(args: argparse.Namespace, run_dir: Path, steps: int) -> list[str]:
+    """The overrides of both runs (the reference's and the chaos run's)."""
     data = [f"data.path={args.data}"] if args.data else []
+    return [f"train.run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
+            f"train.ckpt_every={args.ckpt_every}", "train.keep_last=3", *data, *args.overrides]
+
+
+def train_cmd(args: argparse.Namespace, run_dir: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "peer_dist.train", "--nproc", str(args.nproc),
             "--max-restarts", str(args.faults + 1), "--config", args.config,
-            f"train.run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
-            f"train.ckpt_every={args.ckpt_every}", "train.keep_last=3", *data, *args.overrides]
+            *run_overrides(args, run_dir, steps)]
+
+
+def reference_problem(args: argparse.Namespace, ref: Path, steps: int) -> str | None:
+    """Why the run in `ref` cannot be this chaos run's reference (None: it can): it must have
+    finished the same number of steps at the same world size with the same config."""
+    final = ref / "checkpoints" / ckpt.step_name(steps)
+    if not (ref / "summary.json").is_file() or not final.is_dir():
+        return (f"--reference {ref}: no finished run of {steps} steps there (allowed: the "
+                f"run_dir of a run that wrote {final.relative_to(ref)})")
+    world = json.loads((ref / "summary.json").read_text()).get("world_size")
+    if world != args.nproc:
+        return f"--reference {ref}: it ran on {world} ranks, this run on --nproc {args.nproc}"
+    try:
+        want = to_dict(load_config(args.config, run_overrides(args, ref, steps)))
+        have = to_dict(load_config(ref / "config.yaml"))
+    except ConfigError as e:
+        return f"--reference {ref}: {e}"
+    diff = [d for d in config_diff(want, have) if d[0] not in ("train.run_dir", "train.resume")]
+    if diff:
+        shown = ", ".join(f"{k}={b!r} there vs {a!r} here" for k, a, b in diff[:3])
+        return f"--reference {ref}: another config ({shown})"
+    return None
 
 
 def run_env(fault: str = "") -> dict[str, str]:
@@ -229,16 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     steps = (args.faults + 2) * 2 * args.ckpt_every  # room for every fault
     root = Path(args.run_dir)
     ref_dir, chaos_dir = root / "reference", root / "chaos"
-    for d in (ref_dir, chaos_dir):
+    for d in ([] if args.reference else [ref_dir]) + [chaos_dir]:
         shutil.rmtree(d, ignore_errors=True)
+    if args.reference:
+        ref_dir = Path(args.reference)
+        problem = reference_problem(args, ref_dir, steps)
+        if problem:
+            print(f"peer-chaos: {problem}", file=sys.stderr)
+            return 2
     print(f"peer-chaos: {args.faults} faults ({', '.join(plan)}) over {steps} steps, "
-          f"checkpoint every {args.ckpt_every}; reference run first", flush=True)
-    ref = subprocess.run(train_cmd(args, ref_dir, steps), text=True, env=run_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if ref.returncode != 0:
-        print(f"peer-chaos: the reference run failed (status {ref.returncode}):\n"
-              + ref.stdout[-3000:], file=sys.stderr)
-        return 1
+          f"checkpoint every {args.ckpt_every}; "
+          + (f"reference {ref_dir}" if args.reference else "reference run first"), flush=True)
+    if not args.reference:
+        ref = subprocess.run(train_cmd(args, ref_dir, steps), text=True, env=run_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if ref.returncode != 0:
+            print(f"peer-chaos: the reference run failed (status {ref.returncode}):\n"
+                  + ref.stdout[-3000:], file=sys.stderr)
+            return 1
     driver = Driver(args, chaos_dir, steps, plan, rng)
     try:
         driver.run()

@@ -1,6 +1,7 @@
 """peer-chaos, the short version: the driver injects faults at random steps into a real
-2-rank run, and the final state must equal an uninterrupted run's bit for bit. The soak
-(`peer-chaos --faults 20`) is a command people run; here two faults."""
+2-rank run, and the final state must equal an uninterrupted run's bit for bit (here one made
+on forked ranks, handed over with --reference). The soak (`peer-chaos --faults 20`) is a
+command people run; here two faults."""
 
 from __future__ import annotations
 
@@ -25,15 +26,42 @@ def test_plan_holds_every_kind_and_arms_kill_in_ckpt_at_a_job_start():
                 assert kind != "kill_in_ckpt" or i == 0 or plan[i - 1] in ("preempt", "damage")
 
 
-def test_chaos_run_survives_and_is_bit_exact(runs, tmp_path):
-    runs.get(1, "train.steps=1")  # prepares runs.data once
-    seed = next(s for s in range(100) if make_plan(2, random.Random(s)) ==
-                ["preempt", "kill_rank"])
-    proc = subprocess.run([sys.executable, "-m", "peer_dist.tools.chaos", "--config", str(TINY),
-                           "--faults", "2", "--ckpt-every", "3", "--seed", str(seed),
-                           "--run-dir", str(tmp_path), "--data", str(runs.data), "--json"],
+# peer-chaos's runs (2 faults, a checkpoint every 3 steps: (2 + 2) x 2 x 3 = 24 steps); the
+# reference is made here on forked ranks and handed over with --reference
+REFERENCE = ("train.steps=24", "train.log_every=1", "train.ckpt_every=3", "train.keep_last=3")
+
+
+def chaos(tmp_path, data, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peer_dist.tools.chaos", "--config", str(TINY),
+                           "--faults", "2", "--ckpt-every", "3", "--run-dir", str(tmp_path),
+                           "--data", str(data), "--json", *extra],
                           cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, timeout=2 * TIMEOUT)
+
+
+def test_a_reference_of_other_settings_is_refused_in_one_line(runs, tmp_path, capsys):
+    from peer_dist.tools import chaos as tool
+
+    other = runs.get(2, "train.steps=24", "train.log_every=1", "train.ckpt_every=4",
+                     "train.keep_last=3")
+    args = ["--config", str(TINY), "--faults", "2", "--ckpt-every", "3", "--run-dir",
+            str(tmp_path), "--data", str(runs.data), "--reference"]
+    assert tool.main([*args, str(other["run_dir"])]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"peer-chaos: --reference {other['run_dir']}: another config (train.ckpt_every=4 there "
+        "vs 3 here)")
+    assert tool.main([*args, str(tmp_path / "none")]) == 2
+    assert "no finished run of 24 steps there" in capsys.readouterr().err
+    assert tool.main([*args, str(other["run_dir"]), "--nproc", "3"]) == 2
+    assert "it ran on 2 ranks, this run on --nproc 3" in capsys.readouterr().err
+
+
+def test_chaos_run_survives_and_is_bit_exact(runs, tmp_path):
+    reference = runs.get(2, *REFERENCE)
+    seed = next(s for s in range(100) if make_plan(2, random.Random(s)) ==
+                ["preempt", "kill_rank"])
+    proc = chaos(tmp_path, runs.data, "--seed", str(seed), "--reference",
+                 str(reference["run_dir"]))
     assert proc.returncode == 0, proc.stdout[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["faults_injected"] == result["faults_survived"] == 2
