@@ -174,8 +174,8 @@ LAYOUTS = {  # id: (world, ranks per node, ep, balance, extras, setting)
     "w4-2nodes-uneven": (4, 2, 0, True, (), UNEVEN),
     "ep2xdp2-4nodes": (4, 1, 2, True, (), tp.FP32),  # each EP group spans 2 nodes
     "ep4xdp1-1node": (4, 4, 0, False, (), tp.FP32),  # one node: node_dispatch = dispatch
-    "w2-2nodes-triton": (2, 1, 0, True, ("triton",), tp.TRITON),
-    # 2 nodes x 2 ranks on the Triton kernels: tokens relayed by a gateway to another owner
+    # 2 nodes x 2 ranks on the Triton kernels (one layout: the kernels are the same at any
+    # layout): tokens relayed by a gateway to another owner
     "w4-2nodes-triton": (4, 2, 0, True, ("triton",), dict(tp.TRITON, split=[7, 0, 12, 5])),
 }
 LAYER = [f"{s}/{p}" for s in ("node_dispatch", "auto")
