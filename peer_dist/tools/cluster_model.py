@@ -6,11 +6,16 @@
 Per layer and step (forward + backward), per rank, for one EP x DP layout and strategy:
   compute   the bytes the mix kernels stream: per token, forward reads S rows of U and of V
             (2*S*D*e), backward reads them again and writes their gradients (4*S*D*e); the
-            messages packed and unpacked (twice the bytes sent); with the optimizer, a lazy
-            Adam update of the touched rows (parameter, gradient and two fp32 moments); at HBM
-            bandwidth x the kernels' achieved fraction (an assumption until a GPU has measured
-            it: HBM_FRACTION)
-  intra     intra-node bytes (parallel/cost.py, by link) / NVLink bandwidth per GPU
+            messages packed and unpacked (twice the bytes sent; not fetch's nor the in-place
+            all-reduce's); with the optimizer, a lazy Adam update of the touched rows
+            (parameter, gradient and two fp32 moments); at HBM bandwidth x the kernels'
+            achieved fraction (an assumption until a GPU has measured it: HBM_FRACTION).
+            Where measured (peer-bench dist on CPU ranks), also at their own rates: the bytes
+            written into new buffers (fresh_bytes: fetch's gathered rows and zeroed row
+            gradients, replicated's dense gradients) and the gradient sync's coalesce and
+            scale (sync_bytes)
+  intra     intra-node bytes (parallel/cost.py, by link) / NVLink bandwidth per GPU (the
+            replicated all-reduce: at its own measured rate where there is one)
   inter     inter-node bytes / NIC bandwidth per GPU
   sync      table gradients over the DP replicas of a shard: the touched rows all-gathered, or
             the dense shard all-reduced, whichever moves fewer bytes (grad_sync.reduce_rows);
