@@ -230,6 +230,7 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
                    hbm_fraction=1.0, latency_s=consts.get("a2a_latency_s", 0.0),
                    stream_bytes_per_s=consts.get("stream_bytes_per_s", 0.0),
                    fresh_bytes_per_s=consts.get("fresh_bytes_per_s", 0.0),
+                   gather_bytes_per_s=consts.get("gather_bytes_per_s", 0.0),
                    sync_bytes_per_s=_sync_rate(args, topo, consts),
                    allreduce_bytes_per_s=consts.get("allreduce_bytes_per_s", 0.0),
                    name="this machine")  # core sharing is in the measured constants
@@ -333,7 +334,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     topo = Topology.build(args.ep)
     links = {**probe_links(topo), "stream_bytes_per_s": probe_stream(topo),
-             "fresh_bytes_per_s": probe_fresh(topo)}
+             "fresh_bytes_per_s": probe_fresh(topo),
+             "gather_bytes_per_s": probe_gather(topo, args.dim)}
     for strategy in args.strategies.split(","):
         if strategy == "node_dispatch" and topo.nodes == 1:
             continue  # one node: dispatch with more counts
@@ -414,6 +416,27 @@ def probe_fresh(topo, mib: int = 64, reps: int = 3) -> float:
     t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return (mib << 20) / float(t)
+
+
+def probe_gather(topo, dim: int, mib: int = 64, reps: int = 3) -> float:
+    """Bytes per second one rank gathers into a new buffer: a quarter of the rows of a mib MiB
+    table (rows of dim float32), at random ascending positions, as fetch's owner serves
+    u[served] (random rows cost more than streaming: a page per row); every rank at once,
+    the slowest rank's figure."""
+    import torch.distributed as dist
+
+    table = torch.ones((mib << 18) // dim, dim)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(table.shape[0], generator=g)[:table.shape[0] // 4].sort().values
+    dist.barrier()
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        table[idx]
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return idx.numel() * dim * 4 / float(t)
 
 
 def probe_mix_world(args: argparse.Namespace, topo) -> dict:

@@ -11,9 +11,9 @@ Per layer and step (forward + backward), per rank, for one EP x DP layout and st
             (parameter, gradient and two fp32 moments); at HBM bandwidth x the kernels'
             achieved fraction (an assumption until a GPU has measured it: HBM_FRACTION).
             Where measured (peer-bench dist on CPU ranks), also at their own rates: the bytes
-            written into new buffers (fresh_bytes: fetch's gathered rows and zeroed row
-            gradients, replicated's dense gradients) and the gradient sync's coalesce and
-            scale (sync_bytes)
+            zeroed in new buffers (fresh_bytes: fetch's row gradients, replicated's dense
+            gradients), fetch's rows gathered into new buffers (gathered_bytes) and the
+            gradient sync's coalesce and scale (sync_bytes)
   intra     intra-node bytes (parallel/cost.py, by link) / NVLink bandwidth per GPU (the
             replicated all-reduce: at its own measured rate where there is one)
   inter     inter-node bytes / NIC bandwidth per GPU
@@ -73,6 +73,8 @@ class Cluster:
     sync_bytes_per_s: float = 0.0
     # ring bytes per second of the replicated baseline's in-place all-reduce; 0 = the links'
     allreduce_bytes_per_s: float = 0.0
+    # rows gathered at random into a new buffer (fetch's owner): 0 = fresh_bytes_per_s
+    gather_bytes_per_s: float = 0.0
     name: str = "custom"
 
     @property
@@ -166,16 +168,21 @@ def sync_bytes(layer: Layer, ep: int, strategy: str) -> float:
 
 
 def fresh_bytes(layer: Layer, strategy: str) -> float:
-    """Bytes a step writes into new buffers besides the mix's own, per rank: fetch's owner
-    gathers the rows it serves (u[served], v[served]: R_in x 2D) and its requester's row
-    gradients are dense, zeroed before the mix sums into them (R x 2D); the replicated
+    """Bytes a step zeroes in new buffers besides the mix's own, per rank: fetch's requester's
+    row gradients are dense, zeroed before the mix sums into them (R x 2D); the replicated
     baseline zeroes dense gradients of both whole tables (2 N D)."""
     row = 2 * layer.dim * layer.elem  # a U row and a V row
     if strategy == "fetch":
-        return 2.0 * distinct_rows(layer) * row
+        return distinct_rows(layer) * row
     if strategy == "replicated":
         return float(layer.num_experts) * row
     return 0.0
+
+
+def gathered_bytes(layer: Layer, strategy: str) -> float:
+    """Bytes fetch's owner gathers at random rows of its shard into new buffers per step
+    (u[served], v[served]: R_in x 2D, R_in = R on average); none elsewhere."""
+    return distinct_rows(layer) * 2 * layer.dim * layer.elem if strategy == "fetch" else 0.0
 
 
 def _dp_crossings(c: Cluster, ep: int, dp: int) -> float:
@@ -247,7 +254,9 @@ def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float) ->
     # not the replicated all-reduce's either: it works in place
     packed = 0.0 if strategy in ("fetch", "replicated") else 2 * sent
     work = layer.tokens * (mix_bytes(layer) + packed) + optimizer_bytes(layer, ep)
-    seconds = work / kernel + fresh_bytes(layer, strategy) / (c.fresh_bytes_per_s or stream)
+    fresh = c.fresh_bytes_per_s or stream
+    seconds = (work / kernel + fresh_bytes(layer, strategy) / fresh
+               + gathered_bytes(layer, strategy) / (c.gather_bytes_per_s or fresh))
     if c.sync_bytes_per_s:
         seconds += sync_bytes(layer, ep, strategy) / c.sync_bytes_per_s
     if strategy == "replicated" and not c.allreduce_bytes_per_s:

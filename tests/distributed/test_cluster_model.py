@@ -86,10 +86,13 @@ def test_sync_and_fresh_buffer_terms_by_hand() -> None:
     assert cm.sync_bytes(tiny, 1, "local") == pytest.approx((2 + 3 * 1.75) * row)
     assert cm.sync_bytes(tiny, 1, "fetch") == pytest.approx((1.75 + 3 * 1.75) * row)
     assert cm.sync_bytes(tiny, 1, "replicated") == 0.0
-    # fetch: gathered rows and zeroed row gradients; replicated: both whole tables' gradients
-    assert cm.fresh_bytes(tiny, "fetch") == pytest.approx(2 * 1.75 * row)
+    # zeroed: fetch's row gradients, both whole tables' gradients (replicated); gathered:
+    # fetch's served rows
+    assert cm.fresh_bytes(tiny, "fetch") == pytest.approx(1.75 * row)
     assert cm.fresh_bytes(tiny, "replicated") == pytest.approx(4 * row)
     assert cm.fresh_bytes(tiny, "dispatch") == 0.0
+    assert cm.gathered_bytes(tiny, "fetch") == pytest.approx(1.75 * row)
+    assert cm.gathered_bytes(tiny, "replicated") == cm.gathered_bytes(tiny, "dispatch") == 0.0
 
 
 def test_measured_rates_price_fetch_replicated_and_the_sync() -> None:
@@ -97,14 +100,15 @@ def test_measured_rates_price_fetch_replicated_and_the_sync() -> None:
     c = cm.Cluster(nodes=2, gpus_per_node=1, hbm_bytes_per_s=1e9, intra_bytes_per_s=1e6,
                    inter_bytes_per_s=2e5, mem_bytes=1e9, hbm_fraction=1.0, latency_s=0.0,
                    stream_bytes_per_s=4e8, fresh_bytes_per_s=1e6, sync_bytes_per_s=2e6,
-                   allreduce_bytes_per_s=5e5)
+                   allreduce_bytes_per_s=5e5, gather_bytes_per_s=5e5)
     r = 1024 * (1 - (1 - 1 / 1024) ** 64)  # distinct rows of 16 x 4 selections
     touched = 512 * (1 - (1 - 1 / 1024) ** 128)  # a shard's rows two members touch
     row = 2 * 8 * 4
     mix = 16 * 6 * 4 * 8 * 4 / 1e9
     fetch = cm.predict_step(layer, c, ep=2, strategy="fetch")
-    # no packing term for fetch: its gather (fresh, 2 R rows) and coalesce (sync) replace it
-    assert fetch["compute_s"] == pytest.approx(mix + 2 * r * row / 1e6
+    # no packing term for fetch: its gather (R rows) and coalesce (sync) replace it; its R
+    # row gradients are zeroed
+    assert fetch["compute_s"] == pytest.approx(mix + r * row / 5e5 + r * row / 1e6
                                                + (r + 3 * touched) * row / 2e6)
     disp = cm.predict_step(layer, c, ep=2, strategy="dispatch")
     _, inter = predict_by_link(LayerShape(1024, 8, 4, 16, 2, 2, 4, ranks_per_node=1))["dispatch"]
@@ -127,5 +131,10 @@ def test_measured_rates_price_fetch_replicated_and_the_sync() -> None:
     alone = cm.predict_step(layer, cm.Cluster(**{**c.__dict__, "nodes": 1, "latency_s": 1.0}),
                             ep=1, strategy="fetch")
     one = 1024 * (1 - (1 - 1 / 1024) ** 64)
-    assert alone["step_s_predicted"] == pytest.approx(mix + 2 * r * row / 1e6
+    assert alone["step_s_predicted"] == pytest.approx(mix + r * row / 5e5 + r * row / 1e6
                                                       + (r + 3 * one) * row / 2e6)
+    # without a gather rate the gathered rows are priced as zeroed ones
+    plain = cm.predict_step(layer, cm.Cluster(**{**c.__dict__, "gather_bytes_per_s": 0.0}),
+                            ep=2, strategy="fetch")
+    assert plain["compute_s"] == pytest.approx(fetch["compute_s"] - r * row / 5e5
+                                               + r * row / 1e6)

@@ -35,7 +35,8 @@ def test_dist_rows_cover_every_strategy(dist_rows):
         # the step model's constants, measured in this world (W = 2: the links' too)
         k = r["model_constants"]
         assert set(k) == {"mix_s_per_token", "sync_s", "a2a_latency_s", "a2a_bytes_per_s",
-                          "allreduce_bytes_per_s", "stream_bytes_per_s", "fresh_bytes_per_s"}
+                          "allreduce_bytes_per_s", "stream_bytes_per_s", "fresh_bytes_per_s",
+                          "gather_bytes_per_s"}
         assert all(v > 0 for v in k.values())
 
 
