@@ -23,8 +23,9 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
                                   machine's constants, measured in each world: the mix's speed
                                   and the gradient sync's over a shard (every rank at once, so
                                   ranks sharing cores show it; again before each strategy's
-                                  steps), a streaming add's bandwidth, the rate of writing new
-                                  buffers (fetch's gathered rows, zeroed dense gradients), the
+                                  steps), a streaming add's bandwidth, the rates of zeroing new
+                                  buffers (dense gradients) and of gathering random rows into
+                                  them (fetch's owner), the
                                   all-to-all's latency and bandwidth (into new buffers, as the
                                   strategies receive) and the in-place all-reduce's bandwidth
                                   (the replicated baseline); model_constants holds them
