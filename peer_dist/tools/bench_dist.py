@@ -26,7 +26,8 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
                                   steps), a streaming add's bandwidth, the rates of zeroing new
                                   buffers (dense gradients) and of gathering random rows into
                                   them (fetch's owner), the
-                                  all-to-all's latency and bandwidth (into new buffers, as the
+                                  all-to-all's latency between compute phases and bandwidth
+                                  (into new buffers, as the
                                   strategies receive) and the in-place all-reduce's bandwidth
                                   (the replicated baseline); model_constants holds them
   comm_exposed_s                  seconds a step spent in or waiting on transfers (slowest
@@ -228,7 +229,7 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
     rate = cm.mix_bytes(layer) / consts["mix_s_per_token"]
     a2a = consts.get("a2a_bytes_per_s") or 1.0
     c = cm.Cluster(topo.nodes, topo.world_size // topo.nodes, rate, a2a, a2a, 0.0,
-                   hbm_fraction=1.0, latency_s=consts.get("a2a_latency_s", 0.0),
+                   hbm_fraction=1.0, latency_s=consts.get("collective_s", 0.0),
                    stream_bytes_per_s=consts.get("stream_bytes_per_s", 0.0),
                    fresh_bytes_per_s=consts.get("fresh_bytes_per_s", 0.0),
                    gather_bytes_per_s=consts.get("gather_bytes_per_s", 0.0),
@@ -299,7 +300,33 @@ def probe_links(topo, sizes: tuple[int, int] = (256, 1 << 23), reps: int = 3) ->
     sent = [(topo.world_size - 1) * n * 4 for n in sizes]
     bw = (sent[1] - sent[0]) / max(out[1] - out[0], 1e-9)
     return {"a2a_latency_s": out[0], "a2a_bytes_per_s": bw,
-            "allreduce_bytes_per_s": probe_allreduce(topo)}
+            "allreduce_bytes_per_s": probe_allreduce(topo), "collective_s": probe_collective(topo)}
+
+
+def probe_collective(topo, reps: int = 20) -> float:
+    """Seconds a small all-to-all costs between compute phases, as a step's collectives sit
+    (ranks arrive apart, more so when they share cores; a barrier before each call, as in
+    probe_links, hides that): the slowest rank's time of reps x (work + all-to-all) less reps
+    x work alone, every rank at once; work = four adds over 16 MiB buffers (a few ms)."""
+    import torch.distributed as dist
+
+    a, b = torch.ones(4 << 20), torch.ones(4 << 20)
+    out = torch.empty_like(a)
+    x = torch.zeros(topo.world_size * 256)
+    y = torch.empty_like(x)
+    spent = []
+    for talk in (False, True):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for _ in range(4):
+                torch.add(a, b, out=out)
+            if talk:
+                dist.all_to_all_single(y, x)
+        spent.append(time.perf_counter() - t0)
+    t = torch.tensor(spent, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return max(float(t[1] - t[0]) / reps, 0.0)
 
 
 def probe_allreduce(topo, sizes: tuple[int, int] = (1 << 20, 1 << 24), reps: int = 2) -> float:
@@ -403,7 +430,7 @@ def probe_stream(topo, mib: int = 64, reps: int = 3) -> float:
     return 3 * a.numel() * 4 / float(t)
 
 
-def probe_fresh(topo, mib: int = 64, reps: int = 3) -> float:
+def probe_fresh(topo, mib: int = 64, reps: int = 7) -> float:
     """Bytes per second one rank writes into new buffers (torch.zeros of mib MiB, the way
     gradients and gathered rows are made), every rank at once; the slowest rank's figure."""
     import torch.distributed as dist
@@ -419,7 +446,7 @@ def probe_fresh(topo, mib: int = 64, reps: int = 3) -> float:
     return (mib << 20) / float(t)
 
 
-def probe_gather(topo, dim: int, mib: int = 64, reps: int = 3) -> float:
+def probe_gather(topo, dim: int, mib: int = 64, reps: int = 7) -> float:
     """Bytes per second one rank gathers into a new buffer: a quarter of the rows of a mib MiB
     table (rows of dim float32), at random ascending positions, as fetch's owner serves
     u[served] (random rows cost more than streaming: a page per row); every rank at once,
