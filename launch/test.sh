@@ -33,7 +33,7 @@ cov=$(mktemp -d)
 trap 'rm -rf "$cov"' EXIT
 # test files spread over worker processes (pytest-xdist), a file's tests on one worker (they
 # share its module fixtures); PEER_TEST_WORKERS=0 runs them in this process
-cores=$(nproc 2>/dev/null || echo 2)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)  # nproc obeys OMP_*
 workers=${PEER_TEST_WORKERS:-$((cores < 4 ? cores : 4))}
 status=0
 PEER_COVERAGE="$cov/data" "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n "$workers" \
