@@ -60,24 +60,22 @@ def test_cuda_refused_in_one_line_without_a_gpu():
 def test_tiny_run_gives_roofline_rows():
     cmd = [sys.executable, "-m", "peer_dist.tools.bench_layer", "--num-experts", "1024",
            "--dim", "16", "--heads", "2", "--topk", "4", "--d-key", "8", "--tokens", "32",
-           "--impls", "peer_dist", "--modes", "fwd_bwd", "--dtype", "fp32,bf16", "--repeats",
+           "--impls", "peer_dist", "--modes", "fwd_bwd", "--dtype", "fp32", "--repeats",
            "1", "--warmup", "0", "--threads", "1", "--no-check", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
+    assert [r["dtype"] for r in rows] == ["fp32"]
     # by hand: 32 tokens x 8 selections of 1024 rows reach 1024 (1 - (1023/1024)^256) rows;
     # fwd + bwd read U and V rows twice and write du, dv (6 row passes), and move 5 token
-    # vectors (x, y; x, dy, dx); bf16 halves every term
+    # vectors (x, y; x, dy, dx) (bf16's halving: test_mix_bytes_by_hand, in process)
     rows_hit = 1024 * (1 - (1023 / 1024) ** 256)
     want_bytes = {"fp32": int(6 * rows_hit * 16 * 4 + 5 * 32 * 16 * 4)}
-    want_bytes["bf16"] = int(6 * rows_hit * 16 * 2 + 5 * 32 * 16 * 2)
-    assert 220 < rows_hit < 230 and want_bytes["fp32"] == 2 * want_bytes["bf16"]
+    assert 220 < rows_hit < 230
     # one copy measurement (best of several) is the roofline of every row; no speed threshold:
     # a busy machine copies slowly, and the ratio below is what the table reports
-    assert rows[0]["copy_bytes_per_s"] == rows[1]["copy_bytes_per_s"] > 0
     for r in rows:
-        assert r["device"] == "cpu" and r["tokens"] == 32
+        assert r["device"] == "cpu" and r["tokens"] == 32 and r["copy_bytes_per_s"] > 0
         assert r["bytes_moved"] == want_bytes[r["dtype"]]
         want = r["bytes_moved"] / r["copy_bytes_per_s"] / r["seconds"]
         assert r["roofline_fraction"] == pytest.approx(want) and 0 < want < 1
