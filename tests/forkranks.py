@@ -13,12 +13,14 @@ The server keeps the environment it started with: what a rank needs is passed an
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import random
 import socket
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -32,15 +34,11 @@ PRELOAD = ["torch", "torch.distributed.checkpoint", "deepspeed", "peer_dist.ops"
            "torch._inductor", "torch.onnx", "torch.utils.tensorboard", "torch.utils.cpp_extension",
            "torch.distributed.checkpoint._fsspec_filesystem", "deepspeed.ops.op_builder.all_ops",
            "deepspeed.ops.triton_ops", "numpy.random", "multiprocessing.pool"]
-_ctx: list = []
-
-
+@functools.cache
 def context():
-    if not _ctx:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        _ctx.append(ctx)
-    return _ctx[0]
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def _child(target: Callable, rank: int, world: int, args: tuple, environ: dict,
@@ -97,8 +95,6 @@ def start(target: Callable, world: int, args: tuple, env_of: Callable[[int], dic
 
 def join(procs: list, timeout_s: float) -> list[int]:
     """Exit codes; processes still running after timeout_s are killed (code -9)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
