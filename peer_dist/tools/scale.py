@@ -835,6 +835,17 @@ def trainer_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     return (["--config", args.config] if args.config else []) + overrides
 
 
+def launch(world: int, argv: list[str], env: dict, timeout: float) -> tuple[int, str]:
+    """`peer-train ARGV` on `world` ranks in fresh processes (a peak RSS is a process's own
+    from its start): through torchrun for several ranks, one rank without a launcher. Its exit
+    code and output."""
+    launcher = [] if world == 1 else [
+        "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    proc = subprocess.run([sys.executable, *launcher, "-m", "peer_dist.train", *argv], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> dict:
     """One launch of peer-train (through torchrun for several ranks); returns what it
     measured (see read_run)."""
@@ -842,17 +853,13 @@ def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> 
             f"t{s.tokens_per_rank}_{s.strategy}_{s.table_optimizer}")
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    # one rank needs no launcher (and no second Python process)
-    launcher = [] if s.world_size == 1 else [
-        "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={s.world_size}"]
-    cmd = [sys.executable, *launcher, "-m", "peer_dist.train",
-           *trainer_argv(args, trainer_overrides(s, args, run_dir, data))]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise SystemExit(f"peer-scale measure: the run {name} failed (exit {proc.returncode}):"
+    argv = trainer_argv(args, trainer_overrides(s, args, run_dir, data))
+    code, output = launch(s.world_size, argv, env, args.timeout)
+    if code != 0:
+        tail = output[-3000:]
+        raise SystemExit(f"peer-scale measure: the run {name} failed (exit {code}):"
                          f"\n{tail}")
     out = read_run(run_dir)
     out["wall_s"] = time.perf_counter() - t0

@@ -1,14 +1,21 @@
-"""peer-scale measure on a tiny grid: torchrun runs of the real trainer (2 gloo ranks, CPU),
-each measurement beside its prediction; the table, CSV, plot and TensorBoard files are written."""
+"""peer-scale measure, calibrate and plan --check on tiny grids: runs of the real trainer (2
+gloo ranks, CPU), each measurement beside its prediction; the table, CSV, plot and TensorBoard
+files are written. plan --check launches its runs as users do (torchrun, fresh processes);
+measure and calibrate, whose subject is the grid, the fit and the rows, run theirs on ranks
+forked from the tests' warm server (tests/forkranks.py): ~1 s a point instead of ~4-10 s. A
+forked rank's peak RSS counts the server's pages, so those tests keep a runtime of their own."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
+import forkranks
 import pytest
 
+from peer_dist.tools import scale
 from peer_dist.tools.scale import main
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -27,15 +34,43 @@ def _own_cache(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def uncalibrated(tmp_path_factory):
-    """A cache without a calibration, shared by measure and plan --check: the runtime of a
-    2-rank fp32 ZeRO-0 run on tiny.yaml, measured by the first of them, serves both."""
-    return tmp_path_factory.mktemp("uncalibrated")
+def _forked_launch(world: int, argv: list[str], env: dict, timeout: float) -> tuple[int, str]:
+    with tempfile.TemporaryDirectory(prefix="peer_scale_") as tmp:
+        log = Path(tmp) / "log"
+        code = forkranks.train(world, argv, log, env, timeout)
+        return code, log.read_text() if log.exists() else ""
 
 
-def test_measure_tiny_grid(tmp_path, capsys, monkeypatch, uncalibrated):
-    _own_cache(uncalibrated, monkeypatch)  # no calibration: the runtime by a minimal run, here
+@pytest.fixture
+def forked(monkeypatch):
+    """peer-scale's points run on forked ranks (the launch itself: plan --check below)."""
+    calls = []
+
+    def launch(world, argv, env, timeout):
+        calls.append(world)
+        return _forked_launch(world, argv, env, timeout)
+
+    monkeypatch.setattr(scale, "launch", launch)
+    return calls
+
+
+def test_plan_check_runs_the_best_setting(tmp_path, capsys, monkeypatch):
+    _own_cache(tmp_path, monkeypatch)
+    main(["plan", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2",
+          "--gpu-mem-gib", "4", "--dtype", "fp32", "--micro-batch", "1,4", "--num-experts",
+          "16384", "--check", "--steps", "2", "--data", str(tmp_path / "data"), "--json"])
+    out = capsys.readouterr().out
+    # a tiny dense part: ZeRO 1-2 buckets (2^20 values) outweigh what they partition
+    assert "plan --check: ep=1 zero=0 micro_batch=4 lazy_adam, 2 ranks here" in out
+    row = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert row["tokens_per_rank"] == 4 * 32 and row["zero_stage"] == 0
+    # the runtime from a minimal run through torchrun, then the point: fresh processes
+    assert row["runtime_source"] == "minimal run" and row["runtime"] > 0
+    assert abs(row["peak_rel_err"]) < 0.10, row
+
+
+def test_measure_tiny_grid(tmp_path, capsys, monkeypatch, forked):
+    _own_cache(tmp_path, monkeypatch)  # no calibration: the runtime by a minimal run, here
     main(["measure", "--config", str(TINY), "--num-experts", "4096", "--dim", "32",
           "--ep", "1,2", "--world-size", "2", "--tokens-per-rank", "128", "--steps", "3",
           "--data-bytes", "300000", "--out", str(tmp_path), "--json"])
@@ -61,8 +96,9 @@ def test_measure_tiny_grid(tmp_path, capsys, monkeypatch, uncalibrated):
         assert r["modelled_bytes_measured"] == r["peak_bytes_per_rank_measured"] - r["runtime"]
         assert r["modelled_rel_err"] == pytest.approx(
             r["modelled_bytes_predicted"] / r["modelled_bytes_measured"] - 1)
-    cache = json.loads((uncalibrated / "cache" / "peer_dist" / "runtime_bytes.json").read_text())
+    cache = json.loads((tmp_path / "cache" / "peer_dist" / "runtime_bytes.json").read_text())
     assert len(cache) == 1 and list(cache.values())[0] == rows[0]["runtime"]  # measured once
+    assert forked == [2, 2, 2]  # the minimal run, then the two points
     # EP = 2 halves the measured shard and moves bytes; EP = 1 moves none
     one, two = (r["expert_bytes_per_rank_measured"] for r in rows)
     assert two < 0.6 * one
@@ -74,7 +110,7 @@ def test_measure_tiny_grid(tmp_path, capsys, monkeypatch, uncalibrated):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-def test_calibrate_then_measure_apart(tmp_path, capsys, monkeypatch):
+def test_calibrate_then_measure_apart(tmp_path, capsys, monkeypatch, forked):
     """calibrate fits the runtime, the scratch per token and per selection on 4 points and
     stores them with their provenance; measure with that file marks a calibrated point
     `calibration` and a new one `validation`, and predicts the new one's peak within 5%."""
@@ -110,15 +146,3 @@ def test_calibrate_then_measure_apart(tmp_path, capsys, monkeypatch):
         main(["measure", *common, "--num-experts", "4096", "--calibration",
               str(tmp_path / "none.json")])
 
-
-def test_plan_check_runs_the_best_setting(tmp_path, capsys, monkeypatch, uncalibrated):
-    _own_cache(uncalibrated, monkeypatch)
-    main(["plan", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2",
-          "--gpu-mem-gib", "4", "--dtype", "fp32", "--micro-batch", "1,4", "--num-experts",
-          "16384", "--check", "--steps", "2", "--data", str(tmp_path / "data"), "--json"])
-    out = capsys.readouterr().out
-    # a tiny dense part: ZeRO 1-2 buckets (2^20 values) outweigh what they partition
-    assert "plan --check: ep=1 zero=0 micro_batch=4 lazy_adam, 2 ranks here" in out
-    row = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
-    assert row["tokens_per_rank"] == 4 * 32 and row["zero_stage"] == 0
-    assert abs(row["peak_rel_err"]) < 0.10, row
