@@ -112,7 +112,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 # workers of `pytest -n` (launch/test.sh) take files in this order, so the long ones start
 # early and the many short unit files fill the end instead of one worker finishing alone.
 LONGEST_FIRST = ("test_scale_measure.py", "test_chaos.py", "test_faults.py", "test_preempt.py",
-                 "test_restart.py", "test_checkpoint_faults.py", "test_node_dispatch.py",
+                 "test_checkpoint_faults.py", "test_node_dispatch.py",
                  "test_train_cli.py", "test_parity.py", "test_triton_compile.py")
 
 

@@ -1,7 +1,10 @@
 """peer-chaos, the short version: the driver injects faults at random steps into a real
 2-rank run, and the final state must equal an uninterrupted run's bit for bit (here one made
 on forked ranks, handed over with --reference). The soak (`peer-chaos --faults 20`) is a
-command people run; here two faults."""
+command people run; here two faults: a preemption (the job stopped by SIGTERM, relaunched)
+and a rank SIGKILLed mid-run, which torchrun's agent restarts (--max-restarts): the restarted
+ranks resume from the newest checkpoint, the steps after it run again, the history keeps each
+step once and every step's loss is the uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -70,3 +73,13 @@ def test_chaos_run_survives_and_is_bit_exact(runs, tmp_path):
     assert result["faults"][0]["redone"] == 0  # the preempted run saved where it stopped
     assert 0 <= result["max_steps_redone"] <= result["checkpoint_interval"] == 3
     assert "verdict PASS" in proc.stdout
+    # the restart after the kill: from the newest checkpoint at or before the killed step
+    kill = result["faults"][1]
+    assert kill["resumed_from"] % 3 == 0 and 0 < kill["resumed_from"] <= kill["at_step"]
+    # the steps run twice are logged once, each with the uninterrupted run's loss
+    rows = [json.loads(line) for line in
+            (tmp_path / "chaos" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "train" and "loss" in r]
+    assert steps == list(range(1, 25))
+    losses = {r["step"]: r["loss"] for r in rows if r["kind"] == "train" and "loss" in r}
+    assert losses == reference["losses"]
