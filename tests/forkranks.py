@@ -121,10 +121,11 @@ def run(target: Callable, world: int, args: tuple = (), timeout_s: float = 300) 
                                f"{timeout_s:g} s): {bad}")
 
 
-def _peer_train(rank: int, world: int, argv: list[str]) -> int:
-    from peer_dist.train.__main__ import main
+def _peer_train(rank: int, world: int, argv: list[str],
+                module: str = "peer_dist.train.__main__") -> int:
+    import importlib
 
-    return main(argv)
+    return importlib.import_module(module).main(argv)
 
 
 def torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
@@ -135,22 +136,24 @@ def torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
                 TORCHELASTIC_RUN_ID=f"forkranks{port}", TORCHELASTIC_RESTART_COUNT="0")
 
 
-def _peer_train_per_rank(rank: int, world: int, argvs: list[list[str]]) -> int:
-    return _peer_train(rank, world, argvs[rank])
+def _peer_train_per_rank(rank: int, world: int, argvs: list[list[str]], module: str) -> int:
+    return _peer_train(rank, world, argvs[rank], module)
 
 
 def train(nproc: int, argv: list[str] | list[list[str]], log: Path, environ: dict,
-          timeout_s: float, while_running: Callable[[list], None] | None = None) -> int:
+          timeout_s: float, while_running: Callable[[list], None] | None = None,
+          module: str = "peer_dist.train.__main__") -> int:
     """The rank side of `peer-train ARGV` on nproc ranks (one: no torchrun variables, as
     `peer-train` without --nproc); a list of argument lists gives each rank its own (as two
     nodes started with different arguments). Output appended to `log`; while_running(procs)
     is called once the ranks started (to signal one of them, say). The highest exit code, as
-    torchrun reports a failed job (a killed rank: 137)."""
+    torchrun reports a failed job (a killed rank: 137). `module`: another command's rank side
+    (its main(argv)), as peer-sample's."""
     port = free_port()
     per_rank = bool(argv) and isinstance(argv[0], list)
     target = _peer_train_per_rank if per_rank else _peer_train
     with tempfile.TemporaryDirectory(prefix="peer_ranks_") as tmp:
-        procs = start(target, nproc, (argv,), lambda r: {
+        procs = start(target, nproc, (argv, module), lambda r: {
             **environ, **(torchrun_env(r, nproc, port) if nproc > 1 else {})}, tmp, str(log))
         try:
             if while_running is not None:

@@ -9,12 +9,14 @@ import json
 import subprocess
 import sys
 
+import forkranks
 import pytest
 import torch
 from train_cli_helpers import ROOT, check, env
 
 from peer_dist.data import TokenDataset
 from peer_dist.model.transformer import lm_loss
+from peer_dist.tools import sample as sample_tool
 from peer_dist.tools.export import load_exported, load_from_checkpoint
 from peer_dist.tools.sample import generate, load_tokenizer_of
 
@@ -55,11 +57,19 @@ def test_exported_model_gives_the_checkpoint_logits(runs, tmp_path):
     assert _val_loss(cfg, exported) == pytest.approx(run["summary"]["val_loss"], rel=1e-5)
 
 
-def test_sampling_on_two_ranks_draws_what_one_process_draws(runs):
+def test_sampling_on_two_ranks_draws_what_one_process_draws(runs, tmp_path):
+    """The ranks' side of `peer-sample ... --nproc 2` (the command line its launcher hands
+    them, run on forked ranks; the launcher is peer-train's, tested through its CLI)."""
     run = runs.get(2, *BASE)
     args = ["--checkpoint", str(run["run_dir"]), "--prompt", "def f(", "--tokens", "12",
-            "--temperature", "1.0", "--top-k", "20", "--seed", "3", "--json"]
-    two = json.loads(_cli("peer_dist.tools.sample", *args, "--nproc", "2").stdout)
+            "--temperature", "1.0", "--top-k", "20", "--seed", "3", "--json", "--nproc", "2"]
+    argv = sample_tool.rank_args(sample_tool.build_parser().parse_intermixed_args(args))
+    assert "--nproc" not in " ".join(argv) and all("=" in a for a in argv if a != "--json")
+    log = tmp_path / "ranks.log"
+    code = forkranks.train(2, argv, log, env(), 240, module="peer_dist.tools.sample")
+    out = log.read_text()
+    assert code == 0, out[-3000:]
+    two = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     cfg, model = load_from_checkpoint(run["run_dir"])
     tok = load_tokenizer_of(cfg)
     prompt = [int(i) for i in tok.encode("def f(")]
