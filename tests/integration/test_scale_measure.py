@@ -1,14 +1,17 @@
-"""peer-scale measure, calibrate and plan --check on tiny grids: runs of the real trainer (2
-gloo ranks, CPU), each measurement beside its prediction; the table, CSV, plot and TensorBoard
-files are written. plan --check launches its runs as users do (torchrun, fresh processes);
+"""peer-scale measure, calibrate and plan --check on tiny grids: runs of the real trainer (gloo
+ranks, CPU), each measurement beside its prediction; the table, CSV, plot and TensorBoard files
+are written. plan --check launches its runs as users do (fresh processes, one rank here);
 measure and calibrate, whose subject is the grid, the fit and the rows, run theirs on ranks
 forked from the tests' warm server (tests/forkranks.py): ~1 s a point instead of ~4-10 s. A
-forked rank's peak RSS counts the server's pages, so those tests keep a runtime of their own."""
+forked rank's peak RSS counts the server's pages, so those tests keep a runtime of their own.
+The command that launches several ranks (torchrun) is checked as a command line."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,17 +59,38 @@ def forked(monkeypatch):
 
 def test_plan_check_runs_the_best_setting(tmp_path, capsys, monkeypatch):
     _own_cache(tmp_path, monkeypatch)
-    main(["plan", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "2",
+    main(["plan", "--config", str(TINY), "--nodes", "1", "--gpus-per-node", "1",
           "--gpu-mem-gib", "4", "--dtype", "fp32", "--micro-batch", "1,4", "--num-experts",
           "16384", "--check", "--steps", "2", "--data", str(tmp_path / "data"), "--json"])
     out = capsys.readouterr().out
     # a tiny dense part: ZeRO 1-2 buckets (2^20 values) outweigh what they partition
-    assert "plan --check: ep=1 zero=0 micro_batch=4 lazy_adam, 2 ranks here" in out
+    assert "plan --check: ep=1 zero=0 micro_batch=4 lazy_adam, 1 ranks here" in out
     row = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert row["tokens_per_rank"] == 4 * 32 and row["zero_stage"] == 0
-    # the runtime from a minimal run through torchrun, then the point: fresh processes
+    # the runtime from a minimal run, then the point: each a fresh process
     assert row["runtime_source"] == "minimal run" and row["runtime"] > 0
     assert abs(row["peak_rel_err"]) < 0.10, row
+
+
+def test_several_ranks_launch_through_torchrun(monkeypatch):
+    """A point of world size 2 is `python -m torch.distributed.run --standalone
+    --nproc-per-node=2 -m peer_dist.train ARGV` (the command the CLI tests run), one rank the
+    trainer alone; the exit code and the output both streams come back."""
+    seen = []
+
+    def run(cmd, **kw):
+        seen.append((cmd, kw))
+        return subprocess.CompletedProcess(cmd, 3, "out\n", "err\n")
+
+    monkeypatch.setattr(scale.subprocess, "run", run)
+    env = {"A": "1"}
+    assert scale.launch(2, ["--config", "x.yaml"], env, 7.0) == (3, "out\nerr\n")
+    assert scale.launch(1, ["--config", "x.yaml"], env, 7.0)[0] == 3
+    (two, kw), (one, _) = seen
+    assert two == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node=2", "-m", "peer_dist.train", "--config", "x.yaml"]
+    assert one == [sys.executable, "-m", "peer_dist.train", "--config", "x.yaml"]
+    assert kw["env"] is env and kw["timeout"] == 7.0 and kw["capture_output"]
 
 
 def test_measure_tiny_grid(tmp_path, capsys, monkeypatch, forked):
