@@ -234,22 +234,29 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
                    fresh_bytes_per_s=consts.get("fresh_bytes_per_s", 0.0),
                    gather_bytes_per_s=consts.get("gather_bytes_per_s", 0.0),
                    sync_bytes_per_s=_sync_rate(args, topo, consts),
+                   sync_fetch_bytes_per_s=_sync_rate(args, topo, consts, "fetch"),
                    allreduce_bytes_per_s=consts.get("allreduce_bytes_per_s", 0.0),
                    name="this machine")  # core sharing is in the measured constants
     return cm.predict_step(layer, c, topo.ep, strategy, _chunks(strategy, args))[
         "step_s_predicted"]
 
 
-def _sync_rate(args, topo, consts: dict) -> float:
+def _sync_rate(args, topo, consts: dict, strategy: str = "local") -> float:
     """The probe's measured sync seconds as a rate over the bytes the model says it streams
-    (probe_mix: a world of one over a shard's rows, T*S selections)."""
+    (probe_mix: a world of one over a shard's rows; T*S selections, or for fetch one row
+    gradient per served row)."""
     from peer_dist.tools import cluster_model as cm
 
-    if not consts.get("sync_s"):
+    key = "sync_fetch_s" if strategy == "fetch" else "sync_s"
+    if not consts.get(key):
         return 0.0
     probe = cm.Layer(-(-args.num_experts // topo.ep), args.dim, args.heads * args.topk,
                      args.tokens, elem=4, optimizer=False)
-    return cm.sync_bytes(probe, 1, "local") / consts["sync_s"]
+    if strategy == "fetch":  # the whole layer's distinct rows, served by the shard's owner
+        full = cm.Layer(args.num_experts, args.dim, args.heads * args.topk, args.tokens,
+                        elem=4, optimizer=False)
+        return cm.sync_bytes(full, topo.ep, "fetch") / consts[key]
+    return cm.sync_bytes(probe, 1, "local") / consts[key]
 
 
 def _chunks(strategy: str, args) -> int:
@@ -362,8 +369,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     topo = Topology.build(args.ep)
     links = {**probe_links(topo), "stream_bytes_per_s": probe_stream(topo),
-             "fresh_bytes_per_s": probe_fresh(topo),
-             "gather_bytes_per_s": probe_gather(topo, args.dim)}
+             "fresh_bytes_per_s": probe_fresh(topo)}
     for strategy in args.strategies.split(","):
         if strategy == "node_dispatch" and topo.nodes == 1:
             continue  # one node: dispatch with more counts
@@ -383,11 +389,27 @@ def worker(args: argparse.Namespace) -> None:
     os._exit(0)
 
 
-def probe_mix(args: argparse.Namespace, rows: int, reps: int = 3) -> tuple[float, float]:
-    """One rank's step without messages, timed in two parts: seconds per token of the mix over
-    a table of `rows` rows, forward + backward with sparse table gradients; seconds of the
-    gradient sync's own code on them (coalesce and scale; a world of one: nothing travels),
-    which the model prices apart (fetch's owner coalesces fewer rows, replicated none)."""
+def served_rows(args: argparse.Namespace, rows: int, ep: int, g: torch.Generator) -> torch.Tensor:
+    """What fetch's owner serves per step from a shard of `rows` rows: each of the EP group's
+    members asks for its share of its distinct rows (R / EP, the model's count), ascending
+    within a member's block, as plan_fetch sends them."""
+    from peer_dist.tools import cluster_model as cm
+
+    layer = cm.Layer(args.num_experts, args.dim, args.heads * args.topk, args.tokens, elem=4,
+                     optimizer=False)
+    each = min(rows, round(cm.distinct_rows(layer) / ep))
+    return torch.cat([torch.randperm(rows, generator=g)[:each].sort().values
+                      for _ in range(ep)])
+
+
+def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3) -> dict:
+    """One rank's step without messages over a table of `rows` rows (its shard), timed in
+    parts, each priced apart by the model: seconds per token of the mix, forward + backward
+    with sparse table gradients; seconds of the gradient sync's own code on them (coalesce and
+    scale; a world of one: nothing travels); and fetch's owner's own two phases at its shape,
+    which run at other rates per byte than those (rows at random from the whole shard: a page
+    and a TLB miss per row): the served rows gathered (u[served], v[served]) and the sync of
+    the row gradients that come back, one per served row."""
     from types import SimpleNamespace
 
     from peer_dist.model.peer import ExpertTables, init_rows
@@ -399,17 +421,33 @@ def probe_mix(args: argparse.Namespace, rows: int, reps: int = 3) -> tuple[float
             for s in tables.table_seeds())
     alone = SimpleNamespace(topo=SimpleNamespace(dp=1, world_size=1),
                             shard=SimpleNamespace(params=lambda: [u, v]))
-    mix, sync = [], []
+    g = torch.Generator().manual_seed(7)
+    times: dict[str, list[float]] = {"mix": [], "sync": [], "gather": [], "sync_fetch": []}
     for step in range(reps + 1):
         x, ids, gates = _inputs(args, 0, step, torch.device("cpu"))
         t0 = time.perf_counter()
         peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True).square().mean().backward()
         t1 = time.perf_counter()
         sync_layer_grads(alone)
-        mix.append(t1 - t0)
-        sync.append(time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        served = served_rows(args, rows, ep, g)
+        t3 = time.perf_counter()
+        got = [t.detach()[served] for t in (u, v)]
+        t4 = time.perf_counter()
+        for t, rows_of in zip((u, v), got, strict=True):  # as LookupRows.backward makes them
+            t.grad = torch.sparse_coo_tensor(served[None], rows_of, t.shape,
+                                             check_invariants=False)
+        t5 = time.perf_counter()
+        sync_layer_grads(alone)
+        t6 = time.perf_counter()
+        for k, dt in (("mix", t1 - t0), ("sync", t2 - t1), ("gather", t4 - t3),
+                      ("sync_fetch", t6 - t5)):
+            times[k].append(dt)
         u.grad = v.grad = None
-    return statistics.median(mix[1:]) / args.tokens, statistics.median(sync[1:])
+    med = {k: statistics.median(t[1:]) for k, t in times.items()}
+    return {"mix_s_per_token": med["mix"] / args.tokens, "sync_s": med["sync"],
+            "gather_s": med["gather"], "sync_fetch_s": med["sync_fetch"],
+            "served_rows": int(served.numel())}
 
 
 def probe_stream(topo, mib: int = 64, reps: int = 3) -> float:
@@ -446,36 +484,20 @@ def probe_fresh(topo, mib: int = 64, reps: int = 7) -> float:
     return (mib << 20) / float(t)
 
 
-def probe_gather(topo, dim: int, mib: int = 64, reps: int = 7) -> float:
-    """Bytes per second one rank gathers into a new buffer: a quarter of the rows of a mib MiB
-    table (rows of dim float32), at random ascending positions, as fetch's owner serves
-    u[served] (random rows cost more than streaming: a page per row); every rank at once,
-    the slowest rank's figure."""
-    import torch.distributed as dist
-
-    table = torch.ones((mib << 18) // dim, dim)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(table.shape[0], generator=g)[:table.shape[0] // 4].sort().values
-    dist.barrier()
-    times = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        table[idx]
-        times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return idx.numel() * dim * 4 / float(t)
-
-
 def probe_mix_world(args: argparse.Namespace, topo) -> dict:
     """probe_mix on every rank at once, over a shard's rows (the ranks share the cores as in
     the steps that follow): the slowest rank's figures, the model's compute constants."""
     import torch.distributed as dist
 
     dist.barrier()
-    t = torch.tensor(probe_mix(args, -(-args.num_experts // topo.ep)), dtype=torch.float64)
+    got = probe_mix(args, -(-args.num_experts // topo.ep), topo.ep)
+    keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s")
+    t = torch.tensor([got[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return {"mix_s_per_token": float(t[0]), "sync_s": float(t[1])}
+    out = dict(zip(keys, t.tolist(), strict=True))
+    # fetch's gather as a rate: both tables' served rows per second
+    out["gather_bytes_per_s"] = got["served_rows"] * 2 * args.dim * 4 / out.pop("gather_s")
+    return out
 
 
 # ---------------------------------------------------------------- launcher and report

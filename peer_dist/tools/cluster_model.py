@@ -75,6 +75,9 @@ class Cluster:
     allreduce_bytes_per_s: float = 0.0
     # rows gathered at random into a new buffer (fetch's owner): 0 = fresh_bytes_per_s
     gather_bytes_per_s: float = 0.0
+    # fetch's sync (one row gradient per served row, from random rows of the whole shard):
+    # 0 = sync_bytes_per_s
+    sync_fetch_bytes_per_s: float = 0.0
     name: str = "custom"
 
     @property
@@ -257,8 +260,9 @@ def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float) ->
     fresh = c.fresh_bytes_per_s or stream
     seconds = (work / kernel + fresh_bytes(layer, strategy) / fresh
                + gathered_bytes(layer, strategy) / (c.gather_bytes_per_s or fresh))
-    if c.sync_bytes_per_s:
-        seconds += sync_bytes(layer, ep, strategy) / c.sync_bytes_per_s
+    sync_rate = (c.sync_fetch_bytes_per_s if strategy == "fetch" else 0.0) or c.sync_bytes_per_s
+    if sync_rate:
+        seconds += sync_bytes(layer, ep, strategy) / sync_rate
     if strategy == "replicated" and not c.allreduce_bytes_per_s:
         # the dense gradients read by the all-reduce (2 N D); a measured all-reduce rate has
         # its reads and sums in it

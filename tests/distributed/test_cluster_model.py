@@ -4,6 +4,7 @@ small enough to add by hand, and what it says about layouts at the paper's layer
 from __future__ import annotations
 
 import pytest
+import torch
 
 from peer_dist.errors import UserError
 from peer_dist.parallel.cost import LayerShape, predict_by_link
@@ -138,3 +139,26 @@ def test_measured_rates_price_fetch_replicated_and_the_sync() -> None:
                             ep=2, strategy="fetch")
     assert plain["compute_s"] == pytest.approx(fetch["compute_s"] - r * row / 5e5
                                                + r * row / 1e6)
+    # fetch's own sync rate, where measured, prices fetch's sync and nothing else's
+    own = cm.Cluster(**{**c.__dict__, "sync_fetch_bytes_per_s": 4e6})
+    assert cm.predict_step(layer, own, ep=2, strategy="fetch")["compute_s"] == pytest.approx(
+        fetch["compute_s"] - (r + 3 * touched) * row / 2e6 + (r + 3 * touched) * row / 4e6)
+    assert cm.predict_step(layer, own, ep=2, strategy="dispatch")["compute_s"] == (
+        pytest.approx(disp["compute_s"]))
+
+
+def test_fetch_probe_serves_each_members_share_of_its_distinct_rows() -> None:
+    """probe_mix's fetch phases run at the model's shape: from a shard of 1,000 rows, each of
+    EP = 4 members asks for R / 4 rows, ascending within its block (R: the model's distinct
+    rows of 64 tokens x 8 selections of N = 4,000)."""
+    import argparse
+
+    from peer_dist.tools.bench_dist import served_rows
+
+    args = argparse.Namespace(num_experts=4000, dim=8, heads=2, topk=4, tokens=64)
+    r = 4000 * (1 - (1 - 1 / 4000) ** (64 * 8))
+    served = served_rows(args, 1000, 4, torch.Generator().manual_seed(0))
+    each = round(r / 4)
+    assert served.numel() == 4 * each and 0 <= int(served.min()) and int(served.max()) < 1000
+    for block in served.view(4, each):
+        assert torch.equal(block, block.sort().values) and block.unique().numel() == each
