@@ -37,6 +37,8 @@ class CommStats:
     strategy_calls: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # tokens this rank sent through the layer
     stage_seconds: dict[str, float] = field(default_factory=dict)  # forward, by stage
+    grad_rows: int = 0  # rows of the shard's U gradient after each sync, summed over syncs
+    grad_syncs: int = 0
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -81,6 +83,8 @@ class CommStats:
             "tokens": self.tokens,
             "strategy_calls": dict(self.strategy_calls),
             "stage_seconds": dict(self.stage_seconds),
+            # rows of the shard's gradient per step (what routing touched; memory/grad terms)
+            "grad_rows": self.grad_rows / self.grad_syncs if self.grad_syncs else 0.0,
         }
 
     def reset(self) -> None:

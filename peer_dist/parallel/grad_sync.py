@@ -32,11 +32,15 @@ def sync_expert_grads(model: nn.Module) -> None:
 def sync_layer_grads(m: ShardedExperts) -> None:
     """sync_expert_grads for one sharded layer."""
     topo = m.topo
-    for p in m.shard.params():
+    for i, p in enumerate(m.shard.params()):
         g = _as_sparse(p)
         if topo.dp > 1:
             g = reduce_rows(g, topo.dp_group, topo.dp)
         p.grad = g * (1.0 / topo.world_size)
+        stats = getattr(m, "stats", None)
+        if i == 0 and stats is not None:  # the rows routing touched in this shard (U's = V's)
+            stats.grad_rows += g._nnz()
+            stats.grad_syncs += 1
 
 
 def _as_sparse(p: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ disjoint validation grid.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from peer_dist.config import BN_SYNC, TABLE_OPTIMIZERS, ModelConfig, OptimConfig, ParallelConfig
 from peer_dist.config import STRATEGIES as PARALLEL_STRATEGIES
@@ -88,6 +88,9 @@ class Setup:
     # bytes per selection and PEER layer by kind (local | fetch | dispatch); None: the stored
     # SELECTION_SCRATCH. A calibration file's values when one is given.
     scratch: dict[str, int] | None = None
+    # routing: the row-counting terms draw selections uniformly from this many rows; 0 = all N
+    # (uniform routing, the upper estimate). A run's own routing gives it (routing_pool_for).
+    routing_pool: float = 0.0
 
     def validate(self) -> Setup:
         self.model.validate()
@@ -157,6 +160,29 @@ def expected_unique(pool: int, draws: float) -> float:
     return pool * -math.expm1(draws * math.log1p(-1.0 / pool))
 
 
+def pool(s: Setup) -> float:
+    """Rows the selections are drawn from: N under uniform routing, fewer where routing
+    concentrates (Setup.routing_pool)."""
+    return min(float(s.n), s.routing_pool) if s.routing_pool > 0 else float(s.n)
+
+
+def routing_pool_for(s: Setup, grad_rows: float) -> float:
+    """The pool of rows that makes touched_rows(s) equal a run's measured rows of its shard's
+    gradient: the run's routing summed up in one number (N when the run touched as many rows
+    as uniform routing would, or more)."""
+    uniform = touched_rows(replace(s, routing_pool=0.0))
+    if grad_rows >= uniform:
+        return float(s.n)
+    lo, hi = 1.0, float(s.n)
+    for _ in range(100):  # touched_rows grows with the pool
+        mid = math.sqrt(lo * hi)
+        if touched_rows(replace(s, routing_pool=mid)) < grad_rows:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def expert_param_bytes(s: Setup) -> int:
     return rows_per_rank(s.n, s.ep) * s.d * 2 * s.layers * s.table_elem
 
@@ -174,7 +200,7 @@ def touched_rows(s: Setup) -> float:
     """Expected rows of this rank's shard that get a gradient in one step (per table, layer):
     every rank's tokens (T*W*S draws) can select a row, and the owner sums them all."""
     rows = rows_per_rank(s.n, s.ep)
-    return min(float(rows), rows * expected_unique(s.n, s.tokens_per_rank * s.world_size
+    return min(float(rows), rows * expected_unique(pool(s), s.tokens_per_rank * s.world_size
                                                    * s.selections) / s.n)
 
 
@@ -345,7 +371,7 @@ def a2a_bytes(s: Setup) -> int:
     f = (s.ep - 1) / s.ep
     t, d, e, sel = s.tokens_per_rank, s.d, s.elem, s.selections
     if s.strategy == "fetch":
-        kept = cost.expected_distinct(s.n, t * sel) * 2 * d * s.table_elem
+        kept = expected_unique(pool(s), t * sel) * 2 * d * s.table_elem
     else:
         pairs = t * _layer_shape(s).owners_touched() * f
         kept = pairs * d * e + t * sel * f * (cost.meta_bytes(e) + 2 * e)
@@ -356,7 +382,7 @@ def replica_rows(s: Setup) -> float:
     """Expected rows of the largest shard one DP replica's gradient touches before the DP sum:
     its EP group's tokens, T * E * S draws (touched_rows counts the whole world's)."""
     rows = rows_per_rank(s.n, s.ep)
-    return min(float(rows), rows * expected_unique(s.n, s.tokens_per_rank * s.ep
+    return min(float(rows), rows * expected_unique(pool(s), s.tokens_per_rank * s.ep
                                                    * s.selections) / s.n)
 
 

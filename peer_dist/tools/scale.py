@@ -882,6 +882,8 @@ def read_run(run_dir: Path) -> dict:
     steps = [r["step_seconds"] for r in train if "step_seconds" in r][1:]  # skip warm-up step
     sent = [sum(v for k, v in r.items() if k.startswith("comm/") and k.endswith("/bytes_sent"))
             for r in train if any(k.startswith("comm/") for k in r)]
+    rows = [max(v for k, v in r.items() if k.endswith("/grad_rows")) for r in train
+            if any(k.endswith("/grad_rows") for k in r)]
     last = next((r for r in reversed(train) if any(k.startswith("memory/") for k in r)), {})
     cuda = [v for k, v in last.items() if k.endswith("/cuda_peak_allocated_mib")]
     rss_train = [v for k, v in last.items() if k.endswith("/peak_rss_mib")]
@@ -892,7 +894,10 @@ def read_run(run_dir: Path) -> dict:
             "peak_source": "cuda_max_allocated" if cuda else "peak_rss",
             "run_peak_rss_bytes_per_rank": round(rss_run),
             "step_s": statistics.median(steps) if steps else None,
-            "bytes_moved_per_step": statistics.median(sent) if sent else None}
+            "bytes_moved_per_step": statistics.median(sent) if sent else None,
+            # rows of rank 0's shard gradient per step, the largest layer's (what routing
+            # touched; the uniform model's count is grad_rows_predicted)
+            "grad_rows_measured": max(rows) if rows else None}
 
 
 def _cache_file(name: str = "runtime_bytes.json") -> Path:
@@ -997,7 +1002,21 @@ def measure_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path,
     row.update(run_point(s, args, work / "runs", data))
     row.update(split=split, runtime_source=source,
                calibration=cal["file"] if cal else "stored constants")
+    given_routing(s, row)
     return add_errors(row)
+
+
+def given_routing(s: mm.Setup, row: dict) -> None:
+    """The model again with the run's own routing (its measured gradient rows summed up as a
+    pool of rows, memory_model.routing_pool_for) in place of uniform routing: what the
+    memory accounting gets right once routing is known, apart from how routing is predicted.
+    Sets s.routing_pool; nothing without a measured row count."""
+    row["grad_rows_predicted"] = mm.touched_rows(s)
+    if not row.get("grad_rows_measured"):
+        return
+    s.routing_pool = mm.routing_pool_for(s, row["grad_rows_measured"])
+    row["routing_pool"] = s.routing_pool
+    row["peak_bytes_given_routing_predicted"] = mm.breakdown(s)["total"]
 
 
 def add_errors(row: dict) -> dict:
@@ -1011,13 +1030,20 @@ def add_errors(row: dict) -> dict:
     row["modelled_bytes_measured"] = peak - row["runtime"]
     row["modelled_rel_err"] = (row["modelled_bytes_predicted"]
                                / max(1, row["modelled_bytes_measured"]) - 1.0)
+    if "peak_bytes_given_routing_predicted" in row:
+        given = row["peak_bytes_given_routing_predicted"]
+        row["peak_rel_err_given_routing"] = given / peak - 1.0
+        row["modelled_rel_err_given_routing"] = ((given - row["runtime"])
+                                                 / max(1, row["modelled_bytes_measured"]) - 1.0)
     return row
 
 
 MEASURE_KEYS = ("split", "expert_bytes_per_rank_predicted", "expert_bytes_per_rank_measured",
                 "expert_rel_err", "runtime", "peak_bytes_per_rank_predicted",
                 "peak_bytes_per_rank_measured", "peak_rel_err", "modelled_bytes_predicted",
-                "modelled_bytes_measured", "modelled_rel_err", "step_s",
+                "modelled_bytes_measured", "modelled_rel_err", "grad_rows_predicted",
+                "grad_rows_measured", "peak_rel_err_given_routing",
+                "modelled_rel_err_given_routing", "step_s",
                 "a2a_bytes_moved_predicted", "bytes_moved_per_step")
 
 
@@ -1067,7 +1093,11 @@ def accuracy(rows: list[dict]) -> str:
         if not rs:
             continue
         parts = []
-        for key, name in (("peak_rel_err", "whole peak"), ("modelled_rel_err", "modelled terms")):
+        for key, name in (("peak_rel_err", "whole peak"), ("modelled_rel_err", "modelled terms"),
+                          ("peak_rel_err_given_routing", "given the run's routing: whole peak"),
+                          ("modelled_rel_err_given_routing", "modelled terms")):
+            if any(key not in r for r in rs):
+                continue
             worst = max(rs, key=lambda r, k=key: abs(r[k]))
             mean = statistics.mean(abs(r[key]) for r in rs)
             parts.append(f"{name}: worst {100 * worst[key]:+.1f}% (N={worst['num_experts']}, "
@@ -1118,11 +1148,16 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     rows = (stored_rows(args, points) if args.refit
             else run_grid(args, points, out, None, "calibrate"))
     groups = [runtime_key(s, args) for s in points]
+    for s, r in zip(points, rows, strict=True):  # fitted given each run's own routing
+        if r.get("grad_rows_measured"):
+            s.routing_pool = mm.routing_pool_for(s, r["grad_rows_measured"])
     fit = mm.fit_calibration(points, [r["peak_bytes_per_rank_measured"] for r in rows], groups)
     for s, r, g, res in zip(points, rows, groups, fit.residuals, strict=True):
         s.scratch, s.runtime_bytes = {**mm.SELECTION_SCRATCH, **fit.scratch}, fit.runtime[g]
+        s.routing_pool = 0.0  # the row's prediction: uniform routing, as measure's
         r.update(predict_row(s), split="calibration", runtime_source="calibration",
                  fit_rel_err=res)
+        given_routing(s, r)  # fit_rel_err is this one's error
         add_errors(r)
     cal = calibration_record(args, points, rows, fit, name, time.perf_counter() - t0)
     _write_json(out / "calibration.json", cal)
@@ -1173,7 +1208,8 @@ def calibration_record(args: argparse.Namespace, points: list[mm.Setup], rows: l
             "grid": name, "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "steps": args.steps, "seconds": getattr(args, "measured_s", round(seconds)),
-            "fit": "measured peak - other terms = runtime[group] + tokens * (scratch[token] "
+            "fit": "given each point's routing (its measured gradient rows as a pool of "
+                   "rows): measured peak - other terms = runtime[group] + tokens * (scratch[token] "
                    "+ selections * scratch[kind]); scratch: least squares of each point's "
                    "difference from its group's smallest point; runtime: that point exact",
             "worst_fit_rel_err": max(map(abs, fit.residuals)),

@@ -316,6 +316,8 @@ def comm_scalars(job: Job, steps: int) -> dict[str, float]:
         out[f"comm/{layer}/bytes_sent"] = s["bytes_sent"] / steps
         out[f"comm/{layer}/bytes_recv"] = s["bytes_recv"] / steps
         out[f"comm/{layer}/seconds"] = s["seconds"] / steps
+        if s["grad_rows"]:
+            out[f"comm/{layer}/grad_rows"] = s["grad_rows"]
     reset_comm_stats(job.model)
     return out
 

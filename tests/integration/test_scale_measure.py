@@ -152,9 +152,11 @@ def test_calibrate_then_measure_apart(tmp_path, capsys, monkeypatch, forked):
     assert cal["device"] == "cpu" and set(cal["selection_scratch"]) == {"local", "token"}
     assert cal["provenance"]["command"].startswith("peer-scale calibrate --config")
     assert len(cal["runtime"]) == 1 and list(cal["runtime"].values())[0] > 100 * 2 ** 20
-    for r in rows:  # the fitted constants reproduce the points they were fitted on
+    for r in rows:  # the fitted constants reproduce the points they were fitted on, given
+        # each point's own routing (its measured gradient rows)
         assert abs(r["fit_rel_err"]) < 0.03 and r["fit_rel_err"] == pytest.approx(
-            r["peak_rel_err"], abs=1e-4)
+            r["peak_rel_err_given_routing"], abs=1e-4)
+        assert 0 < r["grad_rows_measured"] <= r["grad_rows_predicted"] * 1.05
     main(["measure", *common, "--num-experts", "256,4096", "--tokens-per-rank", "1024",
           "--topk", "8", "--calibration", str(tmp_path / "cal" / "calibration.json"),
           "--out", str(tmp_path / "m"), "--json"])

@@ -448,3 +448,51 @@ def test_fetch_keeps_distinct_rows_in_the_tables_dtype():
         s = setup(n=n, d=64, heads=4, topk=8, ep=2, world_size=2, strategy="fetch",
                   tokens_per_rank=t, table_dtype=tdt)
         assert abs(mm.a2a_bytes(s) / (counted * 2 * 64 * e) - 1) < 0.01
+
+
+def _routed(strategy: str = "fetch") -> mm.Setup:
+    m = ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=32,
+                    peer_blocks="all", peer=PEERConfig(num_experts=4096, heads=2, topk=4))
+    return mm.Setup(m, ep=2, world_size=4, strategy=strategy, tokens_per_rank=128)
+
+
+def test_routing_pool_counts_rows_from_fewer_experts_and_is_found_from_a_run():
+    s = _routed()
+    # uniform: 4096 rows, 128 x 4 ranks x 8 selections drawn; the shard holds half of them
+    draws = 128 * 4 * 8
+    assert mm.touched_rows(s) == pytest.approx(2048 * 4096 * (1 - (1 - 1 / 4096) ** draws)
+                                               / 4096)
+    # routing on 1,000 rows: the same draws from them, the shard's share of those
+    few = mm.Setup(**{**s.__dict__, "routing_pool": 1000.0})
+    assert mm.touched_rows(few) == pytest.approx(2048 * 1000 * (1 - (1 - 1 / 1000) ** draws)
+                                                 / 4096)
+    assert mm.replica_rows(few) == pytest.approx(
+        2048 * 1000 * (1 - (1 - 1 / 1000) ** (128 * 2 * 8)) / 4096)
+    # fetch keeps the R rows its own tokens picked: from the pool too
+    assert mm.a2a_bytes(few) == int(2 * 1000 * (1 - (1 - 1 / 1000) ** (128 * 8)) * 2 * 32 * 4)
+    assert mm.breakdown(few)["total"] < mm.breakdown(s)["total"]
+    # a run's measured rows give back its pool; as many rows as uniform routing, or more: N
+    assert mm.routing_pool_for(s, mm.touched_rows(few)) == pytest.approx(1000.0, rel=1e-6)
+    assert mm.routing_pool_for(s, mm.touched_rows(s) + 5) == 4096.0
+    assert mm.pool(mm.Setup(**{**s.__dict__, "routing_pool": 1e9})) == 4096.0
+
+
+def test_the_gradient_sync_counts_the_rows_routing_touched():
+    from types import SimpleNamespace
+
+    import torch
+
+    from peer_dist.parallel.comm import CommStats
+    from peer_dist.parallel.grad_sync import sync_layer_grads
+
+    u, v = torch.zeros(10, 3, requires_grad=True), torch.zeros(10, 3, requires_grad=True)
+    m = SimpleNamespace(topo=SimpleNamespace(dp=1, world_size=2), stats=CommStats(),
+                        shard=SimpleNamespace(params=lambda: [u, v]))
+    for rows in ([1, 4, 4, 7], [2]):  # a row selected twice is one row of the gradient
+        for t in (u, v):
+            t.grad = torch.sparse_coo_tensor(torch.tensor([rows]), torch.ones(len(rows), 3),
+                                             (10, 3), check_invariants=True)
+        sync_layer_grads(m)
+    assert (m.stats.grad_rows, m.stats.grad_syncs) == (3 + 1, 2)
+    assert m.stats.as_dict()["grad_rows"] == 2.0
+    assert torch.equal(u.grad.to_dense()[2], torch.full((3,), 0.5))  # still 1 / W
