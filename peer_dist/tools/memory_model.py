@@ -18,9 +18,10 @@ What is exact and what is an estimate:
                     b * (1 - (1 - 1/N)^(T*W*S)) rows under uniform routing, each d values plus an
                     int64 index. Learned routing concentrates on fewer rows, so this is an upper
                     estimate of the steady state; so are the fetch and grad-sync terms, which
-                    count rows the same way (in a 3-step run from init the router picks 4-9x
-                    fewer distinct rows than uniform draws would: counted, and seen in fetch's
-                    bytes moved).
+                    count rows the same way (in a 3-step run from init the router picks 2-5x
+                    fewer distinct rows than uniform draws would: the trainer counts them,
+                    comm/<layer>/grad_rows). Given a run's count, every such term draws from a
+                    smaller pool of rows instead (Setup.routing_pool, routing_pool_for).
   dense part        exact parameter count (attention, dense FFWs, routers, embeddings); bytes
                     per parameter as DeepSpeed ZeRO counts them (see `dense_bytes_per_param`),
                     plus ZeRO's gradient-reduction buckets (see `bucket_bytes`).
@@ -302,16 +303,17 @@ def sync_bn_bytes(s: Setup) -> int:
 # (by kind); per token ("token"), the transients of the layer's and the backward's own work.
 # Fitted together with the runtime by `peer-scale calibrate` (SCRATCH_PROVENANCE); the record
 # of that run, every point with its residual, is docs/scale/calibration/calibration.json.
-# The per-selection values are negative since the query-BN, grad-sync and fetch terms were
-# derived: beside them, what the derived per-selection terms (saved ids, kept exchange buffers)
-# count is a little more than the runs hold per selection, and the per-token constant carries
-# the rest; a negative value is a correction to those terms, not a buffer.
-SELECTION_SCRATCH = {"local": -10, "fetch": -100, "dispatch": -66, "token": 9947}
+# Fitted given each calibration point's own routing (its measured gradient rows, as
+# Setup.routing_pool): under uniform routing the row-counting terms overcount a short run's
+# rows, and the per-selection constants absorbed that as negative values (-10/-100/-66 B);
+# fitted given the routing they are small (+21 dispatch, -41 fetch, -2 local: corrections to
+# the derived per-selection terms, not buffers), and the per-token constant carries the rest.
+SELECTION_SCRATCH = {"local": -2, "fetch": -41, "dispatch": 21, "token": 6779}
 SCRATCH_PROVENANCE = ("peer-scale calibrate (the 18-point calibration grid of scale.py: default "
                       "config, d = 64, N = 256, 4096 and 65536, 128 to 4096 tokens per rank, "
-                      "32 and 128 selections per token, world 1 and 2, ZeRO 0-3, fp32), on a "
-                      "2-core x86 CPU, torch 2.13, deepspeed 0.19.8, 2026-12-01; each group's "
-                      "smallest point exact, the others within 4.9%)")
+                      "32 and 128 selections per token, world 1 and 2, ZeRO 0-3, fp32), given "
+                      "each point's routing, on a 2-core x86 CPU, torch 2.13, deepspeed 0.19.8, "
+                      "2026-12-01; each group's smallest point exact, the others within 4.9%)")
 SCRATCH_KINDS = ("local", "fetch", "dispatch")
 
 
