@@ -174,9 +174,8 @@ class DataConfig:
 # parallel <- data <- train <- tools), so the implementations, the memory model and the
 # benchmarks all import the one list instead of writing it out again.
 STRATEGIES = ("auto", "fetch", "dispatch", "node_dispatch")
-# The strategies parallel.overlap_chunks > 1 pipelines (their classes say overlaps = True);
-# under auto a step that picks node_dispatch runs it unchunked.
-OVERLAPPING = ("fetch", "dispatch")
+# The strategies parallel.overlap_chunks > 1 pipelines (their classes say overlaps = True).
+OVERLAPPING = ("fetch", "dispatch", "node_dispatch")
 BN_SYNC = ("global", "local")
 
 
@@ -186,8 +185,8 @@ class ParallelConfig:
     strategy: str = "auto"  # auto (cost model) | fetch | dispatch | node_dispatch
     balance_ids: bool = False  # permute expert ids e -> (a*e + c) mod N before choosing owners
     bn_sync: str = "global"  # query BatchNorm statistics: global (all ranks) | local (per rank)
-    # fetch, dispatch: work cut into this many chunks whose all-to-alls run while the previous
-    # chunk computes (1 = off; measured with peer-bench dist --overlap-chunks)
+    # work cut into this many chunks whose all-to-alls run while the previous chunk computes
+    # (1 = off; measured with peer-bench dist --overlap-chunks)
     overlap_chunks: int = 1
 
     def validate(self) -> None:

@@ -24,13 +24,14 @@ gateway before they cross back, the U and V gradients stay at the owners.
 One host sync per layer: every member's per-owner pair and selection counts and per-node pair
 counts, gathered once; both hops' splits follow from them on the host.
 
-No overlap (parallel.overlap_chunks > 1 is a config error with this strategy, and under auto a
-step that picks it runs unchunked): a chunk here is four dependent transfers each way (hop 1,
-hop 2, the partials to the gateway, the sums home) with the gateway's regrouping (plan_relay,
-which needs hop 1's data) between them, so a pipeline would have to interleave the stages of
-three chunks at once, and its backward could not reuse SendTokens / ReturnPartials (their
-transfers wait) but would restate both hops by hand. Left until a NIC-bound cluster can measure
-whether the hidden time pays for that.
+Overlap (parallel.overlap_chunks = C > 1, OverlappedNodeDispatch): the tokens are cut into C
+chunks, planned at once (one count exchange for all). A chunk is four dependent transfers each
+way (hop 1, hop 2, the partials to the gateway, the sums home) with the gateway's regrouping
+(plan_relay, which needs hop 1's data) between them, so the pipeline interleaves chunks: chunk
+i+1's hop 1 (the inter-node one) travels while chunk i is relayed and mixed, and chunk i's
+partials travel back under chunk i+1's work; backward the same with dL/dy out and dL/dx,
+dL/dgate back. Only the time spent waiting on a transfer is exposed (stats.stage_seconds
+["comm_wait"]).
 
 Shape legend: T = tokens, S = selections per token, D = dim, W = EP members, M = nodes,
 P1 / Q1 = (token, node) pairs / selections this rank sends to gateways, P1_in / Q1_in = what
@@ -44,12 +45,16 @@ from dataclasses import dataclass
 import torch
 
 from peer_dist.ops import ragged_mix
-from peer_dist.parallel.comm import Exchange
+from peer_dist.parallel.comm import Exchange, owner_starts, send_async, source_of_rows
 from peer_dist.parallel.dispatch import (
     DispatchPlan,
     Received,
     ReturnPartials,
     SendTokens,
+    _as_int32_columns,
+    _from_int32_columns,
+    _sum_sparse,
+    chunk_bounds,
     group_pairs,
 )
 from peer_dist.parallel.idmap import IdMap
@@ -117,6 +122,12 @@ class NodePlan:
 
 def plan_node_dispatch(ids: torch.Tensor, idmap: IdMap, ex: Exchange, r: Routes) -> NodePlan:
     """Hop 1 grouped by (gateway, token), and both hops' splits (the one host sync)."""
+    return plan_node_chunks(ids, idmap, ex, r, [(0, ids.shape[0])])[0]
+
+
+def _node_counts(ids: torch.Tensor, idmap: IdMap, ex: Exchange, r: Routes):
+    """One chunk's hop-1 grouping and its counts row (2W + M): pairs and selections per
+    owner, pairs per node (through this member's gateway there)."""
     t, s = ids.shape
     pos = idmap.position(ids.reshape(-1))
     owner, _ = idmap.split(pos)  # (Q,)
@@ -131,8 +142,20 @@ def plan_node_dispatch(ids: torch.Tensor, idmap: IdMap, ex: Exchange, r: Routes)
     gw_of_node = torch.tensor(r.gateway[ex.rank], device=ids.device)
     mine = torch.cat([pair_count, torch.bincount(owner, minlength=ex.size),
                       g.pair_count[gw_of_node]])
-    h = hop_splits(ex.gather_counts(mine), r, ex.rank)
-    return NodePlan(DispatchPlan(g.order, g.pair_token, g.meta, *h[:4]), h[4:])
+    return g, mine
+
+
+def plan_node_chunks(ids: torch.Tensor, idmap: IdMap, ex: Exchange, r: Routes,
+                     bounds: list[tuple[int, int]]) -> list[NodePlan]:
+    """A NodePlan per chunk of tokens [a, b); one count exchange for all (W, C (2W + M))."""
+    parts = [_node_counts(ids[a:b], idmap, ex, r) for a, b in bounds]
+    every = ex.gather_counts(torch.cat([mine for _, mine in parts]))
+    width = 2 * ex.size + r.num_nodes
+    plans = []
+    for i, (g, _) in enumerate(parts):
+        h = hop_splits([c[i * width:(i + 1) * width] for c in every], r, ex.rank)
+        plans.append(NodePlan(DispatchPlan(g.order, g.pair_token, g.meta, *h[:4]), h[4:]))
+    return plans
 
 
 def plan_relay(got: Received, r: Routes, ex: Exchange, splits: tuple[list[int], ...]
@@ -158,7 +181,7 @@ class NodeDispatch:
     """The node-aware dispatch strategy's three stages for one EP group."""
 
     name = "node_dispatch"
-    overlaps = False  # two hops per chunk: see the module docstring
+    overlaps = True  # has overlapped(): parallel.overlap_chunks > 1 pipelines it
 
     def __init__(self, idmap: IdMap, ex: Exchange, act: str):
         self.idmap, self.ex, self.act = idmap, ex, act
@@ -179,3 +202,127 @@ class NodeDispatch:
     def output_dist(self, got: Relayed, y_in: torch.Tensor, tokens: int) -> torch.Tensor:
         y_relay = ReturnPartials.apply(y_in, got.plan, self.ex, got.relayed_pairs)  # (P1_in, D)
         return ReturnPartials.apply(y_relay, got.hop1, self.ex, tokens)  # (T, D)
+
+    def overlapped(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
+                   u: torch.Tensor, v: torch.Tensor, chunks: int) -> torch.Tensor:
+        """All stages over `chunks` chunks of tokens, transfers under relaying and compute."""
+        bounds = chunk_bounds(x.shape[0], chunks)
+        plans = plan_node_chunks(ids, self.idmap, self.ex, self.routes, bounds)
+        return OverlappedNodeDispatch.apply(x, gates, u, v, plans, bounds, self, self.act)
+
+
+def _send_hop(x: torch.Tensor, gates: torch.Tensor, plan: DispatchPlan, ex: Exchange):
+    """One hop of a chunk, in flight: x per pair, (row, pair, gate) per selection (as
+    SendTokens sends them)."""
+    meta = torch.cat([plan.meta, _as_int32_columns(gates.reshape(-1)[plan.order].to(x.dtype))],
+                     1)
+    return (send_async(ex, x[plan.pair_token], plan.pair_splits, plan.recv_pairs, "fwd"),
+            send_async(ex, meta, plan.sel_splits, plan.recv_sels, "fwd"))
+
+
+def _received(x_in: torch.Tensor, meta_in: torch.Tensor, plan: DispatchPlan) -> Received:
+    """What a hop delivered: x per pair, and each selection's row, bag and gate."""
+    bag = meta_in[:, 1].to(torch.int64) + owner_starts(plan.recv_pairs, x_in.device)[
+        source_of_rows(plan.recv_sels, x_in.device)]
+    return Received(x_in, meta_in[:, 0].to(torch.int64), bag,
+                    _from_int32_columns(meta_in[:, 2:], x_in.dtype), plan)
+
+
+@dataclass
+class NodeChunk:
+    """One chunk in flight: its plans, what the gateway relayed and the owner's mix graph."""
+
+    hop1: DispatchPlan
+    hop2: DispatchPlan | None = None
+    relayed: int = 0  # P1_in: pairs this rank received as a gateway
+    x: torch.Tensor | None = None  # (P2_in, D) at the owner (a leaf of the mix's graph)
+    gates: torch.Tensor | None = None  # (Q2_in,)
+    y: torch.Tensor | None = None  # (P2_in, D) the owner's partials
+
+
+def _gather_back(parts: torch.Tensor, plan: DispatchPlan, n: int) -> torch.Tensor:
+    """Rows that came back per pair, summed into their n positions (per token or relayed
+    pair), as ReturnPartials sums them."""
+    return parts.new_zeros(n, parts.shape[1]).index_add_(0, plan.pair_token, parts)
+
+
+class OverlappedNodeDispatch(torch.autograd.Function):
+    """(x (T, D), gates (T, S), u, v) -> y (T, D): node_dispatch over chunks, each chunk's
+    hop 1 in flight while the previous chunk is relayed and mixed."""
+
+    @staticmethod
+    def forward(ctx, x, gates, u, v, plans: list[NodePlan], bounds, st: NodeDispatch,
+                act: str):
+        ex = st.ex
+        chunks = [NodeChunk(p.hop1) for p in plans]
+
+        def hop1(i: int):
+            a, b = bounds[i]
+            return _send_hop(x[a:b], gates[a:b], chunks[i].hop1, ex)
+
+        pending, back = hop1(0), []
+        for i, c in enumerate(chunks):
+            at_gateway = _received(*(p.wait() for p in pending), c.hop1)
+            c.hop2 = plan_relay(at_gateway, st.routes, ex, plans[i].hop2)
+            c.relayed = at_gateway.x.shape[0]
+            second = _send_hop(at_gateway.x, at_gateway.gates, c.hop2, ex)
+            if i + 1 < len(chunks):  # the next chunk crosses while this one is relayed, mixed
+                pending = hop1(i + 1)
+            got = _received(*(p.wait() for p in second), c.hop2)
+            with torch.enable_grad():
+                c.x, c.gates = got.x.requires_grad_(True), got.gates.requires_grad_(True)
+                c.y = ragged_mix(c.x, got.rows, got.bag, c.gates, u, v, act)
+            back.append(send_async(ex, c.y.detach(), c.hop2.recv_pairs, c.hop2.pair_splits,
+                                   "fwd"))
+        home = []
+        for c, p in zip(chunks, back, strict=True):  # sums per relayed pair, then home
+            summed = _gather_back(p.wait(), c.hop2, c.relayed)
+            home.append(send_async(ex, summed, c.hop1.recv_pairs, c.hop1.pair_splits, "fwd"))
+        y = x.new_zeros(x.shape)
+        for (a, b), c, p in zip(bounds, chunks, home, strict=True):
+            y[a:b] += _gather_back(p.wait(), c.hop1, b - a)
+        ctx.chunks, ctx.bounds, ctx.ex, ctx.tables = chunks, bounds, ex, (u, v)
+        ctx.g_shape = gates.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy, chunks, bounds, ex = dy.contiguous(), ctx.chunks, ctx.bounds, ctx.ex
+
+        def out1(i: int):  # dL/dy of a chunk's tokens to their gateways, once per pair
+            a = bounds[i][0]
+            p = chunks[i].hop1
+            return send_async(ex, dy[p.pair_token + a], p.pair_splits, p.recv_pairs, "bwd")
+
+        pending, back, tables = out1(0), [], ([], [])
+        for i, c in enumerate(chunks):
+            dy1 = pending.wait()  # (P1_in, D) at the gateway
+            out2 = send_async(ex, dy1[c.hop2.pair_token], c.hop2.pair_splits,
+                              c.hop2.recv_pairs, "bwd")
+            if i + 1 < len(chunks):
+                pending = out1(i + 1)
+            grads = torch.autograd.grad(c.y, [c.x, c.gates, *ctx.tables], out2.wait(),
+                                        allow_unused=True)
+            gx, gg = (g if g is not None else torch.zeros_like(t)
+                      for g, t in zip(grads[:2], (c.x, c.gates), strict=True))
+            back.append((send_async(ex, gx, c.hop2.recv_pairs, c.hop2.pair_splits, "bwd"),
+                         send_async(ex, gg.contiguous(), c.hop2.recv_sels, c.hop2.sel_splits,
+                                    "bwd")))
+            for parts, g in zip(tables, grads[2:], strict=True):
+                if g is not None:
+                    parts.append(g)
+        home = []
+        for c, (pdx, pdg) in zip(chunks, back, strict=True):  # summed at the gateway, home
+            dx1 = _gather_back(pdx.wait(), c.hop2, c.relayed)
+            dg = pdg.wait()
+            dg1 = dg.new_zeros(dg.shape).index_copy_(0, c.hop2.order, dg)  # (Q1_in,)
+            home.append((send_async(ex, dx1, c.hop1.recv_pairs, c.hop1.pair_splits, "bwd"),
+                         send_async(ex, dg1, c.hop1.recv_sels, c.hop1.sel_splits, "bwd")))
+        dx = dy.new_zeros(dy.shape)
+        dgates = dy.new_zeros(ctx.g_shape)
+        for (a, b), c, (pdx, pdg) in zip(bounds, chunks, home, strict=True):
+            dx[a:b] += _gather_back(pdx.wait(), c.hop1, b - a)
+            dg = pdg.wait()
+            dgates[a:b] = dg.new_zeros(dg.shape).index_copy_(0, c.hop1.order, dg).view(
+                b - a, dgates.shape[1])
+        return dx, dgates, *(_sum_sparse(p) for p in tables), None, None, None, None

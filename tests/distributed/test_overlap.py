@@ -1,12 +1,14 @@
-"""fetch and dispatch with parallel.overlap_chunks > 1 (transfers of one chunk under the
-compute of another) against whole tables in one process, fp64: outputs, input and gate
-gradients, table gradients, at 2 and 3 ranks with uneven tokens (a rank with none, chunks with
-none, more chunks than tokens or rows); outputs and gradients against the same strategy without
-chunks; and its bytes: the unchunked ones plus one count row per extra chunk."""
+"""fetch, dispatch and node_dispatch with parallel.overlap_chunks > 1 (transfers of one chunk
+under the compute of another) against whole tables in one process, fp64: outputs, input and
+gate gradients, table gradients, at 2 to 4 ranks with uneven tokens (a rank with none, chunks
+with none, more chunks than tokens or rows; node_dispatch over 2 nodes of 2 ranks, where
+gateways relay, and over 3 nodes of one); outputs and gradients against the same strategy
+without chunks; and its bytes: the unchunked ones plus one count row per extra chunk."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,12 @@ def _reference(tables: ExpertTables, xs, ids, gates, g: torch.Generator):
     return y.detach(), x.grad, gt.grad, u.grad, v.grad, c
 
 
+RANKS_PER_NODE = {2: 1, 3: 1, 4: 2}  # node_dispatch's layouts: "nodes" by LOCAL_WORLD_SIZE
+
+
 def _run(rank: int, world: int, strategy: str, chunks: int, dtype: torch.dtype, ep: int):
+    if strategy == "node_dispatch":  # what torchrun sets on each node
+        os.environ["LOCAL_WORLD_SIZE"] = str(RANKS_PER_NODE[world])
     tables = ExpertTables(N, DIM, "gelu", seed=1)
     g = torch.Generator().manual_seed(5)
     xs, ids, gates = _everyone(world, g)
@@ -112,8 +119,12 @@ def _worker(rank: int, world: int, strategy: str, chunks: int, kernels: str, ep:
         [*mine, *grads(layer)], [*theirs, *grads(plain)], **tol))
 
     def counted():
-        # one count column per extra chunk: dispatch (pairs, selections), fetch (rows)
-        extra = (chunks - 1) * (layer.topo.ep - 1) * (16 if strategy == "dispatch" else 8)
+        # one count column per extra chunk: dispatch (pairs, selections), fetch (rows),
+        # node_dispatch (pairs and selections per owner, pairs per node: 2W + M)
+        w = layer.topo.ep
+        cols = {"dispatch": 2, "fetch": 1, "node_dispatch": 2 * w + len(
+            layer.strategies["node_dispatch"].routes.members)}[strategy]
+        extra = (chunks - 1) * (w - 1) * cols * 8
         assert chunked["bytes_sent"] == plain.stats.as_dict()["bytes_sent"] + extra
         assert chunked["strategy"] == strategy and "overlapped" in chunked["stage_seconds"]
         assert "comm_wait" in chunked["stage_seconds"]
@@ -137,7 +148,9 @@ def _assert(ok, msg: str) -> None:
 # ep 2 of world 4: EP x DP = 2 x 2 (0: EP = W)
 CASES = [("dispatch", 2, 2, "cpu", 0), ("dispatch", 3, 3, "cpu", 0), ("dispatch", 3, 8, "cpu", 0),
          ("fetch", 2, 2, "cpu", 0), ("fetch", 3, 3, "cpu", 0), ("fetch", 3, 64, "cpu", 0),
-         ("fetch", 2, 3, "triton", 0), ("fetch", 4, 3, "cpu", 2)]
+         ("fetch", 2, 3, "triton", 0), ("fetch", 4, 3, "cpu", 2),
+         ("node_dispatch", 4, 3, "cpu", 0), ("node_dispatch", 3, 8, "cpu", 0),
+         ("node_dispatch", 4, 2, "cpu", 2)]
 PROPS = ["outputs", "input_grad", "gate_grad", "table_grads", "unchunked", "bytes_and_stages"]
 PARAMS = [(*c, p) for c in CASES for p in PROPS + (["kernels_ran"] if c[3] == "triton" else [])]
 _DONE: dict = {}
@@ -174,17 +187,12 @@ def test_row_chunks_cut_each_owners_block() -> None:
     assert counts.sum().item() == 7 and slot.tolist() == [0, 0, 0, 0, 0, 1, 1]
 
 
-def test_overlap_chunks_for_a_strategy_without_overlap_is_one_line() -> None:
-    from peer_dist.config import OVERLAPPING, load_config
-    from peer_dist.errors import UserError
+def test_every_strategy_overlaps() -> None:
+    from peer_dist.config import OVERLAPPING, STRATEGIES, load_config
     from peer_dist.parallel.store import Dispatch, Fetch, NodeDispatch
 
     assert {s.name for s in (Fetch, Dispatch, NodeDispatch) if s.overlaps} == set(OVERLAPPING)
-    for strategy in (*OVERLAPPING, "auto"):
+    assert set(OVERLAPPING) == set(STRATEGIES) - {"auto"}
+    for strategy in STRATEGIES:
         cfg = load_config(None, [f"parallel.strategy={strategy}", "parallel.overlap_chunks=4"])
         assert cfg.parallel.overlap_chunks == 4
-    with pytest.raises(UserError) as err:
-        load_config(None, ["parallel.strategy=node_dispatch", "parallel.overlap_chunks=4"])
-    msg = str(err.value)
-    assert "\n" not in msg and "overlap_chunks=4" in msg and "node_dispatch" in msg
-    assert all(s in msg for s in OVERLAPPING)
