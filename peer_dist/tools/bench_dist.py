@@ -76,7 +76,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overlap-chunks", default="1",
                    help="fetch and dispatch: chunks whose transfers run under compute "
                         "(parallel.overlap_chunks), comma-separated to measure several side by "
-                        "side, e.g. 1,4 (node_dispatch and replicated run unchunked)")
+                        "side, e.g. 1,4 (replicated runs unchunked)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank; 0 = cores/W")
