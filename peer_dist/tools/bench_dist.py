@@ -74,7 +74,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="default fetch,dispatch,replicated (and node_dispatch with --nodes > 1)")
     p.add_argument("--nodes", type=int, default=1, help="torchrun agents per world size")
     p.add_argument("--overlap-chunks", default="1",
-                   help="fetch and dispatch: chunks whose transfers run under compute "
+                   help="chunks whose transfers run under compute "
                         "(parallel.overlap_chunks), comma-separated to measure several side by "
                         "side, e.g. 1,4 (replicated runs unchunked)")
     p.add_argument("--steps", type=int, default=4)
