@@ -1,7 +1,7 @@
 """peer-study: the paper's quality claims at small scale, on this machine.
 
     peer-study isoflop                    # PEER against dense, MoE and PKM at equal compute
-    peer-study isoflop --budgets 2.5e11,5e11,1e12 --sizes 32,48,64 --seeds 0,1,2 --json
+    peer-study isoflop --budgets 2.5e11,5e11,1e12 --sizes 32,48,64 --json   # larger: hours
     peer-study experts                    # Table 2: expert usage and unevenness, BN on and off
     peer-study experts-scaling            # Figure 3: more experts at equal active params
 
@@ -512,15 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     iso = sub.add_parser("isoflop", help="PEER against dense, MoE and PKM at equal compute")
-    iso.add_argument("--budgets", type=_floats, default=[2.5e11, 5e11, 1e12],
+    # the defaults: the whole study in 26 min on 2 CPU cores (129 models; README)
+    iso.add_argument("--budgets", type=_floats, default=[3e10, 6e10, 1.2e11],
                      help="training FLOPs per model")
     iso.add_argument("--kinds", type=_kinds, default=list(DEFAULT_KINDS),
                      help=f"any of {', '.join(KINDS)} (moe_ec: expert choice, non-causal, "
                           "not ranked)")
-    iso.add_argument("--sizes", type=_ints, default=[32, 48, 64],
+    iso.add_argument("--sizes", type=_ints, default=[16, 24, 32],
                      help="model widths d to start from (multiples of 8)")
     iso.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    iso.add_argument("--max-extend", type=int, default=3,
+    iso.add_argument("--max-extend", type=int, default=2,
                      help="widths added per kind and budget while the optimum is at an edge")
     ex = sub.add_parser("experts", help="expert usage and unevenness (the paper's Table 2)")
     ex.add_argument("--num-experts", type=_ints, default=[32 ** 2, 64 ** 2, 128 ** 2])
