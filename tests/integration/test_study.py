@@ -65,7 +65,7 @@ def test_isoflop_sweep_extends_until_the_optimum_is_inside(tmp_path, capsys, mon
     monkeypatch.setattr(study, "isoflop_model", fake)
     monkeypatch.setattr(study, "open_corpus", lambda path, max_bytes: None)
     study.main(["isoflop", "--budgets", "1e10", "--kinds", "peer", "--sizes", "48,64",
-                "--seeds", "0,1", "--out", str(tmp_path), "--json"])
+                "--seeds", "0,1", "--max-extend", "3", "--out", str(tmp_path), "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()
             if line.startswith("{")]
     assert [r["dim"] for r in rows] == [48, 48, 64, 64, 32, 32, 24, 24, 16, 16]
