@@ -103,6 +103,15 @@ def _from_int32_columns(cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cols.contiguous().view(torch.uint8)[:, :elem].contiguous().view(dtype).view(-1)
 
 
+def unpack(x_in: torch.Tensor, meta_in: torch.Tensor, plan: DispatchPlan) -> Received:
+    """What an input_dist message delivered: x per pair, and each selection's local row, bag
+    (its received pair, nondecreasing: pairs by source) and gate (bytes beside the metadata)."""
+    bag = meta_in[:, 1].to(torch.int64) + owner_starts(plan.recv_pairs, x_in.device)[
+        source_of_rows(plan.recv_sels, x_in.device)]
+    return Received(x_in, meta_in[:, 0].to(torch.int64), bag,
+                    _from_int32_columns(meta_in[:, 2:], x_in.dtype), plan)
+
+
 class SendTokens(torch.autograd.Function):
     """input_dist: (x (T, D), gates (T, S)) -> at the owners x_in (P_in, D), gates_in (Q_in,),
     rows (Q_in,) local rows and bag (Q_in,) the received pair of each selection.
@@ -115,14 +124,10 @@ class SendTokens(torch.autograd.Function):
         gate_cols = _as_int32_columns(gates.reshape(-1)[plan.order].to(x.dtype))
         meta = torch.cat([plan.meta, gate_cols], 1)  # (Q, 2 + gate words) int32
         x_in = ex.send(x[plan.pair_token], plan.pair_splits, plan.recv_pairs, "fwd")
-        meta_in = ex.send(meta, plan.sel_splits, plan.recv_sels, "fwd")
-        rows = meta_in[:, 0].to(torch.int64)
-        bag = meta_in[:, 1].to(torch.int64) + owner_starts(plan.recv_pairs, x.device)[
-            source_of_rows(plan.recv_sels, x.device)]  # nondecreasing: pairs by source
-        g_in = _from_int32_columns(meta_in[:, 2:], x.dtype)
+        got = unpack(x_in, ex.send(meta, plan.sel_splits, plan.recv_sels, "fwd"), plan)
         ctx.plan, ctx.ex, ctx.shapes = plan, ex, (x.shape, gates.shape)
-        ctx.mark_non_differentiable(rows, bag)
-        return x_in, g_in, rows, bag
+        ctx.mark_non_differentiable(got.rows, got.bag)
+        return x_in, got.gates, got.rows, got.bag
 
     @staticmethod
     def backward(ctx, dx_in, dg_in, _rows, _bag):
@@ -223,13 +228,10 @@ def _send_chunk(x, gates, plan: DispatchPlan, start: int, ex: Exchange):
 
 def _mix_chunk(x_in, meta_in, plan: DispatchPlan, u, v, act: str) -> ChunkMix:
     """compute of one chunk, with its own graph (differentiated in backward)."""
-    rows = meta_in[:, 0].to(torch.int64)
-    bag = meta_in[:, 1].to(torch.int64) + owner_starts(plan.recv_pairs, x_in.device)[
-        source_of_rows(plan.recv_sels, x_in.device)]
-    g_in = _from_int32_columns(meta_in[:, 2:], x_in.dtype)
+    got = unpack(x_in, meta_in, plan)
     with torch.enable_grad():
-        x_in, g_in = x_in.requires_grad_(True), g_in.requires_grad_(True)
-        return ChunkMix(x_in, g_in, ragged_mix(x_in, rows, bag, g_in, u, v, act))
+        x_in, g_in = x_in.requires_grad_(True), got.gates.requires_grad_(True)
+        return ChunkMix(x_in, g_in, ragged_mix(x_in, got.rows, got.bag, g_in, u, v, act))
 
 
 class OverlappedDispatch(torch.autograd.Function):

@@ -45,17 +45,17 @@ from dataclasses import dataclass
 import torch
 
 from peer_dist.ops import ragged_mix
-from peer_dist.parallel.comm import Exchange, owner_starts, send_async, source_of_rows
+from peer_dist.parallel.comm import Exchange, send_async
 from peer_dist.parallel.dispatch import (
     DispatchPlan,
     Received,
     ReturnPartials,
     SendTokens,
-    _as_int32_columns,
-    _from_int32_columns,
+    _send_chunk,
     _sum_sparse,
     chunk_bounds,
     group_pairs,
+    unpack,
 )
 from peer_dist.parallel.idmap import IdMap
 
@@ -211,23 +211,6 @@ class NodeDispatch:
         return OverlappedNodeDispatch.apply(x, gates, u, v, plans, bounds, self, self.act)
 
 
-def _send_hop(x: torch.Tensor, gates: torch.Tensor, plan: DispatchPlan, ex: Exchange):
-    """One hop of a chunk, in flight: x per pair, (row, pair, gate) per selection (as
-    SendTokens sends them)."""
-    meta = torch.cat([plan.meta, _as_int32_columns(gates.reshape(-1)[plan.order].to(x.dtype))],
-                     1)
-    return (send_async(ex, x[plan.pair_token], plan.pair_splits, plan.recv_pairs, "fwd"),
-            send_async(ex, meta, plan.sel_splits, plan.recv_sels, "fwd"))
-
-
-def _received(x_in: torch.Tensor, meta_in: torch.Tensor, plan: DispatchPlan) -> Received:
-    """What a hop delivered: x per pair, and each selection's row, bag and gate."""
-    bag = meta_in[:, 1].to(torch.int64) + owner_starts(plan.recv_pairs, x_in.device)[
-        source_of_rows(plan.recv_sels, x_in.device)]
-    return Received(x_in, meta_in[:, 0].to(torch.int64), bag,
-                    _from_int32_columns(meta_in[:, 2:], x_in.dtype), plan)
-
-
 @dataclass
 class NodeChunk:
     """One chunk in flight: its plans, what the gateway relayed and the owner's mix graph."""
@@ -258,17 +241,17 @@ class OverlappedNodeDispatch(torch.autograd.Function):
 
         def hop1(i: int):
             a, b = bounds[i]
-            return _send_hop(x[a:b], gates[a:b], chunks[i].hop1, ex)
+            return _send_chunk(x, gates[a:b], chunks[i].hop1, a, ex)
 
         pending, back = hop1(0), []
         for i, c in enumerate(chunks):
-            at_gateway = _received(*(p.wait() for p in pending), c.hop1)
+            at_gateway = unpack(*(p.wait() for p in pending), c.hop1)
             c.hop2 = plan_relay(at_gateway, st.routes, ex, plans[i].hop2)
             c.relayed = at_gateway.x.shape[0]
-            second = _send_hop(at_gateway.x, at_gateway.gates, c.hop2, ex)
+            second = _send_chunk(at_gateway.x, at_gateway.gates, c.hop2, 0, ex)
             if i + 1 < len(chunks):  # the next chunk crosses while this one is relayed, mixed
                 pending = hop1(i + 1)
-            got = _received(*(p.wait() for p in second), c.hop2)
+            got = unpack(*(p.wait() for p in second), c.hop2)
             with torch.enable_grad():
                 c.x, c.gates = got.x.requires_grad_(True), got.gates.requires_grad_(True)
                 c.y = ragged_mix(c.x, got.rows, got.bag, c.gates, u, v, act)
