@@ -15,13 +15,14 @@ What is exact and what is an estimate:
                     with table_state_dtype = optim.table_state_dtype).
   expert grads      an estimate: gradients are row-sparse (COO, coalesced), so they hold only the
                     rows touched in a step, bounded by min(b, expected unique selections):
-                    b * (1 - (1 - 1/N)^(T*W*S)) rows under uniform routing, each d values plus an
-                    int64 index. Learned routing concentrates on fewer rows, so this is an upper
-                    estimate of the steady state; so are the fetch and grad-sync terms, which
-                    count rows the same way (in a 3-step run from init the router picks 2-5x
-                    fewer distinct rows than uniform draws would: the trainer counts them,
-                    comm/<layer>/grad_rows). Given a run's count, every such term draws from a
-                    smaller pool of rows instead (Setup.routing_pool, routing_pool_for).
+                    under uniform routing every token draws S rows afresh, b * (1 - (1 -
+                    1/N)^(T*W*S)) rows, each d values plus an int64 index: the upper estimate,
+                    what `plan` assumes. A run's tokens repeat themselves: n tokens make fewer
+                    distinct queries, D(n) = min(n, K * n^beta) (a Heaps' law of the routing),
+                    and draw D(n) * S rows. K and beta are measured (`fit_routing` on the
+                    calibration grid's counted rows, comm/<layer>/grad_rows); the fetch and
+                    grad-sync terms count rows the same way (Setup.routing). Given one run's
+                    count, `routing_for` finds its K.
   dense part        exact parameter count (attention, dense FFWs, routers, embeddings); bytes
                     per parameter as DeepSpeed ZeRO counts them (see `dense_bytes_per_param`),
                     plus ZeRO's gradient-reduction buckets (see `bucket_bytes`).
@@ -89,9 +90,10 @@ class Setup:
     # bytes per selection and PEER layer by kind (local | fetch | dispatch); None: the stored
     # SELECTION_SCRATCH. A calibration file's values when one is given.
     scratch: dict[str, int] | None = None
-    # routing: the row-counting terms draw selections uniformly from this many rows; 0 = all N
-    # (uniform routing, the upper estimate). A run's own routing gives it (routing_pool_for).
-    routing_pool: float = 0.0
+    # routing of the row-counting terms: (K, beta), n tokens make D(n) = min(n, K * n^beta)
+    # distinct queries (distinct_queries); None: every token its own (uniform routing, the
+    # upper estimate). Fitted by calibrate (fit_routing), or one run's (routing_for).
+    routing: tuple[float, float] | None = None
 
     def validate(self) -> Setup:
         self.model.validate()
@@ -161,27 +163,69 @@ def expected_unique(pool: int, draws: float) -> float:
     return pool * -math.expm1(draws * math.log1p(-1.0 / pool))
 
 
-def pool(s: Setup) -> float:
-    """Rows the selections are drawn from: N under uniform routing, fewer where routing
-    concentrates (Setup.routing_pool)."""
-    return min(float(s.n), s.routing_pool) if s.routing_pool > 0 else float(s.n)
+def distinct_queries(s: Setup, tokens: float) -> float:
+    """How many distinct queries `tokens` tokens make: all of them under uniform routing,
+    else K * tokens^beta (Setup.routing), at most all of them."""
+    if s.routing is None:
+        return float(tokens)
+    k, beta = s.routing
+    return min(float(tokens), k * float(tokens) ** beta)
 
 
-def routing_pool_for(s: Setup, grad_rows: float) -> float:
-    """The pool of rows that makes touched_rows(s) equal a run's measured rows of its shard's
-    gradient: the run's routing summed up in one number (N when the run touched as many rows
-    as uniform routing would, or more)."""
-    uniform = touched_rows(replace(s, routing_pool=0.0))
-    if grad_rows >= uniform:
-        return float(s.n)
-    lo, hi = 1.0, float(s.n)
-    for _ in range(100):  # touched_rows grows with the pool
+def selected_rows(s: Setup, tokens: float) -> float:
+    """Expected distinct rows of all N that `tokens` tokens select (S rows per query)."""
+    return expected_unique(s.n, distinct_queries(s, tokens) * s.selections)
+
+
+# beta of the routing law when none is fitted yet (routing_for solves K under it): text's
+# Heaps' law exponent, and what the calibration grid's counted rows gave (fit_routing)
+DEFAULT_ROUTING_BETA = 0.5
+
+
+def routing_for(s: Setup, grad_rows: float) -> tuple[float, float] | None:
+    """The routing law (K, beta) under which touched_rows(s) equals a run's measured rows of
+    its shard's gradient: beta as s.routing has it (else DEFAULT_ROUTING_BETA), K solved.
+    None (uniform routing) when the run touched as many rows as uniform routing would, or
+    more."""
+    beta = s.routing[1] if s.routing else DEFAULT_ROUTING_BETA
+    if grad_rows >= touched_rows(replace(s, routing=None)):
+        return None
+    lo, hi = 1e-9, float(s.tokens_per_rank * s.world_size) ** (1.0 - beta)  # D = n at hi
+    for _ in range(200):  # touched_rows grows with K
         mid = math.sqrt(lo * hi)
-        if touched_rows(replace(s, routing_pool=mid)) < grad_rows:
+        if touched_rows(replace(s, routing=(mid, beta))) < grad_rows:
             lo = mid
         else:
             hi = mid
-    return hi
+    return (hi, beta)
+
+
+def implied_queries(s: Setup, grad_rows: float) -> float | None:
+    """The distinct queries D that make touched_rows(s) equal grad_rows (the inverse of
+    expected_unique); None when the count is at the shard's size (saturated: D unknown)."""
+    rows = rows_per_rank(s.n, s.ep)
+    frac = grad_rows / rows
+    if frac >= 0.98 or frac <= 0:
+        return None
+    return math.log1p(-frac) / math.log1p(-1.0 / s.n) / s.selections
+
+
+def fit_routing(setups: list[Setup], grad_rows: list[float | None]) -> tuple[float, float]:
+    """K and beta of the routing law, least squares of log D(n) = log K + beta log n over the
+    points whose counted rows are informative (below the shard's size; n = T * W tokens per
+    step). Needs two or more distinct n."""
+    import numpy as np
+
+    pts = [(s.tokens_per_rank * s.world_size, implied_queries(s, g))
+           for s, g in zip(setups, grad_rows, strict=True) if g]
+    pts = [(n, q) for n, q in pts if q]
+    if len({n for n, _ in pts}) < 2:
+        raise ValueError(f"fit_routing: {len(pts)} points with counted rows below their "
+                         "shard's size, at fewer than 2 token counts (allowed: 2 or more)")
+    x = np.log([n for n, _ in pts])
+    y = np.log([q for _, q in pts])
+    beta, log_k = np.polyfit(x, y, 1)
+    return (float(math.exp(log_k)), float(beta))
 
 
 def expert_param_bytes(s: Setup) -> int:
@@ -201,8 +245,7 @@ def touched_rows(s: Setup) -> float:
     """Expected rows of this rank's shard that get a gradient in one step (per table, layer):
     every rank's tokens (T*W*S draws) can select a row, and the owner sums them all."""
     rows = rows_per_rank(s.n, s.ep)
-    return min(float(rows), rows * expected_unique(pool(s), s.tokens_per_rank * s.world_size
-                                                   * s.selections) / s.n)
+    return min(float(rows), rows * selected_rows(s, s.tokens_per_rank * s.world_size) / s.n)
 
 
 def expert_grad_bytes(s: Setup) -> int:
@@ -373,7 +416,7 @@ def a2a_bytes(s: Setup) -> int:
     f = (s.ep - 1) / s.ep
     t, d, e, sel = s.tokens_per_rank, s.d, s.elem, s.selections
     if s.strategy == "fetch":
-        kept = expected_unique(pool(s), t * sel) * 2 * d * s.table_elem
+        kept = selected_rows(s, t) * 2 * d * s.table_elem
     else:
         pairs = t * _layer_shape(s).owners_touched() * f
         kept = pairs * d * e + t * sel * f * (cost.meta_bytes(e) + 2 * e)
@@ -384,8 +427,7 @@ def replica_rows(s: Setup) -> float:
     """Expected rows of the largest shard one DP replica's gradient touches before the DP sum:
     its EP group's tokens, T * E * S draws (touched_rows counts the whole world's)."""
     rows = rows_per_rank(s.n, s.ep)
-    return min(float(rows), rows * expected_unique(pool(s), s.tokens_per_rank * s.ep
-                                                   * s.selections) / s.n)
+    return min(float(rows), rows * selected_rows(s, s.tokens_per_rank * s.ep) / s.n)
 
 
 def reduce_rows_bytes(s: Setup) -> int:

@@ -456,25 +456,48 @@ def _routed(strategy: str = "fetch") -> mm.Setup:
     return mm.Setup(m, ep=2, world_size=4, strategy=strategy, tokens_per_rank=128)
 
 
-def test_routing_pool_counts_rows_from_fewer_experts_and_is_found_from_a_run():
+def test_routing_law_counts_rows_of_fewer_queries_and_is_found_from_a_run():
     s = _routed()
     # uniform: 4096 rows, 128 x 4 ranks x 8 selections drawn; the shard holds half of them
     draws = 128 * 4 * 8
     assert mm.touched_rows(s) == pytest.approx(2048 * 4096 * (1 - (1 - 1 / 4096) ** draws)
                                                / 4096)
-    # routing on 1,000 rows: the same draws from them, the shard's share of those
-    few = mm.Setup(**{**s.__dict__, "routing_pool": 1000.0})
-    assert mm.touched_rows(few) == pytest.approx(2048 * 1000 * (1 - (1 - 1 / 1000) ** draws)
-                                                 / 4096)
-    assert mm.replica_rows(few) == pytest.approx(
-        2048 * 1000 * (1 - (1 - 1 / 1000) ** (128 * 2 * 8)) / 4096)
-    # fetch keeps the R rows its own tokens picked: from the pool too
-    assert mm.a2a_bytes(few) == int(2 * 1000 * (1 - (1 - 1 / 1000) ** (128 * 8)) * 2 * 32 * 4)
-    assert mm.breakdown(few)["total"] < mm.breakdown(s)["total"]
-    # a run's measured rows give back its pool; as many rows as uniform routing, or more: N
-    assert mm.routing_pool_for(s, mm.touched_rows(few)) == pytest.approx(1000.0, rel=1e-6)
-    assert mm.routing_pool_for(s, mm.touched_rows(s) + 5) == 4096.0
-    assert mm.pool(mm.Setup(**{**s.__dict__, "routing_pool": 1e9})) == 4096.0
+    # the law D(n) = 3 * n^0.5: the world's 512 tokens make 3 * 22.63 = 67.9 queries of 8 rows
+    law = mm.Setup(**{**s.__dict__, "routing": (3.0, 0.5)})
+    q = 3.0 * 512 ** 0.5
+    assert mm.touched_rows(law) == pytest.approx(2048 * (1 - (1 - 1 / 4096) ** (q * 8)))
+    # one replica (EP = 2 ranks, 256 tokens) and fetch's own tokens (128) count the same way
+    assert mm.replica_rows(law) == pytest.approx(2048 * (1 - (1 - 1 / 4096) ** (3 * 16 * 8)))
+    fetched = 4096 * (1 - (1 - 1 / 4096) ** (3 * 128 ** 0.5 * 8))
+    assert mm.a2a_bytes(law) == int(2 * fetched * 2 * 32 * 4)
+    assert mm.breakdown(law)["total"] < mm.breakdown(s)["total"]
+    # never more queries than tokens
+    assert mm.distinct_queries(mm.Setup(**{**s.__dict__, "routing": (50.0, 0.9)}), 100) == 100
+    # a run's count gives back K (beta kept); as many rows as uniform routing, or more: None
+    k, beta = mm.routing_for(law, mm.touched_rows(law))
+    assert (k, beta) == (pytest.approx(3.0, rel=1e-6), 0.5)
+    assert mm.routing_for(s, mm.touched_rows(s) + 5) is None
+    assert mm.routing_for(s, mm.touched_rows(law))[1] == mm.DEFAULT_ROUTING_BETA
+
+
+def test_routing_law_fit_recovers_a_planted_law_from_counted_rows():
+    """fit_routing reads D from each count (the inverse of the uniform draw), skips counts at
+    the shard's size, and fits log D = log K + beta log n."""
+    base = _routed()
+    points, counts = [], []
+    for tokens, world, ep in ((64, 1, 1), (256, 2, 1), (1024, 2, 2), (4096, 4, 2)):
+        p = mm.Setup(**{**base.__dict__, "tokens_per_rank": tokens, "world_size": world,
+                        "ep": ep, "routing": (2.5, 0.6)})
+        points.append(p)
+        counts.append(mm.touched_rows(p))
+    saturated = mm.Setup(**{**base.__dict__, "tokens_per_rank": 8192, "ep": 1})
+    points.append(saturated)
+    counts.append(4096.0)  # all rows: says nothing of D
+    assert mm.implied_queries(saturated, 4096.0) is None
+    k, beta = mm.fit_routing(points, counts)
+    assert (k, beta) == (pytest.approx(2.5, rel=1e-6), pytest.approx(0.6, rel=1e-6))
+    with pytest.raises(ValueError, match="fewer than 2 token counts"):
+        mm.fit_routing(points[:1] + [saturated], counts[:1] + [4096.0])
 
 
 def test_the_gradient_sync_counts_the_rows_routing_touched():
