@@ -868,6 +868,23 @@ def launch(world: int, argv: list[str], env: dict, timeout: float) -> tuple[int,
     return proc.returncode, proc.stdout + proc.stderr
 
 
+# On CPU the measured peak is the ranks' peak RSS, and glibc's heap keeps freed buffers below
+# its mmap threshold, which it raises itself as large buffers are freed (up to 32 MiB): the
+# peak then grows step over step with how each step's buffers happen to fit (750 -> 868 MB
+# over three identical steps at N = 65,536, EP 1 on 2 ranks), and the same run's peak moves
+# by 140 MiB with the threshold alone (693 MiB at 1 MiB, 725 at 4, 798 at 16, 813-837 as it
+# moves). The model counts live bytes, as CUDA's allocator peak does, so the measured ranks
+# take buffers of 1 MiB and more straight from the OS and give them back when freed: RSS
+# follows live bytes. Steps run slower for it (a fresh mapping per buffer). A value set in
+# the environment is kept (and named in the runtime's key).
+CPU_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
+
+
+def malloc_policy() -> str:
+    """The measured ranks' heap policy on CPU, as it goes into the runtime's key."""
+    return f"mmap {os.environ.get('MALLOC_MMAP_THRESHOLD_', CPU_MALLOC['MALLOC_MMAP_THRESHOLD_'])}"
+
+
 def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> dict:
     """One launch of peer-train (through torchrun for several ranks); returns what it
     measured (see read_run)."""
@@ -875,7 +892,8 @@ def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> 
             f"t{s.tokens_per_rank}_{s.strategy}_{s.table_optimizer}")
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**CPU_MALLOC, **os.environ,
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     argv = trainer_argv(args, trainer_overrides(s, args, run_dir, data))
     code, output = launch(s.world_size, argv, env, args.timeout)
@@ -931,7 +949,7 @@ def runtime_key(s: mm.Setup, args: argparse.Namespace) -> str:
     import deepspeed
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else f"cpu|{malloc_policy()}"
     return (f"{device}|torch {torch.__version__}|deepspeed {deepspeed.__version__}|"
             f"config {config_digest(args)}|world {s.world_size}|zero {s.zero_stage}|{s.dtype}")
 
@@ -1258,6 +1276,7 @@ def calibration_record(args: argparse.Namespace, points: list[mm.Setup], rows: l
                                                                           *args.argv]),
             "grid": name, "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "cpu_heap": f"glibc {malloc_policy()} (scale.CPU_MALLOC: RSS follows live bytes)",
             "steps": args.steps, "seconds": getattr(args, "measured_s", round(seconds)),
             "fit": "given each point's routing (its measured gradient rows as the routing "
                    "law's K): measured peak - other terms = runtime[group] + tokens * "
