@@ -46,10 +46,10 @@ What is exact and what is an estimate:
                     on CUDA, what max_memory_allocated sees beyond them.
 The sum of all terms is the whole peak per rank; the modelled terms are all but the runtime.
 
-Measured constants (the runtime per group, SELECTION_SCRATCH per strategy) are fitted together
-by `peer-scale calibrate` on a calibration grid (`fit_calibration`: least squares of measured
-peak minus the other terms); `peer-scale measure` with no grid arguments reports accuracy on a
-disjoint validation grid.
+Measured constants (the runtime per group, SELECTION_SCRATCH per strategy, the routing law's K
+and beta) are fitted by `peer-scale calibrate` on a calibration grid (`fit_calibration`: least
+squares of measured peak minus the other terms; `fit_routing`: of the counted gradient rows);
+`peer-scale measure` with no grid arguments reports accuracy on a disjoint validation grid.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def selected_rows(s: Setup, tokens: float) -> float:
 
 
 # beta of the routing law when none is fitted yet (routing_for solves K under it): text's
-# Heaps' law exponent, and what the calibration grid's counted rows gave (fit_routing)
+# Heaps' law exponent; the calibration grid's counted rows gave 0.47 (K = 6.6, fit_routing)
 DEFAULT_ROUTING_BETA = 0.5
 
 
@@ -346,17 +346,20 @@ def sync_bn_bytes(s: Setup) -> int:
 # (by kind); per token ("token"), the transients of the layer's and the backward's own work.
 # Fitted together with the runtime by `peer-scale calibrate` (SCRATCH_PROVENANCE); the record
 # of that run, every point with its residual, is docs/scale/calibration/calibration.json.
-# Fitted given each calibration point's own routing (its measured gradient rows, as
-# Setup.routing_pool): under uniform routing the row-counting terms overcount a short run's
-# rows, and the per-selection constants absorbed that as negative values (-10/-100/-66 B);
-# fitted given the routing they are small (+21 dispatch, -41 fetch, -2 local: corrections to
-# the derived per-selection terms, not buffers), and the per-token constant carries the rest.
-SELECTION_SCRATCH = {"local": -2, "fetch": -41, "dispatch": 21, "token": 6779}
-SCRATCH_PROVENANCE = ("peer-scale calibrate (the 18-point calibration grid of scale.py: default "
+# Fitted given each calibration point's own routing (its counted gradient rows as the routing
+# law's K, routing_for), with the measured ranks' RSS following live bytes (scale.CPU_MALLOC).
+# The values are negative: corrections, not buffers. The derived terms count every saved
+# tensor and the backward's transient as alive at once, and at the measured peak some of
+# them are already freed (about 6.7 KB per token at d = 64, 0.1-0.2 KB per selection). Under
+# glibc's own heap policy the same fit gave +6.8 KB per token: the heap's retention, which
+# grew the peak step over step, not memory the step needs.
+SELECTION_SCRATCH = {"local": -121, "fetch": -201, "dispatch": -203, "token": -6690}
+SCRATCH_PROVENANCE = ("peer-scale calibrate (the 21-point calibration grid of scale.py: default "
                       "config, d = 64, N = 256, 4096 and 65536, 128 to 4096 tokens per rank, "
-                      "32 and 128 selections per token, world 1 and 2, ZeRO 0-3, fp32), given "
-                      "each point's routing, on a 2-core x86 CPU, torch 2.13, deepspeed 0.19.8, "
-                      "2026-12-01; each group's smallest point exact, the others within 4.9%)")
+                      "32 to 128 selections per token, world 1 and 2, ZeRO 0-3, fp32), given "
+                      "each point's routing, ranks with glibc's mmap threshold at 1 MiB, on a "
+                      "2-core x86 CPU, torch 2.13, deepspeed 0.19.8, 2026-12-01; each group's "
+                      "smallest point exact, the others within 5.7%)")
 SCRATCH_KINDS = ("local", "fetch", "dispatch")
 
 

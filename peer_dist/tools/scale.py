@@ -592,6 +592,8 @@ def plan_rows(args: argparse.Namespace, world: int | None = None) -> list[dict]:
                      table_state_dtype=args.table_state_dtype, tokens_per_rank=mb * seq,
                      runtime_bytes=plan_runtime(args, cal), device="cuda")
         apply_calibration(s, cal)
+        if not (cal and cal["device"] == "cuda"):  # a CPU's constants: none below zero
+            s.scratch = {k: max(0, v) for k, v in (s.scratch or mm.SELECTION_SCRATCH).items()}
         row = predict_row(s)
         peak = row["peak_bytes_per_rank_predicted"]
         row.update(dp=world // ep, micro_batch=mb, headroom_bytes=int(capacity - peak),
@@ -802,9 +804,10 @@ def constants_note(args: argparse.Namespace, row: dict) -> str:
     frac = row["scratch_bytes"] / (args.gpu_mem_gib * GIB)
     return (f"constants from a CPU ({where}): selection scratch "
             f"{human(row['scratch_bytes'])} of the best setting's peak ({100 * frac:.1f}% of a "
-            f"GPU), which its headroom covers only if the GPU's scratch is no larger; CUDA "
-            f"runtime {runtime}. Calibrate on the GPU: GPU_CHECK_ONLY=scale bash "
-            f"launch/gpu_check.sh, then --calibration FILE")
+            f"GPU; the CPU's corrections below zero are not applied), which its headroom "
+            f"covers only if the GPU's scratch is no larger; CUDA runtime {runtime}. Calibrate "
+            f"on the GPU: GPU_CHECK_ONLY=scale bash launch/gpu_check.sh, then --calibration "
+            f"FILE")
 
 
 def check_plan(args: argparse.Namespace, best: dict) -> None:

@@ -59,3 +59,17 @@ def test_optimizer_filter_and_rule_with_the_table(capsys, tmp_path):
                     "--table-optimizer", "adam"])
     with pytest.raises(SystemExit, match="plan needs --nodes N"):
         scale.main(["plan", "--gpus-per-node", "8", "--gpu-mem-gib", "16"])
+
+
+def test_a_cpu_calibration_below_zero_is_not_applied_on_a_gpu(tmp_path):
+    """A CPU's scratch corrections below zero are dropped in a GPU plan (its peak is the
+    allocator's); a GPU calibration's are applied as they are."""
+    cal = {"device": "cpu", "runtime": {}, "points": [],
+           "selection_scratch": {"token": -5000, "dispatch": -100, "local": -100}}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(cal))
+    rows = scale.plan_rows(_args("--nodes", "1", "--calibration", str(path)))
+    assert rows and all(r["scratch_bytes"] == 0 for r in rows)
+    path.write_text(json.dumps({**cal, "device": "cuda"}))
+    for r in scale.plan_rows(_args("--nodes", "1", "--calibration", str(path))):
+        assert r["scratch_bytes"] == r["tokens_per_rank"] * (-5000 - 100 * r["heads"] * r["topk"])
