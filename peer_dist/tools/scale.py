@@ -895,7 +895,7 @@ def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> 
             f"t{s.tokens_per_rank}_{s.strategy}_{s.table_optimizer}")
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = {**CPU_MALLOC, **os.environ,
+    env = {**(CPU_MALLOC if s.device == "cpu" else {}), **os.environ,
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     argv = trainer_argv(args, trainer_overrides(s, args, run_dir, data))

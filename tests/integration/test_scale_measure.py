@@ -51,6 +51,10 @@ def forked(monkeypatch):
 
     def launch(world, argv, env, timeout):
         calls.append(world)
+        # CPU ranks: buffers of 1 MiB and up from the OS, so RSS follows live bytes (forked
+        # ranks keep the parent's heap: the setting matters to launched ones)
+        assert env["MALLOC_MMAP_THRESHOLD_"] == os.environ.get("MALLOC_MMAP_THRESHOLD_",
+                                                               str(2 ** 20))
         return _forked_launch(world, argv, env, timeout)
 
     monkeypatch.setattr(scale, "launch", launch)
