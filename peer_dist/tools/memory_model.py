@@ -310,7 +310,8 @@ def bucket_bytes(s: Setup) -> int:
 # --------------------------------------------------------------------------- activations, buffers
 
 def activation_bytes(s: Setup) -> int:
-    """What autograd keeps for backward, plus the backward's own transient, times T tokens.
+    """What autograd keeps for backward, plus the backward's own transient, times T tokens,
+    at the larger of the backward's two peaks.
 
     Counted per token from the tensors this transformer saves (checked with autograd's
     saved-tensor hooks, tests/unit/test_memory_model.py): a dense block keeps (13 + 2m) d values
@@ -318,12 +319,26 @@ def activation_bytes(s: Setup) -> int:
     and activation); a PEER block keeps 13 d (the same attention, the FFW input) plus the
     router's query before and after BatchNorm (2 H d_key) and per selection 40 B of int64 ids
     (ids, sub-key ids, rows and bags) and 6 values (scores, gates, u.x); the model keeps 3 d
-    (embeddings, final norm) and the fp32 logits (V). Backward holds gradients of one block's
-    size beside them, plus the logits' softmax and its gradient (2 V fp32).
+    (embeddings, final norm) and the fp32 logits (V).
+    The backward starts with all of it, gradients of one block's size beside them and the
+    logits' softmax and its gradient (2 V fp32). On more than one rank the query BatchNorm's
+    backward (sync_bn_bytes) adds its float64 sums when backward reaches the last PEER block:
+    by then the blocks after it and the loss have freed what they saved, and that block's
+    mix and top-k their per-selection tensors, so that peak holds the blocks up to it less
+    those, the 3 d, that block's gradients and the sums.
     """
-    saved, largest_block = _saved_per_token(s)
-    transient = largest_block + 2 * 4 * s.model.vocab_size + selection_scratch(s)
-    return int(s.tokens_per_rank * (saved + transient)) + sync_bn_bytes(s)
+    blocks, head = _saved_blocks(s)
+    scratch = selection_scratch(s)
+    start = sum(blocks) + head + 4 * s.model.vocab_size + max(blocks, default=0) \
+        + 2 * 4 * s.model.vocab_size + scratch
+    peak = int(s.tokens_per_rank * start)
+    bn = sync_bn_bytes(s)
+    if bn:
+        last = max(s.model.peer_block_ids())
+        ran = s.selections * (40 + 6 * s.elem)  # freed as the mix's and top-k's backward ran
+        at_bn = sum(blocks[:last + 1]) - ran + head + blocks[last] + scratch
+        peak = max(peak, int(s.tokens_per_rank * at_bn) + bn)
+    return peak
 
 
 def sync_bn_bytes(s: Setup) -> int:
@@ -348,18 +363,19 @@ def sync_bn_bytes(s: Setup) -> int:
 # of that run, every point with its residual, is docs/scale/calibration/calibration.json.
 # Fitted given each calibration point's own routing (its counted gradient rows as the routing
 # law's K, routing_for), with the measured ranks' RSS following live bytes (scale.CPU_MALLOC).
-# The values are negative: corrections, not buffers. The derived terms count every saved
-# tensor and the backward's transient as alive at once, and at the measured peak some of
-# them are already freed (about 6.7 KB per token at d = 64, 0.1-0.2 KB per selection). Under
-# glibc's own heap policy the same fit gave +6.8 KB per token: the heap's retention, which
-# grew the peak step over step, not memory the step needs.
-SELECTION_SCRATCH = {"local": -121, "fetch": -201, "dispatch": -203, "token": -6690}
+# The values are negative: corrections, not buffers (about 2.3 KB per token at d = 64, 0.1 KB
+# per selection): the derived terms still count some tensors as alive at the measured peak
+# that are freed by then. Under glibc's own heap policy the same fit gave +6.8 KB per token:
+# the heap's retention, which grew the peak step over step, not memory the step needs; with
+# one backward peak for every world size (before activation_bytes priced the query BN's peak
+# apart), -6.7 KB.
+SELECTION_SCRATCH = {"local": -89, "fetch": -104, "dispatch": -106, "token": -2273}
 SCRATCH_PROVENANCE = ("peer-scale calibrate (the 21-point calibration grid of scale.py: default "
                       "config, d = 64, N = 256, 4096 and 65536, 128 to 4096 tokens per rank, "
                       "32 to 128 selections per token, world 1 and 2, ZeRO 0-3, fp32), given "
                       "each point's routing, ranks with glibc's mmap threshold at 1 MiB, on a "
                       "2-core x86 CPU, torch 2.13, deepspeed 0.19.8, 2026-12-01; each group's "
-                      "smallest point exact, the others within 5.7%)")
+                      "smallest point exact, the others within 2.8%)")
 SCRATCH_KINDS = ("local", "fetch", "dispatch")
 
 
@@ -386,12 +402,17 @@ def saved_activation_bytes(s: Setup) -> int:
 
 def _saved_per_token(s: Setup) -> tuple[int, int]:
     """(bytes saved per token, the largest block's share)."""
+    blocks, head = _saved_blocks(s)
+    return sum(blocks) + head + 4 * s.model.vocab_size, max(blocks, default=0)
+
+
+def _saved_blocks(s: Setup) -> tuple[list[int], int]:
+    """Bytes each block saves per token, in order, and the embeddings' and final norm's."""
     m, p, e = s.model, s.model.peer, s.elem
     dense = (13 + 2 * m.ffw_mult) * m.dim * e
     peer = 13 * m.dim * e + 2 * p.heads * p.d_key * e + s.selections * (40 + 6 * e)
     peer_ids = set(m.peer_block_ids())
-    blocks = [peer if i in peer_ids else dense for i in range(m.n_layers)]
-    return sum(blocks) + 3 * m.dim * e + 4 * m.vocab_size, max(blocks, default=0)
+    return [peer if i in peer_ids else dense for i in range(m.n_layers)], 3 * m.dim * e
 
 
 def _layer_shape(s: Setup) -> cost.LayerShape:

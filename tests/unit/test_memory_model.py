@@ -519,3 +519,28 @@ def test_the_gradient_sync_counts_the_rows_routing_touched():
     assert (m.stats.grad_rows, m.stats.grad_syncs) == (3 + 1, 2)
     assert m.stats.as_dict()["grad_rows"] == 2.0
     assert torch.equal(u.grad.to_dense()[2], torch.full((3,), 0.5))  # still 1 / W
+
+
+def test_activations_peak_at_the_backward_start_or_at_the_query_bn():
+    """The backward's two peaks by hand: at its start (everything saved, one block's
+    gradients, the logits' softmax) and, on two ranks, at the last PEER block's query BN
+    (the blocks after it, the logits and that block's per-selection tensors freed; the BN's
+    float64 sums added)."""
+    zero = {"token": 0, "local": 0, "fetch": 0, "dispatch": 0}
+    d, m, v, t, sel = 64, 4, 256, 256, 8 * 16
+    one = setup(n=4096, d=d, tokens_per_rank=t, scratch=zero)
+    dense = (13 + 2 * m) * d * 4
+    peer = 13 * d * 4 + 2 * 8 * 128 * 4 + sel * (40 + 6 * 4)
+    head = 3 * d * 4
+    start = 3 * dense + peer + head + 4 * v + peer + 2 * 4 * v  # PEER is block 2 of 4
+    assert (one.model.ffw_mult, one.model.vocab_size, one.model.peer.d_key) == (m, v, 128)
+    assert mm.activation_bytes(one) == t * start
+    two = setup(n=4096, d=d, tokens_per_rank=t, scratch=zero, world_size=2)
+    bn = t * 8 * 128 * (3 * 8 + 2 * 4)
+    at_bn = 2 * dense + peer - sel * (40 + 6 * 4) + head + peer
+    assert mm.sync_bn_bytes(two) == bn
+    assert mm.activation_bytes(two) == max(t * start, t * at_bn + bn) == t * at_bn + bn
+    # the PEER block last: nothing after it to free but the logits
+    last = setup(n=4096, d=d, tokens_per_rank=t, scratch=zero, world_size=2, peer_blocks="3")
+    at_bn_last = 3 * dense + peer - sel * (40 + 6 * 4) + head + peer
+    assert mm.activation_bytes(last) == t * at_bn_last + bn
