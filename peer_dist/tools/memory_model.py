@@ -17,12 +17,13 @@ What is exact and what is an estimate:
                     rows touched in a step, bounded by min(b, expected unique selections):
                     under uniform routing every token draws S rows afresh, b * (1 - (1 -
                     1/N)^(T*W*S)) rows, each d values plus an int64 index: the upper estimate,
-                    what `plan` assumes. A run's tokens repeat themselves: n tokens make fewer
-                    distinct queries, D(n) = min(n, K * n^beta) (a Heaps' law of the routing),
-                    and draw D(n) * S rows. K and beta are measured (`fit_routing` on the
-                    calibration grid's counted rows, comm/<layer>/grad_rows); the fetch and
-                    grad-sync terms count rows the same way (Setup.routing). Given one run's
-                    count, `routing_for` finds its K.
+                    what `plan` assumes. A run's tokens repeat themselves: the T tokens of
+                    each of W ranks make fewer distinct queries, D = min(T W, K T^beta
+                    W^gamma N^delta) (a Heaps' law of the routing), and draw D * S rows. K
+                    and the exponents are measured (`fit_routing` on the calibration grid's
+                    counted rows, comm/<layer>/grad_rows); the fetch and grad-sync terms count
+                    rows the same way (Setup.routing). Given one run's count, `routing_for`
+                    finds its K.
   dense part        exact parameter count (attention, dense FFWs, routers, embeddings); bytes
                     per parameter as DeepSpeed ZeRO counts them (see `dense_bytes_per_param`),
                     plus ZeRO's gradient-reduction buckets (see `bucket_bytes`).
@@ -90,10 +91,11 @@ class Setup:
     # bytes per selection and PEER layer by kind (local | fetch | dispatch); None: the stored
     # SELECTION_SCRATCH. A calibration file's values when one is given.
     scratch: dict[str, int] | None = None
-    # routing of the row-counting terms: (K, beta), n tokens make D(n) = min(n, K * n^beta)
-    # distinct queries (distinct_queries); None: every token its own (uniform routing, the
-    # upper estimate). Fitted by calibrate (fit_routing), or one run's (routing_for).
-    routing: tuple[float, float] | None = None
+    # routing of the row-counting terms: (K, beta, gamma, delta), the T tokens of each of W
+    # ranks make D = min(T W, K T^beta W^gamma N^delta) distinct queries (distinct_queries);
+    # None: every token its own (uniform routing, the upper estimate). Fitted by calibrate
+    # (fit_routing), or one run's (routing_for).
+    routing: tuple[float, ...] | None = None
 
     def validate(self) -> Setup:
         self.model.validate()
@@ -163,41 +165,49 @@ def expected_unique(pool: int, draws: float) -> float:
     return pool * -math.expm1(draws * math.log1p(-1.0 / pool))
 
 
-def distinct_queries(s: Setup, tokens: float) -> float:
-    """How many distinct queries `tokens` tokens make: all of them under uniform routing,
-    else K * tokens^beta (Setup.routing), at most all of them."""
+def distinct_queries(s: Setup, ranks: int) -> float:
+    """How many distinct queries the T tokens of each of `ranks` ranks make together: all of
+    them under uniform routing, else K * T^beta * ranks^gamma * N^delta (Setup.routing), at
+    most all of them."""
+    tokens = float(s.tokens_per_rank * ranks)
     if s.routing is None:
-        return float(tokens)
-    k, beta = s.routing
-    return min(float(tokens), k * float(tokens) ** beta)
+        return tokens
+    k, beta, gamma, delta = s.routing
+    return min(tokens, k * float(s.tokens_per_rank) ** beta * float(ranks) ** gamma
+               * float(s.n) ** delta)
 
 
-def selected_rows(s: Setup, tokens: float) -> float:
-    """Expected distinct rows of all N that `tokens` tokens select (S rows per query)."""
-    return expected_unique(s.n, distinct_queries(s, tokens) * s.selections)
+def selected_rows(s: Setup, ranks: int) -> float:
+    """Expected distinct rows of all N that the tokens of `ranks` ranks select (S rows per
+    query)."""
+    return expected_unique(s.n, distinct_queries(s, ranks) * s.selections)
 
 
-# beta of the routing law when none is fitted yet (routing_for solves K under it): text's
-# Heaps' law exponent; the calibration grid's counted rows gave 0.47 (K = 6.6, fit_routing)
-DEFAULT_ROUTING_BETA = 0.5
+# The routing law's exponents where the points fitted do not vary a factor, and those under
+# which routing_for solves a run's K before any fit: Heaps' law of text for a rank's tokens
+# (beta), ranks reading apart (gamma: their queries add up), no dependence on N (delta).
+DEFAULT_ROUTING = (0.5, 1.0, 0.0)
 
 
-def routing_for(s: Setup, grad_rows: float) -> tuple[float, float] | None:
-    """The routing law (K, beta) under which touched_rows(s) equals a run's measured rows of
-    its shard's gradient: beta as s.routing has it (else DEFAULT_ROUTING_BETA), K solved.
+def routing_for(s: Setup, grad_rows: float) -> tuple[float, ...] | None:
+    """The routing law under which touched_rows(s) equals a run's measured rows of its
+    shard's gradient: the exponents as s.routing has them (else DEFAULT_ROUTING), K solved.
     None (uniform routing) when the run touched as many rows as uniform routing would, or
     more."""
-    beta = s.routing[1] if s.routing else DEFAULT_ROUTING_BETA
+    exps = tuple(s.routing[1:]) if s.routing else DEFAULT_ROUTING
     if grad_rows >= touched_rows(replace(s, routing=None)):
         return None
-    lo, hi = 1e-9, float(s.tokens_per_rank * s.world_size) ** (1.0 - beta)  # D = n at hi
+    beta, gamma, delta = exps
+    lo = 1e-12  # D = every token at hi:
+    hi = float(s.tokens_per_rank) ** (1 - beta) * float(s.world_size) ** (1 - gamma) \
+        / float(s.n) ** delta
     for _ in range(200):  # touched_rows grows with K
         mid = math.sqrt(lo * hi)
-        if touched_rows(replace(s, routing=(mid, beta))) < grad_rows:
+        if touched_rows(replace(s, routing=(mid, *exps))) < grad_rows:
             lo = mid
         else:
             hi = mid
-    return (hi, beta)
+    return (hi, *exps)
 
 
 def implied_queries(s: Setup, grad_rows: float) -> float | None:
@@ -210,22 +220,27 @@ def implied_queries(s: Setup, grad_rows: float) -> float | None:
     return math.log1p(-frac) / math.log1p(-1.0 / s.n) / s.selections
 
 
-def fit_routing(setups: list[Setup], grad_rows: list[float | None]) -> tuple[float, float]:
-    """K and beta of the routing law, least squares of log D(n) = log K + beta log n over the
-    points whose counted rows are informative (below the shard's size; n = T * W tokens per
-    step). Needs two or more distinct n."""
+def fit_routing(setups: list[Setup], grad_rows: list[float | None]) -> tuple[float, ...]:
+    """(K, beta, gamma, delta) of the routing law D = K T^beta W^gamma N^delta (T tokens per
+    rank, W ranks, N rows): least squares of log D over the points whose counted rows are
+    informative (below the shard's size). An exponent whose factor does not vary among them
+    keeps its DEFAULT_ROUTING value; T must vary (two or more token counts)."""
     import numpy as np
 
-    pts = [(s.tokens_per_rank * s.world_size, implied_queries(s, g))
-           for s, g in zip(setups, grad_rows, strict=True) if g]
-    pts = [(n, q) for n, q in pts if q]
-    if len({n for n, _ in pts}) < 2:
+    pts = [(s, implied_queries(s, g)) for s, g in zip(setups, grad_rows, strict=True) if g]
+    pts = [(s, q) for s, q in pts if q]
+    if len({s.tokens_per_rank for s, _ in pts}) < 2:
         raise ValueError(f"fit_routing: {len(pts)} points with counted rows below their "
                          "shard's size, at fewer than 2 token counts (allowed: 2 or more)")
-    x = np.log([n for n, _ in pts])
+    factors = np.log([[s.tokens_per_rank, s.world_size, s.n] for s, _ in pts])
     y = np.log([q for _, q in pts])
-    beta, log_k = np.polyfit(x, y, 1)
-    return (float(math.exp(log_k)), float(beta))
+    exps = np.array(DEFAULT_ROUTING, float)
+    free = np.ptp(factors, axis=0) > 0
+    fixed = factors[:, ~free] @ exps[~free]
+    x = np.column_stack([np.ones(len(pts)), factors[:, free]])
+    sol = np.linalg.lstsq(x, y - fixed, rcond=None)[0]
+    exps[free] = sol[1:]
+    return (float(math.exp(sol[0])), *map(float, exps))
 
 
 def expert_param_bytes(s: Setup) -> int:
@@ -245,7 +260,7 @@ def touched_rows(s: Setup) -> float:
     """Expected rows of this rank's shard that get a gradient in one step (per table, layer):
     every rank's tokens (T*W*S draws) can select a row, and the owner sums them all."""
     rows = rows_per_rank(s.n, s.ep)
-    return min(float(rows), rows * selected_rows(s, s.tokens_per_rank * s.world_size) / s.n)
+    return min(float(rows), rows * selected_rows(s, s.world_size) / s.n)
 
 
 def expert_grad_bytes(s: Setup) -> int:
@@ -369,7 +384,7 @@ def sync_bn_bytes(s: Setup) -> int:
 # the heap's retention, which grew the peak step over step, not memory the step needs; with
 # one backward peak for every world size (before activation_bytes priced the query BN's peak
 # apart), -6.7 KB.
-SELECTION_SCRATCH = {"local": -89, "fetch": -104, "dispatch": -106, "token": -2273}
+SELECTION_SCRATCH = {"local": -89, "fetch": -103, "dispatch": -106, "token": -2278}
 SCRATCH_PROVENANCE = ("peer-scale calibrate (the 21-point calibration grid of scale.py: default "
                       "config, d = 64, N = 256, 4096 and 65536, 128 to 4096 tokens per rank, "
                       "32 to 128 selections per token, world 1 and 2, ZeRO 0-3, fp32), given "
@@ -440,7 +455,7 @@ def a2a_bytes(s: Setup) -> int:
     f = (s.ep - 1) / s.ep
     t, d, e, sel = s.tokens_per_rank, s.d, s.elem, s.selections
     if s.strategy == "fetch":
-        kept = selected_rows(s, t) * 2 * d * s.table_elem
+        kept = selected_rows(s, 1) * 2 * d * s.table_elem
     else:
         pairs = t * _layer_shape(s).owners_touched() * f
         kept = pairs * d * e + t * sel * f * (cost.meta_bytes(e) + 2 * e)
@@ -451,7 +466,7 @@ def replica_rows(s: Setup) -> float:
     """Expected rows of the largest shard one DP replica's gradient touches before the DP sum:
     its EP group's tokens, T * E * S draws (touched_rows counts the whole world's)."""
     rows = rows_per_rank(s.n, s.ep)
-    return min(float(rows), rows * selected_rows(s, s.tokens_per_rank * s.ep) / s.n)
+    return min(float(rows), rows * selected_rows(s, s.ep) / s.n)
 
 
 def reduce_rows_bytes(s: Setup) -> int:

@@ -161,9 +161,11 @@ def test_calibrate_then_measure_apart(tmp_path, capsys, monkeypatch, forked):
         assert abs(r["fit_rel_err"]) < 0.03 and r["fit_rel_err"] == pytest.approx(
             r["peak_rel_err_given_routing"], abs=1e-4)
         assert 0 < r["grad_rows_measured"] <= 256
-    # the routing law from the counted rows: D(n) = K n^beta queries, below one per token
-    k, beta = cal["routing"]["law"]
-    assert 0 < k and 0 < beta < 1.5 and k * 2048 ** beta < 2048, cal["routing"]
+    # the routing law from the counted rows: D = K T^beta queries, below one per token; one
+    # rank and one N here, so the other exponents keep their defaults
+    k, beta, gamma, delta = cal["routing"]["law"]
+    assert 0 < k and 0 < beta < 1.5 and k * 1024 ** beta < 1024, cal["routing"]
+    assert (gamma, delta) == (1.0, 0.0)
     main(["measure", *common, "--num-experts", "256,4096", "--tokens-per-rank", "1024",
           "--topk", "8", "--calibration", str(tmp_path / "cal" / "calibration.json"),
           "--out", str(tmp_path / "m"), "--json"])

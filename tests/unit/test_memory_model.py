@@ -462,40 +462,53 @@ def test_routing_law_counts_rows_of_fewer_queries_and_is_found_from_a_run():
     draws = 128 * 4 * 8
     assert mm.touched_rows(s) == pytest.approx(2048 * 4096 * (1 - (1 - 1 / 4096) ** draws)
                                                / 4096)
-    # the law D(n) = 3 * n^0.5: the world's 512 tokens make 3 * 22.63 = 67.9 queries of 8 rows
-    law = mm.Setup(**{**s.__dict__, "routing": (3.0, 0.5)})
-    q = 3.0 * 512 ** 0.5
-    assert mm.touched_rows(law) == pytest.approx(2048 * (1 - (1 - 1 / 4096) ** (q * 8)))
-    # one replica (EP = 2 ranks, 256 tokens) and fetch's own tokens (128) count the same way
-    assert mm.replica_rows(law) == pytest.approx(2048 * (1 - (1 - 1 / 4096) ** (3 * 16 * 8)))
-    fetched = 4096 * (1 - (1 - 1 / 4096) ** (3 * 128 ** 0.5 * 8))
+    # the law D = 3 T^0.5 W^0.8 N^0.1: 128 tokens on each of 4 ranks, N = 4096
+    law = mm.Setup(**{**s.__dict__, "routing": (3.0, 0.5, 0.8, 0.1)})
+
+    def queries(ranks):
+        return 3.0 * 128 ** 0.5 * ranks ** 0.8 * 4096 ** 0.1
+
+    assert mm.touched_rows(law) == pytest.approx(2048 * (1 - (1 - 1 / 4096) ** (queries(4) * 8)))
+    # one replica (the EP group's 2 ranks) and fetch's own tokens (1 rank) count the same way
+    assert mm.replica_rows(law) == pytest.approx(2048 * (1 - (1 - 1 / 4096) ** (queries(2) * 8)))
+    fetched = 4096 * (1 - (1 - 1 / 4096) ** (queries(1) * 8))
     assert mm.a2a_bytes(law) == int(2 * fetched * 2 * 32 * 4)
     assert mm.breakdown(law)["total"] < mm.breakdown(s)["total"]
     # never more queries than tokens
-    assert mm.distinct_queries(mm.Setup(**{**s.__dict__, "routing": (50.0, 0.9)}), 100) == 100
-    # a run's count gives back K (beta kept); as many rows as uniform routing, or more: None
-    k, beta = mm.routing_for(law, mm.touched_rows(law))
-    assert (k, beta) == (pytest.approx(3.0, rel=1e-6), 0.5)
+    many = mm.Setup(**{**s.__dict__, "routing": (50.0, 0.9, 1.0, 0.0)})
+    assert mm.distinct_queries(many, 4) == 128 * 4
+    # a run's count gives back K (the exponents kept); as many rows as uniform, or more: None
+    k, *exps = mm.routing_for(law, mm.touched_rows(law))
+    assert (k, exps) == (pytest.approx(3.0, rel=1e-6), [0.5, 0.8, 0.1])
     assert mm.routing_for(s, mm.touched_rows(s) + 5) is None
-    assert mm.routing_for(s, mm.touched_rows(law))[1] == mm.DEFAULT_ROUTING_BETA
+    assert mm.routing_for(s, mm.touched_rows(law))[1:] == mm.DEFAULT_ROUTING
 
 
 def test_routing_law_fit_recovers_a_planted_law_from_counted_rows():
     """fit_routing reads D from each count (the inverse of the uniform draw), skips counts at
-    the shard's size, and fits log D = log K + beta log n."""
+    the shard's size, and fits log D = log K + beta log T + gamma log W + delta log N; an
+    exponent whose factor does not vary keeps its default."""
     base = _routed()
+    planted = (1.5, 0.6, 0.8, 0.1)  # below one query per token at every point
     points, counts = [], []
-    for tokens, world, ep in ((64, 1, 1), (256, 2, 1), (1024, 2, 2), (4096, 4, 2)):
-        p = mm.Setup(**{**base.__dict__, "tokens_per_rank": tokens, "world_size": world,
-                        "ep": ep, "routing": (2.5, 0.6)})
+    for tokens, world, ep, n in ((64, 1, 1, 4096), (256, 2, 1, 16384), (1024, 2, 2, 4096),
+                                 (512, 4, 2, 65536), (2048, 1, 1, 65536)):
+        m = ModelConfig(dim=32, n_layers=2, n_heads=2, peer_blocks="all",
+                        peer=PEERConfig(num_experts=n, heads=2, topk=4))
+        p = mm.Setup(m, tokens_per_rank=tokens, world_size=world, ep=ep, routing=planted)
         points.append(p)
         counts.append(mm.touched_rows(p))
     saturated = mm.Setup(**{**base.__dict__, "tokens_per_rank": 8192, "ep": 1})
     points.append(saturated)
     counts.append(4096.0)  # all rows: says nothing of D
     assert mm.implied_queries(saturated, 4096.0) is None
-    k, beta = mm.fit_routing(points, counts)
-    assert (k, beta) == (pytest.approx(2.5, rel=1e-6), pytest.approx(0.6, rel=1e-6))
+    got = mm.fit_routing(points, counts)
+    assert got == pytest.approx(planted, rel=1e-6)
+    # one rank and one N: only K and beta are fitted
+    one = [p for p in points if p.world_size == 1 and p.n == 4096][:1] + [
+        mm.Setup(**{**points[0].__dict__, "tokens_per_rank": 512})]
+    k, beta, gamma, delta = mm.fit_routing(one, [mm.touched_rows(p) for p in one])
+    assert (beta, gamma, delta) == (pytest.approx(0.6), 1.0, 0.0)
     with pytest.raises(ValueError, match="fewer than 2 token counts"):
         mm.fit_routing(points[:1] + [saturated], counts[:1] + [4096.0])
 
