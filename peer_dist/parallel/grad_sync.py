@@ -36,7 +36,9 @@ def sync_layer_grads(m: ShardedExperts) -> None:
         g = _as_sparse(p)
         if topo.dp > 1:
             g = reduce_rows(g, topo.dp_group, topo.dp)
-        p.grad = g * (1.0 / topo.world_size)
+        if topo.world_size > 1:  # in place: g's values are this step's own (a copy costs as
+            g._values().mul_(1.0 / topo.world_size)  # much as the sum that made them)
+        p.grad = g
         stats = getattr(m, "stats", None)
         if i == 0 and stats is not None:  # the rows routing touched in this shard (U's = V's)
             stats.grad_rows += g._nnz()
@@ -51,6 +53,20 @@ def _as_sparse(p: torch.Tensor) -> torch.Tensor:
                                        is_coalesced=True)
     if not g.is_sparse:
         return g.to_sparse(1).coalesce()  # dense grads: every row counts as touched
+    return coalesced(g)
+
+
+def coalesced(g: torch.Tensor) -> torch.Tensor:
+    """g coalesced. The kernels' row gradients hold each row once, ascending (row_grad), but
+    autograd drops the coalesced flag when it stores a sparse .grad: one compare over the rows
+    finds them in order and marks them, where coalesce() would sort the rows and copy every
+    value (84 ms a table at N = 512^2, d = 256, 1,024 tokens of 128 selections)."""
+    if g.is_coalesced():
+        return g
+    idx = g._indices()
+    if idx.shape[1] < 2 or bool((idx[0, 1:] > idx[0, :-1]).all()):
+        return torch.sparse_coo_tensor(idx, g._values(), g.shape, is_coalesced=True,
+                                       check_invariants=False)
     return g.coalesce()
 
 

@@ -158,16 +158,25 @@ def distinct_rows(layer: Layer) -> float:
     return n * (1.0 - (1.0 - 1.0 / n) ** (layer.tokens * layer.selections))
 
 
-def sync_bytes(layer: Layer, ep: int, strategy: str) -> float:
+def sync_bytes(layer: Layer, ep: int, strategy: str, world: int = 1, chunks: int = 1) -> float:
     """Bytes the owner's gradient sync (grad_sync.sync_layer_grads) streams per rank and step,
-    U and V: coalesce reads the row gradients that arrived (local, dispatch: one per selection,
-    T*S on average; fetch: one per served row, R_in = R on average, as each owner serves its
-    1/EP of every member's R) and writes the touched rows; the 1/W scale reads and writes those
-    again. The replicated baseline's gradients are dense: no sync."""
+    U and V. The kernels' row gradients arrive with each touched row once, in order (local,
+    dispatch and node_dispatch in one chunk): marked coalesced, nothing copied. Fetch's (one
+    per served row, rows repeated across members) and chunked ones (a row again in the next
+    chunk) are coalesced: read what arrived (fetch: R_in = R on average, as each owner serves
+    its 1/EP of every member's R; chunks: up to T*S) and write the touched rows. On more than
+    one rank the 1/W scale then reads and writes the touched rows in place. The replicated
+    baseline's gradients are dense: no sync."""
     if strategy == "replicated":
         return 0.0
-    arrived = distinct_rows(layer) if strategy == "fetch" else layer.tokens * layer.selections
-    return (arrived + 3.0 * touched_rows(layer, ep)) * 2 * layer.dim * layer.elem
+    touched = touched_rows(layer, ep)
+    rows = 0.0
+    if strategy == "fetch" or chunks > 1:
+        arrived = distinct_rows(layer) if strategy == "fetch" else layer.tokens * layer.selections
+        rows += arrived + touched
+    if world > 1:
+        rows += 2.0 * touched
+    return rows * 2 * layer.dim * layer.elem
 
 
 def fresh_bytes(layer: Layer, strategy: str) -> float:
@@ -224,7 +233,7 @@ def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int =
     strategy = "local" if ep == 1 and strategy in ("dispatch", "node_dispatch") else strategy
     intra, inter = (0.0, 0.0) if strategy == "local" else cost.predict_by_link(shape)[strategy]
     tables_ep = 1 if strategy == "replicated" else ep
-    compute = _compute_s(layer, c, tables_ep, strategy, intra + inter)
+    compute = _compute_s(layer, c, tables_ep, strategy, intra + inter, chunks)
     t_intra = layer.tokens * intra / c.intra_bytes_per_s
     t_inter = layer.tokens * inter / c.inter_bytes_per_s
     if strategy == "replicated" and c.allreduce_bytes_per_s:  # in place: its own measured rate
@@ -246,7 +255,8 @@ def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int =
                 peak_bytes_per_rank_predicted=expert_memory(layer, tables_ep, intra + inter))
 
 
-def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float) -> float:
+def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float,
+               chunks: int = 1) -> float:
     """Seconds of a rank's own work per layer and step; sent = bytes per token to others."""
     slow = 1.0 if not c.cores_per_rank else max(1.0, 1.0 / c.cores_per_rank)
     kernel = c.hbm_bytes_per_s * c.hbm_fraction
@@ -262,7 +272,7 @@ def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float) ->
                + gathered_bytes(layer, strategy) / (c.gather_bytes_per_s or fresh))
     sync_rate = (c.sync_fetch_bytes_per_s if strategy == "fetch" else 0.0) or c.sync_bytes_per_s
     if sync_rate:
-        seconds += sync_bytes(layer, ep, strategy) / sync_rate
+        seconds += sync_bytes(layer, ep, strategy, c.world, chunks) / sync_rate
     if strategy == "replicated" and not c.allreduce_bytes_per_s:
         # the dense gradients read by the all-reduce (2 N D); a measured all-reduce rate has
         # its reads and sums in it

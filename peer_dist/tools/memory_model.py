@@ -493,12 +493,14 @@ def reduce_rows_held(rows: int, n1: float, union: float, dp: int, d: int, elem: 
 
 def grad_sync_bytes(s: Setup) -> int:
     """The gradient sync's phase (after backward, parallel/grad_sync.py): one table at a time
-    is summed over DP (reduce_rows_bytes) and scaled by 1/W (a copy of its union rows), while
-    the activations and all-to-all buffers are gone. The peak is the larger phase: count only
-    what this one holds beyond theirs."""
+    is coalesced (fetch's served-row gradients: a copy of the touched rows; the other
+    strategies' rows arrive in order and are only marked), summed over DP (reduce_rows_bytes)
+    and scaled by 1/W in place, while the activations and all-to-all buffers are gone. The
+    peak is the larger phase: count only what this one holds beyond theirs."""
     if not s.layers:
         return 0
-    sync = reduce_rows_bytes(s) + int(touched_rows(s) * (s.d * s.table_elem + INDEX_BYTES))
+    copied = touched_rows(s) if s.strategy == "fetch" and s.ep > 1 else 0.0
+    sync = reduce_rows_bytes(s) + int(copied * (s.d * s.table_elem + INDEX_BYTES))
     return max(0, sync - activation_bytes(s) - a2a_bytes(s))
 
 

@@ -421,7 +421,7 @@ def test_reduce_rows_bytes_match_a_count(one_rank_group, rows):
     assert abs((held - input_ + result) / (count.peak - input_) - 1) < 0.05, (held, count.peak)
 
 
-def test_grad_sync_counts_only_beyond_the_activation_phase():
+def test_grad_sync_counts_only_beyond_the_activation_phase(monkeypatch):
     # EP 1 over 2 ranks: reduce_rows runs on replicated tables; on one rank nothing is summed
     s2 = setup(n=65536, d=64, heads=8, topk=16, ep=1, world_size=2, tokens_per_rank=128)
     assert mm.reduce_rows_bytes(setup(n=65536, d=64, heads=8, topk=16, ep=1,
@@ -429,8 +429,18 @@ def test_grad_sync_counts_only_beyond_the_activation_phase():
     n1, union = mm.replica_rows(s2), mm.touched_rows(s2)
     assert n1 < union < 65536 and n1 * 2 < 65536  # the sparse path at these sizes
     assert mm.reduce_rows_bytes(s2) == int(8 * n1 * (64 * 4 + 8))
-    sync = mm.reduce_rows_bytes(s2) + int(union * (64 * 4 + 8))
+    # the rows arrive in order (only marked coalesced) and the 1/W scale is in place
+    sync = mm.reduce_rows_bytes(s2)
     assert mm.grad_sync_bytes(s2) == max(0, sync - mm.activation_bytes(s2) - mm.a2a_bytes(s2))
+    # fetch's served-row gradients are coalesced: a copy of the touched rows
+    # (the phases before it taken away, so the term itself shows)
+    f = setup(n=65536, d=64, heads=8, topk=16, ep=2, world_size=2, tokens_per_rank=128,
+              strategy="fetch")
+    d = setup(n=65536, d=64, heads=8, topk=16, ep=2, world_size=2, tokens_per_rank=128)
+    monkeypatch.setattr(mm, "activation_bytes", lambda s: 0)
+    monkeypatch.setattr(mm, "a2a_bytes", lambda s: 0)
+    assert mm.grad_sync_bytes(f) == int(mm.touched_rows(f) * (64 * 4 + 8)) > 0
+    assert mm.grad_sync_bytes(d) == 0
 
 
 def test_fetch_keeps_distinct_rows_in_the_tables_dtype():

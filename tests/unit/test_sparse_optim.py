@@ -292,3 +292,27 @@ def test_bf16_tables_update_in_fp32_and_round_once(kind, kernel_path, monkeypatc
     fused_kinds = {"lazy_adam", "adagrad"}  # dense_adam and sgd have no row kernel
     assert calls == {"fp32": 3 if kernel_path == "fused" and kind in fused_kinds else 0,
                      "other": 0}
+
+
+def test_row_gradients_in_order_are_marked_coalesced_without_a_copy():
+    """grad_sync.coalesced: a gradient whose rows are unique and ascending (the kernels'
+    row_grad, whose flag autograd drops when it stores .grad) is marked coalesced over the
+    same values; rows out of order or repeated (chunks concatenated) are summed as
+    coalesce() sums them."""
+    from peer_dist.parallel.grad_sync import coalesced
+
+    vals = torch.randn(4, 3)
+    ordered = torch.sparse_coo_tensor(torch.tensor([[1, 4, 5, 9]]), vals, (10, 3))
+    assert not ordered.is_coalesced()
+    got = coalesced(ordered)
+    assert got.is_coalesced() and got._values().data_ptr() == vals.data_ptr()
+    assert torch.equal(got.to_dense(), ordered.to_dense())
+    for rows in ([[4, 1, 5, 9]], [[1, 4, 4, 9]]):
+        g = torch.sparse_coo_tensor(torch.tensor(rows), vals, (10, 3))
+        got = coalesced(g)
+        want = g.coalesce()
+        assert got.is_coalesced() and torch.equal(got._indices(), want._indices())
+        assert torch.equal(got._values(), want._values())
+    empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, 3),
+                                    (10, 3))
+    assert coalesced(empty)._nnz() == 0
