@@ -10,6 +10,7 @@ N = table rows, R = unique rows selected.
     ragged_bag_sum(rows, off, w, weights)  the same over bags of any size
     RowGroups(rows, bag, n)        selections by unique row, once; .sums(x, w) (R, D)
     row_grad(groups, sums, n)      sparse COO (N, D) gradient with R rows
+    coalesced(g)                   g marked coalesced when its rows are in order, else summed
     check_ids(ids, n)              IndexError unless every id lies in [0, n)
 """
 
@@ -164,3 +165,17 @@ def row_grad(rows: torch.Tensor, rows_grad: torch.Tensor, n: int,
                                        is_coalesced=True, check_invariants=False)
     dense = rows_grad.new_zeros(n, rows_grad.shape[1])
     return dense.index_copy_(0, rows, rows_grad)
+
+
+def coalesced(g: torch.Tensor) -> torch.Tensor:
+    """g coalesced. The kernels' row gradients hold each row once, ascending (row_grad), but
+    autograd drops the coalesced flag when it stores a sparse .grad: one compare over the rows
+    finds them in order and marks them, where coalesce() would sort the rows and copy every
+    value (84 ms a table at N = 512^2, d = 256, 1,024 tokens of 128 selections)."""
+    if g.is_coalesced():
+        return g
+    idx = g._indices()
+    if idx.shape[1] < 2 or bool((idx[0, 1:] > idx[0, :-1]).all()):
+        return torch.sparse_coo_tensor(idx, g._values(), g.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return g.coalesce()

@@ -29,6 +29,7 @@ import torch
 from peer_dist.config import BIAS_CORRECTIONS, TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
 from peer_dist.ops import cpu as fused_cpu
 from peer_dist.ops import triton_optim
+from peer_dist.ops.rows import coalesced
 
 KINDS = TABLE_OPTIMIZERS
 STATE_DTYPES = dict(zip(TABLE_STATE_DTYPES, (torch.float32, torch.bfloat16), strict=True))
@@ -49,10 +50,7 @@ def _rows_and_values(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Ten
         # aborts the process there)
         raise IndexError(f"sparse gradient rows must lie in [0, {grad.shape[0]}), got "
                          f"[{int(rows.min())}, {int(rows.max())}]")
-    if not grad.is_coalesced():
-        rows = grad._indices()[0]
-        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
-            grad = grad.coalesce()
+    grad = coalesced(grad)
     return grad._indices()[0], grad._values()
 
 
@@ -215,6 +213,13 @@ def grad_sq_norm(params) -> torch.Tensor:
 
 
 def scale_grads(params, factor: float) -> None:
+    """Every gradient times factor, in place (a sparse one's values: multiplying the sparse
+    tensor would copy them, at ten times the cost)."""
     for p in params:
-        if p.grad is not None:
-            p.grad = p.grad.coalesce() * factor if p.grad.is_sparse else p.grad.mul_(factor)
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = coalesced(p.grad)
+            p.grad._values().mul_(factor)
+        else:
+            p.grad.mul_(factor)

@@ -299,7 +299,7 @@ def test_row_gradients_in_order_are_marked_coalesced_without_a_copy():
     row_grad, whose flag autograd drops when it stores .grad) is marked coalesced over the
     same values; rows out of order or repeated (chunks concatenated) are summed as
     coalesce() sums them."""
-    from peer_dist.parallel.grad_sync import coalesced
+    from peer_dist.ops.rows import coalesced
 
     vals = torch.randn(4, 3)
     ordered = torch.sparse_coo_tensor(torch.tensor([[1, 4, 5, 9]]), vals, (10, 3))
@@ -316,3 +316,19 @@ def test_row_gradients_in_order_are_marked_coalesced_without_a_copy():
     empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, 3),
                                     (10, 3))
     assert coalesced(empty)._nnz() == 0
+
+
+def test_clipping_scales_row_gradients_in_place():
+    """scale_grads: a sparse gradient's values are multiplied where they lie (rows in order:
+    no sort, no copy); rows out of order are summed first; dense gradients in place too."""
+    a, b, c = (torch.zeros(10, 3, requires_grad=True) for _ in range(3))
+    vals = torch.randn(3, 3)
+    a.grad = torch.sparse_coo_tensor(torch.tensor([[1, 5, 7]]), vals.clone(), (10, 3))
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[7, 1, 1]]), vals.clone(), (10, 3))
+    c.grad = torch.randn(10, 3)
+    want = [p.grad.to_dense() * 0.25 for p in (a, b, c)]
+    storage = a.grad._values().data_ptr()
+    scale_grads([a, b, c], 0.25)
+    assert a.grad._values().data_ptr() == storage and a.grad.is_coalesced()
+    for p, w in zip((a, b, c), want, strict=True):
+        assert torch.equal(p.grad.to_dense(), w)
