@@ -48,7 +48,7 @@ What is exact and what is an estimate:
 The sum of all terms is the whole peak per rank; the modelled terms are all but the runtime.
 
 Measured constants (the runtime per group, SELECTION_SCRATCH per strategy, the routing law's K
-and beta) are fitted by `peer-scale calibrate` on a calibration grid (`fit_calibration`: least
+and exponents) are fitted by `peer-scale calibrate` on a calibration grid (`fit_calibration`: least
 squares of measured peak minus the other terms; `fit_routing`: of the counted gradient rows);
 `peer-scale measure` with no grid arguments reports accuracy on a disjoint validation grid.
 """

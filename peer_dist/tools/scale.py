@@ -20,6 +20,7 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -1017,7 +1018,12 @@ def load_calibration(args: argparse.Namespace) -> dict | None:
     try:
         cal = json.loads(path.read_text())
         cal["selection_scratch"], cal["runtime"], cal["points"]  # noqa: B018 (the keys we read)
-    except (ValueError, KeyError, TypeError) as err:
+        law = (cal.get("routing") or {}).get("law")
+        if law is not None and not (isinstance(law, list) and len(law) in (2, 4) and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in law)):
+            raise ValueError(f"routing law {law!r} is not 4 finite numbers [K, beta, gamma, "
+                             "delta]")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise SystemExit(f"peer-scale: --calibration {path}: not a calibration file ({err!r}); "
                          "allowed: a calibration.json written by peer-scale calibrate") from err
     cal["file"] = str(path)

@@ -73,3 +73,12 @@ def test_a_cpu_calibration_below_zero_is_not_applied_on_a_gpu(tmp_path):
     path.write_text(json.dumps({**cal, "device": "cuda"}))
     for r in scale.plan_rows(_args("--nodes", "1", "--calibration", str(path))):
         assert r["scratch_bytes"] == r["tokens_per_rank"] * (-5000 - 100 * r["heads"] * r["topk"])
+
+
+def test_a_calibration_with_a_malformed_routing_law_is_refused_in_one_line(tmp_path):
+    cal = {"device": "cpu", "runtime": {}, "points": [], "selection_scratch": {},
+           "routing": {"law": [1.0, float("nan"), 1.0, 0.0]}}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(cal))
+    with pytest.raises(SystemExit, match=r"not a calibration file .*routing law .*not 4 finite"):
+        scale.plan_rows(_args("--nodes", "1", "--calibration", str(path)))
