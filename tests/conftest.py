@@ -32,6 +32,7 @@ import torch
 # chosen before the kernels are defined (at the first import of peer_dist.ops).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import _fast_interpreter  # noqa: E402,F401 (under the interpreter: patched once per launch)
 
 TIERS = ("unit", "distributed", "integration")
 # skip reasons that name a requirement of the project (failures under CI=true)

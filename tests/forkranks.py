@@ -33,7 +33,8 @@ PRELOAD = ["torch", "torch.distributed.checkpoint", "deepspeed", "peer_dist.ops"
            "peer_dist.parallel", "peer_dist.train.expert_stats", "torch._dynamo",
            "torch._inductor", "torch.onnx", "torch.utils.tensorboard", "torch.utils.cpp_extension",
            "torch.distributed.checkpoint._fsspec_filesystem", "deepspeed.ops.op_builder.all_ops",
-           "deepspeed.ops.triton_ops", "numpy.random", "multiprocessing.pool", "_frozen_heap"]
+           "deepspeed.ops.triton_ops", "numpy.random", "multiprocessing.pool", "_fast_interpreter",
+           "_frozen_heap"]
 @functools.cache
 def context():
     ctx = multiprocessing.get_context("forkserver")
