@@ -37,8 +37,8 @@ _SIGNATURES = {
     "adam_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _F64, _F64, _F64, _F64, _F64, _F64, _P],
     "adagrad_rows": [_I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64],
     "rows_fwd": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
-    "rows_bwd": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P,
-                 _P, _P, _P],
+    "rows_bwd": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _F64,
+                 _P, _P, _P, _P],
     "pk_select": [_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P],
     "key_grad": [_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P],
 }
@@ -256,8 +256,9 @@ def rows_forward(groups, x, gates, u, v, gelu: bool):
     return y, pre
 
 
-def rows_backward(groups, x, dy, gates, pre, u, v, gelu: bool):
-    """Row-major backward: -> dx (P, D), dgates (Q,), du (R, D), dv (R, D)."""
+def rows_backward(groups, x, dy, gates, pre, u, v, gelu: bool, table_scale: float = 1.0):
+    """Row-major backward: -> dx (P, D), dgates (Q,), du (R, D), dv (R, D); du and dv times
+    table_scale (folded into each selection's weight)."""
     d, r = x.shape[1], groups.rows.numel()
     dg = torch.empty(gates.shape, dtype=x.dtype)
     du, dv = pool.take(r, d, dtype=x.dtype), pool.take(r, d, dtype=x.dtype)
@@ -265,8 +266,8 @@ def rows_backward(groups, x, dy, gates, pre, u, v, gelu: bool):
     fn = getattr(library(), f"rows_bwd_{_sfx(x)}")
     dx = _parallel_partials(fn, r, dx, d, _ptr(groups.rows), _ptr(groups.offsets),
                             _ptr(groups.order), _ptr(groups.bag), _ptr(x), _ptr(dy),
-                            _ptr(gates), _ptr(pre), _ptr(u), _ptr(v), int(gelu), _ptr(dg),
-                            _ptr(du), _ptr(dv))
+                            _ptr(gates), _ptr(pre), _ptr(u), _ptr(v), int(gelu),
+                            float(table_scale), _ptr(dg), _ptr(du), _ptr(dv))
     return dx, dg, du, dv
 
 

@@ -91,13 +91,15 @@ class RaggedMix(torch.autograd.Function):
     """y[p] = sum over the selections q of bag p of g[q] * act(U[rows[q]] . x[p]) * V[rows[q]].
 
     x (P, D), rows (Q,) int64 table rows, bag (Q,) nondecreasing in [0, P), gates (Q,).
-    U, V gradients row-sparse (or dense). The single-device layer is the case bag = the token
-    of each of its T*S selections; dispatch's owner mixes bags of any size (one per
-    (token, owner) pair)."""
+    U, V gradients row-sparse (or dense), times table_scale (a sharded layer's 1/W, folded into
+    the per-selection weights: the gradients of x and the gates are not scaled). The
+    single-device layer is the case bag = the token of each of its T*S selections; dispatch's
+    owner mixes bags of any size (one per (token, owner) pair)."""
 
     @staticmethod
-    def forward(ctx, x, rows, bag, gates, u, v, act: str, sparse_grad: bool):
-        ctx.act, ctx.sparse_grad = act, sparse_grad
+    def forward(ctx, x, rows, bag, gates, u, v, act: str, sparse_grad: bool,
+                table_scale: float = 1.0):
+        ctx.act, ctx.sparse_grad, ctx.table_scale = act, sparse_grad, table_scale
         ctx.path = _path(x, rows, gates, u, v)
         x, gates = x.contiguous(), gates.to(x.dtype).contiguous()
         offsets = None
@@ -120,18 +122,20 @@ class RaggedMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, rows, bag, offsets, gates, u, v, s = ctx.saved_tensors
-        dy, n = dy.contiguous(), u.shape[0]
+        dy, n, c = dy.contiguous(), u.shape[0], ctx.table_scale
         tables = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
         du = dv = None
         if ctx.path == "c":  # one pass over the unique rows: dx, dgates and both table gradients
             groups = ctx.groups
             dx, dgates, du, dv = cpu.rows_backward(groups, x, dy, gates, s, u, v,
-                                                   ctx.act == "gelu")
+                                                   ctx.act == "gelu", c)
         elif ctx.path == "triton":  # per bag: dx, dgates; per unique row: the tables' rows
             dx, dgates, ds, ga = triton_mix.backward_bags(dy, rows, offsets, gates, s, u, v,
                                                           ctx.act == "gelu")
             if tables:
                 groups = RowGroups(rows, bag, n)
+                if c != 1.0:
+                    ds, ga = ds * c, ga * c
                 du, dv = triton_mix.row_grads(groups, x, dy, ds, ga, u.dtype)
         else:
             a = activation(ctx.act, s)
@@ -141,18 +145,19 @@ class RaggedMix(torch.autograd.Function):
             dx = ragged_bag_sum(rows, offsets[:-1], u, ds)
             if tables:
                 groups = RowGroups(rows, bag, n)
-                du, dv = groups.sums(x, ds), groups.sums(dy, gates * a)
+                du, dv = groups.sums(x, ds * c), groups.sums(dy, gates * a * c)
         if not tables:
-            return dx, None, None, dgates, None, None, None, None
+            return dx, None, None, dgates, None, None, None, None, None
         return (dx, None, None, dgates, row_grad(groups.rows, du, n, ctx.sparse_grad),
-                row_grad(groups.rows, dv, n, ctx.sparse_grad), None, None)
+                row_grad(groups.rows, dv, n, ctx.sparse_grad), None, None, None)
 
 
 def ragged_mix(x: torch.Tensor, rows: torch.Tensor, bag: torch.Tensor, gates: torch.Tensor,
                u: torch.Tensor, v: torch.Tensor, act: str = "gelu",
-               sparse_grad: bool = True) -> torch.Tensor:
+               sparse_grad: bool = True, table_scale: float = 1.0) -> torch.Tensor:
     """x (P, D), rows (Q,) rows of u/v (N, D), bag (Q,) nondecreasing in [0, P), gates (Q,)
-    -> y (P, D). Bags are checked before any kernel writes y[bag]."""
+    -> y (P, D); the U, V gradients times table_scale. Bags are checked before any kernel
+    writes y[bag]."""
     ok = (x.dim() == 2 and rows.dim() == bag.dim() == gates.dim() == 1
           and rows.shape == bag.shape == gates.shape and u.shape == v.shape and u.dim() == 2
           and u.shape[1] == x.shape[1] and not rows.is_floating_point())
@@ -165,7 +170,7 @@ def ragged_mix(x: torch.Tensor, rows: torch.Tensor, bag: torch.Tensor, gates: to
                         or bool((bag[1:] < bag[:-1]).any())):
         raise IndexError(f"ragged_mix: bag must be nondecreasing in [0, {x.shape[0]})")
     return _in_mix_dtype(x, u, lambda x: RaggedMix.apply(x, rows, bag, gates, u, v, act,
-                                                         sparse_grad))
+                                                         sparse_grad, table_scale))
 
 
 def _in_mix_dtype(x: torch.Tensor, u: torch.Tensor, fn) -> torch.Tensor:
@@ -175,13 +180,15 @@ def _in_mix_dtype(x: torch.Tensor, u: torch.Tensor, fn) -> torch.Tensor:
 
 
 def peer_mix(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, u: torch.Tensor,
-             v: torch.Tensor, act: str = "gelu", sparse_grad: bool = True) -> torch.Tensor:
-    """x (T, D), ids (T, S) int64 rows of u/v (N, D), gates (T, S) -> y (T, D)."""
+             v: torch.Tensor, act: str = "gelu", sparse_grad: bool = True,
+             table_scale: float = 1.0) -> torch.Tensor:
+    """x (T, D), ids (T, S) int64 rows of u/v (N, D), gates (T, S) -> y (T, D); the U, V
+    gradients times table_scale."""
     _check_shapes(x, ids, gates, u, v)
     t, s = ids.shape
     bag = torch.arange(t, device=ids.device).repeat_interleave(s)
     return _in_mix_dtype(x, u, lambda x: RaggedMix.apply(
-        x, ids.reshape(-1), bag, gates.reshape(-1), u, v, act, sparse_grad))
+        x, ids.reshape(-1), bag, gates.reshape(-1), u, v, act, sparse_grad, table_scale))
 
 
 class KeyScores(torch.autograd.Function):

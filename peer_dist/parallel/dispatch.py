@@ -164,8 +164,8 @@ class Dispatch:
     name = "dispatch"
     overlaps = True  # has overlapped(): parallel.overlap_chunks > 1 pipelines it
 
-    def __init__(self, idmap: IdMap, ex: Exchange, act: str):
-        self.idmap, self.ex, self.act = idmap, ex, act
+    def __init__(self, idmap: IdMap, ex: Exchange, act: str, table_scale: float = 1.0):
+        self.idmap, self.ex, self.act, self.table_scale = idmap, ex, act, table_scale
 
     def input_dist(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> Received:
         plan = plan_dispatch(ids, self.idmap, self.ex)
@@ -174,7 +174,8 @@ class Dispatch:
 
     def compute(self, got: Received, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(P_in, D) one partial per received pair, from the local rows only."""
-        return ragged_mix(got.x, got.rows, got.bag, got.gates, u, v, self.act)
+        return ragged_mix(got.x, got.rows, got.bag, got.gates, u, v, self.act,
+                          table_scale=self.table_scale)
 
     def output_dist(self, got: Received, y_in: torch.Tensor, tokens: int) -> torch.Tensor:
         return ReturnPartials.apply(y_in, got.plan, self.ex, tokens)
@@ -184,7 +185,8 @@ class Dispatch:
         """All three stages over `chunks` chunks of tokens, transfers under compute."""
         bounds = chunk_bounds(x.shape[0], chunks)
         plans = plan_chunks(ids, self.idmap, self.ex, bounds)
-        return OverlappedDispatch.apply(x, gates, u, v, plans, bounds, self.ex, self.act)
+        return OverlappedDispatch.apply(x, gates, u, v, plans, bounds, self.ex, self.act,
+                                        self.table_scale)
 
 
 def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
@@ -226,19 +228,22 @@ def _send_chunk(x, gates, plan: DispatchPlan, start: int, ex: Exchange):
             send_async(ex, meta, plan.sel_splits, plan.recv_sels, "fwd"))
 
 
-def _mix_chunk(x_in, meta_in, plan: DispatchPlan, u, v, act: str) -> ChunkMix:
+def _mix_chunk(x_in, meta_in, plan: DispatchPlan, u, v, act: str,
+               table_scale: float) -> ChunkMix:
     """compute of one chunk, with its own graph (differentiated in backward)."""
     got = unpack(x_in, meta_in, plan)
     with torch.enable_grad():
         x_in, g_in = x_in.requires_grad_(True), got.gates.requires_grad_(True)
-        return ChunkMix(x_in, g_in, ragged_mix(x_in, got.rows, got.bag, g_in, u, v, act))
+        return ChunkMix(x_in, g_in, ragged_mix(x_in, got.rows, got.bag, g_in, u, v, act,
+                                               table_scale=table_scale))
 
 
 class OverlappedDispatch(torch.autograd.Function):
     """(x (T, D), gates (T, S), u, v) -> y (T, D), the chunks' transfers under their compute."""
 
     @staticmethod
-    def forward(ctx, x, gates, u, v, plans, bounds, ex: Exchange, act: str):
+    def forward(ctx, x, gates, u, v, plans, bounds, ex: Exchange, act: str,
+                table_scale: float):
         pending = _send_chunk(x, gates[slice(*bounds[0])], plans[0], bounds[0][0], ex)
         mixes, back = [], []
         for i, plan in enumerate(plans):
@@ -246,7 +251,7 @@ class OverlappedDispatch(torch.autograd.Function):
             if i + 1 < len(plans):  # the next chunk travels while this one mixes
                 a = bounds[i + 1][0]
                 pending = _send_chunk(x, gates[slice(*bounds[i + 1])], plans[i + 1], a, ex)
-            mixes.append(_mix_chunk(x_in, meta_in, plan, u, v, act))
+            mixes.append(_mix_chunk(x_in, meta_in, plan, u, v, act, table_scale))
             back.append(send_async(ex, mixes[-1].y.detach(), plan.recv_pairs, plan.pair_splits,
                                    "fwd"))
         y = x.new_zeros(x.shape)
@@ -282,7 +287,7 @@ class OverlappedDispatch(torch.autograd.Function):
             dg = pdg.wait()
             dgates[a:b] = dg.new_zeros(dg.shape).index_copy_(0, plan.order, dg).view(
                 b - a, dgates.shape[1])
-        return dx, dgates, *(_sum_sparse(p) for p in tables), None, None, None, None
+        return dx, dgates, *(_sum_sparse(p) for p in tables), None, None, None, None, None
 
 
 def _sum_sparse(parts: list[torch.Tensor]) -> torch.Tensor | None:

@@ -105,8 +105,8 @@ class Fetch:
     name = "fetch"
     overlaps = True  # has overlapped(): parallel.overlap_chunks > 1 pipelines it
 
-    def __init__(self, idmap: IdMap, ex: Exchange, act: str):
-        self.idmap, self.ex, self.act = idmap, ex, act
+    def __init__(self, idmap: IdMap, ex: Exchange, act: str, table_scale: float = 1.0):
+        self.idmap, self.ex, self.act, self.table_scale = idmap, ex, act, table_scale
 
     def input_dist(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> Requested:
         return Requested(plan_fetch(ids, self.idmap, self.ex), x, gates)
@@ -120,14 +120,14 @@ class Fetch:
         """Rows back to the requester, which mixes them with its tokens: y (T, D)."""
         u_rows, v_rows = ReturnRows.apply(*served, req.plan, self.ex)
         return peer_mix(req.x, req.plan.mix_ids, req.gates, u_rows, v_rows, self.act,
-                        sparse_grad=False)
+                        sparse_grad=False, table_scale=self.table_scale)
 
     def overlapped(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
                    u: torch.Tensor, v: torch.Tensor, chunks: int) -> torch.Tensor:
         """All three stages over `chunks` chunks of the requested rows, transfers under the
         mix: y (T, D)."""
         plan = plan_fetch_chunks(ids, self.idmap, self.ex, chunks)
-        return OverlappedFetch.apply(x, gates, u, v, plan, self.ex, self.act)
+        return OverlappedFetch.apply(x, gates, u, v, plan, self.ex, self.act, self.table_scale)
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _serve_chunk(u, v, plan: ChunkedFetchPlan, i: int, ex: Exchange):
 
 
 def _mix_rows(x, gates, rows: list[torch.Tensor], plan: ChunkedFetchPlan, i: int,
-              act: str) -> RowMix:
+              act: str, table_scale: float) -> RowMix:
     """The selections whose rows are in chunk i, mixed into a partial y (own graph)."""
     sel = plan.sel[i]
     with torch.enable_grad():
@@ -207,7 +207,7 @@ def _mix_rows(x, gates, rows: list[torch.Tensor], plan: ChunkedFetchPlan, i: int
         if sel.numel():
             bag = torch.div(sel, plan.per_token, rounding_mode="floor")  # token, nondecreasing
             y = ragged_mix(leaves[0], plan.mix_rows[i], bag, leaves[1], leaves[2], leaves[3],
-                           act, sparse_grad=False)
+                           act, sparse_grad=False, table_scale=table_scale)
         return RowMix(*leaves, y)
 
 
@@ -216,7 +216,8 @@ class OverlappedFetch(torch.autograd.Function):
     previous chunk's mix; backward, each chunk's row gradients under the next one's."""
 
     @staticmethod
-    def forward(ctx, x, gates, u, v, plan: ChunkedFetchPlan, ex: Exchange, act: str):
+    def forward(ctx, x, gates, u, v, plan: ChunkedFetchPlan, ex: Exchange, act: str,
+                table_scale: float):
         chunks = len(plan.sel)
         pending, mixes = _serve_chunk(u, v, plan, 0, ex), []
         y = x.new_zeros(x.shape)
@@ -224,7 +225,7 @@ class OverlappedFetch(torch.autograd.Function):
             rows = [p.wait() for p in pending]
             if i + 1 < chunks:  # the next chunk's rows travel while this one mixes
                 pending = _serve_chunk(u, v, plan, i + 1, ex)
-            mixes.append(_mix_rows(x, gates, rows, plan, i, act))
+            mixes.append(_mix_rows(x, gates, rows, plan, i, act, table_scale))
             if mixes[-1].y is not None:
                 y += mixes[-1].y.detach()
         ctx.mixes, ctx.plan, ctx.ex = mixes, plan, ex
@@ -252,4 +253,4 @@ class OverlappedFetch(torch.autograd.Function):
         rows = torch.cat(plan.served)[None]  # (1, R_in) every chunk's served rows, in order
         du, dv = (torch.sparse_coo_tensor(rows, torch.cat([b[j].wait() for b in back]), t_shape,
                                           check_invariants=False) for j in (0, 1))
-        return dx, dgates.view(g_shape), du, dv, None, None, None
+        return dx, dgates.view(g_shape), du, dv, None, None, None, None

@@ -1,8 +1,10 @@
 """Gradient sync of the table shards: once per optimizer step, after backward.
 
 An owner's shard gradient is a sum over the ranks that sent it work (each rank's loss is a mean
-over its own tokens): sync_expert_grads divides by the world size, and with DP > 1 first sums
-the replicas of a shard over the DP group (reduce_rows: row-sparse, the union of touched rows).
+over its own tokens), so it is divided by the world size: inside the mix's backward, where the
+1/W is folded into each selection's weight (ShardedExperts.table_scale; a pass over the
+gradient rows afterwards cost ~8% of a dispatch step). With DP > 1 sync_expert_grads sums the
+replicas of a shard over the DP group (reduce_rows: row-sparse, the union of touched rows).
 The dense part's gradients are DeepSpeed's; these never enter it.
 """
 
@@ -24,8 +26,9 @@ def sync_expert_grads(model: nn.Module) -> None:
     """Make every shard .grad the single-process gradient of the global-batch mean loss.
 
     Each rank's loss is a mean over its own tokens, so an owner's gradient is a sum of per-rank
-    means: divide by the world size (as DDP averages). With DP > 1 the replicas of a shard saw
-    different tokens: their gradients are summed over the DP group first."""
+    means divided by the world size (as DDP averages), which the mix's backward has applied.
+    With DP > 1 the replicas of a shard saw different tokens: their gradients are summed over
+    the DP group."""
     for m in _sharded(model):
         sync_layer_grads(m)
 
@@ -37,8 +40,6 @@ def sync_layer_grads(m: ShardedExperts) -> None:
         g = _as_sparse(p)
         if topo.dp > 1:
             g = reduce_rows(g, topo.dp_group, topo.dp)
-        if topo.world_size > 1:  # in place: g's values are this step's own (a copy costs as
-            g._values().mul_(1.0 / topo.world_size)  # much as the sum that made them)
         p.grad = g
         stats = getattr(m, "stats", None)
         if i == 0 and stats is not None:  # the rows routing touched in this shard (U's = V's)

@@ -183,8 +183,8 @@ class NodeDispatch:
     name = "node_dispatch"
     overlaps = True  # has overlapped(): parallel.overlap_chunks > 1 pipelines it
 
-    def __init__(self, idmap: IdMap, ex: Exchange, act: str):
-        self.idmap, self.ex, self.act = idmap, ex, act
+    def __init__(self, idmap: IdMap, ex: Exchange, act: str, table_scale: float = 1.0):
+        self.idmap, self.ex, self.act, self.table_scale = idmap, ex, act, table_scale
         self.routes = Routes(ex.nodes, idmap.block)
 
     def input_dist(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> Relayed:
@@ -197,7 +197,8 @@ class NodeDispatch:
 
     def compute(self, got: Relayed, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(P2_in, D) one partial per pair received from a gateway, from the local rows."""
-        return ragged_mix(got.x, got.rows, got.bag, got.gates, u, v, self.act)
+        return ragged_mix(got.x, got.rows, got.bag, got.gates, u, v, self.act,
+                          table_scale=self.table_scale)
 
     def output_dist(self, got: Relayed, y_in: torch.Tensor, tokens: int) -> torch.Tensor:
         y_relay = ReturnPartials.apply(y_in, got.plan, self.ex, got.relayed_pairs)  # (P1_in, D)
@@ -254,7 +255,8 @@ class OverlappedNodeDispatch(torch.autograd.Function):
             got = unpack(*(p.wait() for p in second), c.hop2)
             with torch.enable_grad():
                 c.x, c.gates = got.x.requires_grad_(True), got.gates.requires_grad_(True)
-                c.y = ragged_mix(c.x, got.rows, got.bag, c.gates, u, v, act)
+                c.y = ragged_mix(c.x, got.rows, got.bag, c.gates, u, v, act,
+                                 table_scale=st.table_scale)
             back.append(send_async(ex, c.y.detach(), c.hop2.recv_pairs, c.hop2.pair_splits,
                                    "fwd"))
         home = []

@@ -108,7 +108,10 @@ class ShardedExperts(nn.Module):
         self._shard = build_shard(name, tables, self.idmap, topo.ep_rank, topo.device)
         self.stats = CommStats()
         ex = Exchange(topo.ep_group, topo.ep, topo.ep_rank, self.stats, topo.ep_nodes)
-        self.strategies = {st.name: st(self.idmap, ex, self.activation)
+        # the 1/W of sync_expert_grads, folded into the mix's table gradients (no pass over
+        # the rows afterwards): each rank's loss is a mean over its own tokens
+        self.table_scale = 1.0 / topo.world_size
+        self.strategies = {st.name: st(self.idmap, ex, self.activation, self.table_scale)
                            for st in (Fetch, Dispatch, NodeDispatch)}
 
     @property
@@ -124,7 +127,8 @@ class ShardedExperts(nn.Module):
         u, v = self._shard.u, self._shard.v
         if strategy == "local":  # EP = 1: every row is here, no exchange at all
             with self.stats.stage("compute"):
-                return peer_mix(x, self.idmap.position(ids), gates, u, v, self.activation, True)
+                return peer_mix(x, self.idmap.position(ids), gates, u, v, self.activation, True,
+                                self.table_scale)
         st = self.strategies[strategy]
         if self.overlap_chunks > 1 and st.overlaps:  # the stages fused, pipelined
             with self.stats.stage("overlapped"):

@@ -243,7 +243,7 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
 
 def _sync_rate(args, topo, consts: dict, strategy: str = "local") -> float:
     """The probe's measured sync seconds as a rate over the bytes the model says it streams
-    (probe_mix: no DP, this world's 1/W scale, over a shard's rows; T*S selections in order,
+    (probe_mix: no DP, over a shard's rows; T*S selections in order,
     or for fetch one row gradient per served row). 0 where the model counts no bytes (one
     rank, rows in order: nothing to price)."""
     from peer_dist.tools import cluster_model as cm
@@ -256,8 +256,8 @@ def _sync_rate(args, topo, consts: dict, strategy: str = "local") -> float:
     if strategy == "fetch":  # the whole layer's distinct rows, served by the shard's owner
         full = cm.Layer(args.num_experts, args.dim, args.heads * args.topk, args.tokens,
                         elem=4, optimizer=False)
-        return cm.sync_bytes(full, topo.ep, "fetch", topo.world_size) / consts[key]
-    return cm.sync_bytes(probe, 1, "local", topo.world_size) / consts[key]
+        return cm.sync_bytes(full, topo.ep, "fetch") / consts[key]
+    return cm.sync_bytes(probe, 1, "local") / consts[key]
 
 
 def _chunks(strategy: str, args) -> int:
@@ -403,13 +403,11 @@ def served_rows(args: argparse.Namespace, rows: int, ep: int, g: torch.Generator
                       for _ in range(ep)])
 
 
-def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, world: int = 1,
-              reps: int = 3) -> dict:
+def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3) -> dict:
     """One rank's step without messages over a table of `rows` rows (its shard), timed in
     parts, each priced apart by the model: seconds per token of the mix, forward + backward
     with sparse table gradients; seconds of the gradient sync's own code on them (the rows'
-    order checked, and with `world` ranks the 1/W scale; no DP: nothing travels); and fetch's
-    owner's own two phases at its shape,
+    order checked; no DP: nothing travels); and fetch's owner's own two phases at its shape,
     which run at other rates per byte than those (rows at random from the whole shard: a page
     and a TLB miss per row): the served rows gathered (u[served], v[served]) and the sync of
     the row gradients that come back, one per served row."""
@@ -422,7 +420,7 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, world: int = 1,
     tables = ExpertTables(args.num_experts, args.dim, "gelu", seed=1)
     u, v = (init_rows(s, 0, rows, args.dim, tables.std).requires_grad_(True)
             for s in tables.table_seeds())
-    alone = SimpleNamespace(topo=SimpleNamespace(dp=1, world_size=world),
+    alone = SimpleNamespace(topo=SimpleNamespace(dp=1, world_size=1),
                             shard=SimpleNamespace(params=lambda: [u, v]))
     g = torch.Generator().manual_seed(7)
     times: dict[str, list[float]] = {"mix": [], "sync": [], "gather": [], "sync_fetch": []}
@@ -493,7 +491,7 @@ def probe_mix_world(args: argparse.Namespace, topo) -> dict:
     import torch.distributed as dist
 
     dist.barrier()
-    got = probe_mix(args, -(-args.num_experts // topo.ep), topo.ep, topo.world_size)
+    got = probe_mix(args, -(-args.num_experts // topo.ep), topo.ep)
     keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s")
     t = torch.tensor([got[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

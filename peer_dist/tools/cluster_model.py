@@ -13,7 +13,7 @@ Per layer and step (forward + backward), per rank, for one EP x DP layout and st
             Where measured (peer-bench dist on CPU ranks), also at their own rates: the bytes
             zeroed in new buffers (fresh_bytes: fetch's row gradients, replicated's dense
             gradients), fetch's rows gathered into new buffers (gathered_bytes) and the
-            gradient sync's coalesce and scale (sync_bytes)
+            gradient sync's coalesce (sync_bytes)
   intra     intra-node bytes (parallel/cost.py, by link) / NVLink bandwidth per GPU (the
             replicated all-reduce: at its own measured rate where there is one)
   inter     inter-node bytes / NIC bandwidth per GPU
@@ -68,7 +68,7 @@ class Cluster:
     # fresh buffers written (zeroed gradients, gathered rows): a CPU pays the first touch of
     # newly mapped pages, ~10x below its streaming rate; 0 = stream_bytes_per_s
     fresh_bytes_per_s: float = 0.0
-    # the gradient sync's coalesce and scale of row gradients (sync_bytes); 0 = not priced (a
+    # the gradient sync's coalesce of row gradients (sync_bytes); 0 = not priced (a
     # GPU's lazy optimizer reads the row gradients in its own pass: optimizer_bytes)
     sync_bytes_per_s: float = 0.0
     # ring bytes per second of the replicated baseline's in-place all-reduce; 0 = the links'
@@ -158,15 +158,15 @@ def distinct_rows(layer: Layer) -> float:
     return n * (1.0 - (1.0 - 1.0 / n) ** (layer.tokens * layer.selections))
 
 
-def sync_bytes(layer: Layer, ep: int, strategy: str, world: int = 1, chunks: int = 1) -> float:
+def sync_bytes(layer: Layer, ep: int, strategy: str, chunks: int = 1) -> float:
     """Bytes the owner's gradient sync (grad_sync.sync_layer_grads) streams per rank and step,
     U and V. The kernels' row gradients arrive with each touched row once, in order (local,
     dispatch and node_dispatch in one chunk): marked coalesced, nothing copied. Fetch's (one
     per served row, rows repeated across members) and chunked ones (a row again in the next
     chunk) are coalesced: read what arrived (fetch: R_in = R on average, as each owner serves
-    its 1/EP of every member's R; chunks: up to T*S) and write the touched rows. On more than
-    one rank the 1/W scale then reads and writes the touched rows in place. The replicated
-    baseline's gradients are dense: no sync."""
+    its 1/EP of every member's R; chunks: up to T*S) and write the touched rows. The 1/W of
+    more than one rank costs no pass: the mix's backward folds it into each selection's weight
+    (ShardedExperts.table_scale). The replicated baseline's gradients are dense: no sync."""
     if strategy == "replicated":
         return 0.0
     touched = touched_rows(layer, ep)
@@ -174,8 +174,6 @@ def sync_bytes(layer: Layer, ep: int, strategy: str, world: int = 1, chunks: int
     if strategy == "fetch" or chunks > 1:
         arrived = distinct_rows(layer) if strategy == "fetch" else layer.tokens * layer.selections
         rows += arrived + touched
-    if world > 1:
-        rows += 2.0 * touched
     return rows * 2 * layer.dim * layer.elem
 
 
@@ -272,7 +270,7 @@ def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float,
                + gathered_bytes(layer, strategy) / (c.gather_bytes_per_s or fresh))
     sync_rate = (c.sync_fetch_bytes_per_s if strategy == "fetch" else 0.0) or c.sync_bytes_per_s
     if sync_rate:
-        seconds += sync_bytes(layer, ep, strategy, c.world, chunks) / sync_rate
+        seconds += sync_bytes(layer, ep, strategy, chunks) / sync_rate
     if strategy == "replicated" and not c.allreduce_bytes_per_s:
         # the dense gradients read by the all-reduce (2 N D); a measured all-reduce rate has
         # its reads and sums in it

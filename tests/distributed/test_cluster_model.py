@@ -82,17 +82,14 @@ def test_sync_and_fresh_buffer_terms_by_hand() -> None:
     tiny = cm.Layer(num_experts=4, dim=8, selections=2, tokens=1, elem=4, optimizer=False)
     assert cm.distinct_rows(tiny) == pytest.approx(1.75)
     row = 2 * 8 * 4  # a U row and a V row, float32
-    # rows in order (local, dispatch in one chunk) on one rank: nothing; on 2 ranks the 1/W
-    # scale reads and writes the 1.75 touched rows in place
+    # rows in order (local, dispatch in one chunk): nothing, on any number of ranks (the 1/W
+    # is folded into the mix's backward)
     assert cm.sync_bytes(tiny, 1, "local") == 0.0
-    assert cm.sync_bytes(tiny, 1, "local", world=2) == pytest.approx(2 * 1.75 * row)
     # coalesce reads what arrived (fetch: 1.75 served rows; 2 chunks: up to the 2 selections)
-    # and writes the 1.75 touched rows; then the scale
+    # and writes the 1.75 touched rows
     assert cm.sync_bytes(tiny, 1, "fetch") == pytest.approx((1.75 + 1.75) * row)
-    assert cm.sync_bytes(tiny, 1, "fetch", world=2) == pytest.approx((1.75 + 3 * 1.75) * row)
-    assert cm.sync_bytes(tiny, 1, "dispatch", world=2, chunks=2) == pytest.approx(
-        (2 + 3 * 1.75) * row)
-    assert cm.sync_bytes(tiny, 1, "replicated", world=2) == 0.0
+    assert cm.sync_bytes(tiny, 1, "dispatch", chunks=2) == pytest.approx((2 + 1.75) * row)
+    assert cm.sync_bytes(tiny, 1, "replicated") == 0.0
     # zeroed: fetch's row gradients, both whole tables' gradients (replicated); gathered:
     # fetch's served rows
     assert cm.fresh_bytes(tiny, "fetch") == pytest.approx(1.75 * row)
@@ -116,12 +113,11 @@ def test_measured_rates_price_fetch_replicated_and_the_sync() -> None:
     # no packing term for fetch: its gather (R rows) and coalesce (sync) replace it; its R
     # row gradients are zeroed
     assert fetch["compute_s"] == pytest.approx(mix + r * row / 5e5 + r * row / 1e6
-                                               + (r + 3 * touched) * row / 2e6)
+                                               + (r + touched) * row / 2e6)
     disp = cm.predict_step(layer, c, ep=2, strategy="dispatch")
     _, inter = predict_by_link(LayerShape(1024, 8, 4, 16, 2, 2, 4, ranks_per_node=1))["dispatch"]
-    # dispatch's row gradients arrive in order: no coalesce, only the 1/W scale (2 ranks)
-    assert disp["compute_s"] == pytest.approx(mix + 16 * 2 * inter / 1e9
-                                              + 2 * touched * row / 2e6)
+    # dispatch's row gradients arrive in order, the 1/W already in them: no sync pass
+    assert disp["compute_s"] == pytest.approx(mix + 16 * 2 * inter / 1e9)
     # replicated: dense gradients zeroed (fresh); the in-place all-reduce at its own measured
     # rate (its reads and sums in it: no packing, no stream term)
     rep = cm.predict_step(layer, c, ep=2, strategy="replicated")
@@ -140,7 +136,7 @@ def test_measured_rates_price_fetch_replicated_and_the_sync() -> None:
                             ep=1, strategy="fetch")
     one = 1024 * (1 - (1 - 1 / 1024) ** 64)
     assert alone["step_s_predicted"] == pytest.approx(mix + r * row / 5e5 + r * row / 1e6
-                                                      + (r + one) * row / 2e6)  # no scale
+                                                      + (r + one) * row / 2e6)
     # without a gather rate the gathered rows are priced as zeroed ones
     plain = cm.predict_step(layer, cm.Cluster(**{**c.__dict__, "gather_bytes_per_s": 0.0}),
                             ep=2, strategy="fetch")
@@ -149,7 +145,7 @@ def test_measured_rates_price_fetch_replicated_and_the_sync() -> None:
     # fetch's own sync rate, where measured, prices fetch's sync and nothing else's
     own = cm.Cluster(**{**c.__dict__, "sync_fetch_bytes_per_s": 4e6})
     assert cm.predict_step(layer, own, ep=2, strategy="fetch")["compute_s"] == pytest.approx(
-        fetch["compute_s"] - (r + 3 * touched) * row / 2e6 + (r + 3 * touched) * row / 4e6)
+        fetch["compute_s"] - (r + touched) * row / 2e6 + (r + touched) * row / 4e6)
     assert cm.predict_step(layer, own, ep=2, strategy="dispatch")["compute_s"] == (
         pytest.approx(disp["compute_s"]))
 

@@ -63,10 +63,10 @@ def _run(rank: int, world: int, strategy: str, chunks: int, dtype: torch.dtype, 
     a = sum(SIZES[:rank])
     b = a + SIZES[rank]
     (y * ref[5][a:b].to(dtype)).sum().backward()
-    if layer.topo.dp > 1:  # EP x DP: the replicas' row gradients summed (sync divides by W)
+    if layer.topo.dp > 1:  # EP x DP: the replicas' row gradients summed
         sync_layer_grads(layer)
-        for t in layer.shard.params():
-            t.grad = t.grad * float(world)
+    for t in layer.shard.params():  # the mix's 1/W (each rank's loss a mean) undone: sums here
+        t.grad = t.grad * float(world)
     return layer, (y, x.grad, gt.grad), ref, (a, b)
 
 

@@ -162,9 +162,11 @@ def test_peer_mix_paths_agree_with_dense_grads(path, dtype):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ragged_mix_matches_plain_autograd(path, dtype):
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_ragged_mix_matches_plain_autograd(path, dtype, scale):
     """ragged_mix (dispatch's owner: bags of uneven size, an empty bag, a repeated row in a
-    bag) against plain autograd on gathered rows."""
+    bag) against plain autograd on gathered rows; table_scale (a sharded layer's 1/W) scales
+    the U and V gradients and nothing else."""
     torch.manual_seed(4)
     sizes = [3, 0, 5, 1, 7]  # selections per bag; bag 1 is empty
     bag = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -181,12 +183,12 @@ def test_ragged_mix_matches_plain_autograd(path, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     uu, vv = u.clone().requires_grad_(), v.clone().requires_grad_()
     with kernel_path(path):
-        y = kernels.ragged_mix(x, rows_, bag, gates, uu, vv, "gelu")
+        y = kernels.ragged_mix(x, rows_, bag, gates, uu, vv, "gelu", table_scale=scale)
         got = torch.autograd.grad((y * grad_y).sum(), [x, gates, uu, vv])
     torch.testing.assert_close(y, y_ref, **tol)
     assert y[1].abs().max() == 0  # the empty bag
-    for g, ref in zip(got, want, strict=True):
-        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, ref, **tol)
+    for g, ref, c in zip(got, want, [1.0, 1.0, scale, scale], strict=True):
+        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, ref * c, **tol)
 
 
 def test_ragged_mix_rejects_bad_bags():

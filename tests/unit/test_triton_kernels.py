@@ -94,7 +94,7 @@ DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
 def test_ragged_mix_dtypes(act, x_dtype, table_dtype, launches):
     """Bags of uneven size (one empty, one with a repeated row), sums in fp32 whatever the
     dtypes: against float64 autograd on the same (rounded) inputs; each gradient in its
-    parameter's dtype, the tables' row-sparse."""
+    parameter's dtype, the tables' row-sparse and times table_scale (a sharded layer's 1/W)."""
     torch.manual_seed(5)
     sizes = [3, 0, 5, 1, 7, 2]
     bag = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(DEVICE)
@@ -106,10 +106,11 @@ def test_ragged_mix_dtypes(act, x_dtype, table_dtype, launches):
     gates = torch.rand(bag.numel(), device=DEVICE).to(x_dtype).requires_grad_()
     grad_y = torch.randn(len(sizes), 24, device=DEVICE).to(x_dtype)
     with kernel_path("triton"):
-        y = ragged_mix(x, rows, bag, gates, u, v, act)
+        y = ragged_mix(x, rows, bag, gates, u, v, act, table_scale=0.3)
         got = torch.autograd.grad((y * grad_y).sum(), [x, gates, u, v])
     assert launches["forward"] == 1 and launches["row_grads"] == 1
     want = _reference(x, rows, bag, gates, u, v, act, grad_y)
+    want[3:] = [w * 0.3 for w in want[3:]]
     assert y.dtype == x_dtype and [g.dtype for g in got] == [x_dtype, x_dtype] + [table_dtype] * 2
     assert got[2].is_sparse and got[3].is_sparse
     low = torch.bfloat16 in (x_dtype, table_dtype)

@@ -53,12 +53,15 @@ void FN(rows_fwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
     }
 }
 /* Row-major backward: per unique row, dw = v . dy[t], dgates, dx[t] += ds * u (this thread's
-   own dx), and the row's table gradients du[r] = sum ds * x[t], dv[r] = sum g a dy[t]; t as in
-   rows_fwd. */
+   own dx), and the row's table gradients du[r] = c sum ds * x[t], dv[r] = c sum g a dy[t]; t as
+   in rows_fwd. c (table_scale) scales the table gradients only, at the cost of two products per
+   selection (a sharded layer's 1/W: no pass over the rows afterwards). */
 void FN(rows_bwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
                     const int64_t* offsets, const int64_t* order, const int64_t* bag,
                     const T_* x, const T_* dy, const T_* g, const T_* pre, const T_* u,
-                    const T_* v, int gelu, T_* dg, T_* du, T_* dv, T_* dx) {
+                    const T_* v, int gelu, double table_scale, T_* dg, T_* du, T_* dv,
+                    T_* dx) {
+    const T_ c = (T_)table_scale;
     for (int64_t r = r0; r < r1; ++r) {
         const T_* ur = u + rows[r] * D;
         const T_* vr = v + rows[r] * D;
@@ -74,8 +77,8 @@ void FN(rows_bwd)(int64_t r0, int64_t r1, int64_t D, const int64_t* rows,
             T_ ds = dw * g[i] * FN(dact)(pre[i], gelu);
             dg[i] = dw * a;
             FN(axpy)(dx + t * D, ds, ur, D);
-            FN(axpy)(dur, ds, x + t * D, D);
-            FN(axpy)(dvr, g[i] * a, dy + t * D, D);
+            FN(axpy)(dur, ds * c, x + t * D, D);
+            FN(axpy)(dvr, g[i] * a * c, dy + t * D, D);
         }
     }
 }
