@@ -5,6 +5,7 @@ replicated tables.
     peer-bench dist --nprocs-list 2,4 --num-experts 262144 --dim 256 --tokens 1024 --json
     peer-bench dist --nodes 2 --nprocs-list 2,4   # each world as two torchrun agents ("nodes")
     peer-bench dist --nprocs-list 2 --overlap-chunks 1,4   # unchunked and 4 chunks side by side
+    peer-bench dist --nprocs-list 1,2 --rounds 5   # 1,2,1,2,...: medians of 5 rounds
 
 One PEER expert stage (the only part that communicates; routing is replicated and silent) per
 rank: uniform random expert ids (T, h*k), random gates and inputs, forward + backward +
@@ -34,6 +35,10 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
                                   rank's median): with --overlap-chunks C > 1 (fetch and
                                   dispatch; column C) only the waits on transfers that ran
                                   under compute, i.e. what overlap did not hide
+With --rounds R the world sizes run R times in turn (1, 2, 1, 2, ...: a shared machine's load
+drifts between launches, and a ratio of two launches moves with it): each row is the round
+with the median step time (step_s_rounds holds them all), and each ratio against W = 1 is the
+median of the rounds' own ratios, with their range.
 With --nodes M each world runs as M torchrun agents on this machine (LOCAL_WORLD_SIZE = W / M):
 the ranks see M nodes, and node_dispatch joins the strategies.
 A model-only row at the paper's scale (N=1024^2, d=1024, h=8, k=16, 4096 tokens, EP=8) closes
@@ -79,6 +84,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "side, e.g. 1,4 (replicated runs unchunked)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the world sizes this many times in turn; medians (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank; 0 = cores/W")
     p.add_argument("--json", action="store_true", help="one JSON object per line and row")
     p.add_argument("--no-paper", action="store_true", help="leave out the model-only paper row")
@@ -101,6 +108,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--overlap-chunks={args.overlap_chunks!r} is invalid: allowed are integers >= 1 "
                 "(1 = no overlap), comma-separated, e.g. 1,4")
     args.overlap_chunks = args.chunk_list[0]
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds} is invalid: allowed are integers >= 1")
     if args.nodes < 1 or any(w % args.nodes for w in sizes):
         p.error(f"--nodes={args.nodes} with --nprocs-list={args.nprocs_list}: allowed is a "
                 f"node count >= 1 that divides every world size")
@@ -604,9 +613,42 @@ def ratios(rows: list[dict]) -> list[str]:
     return out + step_ratios(rows) + overlap_ratios(rows) + _memory_ratios(rows)
 
 
+def _key(r: dict) -> tuple:
+    return (r["source"], r["strategy"], r["world_size"], r["nodes"], r["ep"],
+            r.get("overlap_chunks", 1))
+
+
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (strategy, world, chunks): a single round's as it is; of several rounds,
+    the round with the median step (its figures consistent with each other), with every
+    round's step in step_s_rounds and, beside a W = 1 row of the same round, the ratios to it
+    in step_ratio_w1_rounds."""
+    if len(rounds) == 1:
+        return rounds[0]
+    runs: dict[tuple, list[dict]] = {}
+    for got in rounds:
+        one = {(r["strategy"], r.get("overlap_chunks", 1)): r["step_s"] for r in got
+               if r["world_size"] == 1}
+        for r in got:
+            base = one.get((r["strategy"], r.get("overlap_chunks", 1)))
+            ratio = r["step_s"] / base if base and r["world_size"] > 1 else None
+            runs.setdefault(_key(r), []).append((r, ratio))
+    out = []
+    for same in runs.values():
+        ordered = sorted(same, key=lambda pair: pair[0]["step_s"])
+        row = dict(ordered[(len(ordered) - 1) // 2][0])
+        row["step_s_rounds"] = [r["step_s"] for r, _ in same]
+        ratios = [q for _, q in same if q is not None]
+        if ratios:
+            row["step_ratio_w1_rounds"] = ratios
+        out.append(row)
+    return out
+
+
 def step_ratios(rows: list[dict]) -> list[str]:
-    """Measured step of each strategy against its W = 1 row (same tokens per rank) and
-    against the model's prediction."""
+    """Measured step of each strategy against its W = 1 row (same tokens per rank; of several
+    rounds the median of each round's own ratio, and their range) and against the model's
+    prediction."""
     meas = [r for r in rows if r["source"] == "measured"]
     one = {(r["strategy"], r["overlap_chunks"]): r["step_s"] for r in meas
            if r["world_size"] == 1}
@@ -615,7 +657,11 @@ def step_ratios(rows: list[dict]) -> list[str]:
         base = one.get((r["strategy"], r["overlap_chunks"]))
         c = f" C={r['overlap_chunks']}" if r["overlap_chunks"] > 1 else ""
         line = f"step {r['strategy']} W={r['world_size']} M={r['nodes']}{c}:"
-        if base and r["world_size"] > 1:
+        several = r.get("step_ratio_w1_rounds")
+        if several:
+            line += (f" / W=1 = {statistics.median(several):.3f}x (median of {len(several)} "
+                     f"rounds, {min(several):.3f}-{max(several):.3f}),")
+        elif base and r["world_size"] > 1:
             line += f" / W=1 = {r['step_s'] / base:.3f}x,"
         if r["step_s_predicted"]:
             line += f" measured / model = {r['step_s'] / r['step_s_predicted']:.3f}"
@@ -660,10 +706,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("peer-bench dist launches torchrun itself; run it without torchrun "
                          "(or pass --worker for one world size)")
     passthrough = [a for a in argv if a != "--json"]
-    for n in (int(s) for s in args.nprocs_list.split(",") if s):
-        print(f"peer-bench dist: {n} rank(s) on {args.nodes} node(s)...", file=sys.stderr,
-              flush=True)
-        rows += launch(args, passthrough, n)
+    rounds: list[list[dict]] = []
+    for i in range(args.rounds):
+        rounds.append([])
+        for n in (int(s) for s in args.nprocs_list.split(",") if s):
+            of = f" (round {i + 1} of {args.rounds})" if args.rounds > 1 else ""
+            print(f"peer-bench dist: {n} rank(s) on {args.nodes} node(s){of}...",
+                  file=sys.stderr, flush=True)
+            rounds[-1] += launch(args, passthrough, n)
+    rows += median_rows(rounds)
     if not args.no_paper:
         rows += paper_rows()
     if args.json:

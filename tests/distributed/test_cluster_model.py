@@ -165,3 +165,29 @@ def test_fetch_probe_serves_each_members_share_of_its_distinct_rows() -> None:
     assert served.numel() == 4 * each and 0 <= int(served.min()) and int(served.max()) < 1000
     for block in served.view(4, each):
         assert torch.equal(block, block.sort().values) and block.unique().numel() == each
+
+
+def test_rounds_take_the_median_run_and_the_median_ratio() -> None:
+    """peer-bench dist --rounds: per row the round with the median step, every round's step
+    kept; against W = 1 the median of each round's own ratio (not a ratio of medians), with
+    its range; invalid counts refused in one line."""
+    from peer_dist.tools import bench_dist as bd
+
+    def row(w, step, comm):
+        return dict(source="measured", strategy="dispatch", world_size=w, nodes=1, ep=w,
+                    overlap_chunks=1, step_s=step, step_s_predicted=0.0, comm_exposed_s=comm)
+
+    # W = 1 / W = 2 per round: ratios 1.5, 1.0, 1.1 (median 1.1, from round 3)
+    rounds = [[row(1, 0.10, 0), row(2, 0.15, 1)], [row(1, 0.20, 0), row(2, 0.20, 2)],
+              [row(1, 0.10, 0), row(2, 0.11, 3)]]
+    rows = bd.median_rows(rounds)
+    one, two = sorted(rows, key=lambda r: r["world_size"])
+    assert one["step_s"] == 0.10 and one["step_s_rounds"] == [0.10, 0.20, 0.10]
+    assert two["step_s"] == 0.15 and two["comm_exposed_s"] == 1  # round 1's: its median step
+    assert two["step_ratio_w1_rounds"] == pytest.approx([1.5, 1.0, 1.1])
+    assert "step_ratio_w1_rounds" not in one
+    line = next(x for x in bd.step_ratios(rows) if "W=2" in x)
+    assert "/ W=1 = 1.100x (median of 3 rounds, 1.000-1.500)" in line, line
+    assert bd.median_rows(rounds[:1]) == rounds[0]  # one round: the rows as measured
+    with pytest.raises(SystemExit):
+        bd.parse(["--rounds", "0"])
