@@ -141,6 +141,7 @@ def _worker(rank: int, world: int, ranks_per_node: int, ep: int, balance: bool,
     os.environ["LOCAL_WORLD_SIZE"] = str(ranks_per_node)  # what torchrun sets on each node
     torch.set_num_threads(1)
     tp.Setting.dtype, tp.Setting.split = setting["dtype"], setting["split"]
+    tp.Setting.kernels = setting.get("kernels")
     launches = []
     if setting.get("kernels") == "triton":
         triton_mix.use_triton(True)

@@ -60,9 +60,11 @@ FP32 = dict(dtype=torch.float32, split=None, tol=dict(atol=2e-5, rtol=1e-4))
 
 
 class Setting:
-    """This process's layout: dtype, tokens per rank (None: T_GLOBAL / world each), tolerance."""
+    """This process's layout: dtype, tokens per rank (None: T_GLOBAL / world each), tolerance,
+    the sharded model's kernels (None: the default path)."""
 
     dtype, split, tol = FP32["dtype"], FP32["split"], FP32["tol"]
+    kernels: str | None = None
 
 
 TOL = Setting.tol  # the same dict object, updated in place per layout
@@ -99,13 +101,31 @@ def _avg_grad(p: torch.Tensor, world: int) -> torch.Tensor:
     return g / world
 
 
+@contextmanager
+def _reference_kernels():
+    """The single-process reference on the C kernels where the sharded model runs Triton's:
+    under the interpreter the whole global batch's reference, on every rank, was most of a
+    Triton layout's time; the C kernels are themselves checked against PyTorch."""
+    if Setting.kernels != "triton":
+        yield
+        return
+    triton_mix.use_triton(False)
+    fused_cpu.use_fused_cpu(True)
+    try:
+        yield
+    finally:
+        triton_mix.use_triton(True)
+        fused_cpu.use_fused_cpu(False)
+
+
 def _forward_backward(ref: PEER, sharded: PEER, topo: Topology, step: int):
     """Global-batch mean loss on ref; on the sharded twin this rank's share of it, scaled by
     the world size (its mean over its tokens when every rank has as many)."""
     x, c = _batch(step)
     xr = x.clone().requires_grad_(True)
-    yr = ref(xr)
-    (yr * c).sum(-1).mean().backward()
+    with _reference_kernels():
+        yr = ref(xr)
+        (yr * c).sum(-1).mean().backward()
     xs = _mine(x, topo).clone().requires_grad_(True)
     ys = sharded(xs)
     ((ys * _mine(c, topo)).sum() * (topo.world_size / T_GLOBAL)).backward()
@@ -331,8 +351,9 @@ def _worker(rank: int, world: int, ep: int, balance: bool, extras: tuple[str, ..
             setting: dict, out: str) -> None:
     torch.set_num_threads(1)
     Setting.dtype, Setting.split = setting["dtype"], setting["split"]
+    Setting.kernels = setting.get("kernels")
     launches = []
-    if setting.get("kernels") == "triton":  # both models on the Triton kernels (interpreter)
+    if setting.get("kernels") == "triton":  # the sharded model on the Triton kernels
         triton_mix.use_triton(True)
         fused_cpu.use_fused_cpu(False)
         real = triton_mix.forward
