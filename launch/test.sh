@@ -41,7 +41,7 @@ cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2) 
 workers=${PEER_TEST_WORKERS:-$((cores < 4 ? cores : 4))}
 status=0
 PEER_COVERAGE="$cov/data" "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n "$workers" \
-  --dist loadfile --durations=15 tests "$@" || status=$?
+  --dist loadfile --no-loadscope-reorder --durations=15 tests "$@" || status=$?
 "$PY" -m coverage combine --quiet --data-file="$cov/data" "$cov" 2>/dev/null || true
 if [ -f "$cov/data" ]; then
   # modules run mostly by the distributed and integration tiers' processes show low here

@@ -137,12 +137,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = f"required in CI (CI={os.environ['CI']}), skipped instead: {reason}"
 
 
-# The longest files first (measured), then the integration, distributed and unit tiers: the
-# workers of `pytest -n` (launch/test.sh) take files in this order, so the long ones start
-# early and the many short unit files fill the end instead of one worker finishing alone.
-LONGEST_FIRST = ("test_scale_measure.py", "test_chaos.py", "test_faults.py", "test_preempt.py",
-                 "test_checkpoint_faults.py", "test_node_dispatch.py",
-                 "test_train_cli.py", "test_parity.py", "test_triton_compile.py")
+# The longest files first (measured: seconds of the workers' time), then the integration,
+# distributed and unit tiers: the workers of `pytest -n` (launch/test.sh, with
+# --no-loadscope-reorder, else pytest-xdist orders files by their number of tests) take files
+# in this order, so the long ones start early and the many short unit files fill the end
+# instead of one worker finishing alone (the chaos run alone is ~40 s).
+LONGEST_FIRST = ("test_chaos.py", "test_train_cli.py", "test_preempt.py", "test_faults.py",
+                 "test_scale_measure.py", "test_parity.py", "test_node_dispatch.py",
+                 "test_checkpoint_faults.py", "test_triton_compile.py", "test_bench_layer.py",
+                 "test_study.py", "test_build.py")
 
 
 def _order(item: pytest.Item) -> tuple[int, int]:
