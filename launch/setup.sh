@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install --progress-bar on "torch==2.13.0"
-# The project's own build needs setuptools >= 64 (pyproject.toml): where the environment has it,
-# the editable install uses it instead of pip's fresh build environment (~6 s of the install)
-isolation=()
-"$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" \
-  2>/dev/null && isolation=(--no-build-isolation)
-"$PY" -m pip install --progress-bar on "${isolation[@]}" -e ".[test,gpu]"  # gpu: triton (tested on CPU too)
+# gpu: triton (tested on CPU too). Where the environment's setuptools builds editable wheels on
+# its own (>= 70.1), the install uses it instead of a fresh build environment (~6 s); if that
+# fails, the usual isolated build.
+if "$PY" -c "import setuptools as s, sys; sys.exit(tuple(map(int, s.__version__.split('.')[:2])) < (70, 1))" \
+  2>/dev/null; then
+  "$PY" -m pip install --progress-bar on --no-build-isolation -e ".[test,gpu]" \
+    || "$PY" -m pip install --progress-bar on -e ".[test,gpu]"
+else
+  "$PY" -m pip install --progress-bar on -e ".[test,gpu]"
+fi
