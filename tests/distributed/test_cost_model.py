@@ -71,3 +71,24 @@ def test_node_dispatch_sends_a_token_once_per_remote_node() -> None:
     assert paper["node_dispatch"][1] <= paper["dispatch"][1] / 6
     for k, (intra, inter) in paper.items():  # totals unchanged by the split
         assert intra >= 0 and inter >= 0, k
+
+
+def test_group_pairs_by_destination_keeps_token_order():
+    """dispatch's grouping sorts by destination only: on token-major selections that is the
+    (destination, token) order, pairs and metadata included; other input is refused."""
+    from peer_dist.parallel.dispatch import group_pairs
+
+    g = torch.Generator().manual_seed(0)
+    t, s, w = 37, 6, 5
+    dest = torch.randint(0, w, (t * s,), generator=g)
+    row = torch.randint(0, 1000, (t * s,), generator=g)
+    token = torch.arange(t).repeat_interleave(s)
+    got = group_pairs(dest, row, token, t, w)
+    _, order = torch.sort(dest * t + token, stable=True)
+    assert torch.equal(got.order, order)
+    pairs = torch.unique(dest * t + token)
+    assert torch.equal(got.pair_token, pairs % t)
+    assert torch.equal(got.pair_count, torch.bincount(pairs // t, minlength=w))
+    assert torch.equal(got.meta[:, 0], row[order].to(torch.int32))
+    with pytest.raises(ValueError, match="nondecreasing"):
+        group_pairs(dest, row, token.flip(0), t, w)
