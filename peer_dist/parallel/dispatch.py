@@ -129,8 +129,9 @@ class SendTokens(torch.autograd.Function):
     def forward(ctx, x, gates, plan: DispatchPlan, ex: Exchange):
         gate_cols = _as_int32_columns(gates.reshape(-1)[plan.order].to(x.dtype))
         meta = torch.cat([plan.meta, gate_cols], 1)  # (Q, 2 + gate words) int32
-        x_in = ex.send(x[plan.pair_token], plan.pair_splits, plan.recv_pairs, "fwd")
-        got = unpack(x_in, ex.send(meta, plan.sel_splits, plan.recv_sels, "fwd"), plan)
+        x_in, meta_in = ex.send_two(x[plan.pair_token], plan.pair_splits, plan.recv_pairs,
+                                    meta, plan.sel_splits, plan.recv_sels, "fwd")
+        got = unpack(x_in, meta_in, plan)
         ctx.plan, ctx.ex, ctx.shapes = plan, ex, (x.shape, gates.shape)
         ctx.mark_non_differentiable(got.rows, got.bag)
         return x_in, got.gates, got.rows, got.bag
@@ -139,8 +140,8 @@ class SendTokens(torch.autograd.Function):
     def backward(ctx, dx_in, dg_in, _rows, _bag):
         plan, ex = ctx.plan, ctx.ex
         x_shape, g_shape = ctx.shapes
-        dx_pairs = ex.send(dx_in, plan.recv_pairs, plan.pair_splits, "bwd")  # (P, D)
-        dg = ex.send(dg_in.contiguous(), plan.recv_sels, plan.sel_splits, "bwd")  # (Q,)
+        dx_pairs, dg = ex.send_two(dx_in, plan.recv_pairs, plan.pair_splits,  # (P, D), (Q,)
+                                   dg_in.contiguous(), plan.recv_sels, plan.sel_splits, "bwd")
         dx = dx_pairs.new_zeros(x_shape).index_add_(0, plan.pair_token, dx_pairs)
         dgates = dg.new_zeros(dg.shape).index_copy_(0, plan.order, dg)
         return dx, dgates.view(g_shape), None, None

@@ -218,7 +218,10 @@ def sync_time(layer: Layer, c: Cluster, ep: int, dp: int) -> tuple[float, float]
     return sent, sent / bw
 
 
-COLLECTIVES = {"fetch": 6, "dispatch": 7, "node_dispatch": 13, "local": 0, "replicated": 2}
+# collectives per layer and step: dispatch's x and metadata travel in one all-to-all, and its
+# dx and dgates back in one (Exchange.send_two); chunked, each chunk sends them apart
+COLLECTIVES = {"fetch": 6, "dispatch": 5, "node_dispatch": 9, "local": 0, "replicated": 2}
+CHUNKED_COLLECTIVES = {**COLLECTIVES, "dispatch": 7, "node_dispatch": 13}
 
 
 def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int = 1) -> dict:
@@ -241,7 +244,8 @@ def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int =
                                                                        comm / chunks)
     sync_bytes, sync = (0.0, 0.0) if strategy == "replicated" else sync_time(layer, c, ep, dp)
     calls = 0 if ep == 1 and strategy != "replicated" else (
-        COLLECTIVES[strategy] * max(1, chunks) + (3 if dp > 1 else 0))
+        (CHUNKED_COLLECTIVES if chunks > 1 else COLLECTIVES)[strategy] * max(1, chunks)
+        + (3 if dp > 1 else 0))
     step = compute + exposed + sync + calls * c.latency_s
     return dict(ep=ep, dp=dp, strategy=strategy, chunks=chunks, nodes=c.nodes,
                 gpus=c.world, tokens_per_rank=layer.tokens,
