@@ -152,7 +152,6 @@ class Exchange:
                        self.internode(send_splits) * row_bytes)
         return out
 
-
     def send_two(self, a: torch.Tensor, a_splits: list[int], a_recv: list[int], b: torch.Tensor,
                  b_splits: list[int], b_recv: list[int],
                  direction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,14 +162,13 @@ class Exchange:
             return a, b
         rows = [math.prod(t.shape[1:]) * t.element_size() for t in (a, b)]
         flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]
-        parts = [f.split([n * r for n in s]) for f, r, s in zip(flat, rows, (a_splits, b_splits),
-                                                                   strict=True)]
-        packed = torch.cat([p for pair in zip(*parts, strict=True) for p in pair])
-        send = [n * rows[0] + m * rows[1] for n, m in zip(a_splits, b_splits, strict=True)]
-        recv = [n * rows[0] + m * rows[1] for n, m in zip(a_recv, b_recv, strict=True)]
-        got = self.send(packed, send, recv, direction).split(
-            [n for pair in zip([n * rows[0] for n in a_recv], [m * rows[1] for m in b_recv],
-                               strict=True) for n in pair])
+        sends = [[n * r for n in s] for r, s in zip(rows, (a_splits, b_splits), strict=True)]
+        recvs = [[n * r for n in s] for r, s in zip(rows, (a_recv, b_recv), strict=True)]
+        pieces = zip(flat[0].split(sends[0]), flat[1].split(sends[1]), strict=True)
+        packed = torch.cat([p for pair in pieces for p in pair])
+        got = self.send(packed, [x + y for x, y in zip(*sends, strict=True)],
+                        [x + y for x, y in zip(*recvs, strict=True)], direction)
+        got = got.split([n for pair in zip(*recvs, strict=True) for n in pair])
         a_in, b_in = (torch.cat(got[i::2]).view(t.dtype).view(-1, *t.shape[1:])
                       for i, t in enumerate((a, b)))
         return a_in, b_in
