@@ -33,6 +33,7 @@ class CommStats:
     bytes_recv: dict[str, int] = field(default_factory=lambda: {"fwd": 0, "bwd": 0})
     bytes_internode: dict[str, int] = field(default_factory=lambda: {"fwd": 0, "bwd": 0})
     seconds: float = 0.0
+    collectives: int = 0  # all-to-alls made (counts and payloads, both directions)
     calls: int = 0  # forward calls
     strategy_calls: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # tokens this rank sent through the layer
@@ -58,6 +59,7 @@ class CommStats:
         self.bytes_recv[direction] += int(recv)
         self.bytes_internode[direction] += int(internode)
         self.seconds += seconds
+        self.collectives += 1
 
     def note_call(self, strategy: str, tokens: int) -> None:
         self.strategy = strategy
@@ -79,6 +81,7 @@ class CommStats:
             "bytes_internode_per_token": far / self.tokens if self.tokens else 0.0,
             "bytes_intranode_per_token": (sent - far) / self.tokens if self.tokens else 0.0,
             "seconds": self.seconds,
+            "collectives": self.collectives,
             "calls": self.calls,
             "tokens": self.tokens,
             "strategy_calls": dict(self.strategy_calls),
@@ -160,17 +163,31 @@ class Exchange:
         metadata of dispatch; dx and dgates back). Bytes counted as two sends would."""
         if self.size == 1:
             return a, b
+        two = Two(a, a_splits, a_recv, b, b_splits, b_recv)
+        return two.unpack(self.send(two.packed, two.send_splits, two.recv_splits, direction))
+
+
+class Two:
+    """Two row-grouped tensors packed for one all-to-all, their bytes side by side per
+    destination (uint8 rows), and the received bytes split back into the two."""
+
+    def __init__(self, a: torch.Tensor, a_splits: list[int], a_recv: list[int],
+                 b: torch.Tensor, b_splits: list[int], b_recv: list[int]):
         rows = [math.prod(t.shape[1:]) * t.element_size() for t in (a, b)]
         flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]
         sends = [[n * r for n in s] for r, s in zip(rows, (a_splits, b_splits), strict=True)]
         recvs = [[n * r for n in s] for r, s in zip(rows, (a_recv, b_recv), strict=True)]
         pieces = zip(flat[0].split(sends[0]), flat[1].split(sends[1]), strict=True)
-        packed = torch.cat([p for pair in pieces for p in pair])
-        got = self.send(packed, [x + y for x, y in zip(*sends, strict=True)],
-                        [x + y for x, y in zip(*recvs, strict=True)], direction)
-        got = got.split([n for pair in zip(*recvs, strict=True) for n in pair])
-        a_in, b_in = (torch.cat(got[i::2]).view(t.dtype).view(-1, *t.shape[1:])
-                      for i, t in enumerate((a, b)))
+        self.packed = torch.cat([p for pair in pieces for p in pair])
+        self.send_splits = [x + y for x, y in zip(*sends, strict=True)]
+        self.recv_splits = [x + y for x, y in zip(*recvs, strict=True)]
+        self.pieces = [n for pair in zip(*recvs, strict=True) for n in pair]
+        self.like = (a, b)
+
+    def unpack(self, got: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = got.split(self.pieces)
+        a_in, b_in = (torch.cat(parts[i::2]).view(t.dtype).view(-1, *t.shape[1:])
+                      for i, t in enumerate(self.like))
         return a_in, b_in
 
 
@@ -208,6 +225,28 @@ def send_async(ex: Exchange, x: torch.Tensor, send_splits: list[int], recv_split
                  (sum(recv_splits) - recv_splits[ex.rank]) * row_bytes, 0.0,
                  ex.internode(send_splits) * row_bytes)
     return Pending(out, work, ex.stats)
+
+
+class PendingTwo:
+    """send_two_async in flight: wait() returns the two received tensors."""
+
+    def __init__(self, pending: Pending, two: Two | None):
+        self.pending, self.two = pending, two
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        got = self.pending.wait()
+        return self.two.unpack(got) if self.two is not None else got
+
+
+def send_two_async(ex: Exchange, a: torch.Tensor, a_splits: list[int], a_recv: list[int],
+                   b: torch.Tensor, b_splits: list[int], b_recv: list[int],
+                   direction: str) -> PendingTwo:
+    """Exchange.send_two without waiting (one collective in flight for both tensors)."""
+    if ex.size == 1:
+        return PendingTwo(Pending((a, b), None, ex.stats), None)
+    two = Two(a, a_splits, a_recv, b, b_splits, b_recv)
+    return PendingTwo(send_async(ex, two.packed, two.send_splits, two.recv_splits, direction),
+                      two)
 
 
 def owner_starts(splits: list[int], device: torch.device) -> torch.Tensor:

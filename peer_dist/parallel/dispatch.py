@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from peer_dist.ops import ragged_mix
-from peer_dist.parallel.comm import Exchange, owner_starts, send_async, source_of_rows
+from peer_dist.parallel.comm import (
+    Exchange,
+    owner_starts,
+    send_async,
+    send_two_async,
+    source_of_rows,
+)
 from peer_dist.parallel.idmap import IdMap
 
 
@@ -228,11 +234,12 @@ class ChunkMix:
 
 
 def _send_chunk(x, gates, plan: DispatchPlan, start: int, ex: Exchange):
-    """input_dist of one chunk, in flight: x per pair, and (row, pair, gate) per selection."""
+    """input_dist of one chunk, in flight: x per pair, and (row, pair, gate) per selection,
+    in one all-to-all (wait() gives both)."""
     g = gates.reshape(-1)[plan.order].to(x.dtype)
     meta = torch.cat([plan.meta, _as_int32_columns(g)], 1)
-    return (send_async(ex, x[plan.pair_token + start], plan.pair_splits, plan.recv_pairs, "fwd"),
-            send_async(ex, meta, plan.sel_splits, plan.recv_sels, "fwd"))
+    return send_two_async(ex, x[plan.pair_token + start], plan.pair_splits, plan.recv_pairs,
+                          meta, plan.sel_splits, plan.recv_sels, "fwd")
 
 
 def _mix_chunk(x_in, meta_in, plan: DispatchPlan, u, v, act: str,
@@ -254,7 +261,7 @@ class OverlappedDispatch(torch.autograd.Function):
         pending = _send_chunk(x, gates[slice(*bounds[0])], plans[0], bounds[0][0], ex)
         mixes, back = [], []
         for i, plan in enumerate(plans):
-            x_in, meta_in = (p.wait() for p in pending)
+            x_in, meta_in = pending.wait()
             if i + 1 < len(plans):  # the next chunk travels while this one mixes
                 a = bounds[i + 1][0]
                 pending = _send_chunk(x, gates[slice(*bounds[i + 1])], plans[i + 1], a, ex)
@@ -282,16 +289,16 @@ class OverlappedDispatch(torch.autograd.Function):
                                         allow_unused=True)
             gx, gg = (g if g is not None else torch.zeros_like(t)
                       for g, t in zip(grads[:2], (mix.x, mix.gates), strict=True))
-            back.append((send_async(ex, gx, plan.recv_pairs, plan.pair_splits, "bwd"),
-                         send_async(ex, gg.contiguous(), plan.recv_sels, plan.sel_splits, "bwd")))
+            back.append(send_two_async(ex, gx, plan.recv_pairs, plan.pair_splits,
+                                       gg.contiguous(), plan.recv_sels, plan.sel_splits, "bwd"))
             for parts, g in zip(tables, grads[2:], strict=True):
                 if g is not None:
                     parts.append(g)
         dx = dy.new_zeros(dy.shape)
         dgates = dy.new_zeros(ctx.g_shape)
-        for (a, b), plan, (pdx, pdg) in zip(bounds, plans, back, strict=True):
-            dx.index_add_(0, plan.pair_token + a, pdx.wait())
-            dg = pdg.wait()
+        for (a, b), plan, p in zip(bounds, plans, back, strict=True):
+            pdx, dg = p.wait()
+            dx.index_add_(0, plan.pair_token + a, pdx)
             dgates[a:b] = dg.new_zeros(dg.shape).index_copy_(0, plan.order, dg).view(
                 b - a, dgates.shape[1])
         return dx, dgates, *(_sum_sparse(p) for p in tables), None, None, None, None, None

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from peer_dist.ops import ragged_mix
-from peer_dist.parallel.comm import Exchange, send_async
+from peer_dist.parallel.comm import Exchange, send_async, send_two_async
 from peer_dist.parallel.dispatch import (
     DispatchPlan,
     Received,
@@ -246,13 +246,13 @@ class OverlappedNodeDispatch(torch.autograd.Function):
 
         pending, back = hop1(0), []
         for i, c in enumerate(chunks):
-            at_gateway = unpack(*(p.wait() for p in pending), c.hop1)
+            at_gateway = unpack(*pending.wait(), c.hop1)
             c.hop2 = plan_relay(at_gateway, st.routes, ex, plans[i].hop2)
             c.relayed = at_gateway.x.shape[0]
             second = _send_chunk(at_gateway.x, at_gateway.gates, c.hop2, 0, ex)
             if i + 1 < len(chunks):  # the next chunk crosses while this one is relayed, mixed
                 pending = hop1(i + 1)
-            got = unpack(*(p.wait() for p in second), c.hop2)
+            got = unpack(*second.wait(), c.hop2)
             with torch.enable_grad():
                 c.x, c.gates = got.x.requires_grad_(True), got.gates.requires_grad_(True)
                 c.y = ragged_mix(c.x, got.rows, got.bag, c.gates, u, v, act,
@@ -290,24 +290,24 @@ class OverlappedNodeDispatch(torch.autograd.Function):
                                         allow_unused=True)
             gx, gg = (g if g is not None else torch.zeros_like(t)
                       for g, t in zip(grads[:2], (c.x, c.gates), strict=True))
-            back.append((send_async(ex, gx, c.hop2.recv_pairs, c.hop2.pair_splits, "bwd"),
-                         send_async(ex, gg.contiguous(), c.hop2.recv_sels, c.hop2.sel_splits,
-                                    "bwd")))
+            back.append(send_two_async(ex, gx, c.hop2.recv_pairs, c.hop2.pair_splits,
+                                       gg.contiguous(), c.hop2.recv_sels, c.hop2.sel_splits,
+                                       "bwd"))
             for parts, g in zip(tables, grads[2:], strict=True):
                 if g is not None:
                     parts.append(g)
         home = []
-        for c, (pdx, pdg) in zip(chunks, back, strict=True):  # summed at the gateway, home
-            dx1 = _gather_back(pdx.wait(), c.hop2, c.relayed)
-            dg = pdg.wait()
+        for c, p in zip(chunks, back, strict=True):  # summed at the gateway, home
+            pdx, dg = p.wait()
+            dx1 = _gather_back(pdx, c.hop2, c.relayed)
             dg1 = dg.new_zeros(dg.shape).index_copy_(0, c.hop2.order, dg)  # (Q1_in,)
-            home.append((send_async(ex, dx1, c.hop1.recv_pairs, c.hop1.pair_splits, "bwd"),
-                         send_async(ex, dg1, c.hop1.recv_sels, c.hop1.sel_splits, "bwd")))
+            home.append(send_two_async(ex, dx1, c.hop1.recv_pairs, c.hop1.pair_splits,
+                                       dg1, c.hop1.recv_sels, c.hop1.sel_splits, "bwd"))
         dx = dy.new_zeros(dy.shape)
         dgates = dy.new_zeros(ctx.g_shape)
-        for (a, b), c, (pdx, pdg) in zip(bounds, chunks, home, strict=True):
-            dx[a:b] += _gather_back(pdx.wait(), c.hop1, b - a)
-            dg = pdg.wait()
+        for (a, b), c, p in zip(bounds, chunks, home, strict=True):
+            pdx, dg = p.wait()
+            dx[a:b] += _gather_back(pdx, c.hop1, b - a)
             dgates[a:b] = dg.new_zeros(dg.shape).index_copy_(0, c.hop1.order, dg).view(
                 b - a, dgates.shape[1])
         return dx, dgates, *(_sum_sparse(p) for p in tables), None, None, None, None

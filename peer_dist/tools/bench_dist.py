@@ -386,7 +386,7 @@ def worker(args: argparse.Namespace) -> None:
         for chunks in args.chunk_list if strategy in OVERLAPPING else [1]:
             run = argparse.Namespace(**{**vars(args), "overlap_chunks": chunks})
             # measured just before the strategy's steps: a shared machine's load drifts
-            consts = {**probe_mix_world(run, topo), **links}
+            consts = {**probe_mix_world(run, topo, strategy), **links}
             row = _measure(strategy, run, topo, consts)
             if topo.rank == 0:
                 print(json.dumps(row), flush=True)
@@ -412,10 +412,15 @@ def served_rows(args: argparse.Namespace, rows: int, ep: int, g: torch.Generator
                       for _ in range(ep)])
 
 
-def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3) -> dict:
+def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
+              bags_per_token: float = 1.0) -> dict:
     """One rank's step without messages over a table of `rows` rows (its shard), timed in
     parts, each priced apart by the model: seconds per token of the mix, forward + backward
-    with sparse table gradients; seconds of the gradient sync's own code on them (the rows'
+    with sparse table gradients, at the shape the strategy's mix runs (bags_per_token > 1:
+    dispatch's owner, whose T*S selections come as T*m bags, one per (token, owner) pair, m
+    the owners a token touches: twice the bags of half the size at W = 2 make the row-major
+    backward's scattered x, dy and dx rows twice the working set, 10-30% slower here);
+    seconds of the gradient sync's own code on them (the rows'
     order checked; no DP: nothing travels); and fetch's owner's own two phases at its shape,
     which run at other rates per byte than those (rows at random from the whole shard: a page
     and a TLB miss per row): the served rows gathered (u[served], v[served]) and the sync of
@@ -423,7 +428,7 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3) -
     from types import SimpleNamespace
 
     from peer_dist.model.peer import ExpertTables, init_rows
-    from peer_dist.ops import peer_mix
+    from peer_dist.ops import peer_mix, ragged_mix
     from peer_dist.parallel.grad_sync import sync_layer_grads
 
     tables = ExpertTables(args.num_experts, args.dim, "gelu", seed=1)
@@ -435,8 +440,18 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3) -
     times: dict[str, list[float]] = {"mix": [], "sync": [], "gather": [], "sync_fetch": []}
     for step in range(reps + 1):
         x, ids, gates = _inputs(args, 0, step, torch.device("cpu"))
+        bags = max(1, round(args.tokens * bags_per_token))
+        if bags_per_token > 1:  # the owner's bags: x per pair, the selections split evenly
+            q = ids.numel()
+            x = torch.randn(bags, args.dim, generator=g).requires_grad_(True)
+            bag = torch.arange(q) * bags // q
         t0 = time.perf_counter()
-        peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True).square().mean().backward()
+        if bags_per_token > 1:
+            y = ragged_mix(x, ids.reshape(-1) % rows, bag, gates.reshape(-1), u, v, "gelu",
+                           table_scale=1.0 / ep)
+        else:
+            y = peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True)
+        y.square().mean().backward()
         t1 = time.perf_counter()
         sync_layer_grads(alone)
         t2 = time.perf_counter()
@@ -494,13 +509,15 @@ def probe_fresh(topo, mib: int = 64, reps: int = 7) -> float:
     return (mib << 20) / float(t)
 
 
-def probe_mix_world(args: argparse.Namespace, topo) -> dict:
+def probe_mix_world(args: argparse.Namespace, topo, strategy: str = "fetch") -> dict:
     """probe_mix on every rank at once, over a shard's rows (the ranks share the cores as in
-    the steps that follow): the slowest rank's figures, the model's compute constants."""
+    the steps that follow), at the strategy's mix shape: the slowest rank's figures, the
+    model's compute constants."""
     import torch.distributed as dist
 
     dist.barrier()
-    got = probe_mix(args, -(-args.num_experts // topo.ep), topo.ep)
+    got = probe_mix(args, -(-args.num_experts // topo.ep), topo.ep,
+                    bags_per_token=mix_bags_per_token(args, topo.ep, strategy))
     keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s")
     t = torch.tensor([got[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -508,6 +525,18 @@ def probe_mix_world(args: argparse.Namespace, topo) -> dict:
     # fetch's gather as a rate: both tables' served rows per second
     out["gather_bytes_per_s"] = got["served_rows"] * 2 * args.dim * 4 / out.pop("gather_s")
     return out
+
+
+def mix_bags_per_token(args: argparse.Namespace, ep: int, strategy: str) -> float:
+    """Bags per token of a strategy's mix: dispatch's and node_dispatch's owners mix one bag
+    per (token, owner) pair (the cost model's owners a token touches); fetch's requester and
+    the replicated baseline mix one per token."""
+    from peer_dist.parallel import cost
+
+    if ep == 1 or strategy not in ("dispatch", "node_dispatch"):
+        return 1.0
+    return cost.LayerShape(args.num_experts, args.dim, args.heads * args.topk, args.tokens,
+                           ep, ep).owners_touched()
 
 
 # ---------------------------------------------------------------- launcher and report

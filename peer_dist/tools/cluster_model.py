@@ -218,10 +218,19 @@ def sync_time(layer: Layer, c: Cluster, ep: int, dp: int) -> tuple[float, float]
     return sent, sent / bw
 
 
-# collectives per layer and step: dispatch's x and metadata travel in one all-to-all, and its
-# dx and dgates back in one (Exchange.send_two); chunked, each chunk sends them apart
-COLLECTIVES = {"fetch": 6, "dispatch": 5, "node_dispatch": 9, "local": 0, "replicated": 2}
-CHUNKED_COLLECTIVES = {**COLLECTIVES, "dispatch": 7, "node_dispatch": 13}
+# collectives per layer and step, (once, per chunk): the count exchanges (fetch's also sends
+# its local ids), then each chunk's payloads. dispatch: x with its metadata out, partials
+# back, dL/dy out, dL/dx with dL/dgates back (Exchange.send_two: one all-to-all for two
+# tensors); node_dispatch: the same over two hops; fetch: U and V rows apart, and their
+# gradients apart; replicated: U's and V's dense all-reduce. CommStats.collectives counts them
+COLLECTIVES = {"fetch": (2, 4), "dispatch": (1, 4), "node_dispatch": (1, 8), "local": (0, 0),
+               "replicated": (0, 2)}
+
+
+def collectives(strategy: str, chunks: int = 1) -> int:
+    """Collectives of one layer's step (forward + backward) with `chunks` chunks."""
+    once, each = COLLECTIVES[strategy]
+    return once + each * (1 if strategy == "replicated" else max(1, chunks))
 
 
 def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int = 1) -> dict:
@@ -244,8 +253,7 @@ def predict_step(layer: Layer, c: Cluster, ep: int, strategy: str, chunks: int =
                                                                        comm / chunks)
     sync_bytes, sync = (0.0, 0.0) if strategy == "replicated" else sync_time(layer, c, ep, dp)
     calls = 0 if ep == 1 and strategy != "replicated" else (
-        (CHUNKED_COLLECTIVES if chunks > 1 else COLLECTIVES)[strategy] * max(1, chunks)
-        + (3 if dp > 1 else 0))
+        collectives(strategy, chunks) + (3 if dp > 1 else 0))
     step = compute + exposed + sync + calls * c.latency_s
     return dict(ep=ep, dp=dp, strategy=strategy, chunks=chunks, nodes=c.nodes,
                 gpus=c.world, tokens_per_rank=layer.tokens,

@@ -191,3 +191,35 @@ def test_rounds_take_the_median_run_and_the_median_ratio() -> None:
     assert bd.median_rows(rounds[:1]) == rounds[0]  # one round: the rows as measured
     with pytest.raises(SystemExit):
         bd.parse(["--rounds", "0"])
+
+
+def test_mix_probe_runs_at_the_owners_bag_shape(monkeypatch) -> None:
+    """Dispatch's owner mixes one bag per (token, owner) pair: probe_mix times the mix at that
+    shape (T*m bags, the T*S selections split evenly, m = the cost model's owners a token
+    touches, the 1/EP table scale), and fetch's at one bag per token."""
+    import argparse
+
+    from peer_dist import ops
+    from peer_dist.tools import bench_dist as bd
+
+    args = argparse.Namespace(num_experts=4000, dim=8, heads=2, topk=8, tokens=32)
+    assert bd.mix_bags_per_token(args, 1, "dispatch") == 1.0
+    assert bd.mix_bags_per_token(args, 4, "fetch") == 1.0
+    m = bd.mix_bags_per_token(args, 2, "dispatch")
+    assert m == pytest.approx(2 - 2 * 0.5 ** 16) and bd.mix_bags_per_token(
+        args, 2, "node_dispatch") == m
+    seen = []
+    real = ops.ragged_mix
+
+    def spy(x, rows, bag, gates, u, v, act, table_scale=1.0):
+        seen.append((x.shape[0], torch.bincount(bag).tolist(), table_scale, int(rows.max())))
+        return real(x, rows, bag, gates, u, v, act, table_scale=table_scale)
+
+    monkeypatch.setattr(ops, "ragged_mix", spy)
+    got = bd.probe_mix(args, 2000, ep=2, reps=1, bags_per_token=m)
+    assert got["mix_s_per_token"] > 0 and len(seen) == 2  # reps + 1 steps
+    bags, sizes, scale, top = seen[0]
+    assert bags == 64 and sizes == [8] * 64 and scale == 0.5 and top < 2000
+    seen.clear()
+    bd.probe_mix(args, 2000, ep=2, reps=1)  # one bag per token: the layer's own mix
+    assert seen == [] or all(b == 32 for b, *_ in seen)

@@ -20,6 +20,7 @@ from peer_dist.ops import peer_mix
 from peer_dist.parallel import ShardedExperts, Topology
 from peer_dist.parallel.dispatch import chunk_bounds
 from peer_dist.parallel.grad_sync import sync_layer_grads
+from peer_dist.tools.cluster_model import collectives
 
 N, DIM, S = 300, 8, 6
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -126,6 +127,9 @@ def _worker(rank: int, world: int, strategy: str, chunks: int, kernels: str, ep:
             layer.strategies["node_dispatch"].routes.members)}[strategy]
         extra = (chunks - 1) * (w - 1) * cols * 8
         assert chunked["bytes_sent"] == plain.stats.as_dict()["bytes_sent"] + extra
+        # the all-to-alls made, as the step-time model counts them (a latency each)
+        made = (chunked["collectives"], plain.stats.as_dict()["collectives"])
+        assert made == (collectives(strategy, chunks), collectives(strategy, 1)), made
         assert chunked["strategy"] == strategy and "overlapped" in chunked["stage_seconds"]
         assert "comm_wait" in chunked["stage_seconds"]
 
