@@ -31,6 +31,8 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
                                   (into new buffers, as the
                                   strategies receive) and the in-place all-reduce's bandwidth
                                   (the replicated baseline); model_constants holds them
+  collectives_per_step            all-to-alls (replicated: all-reduces) of a step, counted at
+                                  the collectives (and _predicted: the model's count)
   comm_exposed_s                  seconds a step spent in or waiting on transfers (slowest
                                   rank's median): with --overlap-chunks C > 1 (fetch and
                                   dispatch; column C) only the waits on transfers that ran
@@ -210,7 +212,20 @@ def _measure(strategy: str, args, topo, consts: dict) -> dict:
     # seconds a step spent in (or waiting on) transfers: what overlap did not hide
     row["comm_exposed_s"] = float(slowest[1])
     row["overlap_chunks"] = _chunks(strategy, args)
+    # all-to-alls (or all-reduces) of the last step, counted at the collectives, and the
+    # model's count (a latency each)
+    row["collectives_per_step"] = (2 * (topo.world_size > 1) if strategy == "replicated"
+                                   else layer.stats.collectives)
+    row["collectives_per_step_predicted"] = 0 if topo.world_size == 1 else _model_calls(
+        strategy, topo, args)
     return row
+
+
+def _model_calls(strategy: str, topo, args) -> int:
+    from peer_dist.tools import cluster_model as cm
+
+    return 0 if topo.ep == 1 and strategy != "replicated" else cm.collectives(
+        strategy, _chunks(strategy, args))
 
 
 def _ring_crossing(topo) -> float:

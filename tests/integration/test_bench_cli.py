@@ -39,6 +39,10 @@ def test_dist_rows_cover_every_strategy(dist_rows):
                           "gather_bytes_per_s", "sync_fetch_s", "collective_s"}
         assert all(v > 0 for k_, v in k.items() if k_ != "collective_s")
         assert k["collective_s"] >= 0
+        # collectives counted at the calls, as the model counts them: fetch 6, dispatch 5,
+        # replicated 2 (U's and V's all-reduce)
+        want = {"fetch": 6, "dispatch": 5, "replicated": 2}[r["strategy"]]
+        assert r["collectives_per_step"] == r["collectives_per_step_predicted"] == want
 
 
 def test_dist_memory_and_replicated_bytes_by_hand(dist_rows):
