@@ -433,8 +433,8 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
     parts, each priced apart by the model: seconds per token of the mix, forward + backward
     with sparse table gradients, at the shape the strategy's mix runs (bags_per_token > 1:
     dispatch's owner, whose T*S selections come as T*m bags, one per (token, owner) pair, m
-    the owners a token touches: twice the bags of half the size at W = 2 make the row-major
-    backward's scattered x, dy and dx rows twice the working set, 10-30% slower here);
+    the owners a token touches: at W = 2 twice the bags of half the size, so the x, dy and dx
+    rows the row-major kernels reach at random are twice as many);
     seconds of the gradient sync's own code on them (the rows'
     order checked; no DP: nothing travels); and fetch's owner's own two phases at its shape,
     which run at other rates per byte than those (rows at random from the whole shard: a page
