@@ -691,14 +691,16 @@ def median_rows(rounds: list[list[dict]]) -> list[dict]:
 
 def step_ratios(rows: list[dict]) -> list[str]:
     """Measured step of each strategy against its W = 1 row (same tokens per rank; of several
-    rounds the median of each round's own ratio, and their range) and against the model's
-    prediction."""
+    rounds the median of each round's own ratio, and their range), the mix probe's seconds
+    against W = 1's (the same work per rank, with every rank of the world running at once:
+    what sharing the machine's cores, caches and memory costs, before any message), and the
+    step against the model's prediction."""
     meas = [r for r in rows if r["source"] == "measured"]
-    one = {(r["strategy"], r["overlap_chunks"]): r["step_s"] for r in meas
-           if r["world_size"] == 1}
+    one = {(r["strategy"], r["overlap_chunks"]): r for r in meas if r["world_size"] == 1}
     out = []
     for r in meas:
-        base = one.get((r["strategy"], r["overlap_chunks"]))
+        base_row = one.get((r["strategy"], r["overlap_chunks"]))
+        base = base_row["step_s"] if base_row else None
         c = f" C={r['overlap_chunks']}" if r["overlap_chunks"] > 1 else ""
         line = f"step {r['strategy']} W={r['world_size']} M={r['nodes']}{c}:"
         several = r.get("step_ratio_w1_rounds")
@@ -707,6 +709,10 @@ def step_ratios(rows: list[dict]) -> list[str]:
                      f"rounds, {min(several):.3f}-{max(several):.3f}),")
         elif base and r["world_size"] > 1:
             line += f" / W=1 = {r['step_s'] / base:.3f}x,"
+        mix = (r.get("model_constants") or {}).get("mix_s_per_token")
+        mix_one = ((base_row or {}).get("model_constants") or {}).get("mix_s_per_token")
+        if mix and mix_one and r["world_size"] > 1:
+            line += f" mix probe / W=1's = {mix / mix_one:.3f}x,"
         if r["step_s_predicted"]:
             line += f" measured / model = {r['step_s'] / r['step_s_predicted']:.3f}"
         out.append(line)

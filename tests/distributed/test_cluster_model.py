@@ -223,3 +223,19 @@ def test_mix_probe_runs_at_the_owners_bag_shape(monkeypatch) -> None:
     seen.clear()
     bd.probe_mix(args, 2000, ep=2, reps=1)  # one bag per token: the layer's own mix
     assert seen == [] or all(b == 32 for b, *_ in seen)
+
+
+def test_step_ratios_show_the_mix_probe_against_one_rank() -> None:
+    """Beside W = 2's step against W = 1's, the mix probe's seconds (the same work per rank,
+    every rank running) against W = 1's: what sharing the machine costs before any message."""
+    from peer_dist.tools import bench_dist as bd
+
+    def row(w, step, mix):
+        return dict(source="measured", strategy="dispatch", world_size=w, nodes=1, ep=w,
+                    overlap_chunks=1, step_s=step, step_s_predicted=step / 2,
+                    model_constants={"mix_s_per_token": mix})
+
+    lines = bd.step_ratios([row(1, 0.10, 1e-4), row(2, 0.13, 1.25e-4)])
+    assert lines[1] == ("step dispatch W=2 M=1: / W=1 = 1.300x, mix probe / W=1's = 1.250x, "
+                        "measured / model = 2.000"), lines
+    assert lines[0] == "step dispatch W=1 M=1: measured / model = 2.000"
