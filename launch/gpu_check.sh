@@ -8,7 +8,11 @@
 #   3. peer-bench layer --device cuda: ours in fp32 and bf16 against PEER-pytorch and against
 #      the copy-bandwidth roofline at the paper's shape (N = 1024^2, d = 1024, h = 8, k = 16)
 #   4. configs/peer_1m.yaml on one GPU in bf16 at ZeRO 1, 2 and 3 (a few steps each)
-#   5. peer-scale calibrate on the CUDA allocator (the memory model's runtime and scratch
+#   5. peer-bench dist on this GPU (one rank: the strategies' device paths and the step model
+#      with constants measured here), and the mix kernels' achieved fraction of HBM bandwidth
+#      it gives, the step-time model's assumption until then (cluster_model --from-bench:
+#      the 1/8/64/512-GPU table with the measured fraction)
+#   6. peer-scale calibrate on the CUDA allocator (the memory model's runtime and scratch
 #      constants, written to $OUT/calibration/calibration.json for plan --calibration), then
 #      peer-scale measure with them (predicted against measured peak per rank)
 #
@@ -16,7 +20,7 @@
 #   GPU_CHECK_OUT=/tmp/gc bash launch/gpu_check.sh
 #   GPU_CHECK_QUICK=1 bash launch/gpu_check.sh  # smaller shapes, a couple of minutes
 #   GPU_CHECK_ONLY=kernels,bench bash launch/gpu_check.sh   # some parts: kernels, bench,
-#                                                           # train, scale (default: all)
+#                                                           # dist, train, scale (default: all)
 #
 # A failing step is recorded in the report (with its log's tail) and the next one runs; the
 # exit status is the number of failed steps.
@@ -25,11 +29,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${GPU_CHECK_OUT:-runs/gpu_check}
 QUICK=${GPU_CHECK_QUICK:-0}
-ONLY=${GPU_CHECK_ONLY:-kernels,bench,train,scale}
+ONLY=${GPU_CHECK_ONLY:-kernels,bench,dist,train,scale}
 for part in ${ONLY//,/ }; do
-    case $part in kernels|bench|train|scale) ;;
+    case $part in kernels|bench|dist|train|scale) ;;
         *) echo "gpu_check: GPU_CHECK_ONLY part '$part' is invalid: allowed are kernels," \
-                "bench, train, scale (comma-separated)" >&2; exit 2 ;;
+                "bench, dist, train, scale (comma-separated)" >&2; exit 2 ;;
     esac
 done
 wants() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
@@ -120,7 +124,27 @@ if step layer_bench 1500 "${BENCH[@]}"; then
 fi
 fi
 
-# 4. peer_1m on one GPU, bf16, ZeRO 1-3
+# 4. the expert layer's step on this GPU, and the kernels' achieved HBM fraction
+if wants dist; then
+echo -e "\n## Expert-layer step on one GPU (peer-bench dist), and the step-time model" >>"$REPORT"
+DIST=("$PY" -m peer_dist.tools.bench dist --nprocs-list 1 --num-experts "$N" --dim "$DIM"
+      --tokens 4096 --steps "$STEPS" --no-paper --json)
+echo -e "\n\`${DIST[*]}\`" >>"$REPORT"
+if step dist_bench 900 "${DIST[@]}"; then
+    { echo '```'; grep '^{' "$OUT/dist_bench.log"; echo '```'; } >>"$REPORT"
+    case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)" in
+        *H200*) KIND=h200 ;; *A100*) KIND=a100 ;; *) KIND=h100 ;;
+    esac
+    MODEL=("$PY" -m peer_dist.tools.cluster_model --gpus 1,8,64,512 --cluster "$KIND"
+           --from-bench "$OUT/dist_bench.log")
+    echo -e "\n\`${MODEL[*]}\`" >>"$REPORT"
+    if step cluster_model 300 "${MODEL[@]}"; then
+        { echo '```'; cat "$OUT/cluster_model.log"; echo '```'; } >>"$REPORT"
+    fi
+fi
+fi
+
+# 5. peer_1m on one GPU, bf16, ZeRO 1-3
 if wants train; then
 echo -e "\n## configs/peer_1m.yaml, one GPU, bf16" >>"$REPORT"
 for z in 1 2 3; do
@@ -135,7 +159,7 @@ for z in 1 2 3; do
 done
 fi
 
-# 5. predicted against measured memory on the CUDA allocator
+# 6. predicted against measured memory on the CUDA allocator
 if wants scale; then
 echo -e "\n## Memory model constants, calibrated on this GPU" >>"$REPORT"
 # one GPU: world size 1; tokens and selections per token vary so that the runtime, the scratch

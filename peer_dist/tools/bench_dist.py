@@ -185,7 +185,7 @@ def _measure(strategy: str, args, topo, consts: dict) -> dict:
         if strategy != "replicated":
             layer.stats.reset()
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = _now(topo.device)
         if strategy == "replicated":
             sent = _replicated_step(layer, args, topo.rank, step, topo.device)
             far = sent * _ring_crossing(topo)
@@ -194,12 +194,10 @@ def _measure(strategy: str, args, topo, consts: dict) -> dict:
             sent = float(sum(layer.stats.bytes_sent.values()))
             far = float(sum(layer.stats.bytes_internode.values()))
         if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(_now(topo.device) - t0)
             waits.append(0.0 if strategy == "replicated" else layer.stats.seconds)
-    agg = torch.tensor([statistics.median(times), sent, far], dtype=torch.float64)
-    slowest = torch.tensor([agg[0], statistics.median(waits)], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    dist.all_reduce(agg)
+    slowest = _reduce([statistics.median(times), statistics.median(waits)], topo.device)
+    agg = _reduce([statistics.median(times), sent, far], topo.device, "sum")
     mem = (2 * layer[0].numel() * 4 if strategy == "replicated"
            else 2 * layer.shard.rows * args.dim * 4)
     per = topo.world_size * args.tokens
@@ -306,6 +304,23 @@ def _row(strategy: str, world: int, ep: int, args, step_s, measured, mem, nodes:
                 step_s_predicted=None, expert_mem_bytes_per_rank=mem, source=source)
 
 
+def _now(device: torch.device) -> float:
+    """The clock, once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _reduce(values: list[float], device: torch.device, op: str = "max") -> list[float]:
+    """values, the max (or sum) over the ranks: float64 on the backend's device (NCCL reduces
+    CUDA tensors only)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def probe_links(topo, sizes: tuple[int, int] = (256, 1 << 23), reps: int = 3) -> dict:
     """All-to-all latency and bandwidth of this world: equal splits of two sizes (float32
     elements per peer; the larger one 32 MiB, the size of fetch's messages at the default
@@ -319,16 +334,14 @@ def probe_links(topo, sizes: tuple[int, int] = (256, 1 << 23), reps: int = 3) ->
         return {}
     out = []
     for n in sizes:
-        x = torch.zeros(topo.world_size * n)
+        x = torch.zeros(topo.world_size * n, device=topo.device)
         times = []
         for _ in range(reps + 1):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0 = _now(topo.device)
             dist.all_to_all_single(torch.empty_like(x), x)
-            times.append(time.perf_counter() - t0)
-        t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out.append(float(t))
+            times.append(_now(topo.device) - t0)
+        out += _reduce([statistics.median(times[1:])], topo.device)
     sent = [(topo.world_size - 1) * n * 4 for n in sizes]
     bw = (sent[1] - sent[0]) / max(out[1] - out[0], 1e-9)
     return {"a2a_latency_s": out[0], "a2a_bytes_per_s": bw,
@@ -342,23 +355,22 @@ def probe_collective(topo, reps: int = 20) -> float:
     x work alone, every rank at once; work = four adds over 16 MiB buffers (a few ms)."""
     import torch.distributed as dist
 
-    a, b = torch.ones(4 << 20), torch.ones(4 << 20)
+    a, b = (torch.ones(4 << 20, device=topo.device) for _ in range(2))
     out = torch.empty_like(a)
-    x = torch.zeros(topo.world_size * 256)
+    x = torch.zeros(topo.world_size * 256, device=topo.device)
     y = torch.empty_like(x)
     spent = []
     for talk in (False, True):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = _now(topo.device)
         for _ in range(reps):
             for _ in range(4):
                 torch.add(a, b, out=out)
             if talk:
                 dist.all_to_all_single(y, x)
-        spent.append(time.perf_counter() - t0)
-    t = torch.tensor(spent, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return max(float(t[1] - t[0]) / reps, 0.0)
+        spent.append(_now(topo.device) - t0)
+    alone, talking = _reduce(spent, topo.device)
+    return max((talking - alone) / reps, 0.0)
 
 
 def probe_allreduce(topo, sizes: tuple[int, int] = (1 << 20, 1 << 24), reps: int = 2) -> float:
@@ -370,16 +382,14 @@ def probe_allreduce(topo, sizes: tuple[int, int] = (1 << 20, 1 << 24), reps: int
 
     out = []
     for n in sizes:
-        x = torch.ones(n)
+        x = torch.ones(n, device=topo.device)
         times = []
         for _ in range(reps + 1):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0 = _now(topo.device)
             dist.all_reduce(x)
-            times.append(time.perf_counter() - t0)
-        t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out.append(float(t))
+            times.append(_now(topo.device) - t0)
+        out += _reduce([statistics.median(times[1:])], topo.device)
     ring = 2.0 * (topo.world_size - 1) / topo.world_size * 4
     return ring * (sizes[1] - sizes[0]) / max(out[1] - out[0], 1e-9)
 
@@ -428,7 +438,7 @@ def served_rows(args: argparse.Namespace, rows: int, ep: int, g: torch.Generator
 
 
 def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
-              bags_per_token: float = 1.0) -> dict:
+              bags_per_token: float = 1.0, device: torch.device | str = "cpu") -> dict:
     """One rank's step without messages over a table of `rows` rows (its shard), timed in
     parts, each priced apart by the model: seconds per token of the mix, forward + backward
     with sparse table gradients, at the shape the strategy's mix runs (bags_per_token > 1:
@@ -447,39 +457,40 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
     from peer_dist.parallel.grad_sync import sync_layer_grads
 
     tables = ExpertTables(args.num_experts, args.dim, "gelu", seed=1)
-    u, v = (init_rows(s, 0, rows, args.dim, tables.std).requires_grad_(True)
+    device = torch.device(device)
+    u, v = (init_rows(s, 0, rows, args.dim, tables.std).to(device).requires_grad_(True)
             for s in tables.table_seeds())
     alone = SimpleNamespace(topo=SimpleNamespace(dp=1, world_size=1),
                             shard=SimpleNamespace(params=lambda: [u, v]))
     g = torch.Generator().manual_seed(7)
     times: dict[str, list[float]] = {"mix": [], "sync": [], "gather": [], "sync_fetch": []}
     for step in range(reps + 1):
-        x, ids, gates = _inputs(args, 0, step, torch.device("cpu"))
+        x, ids, gates = _inputs(args, 0, step, device)
         bags = max(1, round(args.tokens * bags_per_token))
         if bags_per_token > 1:  # the owner's bags: x per pair, the selections split evenly
             q = ids.numel()
-            x = torch.randn(bags, args.dim, generator=g).requires_grad_(True)
-            bag = torch.arange(q) * bags // q
-        t0 = time.perf_counter()
+            x = torch.randn(bags, args.dim, generator=g).to(device).requires_grad_(True)
+            bag = torch.arange(q, device=device) * bags // q
+        t0 = _now(device)
         if bags_per_token > 1:
             y = ragged_mix(x, ids.reshape(-1) % rows, bag, gates.reshape(-1), u, v, "gelu",
                            table_scale=1.0 / ep)
         else:
             y = peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True)
         y.square().mean().backward()
-        t1 = time.perf_counter()
+        t1 = _now(device)
         sync_layer_grads(alone)
-        t2 = time.perf_counter()
-        served = served_rows(args, rows, ep, g)
-        t3 = time.perf_counter()
+        t2 = _now(device)
+        served = served_rows(args, rows, ep, g).to(device)
+        t3 = _now(device)
         got = [t.detach()[served] for t in (u, v)]
-        t4 = time.perf_counter()
+        t4 = _now(device)
         for t, rows_of in zip((u, v), got, strict=True):  # as LookupRows.backward makes them
             t.grad = torch.sparse_coo_tensor(served[None], rows_of, t.shape,
                                              check_invariants=False)
-        t5 = time.perf_counter()
+        t5 = _now(device)
         sync_layer_grads(alone)
-        t6 = time.perf_counter()
+        t6 = _now(device)
         for k, dt in (("mix", t1 - t0), ("sync", t2 - t1), ("gather", t4 - t3),
                       ("sync_fetch", t6 - t5)):
             times[k].append(dt)
@@ -495,17 +506,15 @@ def probe_stream(topo, mib: int = 64, reps: int = 3) -> float:
     1), every rank at once; the slowest rank's figure."""
     import torch.distributed as dist
 
-    a, b = torch.ones(mib << 18), torch.ones(mib << 18)  # mib MiB of float32 each
+    a, b = (torch.ones(mib << 18, device=topo.device) for _ in range(2))  # mib MiB of fp32
     out = torch.empty_like(a)
     dist.barrier()
     times = []
     for _ in range(reps + 1):
-        t0 = time.perf_counter()
+        t0 = _now(topo.device)
         torch.add(a, b, out=out)
-        times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return 3 * a.numel() * 4 / float(t)
+        times.append(_now(topo.device) - t0)
+    return 3 * a.numel() * 4 / _reduce([statistics.median(times[1:])], topo.device)[0]
 
 
 def probe_fresh(topo, mib: int = 64, reps: int = 7) -> float:
@@ -516,12 +525,10 @@ def probe_fresh(topo, mib: int = 64, reps: int = 7) -> float:
     dist.barrier()
     times = []
     for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        torch.zeros(mib << 18)
-        times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return (mib << 20) / float(t)
+        t0 = _now(topo.device)
+        torch.zeros(mib << 18, device=topo.device)
+        times.append(_now(topo.device) - t0)
+    return (mib << 20) / _reduce([statistics.median(times[1:])], topo.device)[0]
 
 
 def probe_mix_world(args: argparse.Namespace, topo, strategy: str = "fetch") -> dict:
@@ -532,11 +539,10 @@ def probe_mix_world(args: argparse.Namespace, topo, strategy: str = "fetch") -> 
 
     dist.barrier()
     got = probe_mix(args, -(-args.num_experts // topo.ep), topo.ep,
-                    bags_per_token=mix_bags_per_token(args, topo.ep, strategy))
+                    bags_per_token=mix_bags_per_token(args, topo.ep, strategy),
+                    device=topo.device)
     keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s")
-    t = torch.tensor([got[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    out = dict(zip(keys, t.tolist(), strict=True))
+    out = dict(zip(keys, _reduce([got[k] for k in keys], topo.device), strict=True))
     # fetch's gather as a rate: both tables' served rows per second
     out["gather_bytes_per_s"] = got["served_rows"] * 2 * args.dim * 4 / out.pop("gather_s")
     return out

@@ -397,7 +397,41 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=1, help="overlap chunks per layer")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--from-bench", default=None, metavar="FILE",
+                   help="the kernels' HBM fraction measured on this cluster's GPU: the JSON "
+                        "rows of `peer-bench dist --json` run there (the mix probe's speed "
+                        "over the bytes the model says it streams, against the preset's HBM)")
     return p.parse_args(argv)
+
+
+def measured_fraction(path: str, c: Cluster) -> float:
+    """The mix kernels' achieved fraction of c's HBM bandwidth, from peer-bench dist's JSON
+    rows (other lines skipped): per measured row, the bytes the model says the mix streams per
+    token over the probe's seconds per token; the median over the rows."""
+    import statistics
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"--from-bench={path}: {e.strerror}") from None
+    rates = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(r, dict) or r.get("source") != "measured":
+            continue
+        mix = (r.get("model_constants") or {}).get("mix_s_per_token")
+        if isinstance(mix, (int, float)) and mix > 0:
+            probe = Layer(r["num_experts"], r["dim"], r["heads"] * r["topk"],
+                          r["tokens_per_rank"], elem=4, optimizer=False)
+            rates.append(mix_bytes(probe) / mix)
+    if not rates:
+        raise UserError(f"--from-bench={path}: no measured peer-bench dist row with "
+                        "model_constants.mix_s_per_token; allowed is the output of "
+                        "`peer-bench dist --json`")
+    return statistics.median(rates) / c.hbm_bytes_per_s
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -407,6 +441,10 @@ def main(argv: list[str] | None = None) -> None:
         spec = args.cluster if ":" in args.cluster or Path(args.cluster).is_file() \
             else f"1x8:{args.cluster}"
         c = parse_cluster(spec)
+        source = "assumed"
+        if args.from_bench:
+            c = replace(c, hbm_fraction=measured_fraction(args.from_bench, c))
+            source = f"measured: {args.from_bench}"
         if args.gpus:
             rows = [layouts(layer, scaled(c, int(g)), args.chunks)[0]
                     for g in args.gpus.split(",")]
@@ -418,8 +456,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             print(json.dumps(r))
         return
-    print(f"cluster {c.name}: HBM {c.hbm_bytes_per_s / 1e12:.2f} TB/s x {c.hbm_fraction:.0%} "
-          f"(assumed), NVLink {c.intra_bytes_per_s / 1e9:.0f} GB/s, NIC "
+    print(f"cluster {c.name}: HBM {c.hbm_bytes_per_s / 1e12:.2f} TB/s x {c.hbm_fraction:.1%} "
+          f"({source}), NVLink {c.intra_bytes_per_s / 1e9:.0f} GB/s, NIC "
           f"{c.inter_bytes_per_s / 1e9:.0f} GB/s per GPU; layer N={layer.num_experts}, "
           f"d={layer.dim}, S={layer.selections}, {layer.tokens} tokens per rank, bf16")
     print_table(rows, args.top if not args.gpus else len(rows))

@@ -3,6 +3,8 @@ small enough to add by hand, and what it says about layouts at the paper's layer
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -239,3 +241,28 @@ def test_step_ratios_show_the_mix_probe_against_one_rank() -> None:
     assert lines[1] == ("step dispatch W=2 M=1: / W=1 = 1.300x, mix probe / W=1's = 1.250x, "
                         "measured / model = 2.000"), lines
     assert lines[0] == "step dispatch W=1 M=1: measured / model = 2.000"
+
+
+def test_hbm_fraction_from_a_bench_run(tmp_path, capsys) -> None:
+    """--from-bench: the mix kernels' achieved HBM fraction from peer-bench dist's rows (the
+    model's mix bytes per token over the probe's seconds per token, median over the rows),
+    other lines skipped; a file without such rows, or none, is one line."""
+    row = dict(source="measured", num_experts=4096, dim=64, heads=2, topk=4,
+               tokens_per_rank=128, model_constants={"mix_s_per_token": 1e-6})
+    per_token = 6 * 8 * 64 * 4  # mix_bytes: 6 S D e, fp32
+    runs = tmp_path / "bench.log"
+    runs.write_text("peer-bench dist: 1 rank(s) on 1 node(s)...\n" + json.dumps(row) + "\n"
+                    + json.dumps({**row, "model_constants": {"mix_s_per_token": 3e-6}}) + "\n"
+                    + json.dumps({**row, "model_constants": {"mix_s_per_token": 2e-6}}) + "\n"
+                    + json.dumps({**row, "source": "model"}) + "\n7\n")
+    c = cm.parse_cluster("1x8:h100")
+    assert cm.measured_fraction(str(runs), c) == pytest.approx(per_token / 2e-6 / 3.35e12)
+    cm.main(["--gpus", "1", "--cluster", "h100", "--from-bench", str(runs)])
+    out = capsys.readouterr().out
+    assert f"x {per_token / 2e-6 / 3.35e12:.1%} (measured: {runs})" in out
+    empty = tmp_path / "empty.log"
+    empty.write_text("no rows\n")
+    for bad in (empty, tmp_path / "missing.log"):
+        with pytest.raises(SystemExit) as e:
+            cm.main(["--cluster", "h100", "--from-bench", str(bad)])
+        assert str(e.value).startswith(f"cluster_model: --from-bench={bad}: ")

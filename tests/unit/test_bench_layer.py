@@ -95,7 +95,7 @@ def test_a_failing_row_is_reported_not_fatal(capsys):
 @pytest.mark.parametrize("only,message", [
     ("kernels", "gpu_check: no CUDA device visible to torch here"),
     ("kernels,foo", "gpu_check: GPU_CHECK_ONLY part 'foo' is invalid: allowed are kernels, "
-                    "bench, train, scale (comma-separated)"),
+                    "bench, dist, train, scale (comma-separated)"),
 ])
 def test_gpu_check_refuses_in_one_line(only, message, tmp_path):
     root = Path(__file__).resolve().parents[2]
