@@ -423,10 +423,11 @@ def measured_fraction(path: str, c: Cluster) -> float:
         if not isinstance(r, dict) or r.get("source") != "measured":
             continue
         mix = (r.get("model_constants") or {}).get("mix_s_per_token")
-        if isinstance(mix, (int, float)) and mix > 0:
-            probe = Layer(r["num_experts"], r["dim"], r["heads"] * r["topk"],
-                          r["tokens_per_rank"], elem=4, optimizer=False)
-            rates.append(mix_bytes(probe) / mix)
+        shape = [r.get(k) for k in ("num_experts", "dim", "heads", "topk", "tokens_per_rank")]
+        if isinstance(mix, (int, float)) and mix > 0 and all(
+                isinstance(v, int) and v > 0 for v in shape):
+            n, d, h, k, t = shape
+            rates.append(mix_bytes(Layer(n, d, h * k, t, elem=4, optimizer=False)) / mix)
     if not rates:
         raise UserError(f"--from-bench={path}: no measured peer-bench dist row with "
                         "model_constants.mix_s_per_token; allowed is the output of "
