@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from peer_dist.ops import ragged_mix
+from peer_dist.ops import cpu, ragged_mix
+from peer_dist.ops.rows import coalesced
 from peer_dist.parallel.comm import (
     Exchange,
     owner_starts,
@@ -305,10 +306,25 @@ class OverlappedDispatch(torch.autograd.Function):
 
 
 def _sum_sparse(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """The chunks' row-sparse table gradients as one uncoalesced COO tensor (their rows and
-    values concatenated): adding sparse tensors pairwise would coalesce at every step."""
+    """The chunks' row-sparse table gradients summed into one coalesced COO tensor: the union
+    of their rows (each chunk's rows unique and ascending, as the kernels give them), each
+    chunk's values added at its rows' places in one buffer. Concatenating them for the gradient
+    sync to coalesce copied every value twice into new memory (about 300 ms of a 590 ms
+    two-chunk step at N = 512^2, d = 256, 1,024 tokens of 128 selections on one core)."""
     if not parts or not all(p.is_sparse for p in parts):
         return sum(parts[1:], parts[0]) if parts else None
-    return torch.sparse_coo_tensor(torch.cat([p._indices() for p in parts], 1),
-                                   torch.cat([p._values() for p in parts]), parts[0].shape,
+    if len(parts) == 1:
+        return parts[0]
+    parts = [coalesced(p) for p in parts]
+    rows, where = torch.unique(torch.cat([p._indices()[0] for p in parts]), return_inverse=True)
+    vals = parts[0]._values()
+    out = (cpu.pool.take(rows.numel(), vals.shape[1], dtype=vals.dtype)
+           if vals.device.type == "cpu" else vals.new_empty(rows.numel(), vals.shape[1]))
+    out.zero_()
+    start = 0
+    for p in parts:
+        n = p._nnz()
+        out.index_add_(0, where[start:start + n], p._values())
+        start += n
+    return torch.sparse_coo_tensor(rows[None], out, parts[0].shape, is_coalesced=True,
                                    check_invariants=False)
