@@ -302,10 +302,10 @@ class OverlappedDispatch(torch.autograd.Function):
             dx.index_add_(0, plan.pair_token + a, pdx)
             dgates[a:b] = dg.new_zeros(dg.shape).index_copy_(0, plan.order, dg).view(
                 b - a, dgates.shape[1])
-        return dx, dgates, *(_sum_sparse(p) for p in tables), None, None, None, None, None
+        return dx, dgates, *(sum_chunk_grads(p) for p in tables), None, None, None, None, None
 
 
-def _sum_sparse(parts: list[torch.Tensor]) -> torch.Tensor | None:
+def sum_chunk_grads(parts: list[torch.Tensor]) -> torch.Tensor | None:
     """The chunks' row-sparse table gradients summed into one coalesced COO tensor: the union
     of their rows (each chunk's rows unique and ascending, as the kernels give them), each
     chunk's values added at its rows' places in one buffer. Concatenating them for the gradient

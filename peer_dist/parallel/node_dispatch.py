@@ -52,9 +52,9 @@ from peer_dist.parallel.dispatch import (
     ReturnPartials,
     SendTokens,
     _send_chunk,
-    _sum_sparse,
     chunk_bounds,
     group_pairs,
+    sum_chunk_grads,
     unpack,
 )
 from peer_dist.parallel.idmap import IdMap
@@ -310,4 +310,4 @@ class OverlappedNodeDispatch(torch.autograd.Function):
             dx[a:b] += _gather_back(pdx, c.hop1, b - a)
             dgates[a:b] = dg.new_zeros(dg.shape).index_copy_(0, c.hop1.order, dg).view(
                 b - a, dgates.shape[1])
-        return dx, dgates, *(_sum_sparse(p) for p in tables), None, None, None, None
+        return dx, dgates, *(sum_chunk_grads(p) for p in tables), None, None, None, None

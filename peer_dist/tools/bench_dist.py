@@ -63,6 +63,8 @@ from peer_dist.config import OVERLAPPING, STRATEGIES
 
 PAPER = dict(num_experts=1024 ** 2, dim=1024, heads=8, topk=16, tokens=4096, ep=8)
 
+# Strategies whose chunks' table gradients are summed in the backward (dispatch.sum_chunk_grads)
+MERGED = ("dispatch", "node_dispatch")
 # The sharded strategies (the config's list, less auto) and the replicated-table baseline.
 ROWS = (*(s for s in STRATEGIES if s != "auto"), "replicated")
 
@@ -438,13 +440,16 @@ def served_rows(args: argparse.Namespace, rows: int, ep: int, g: torch.Generator
 
 
 def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
-              bags_per_token: float = 1.0, device: torch.device | str = "cpu") -> dict:
+              bags_per_token: float = 1.0, device: torch.device | str = "cpu",
+              chunks: int = 1) -> dict:
     """One rank's step without messages over a table of `rows` rows (its shard), timed in
     parts, each priced apart by the model: seconds per token of the mix, forward + backward
     with sparse table gradients, at the shape the strategy's mix runs (bags_per_token > 1:
     dispatch's owner, whose T*S selections come as T*m bags, one per (token, owner) pair, m
     the owners a token touches: at W = 2 twice the bags of half the size, so the x, dy and dx
-    rows the row-major kernels reach at random are twice as many);
+    rows the row-major kernels reach at random are twice as many; chunks > 1: one mix per
+    chunk of bags, each with its own table gradients, as the overlapped strategies run it,
+    their sum left to the model's merge term);
     seconds of the gradient sync's own code on them (the rows'
     order checked; no DP: nothing travels); and fetch's owner's own two phases at its shape,
     which run at other rates per byte than those (rows at random from the whole shard: a page
@@ -454,6 +459,7 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
 
     from peer_dist.model.peer import ExpertTables, init_rows
     from peer_dist.ops import peer_mix, ragged_mix
+    from peer_dist.parallel.dispatch import sum_chunk_grads
     from peer_dist.parallel.grad_sync import sync_layer_grads
 
     tables = ExpertTables(args.num_experts, args.dim, "gelu", seed=1)
@@ -467,18 +473,24 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
     for step in range(reps + 1):
         x, ids, gates = _inputs(args, 0, step, device)
         bags = max(1, round(args.tokens * bags_per_token))
+        q = ids.numel()
         if bags_per_token > 1:  # the owner's bags: x per pair, the selections split evenly
-            q = ids.numel()
             x = torch.randn(bags, args.dim, generator=g).to(device).requires_grad_(True)
-            bag = torch.arange(q, device=device) * bags // q
+        bag = torch.arange(q, device=device) * bags // q
         t0 = _now(device)
-        if bags_per_token > 1:
+        if chunks > 1:
+            parts = _chunk_mixes(x, ids.reshape(-1) % rows, bag, gates.reshape(-1), u, v,
+                                 1.0 / ep, chunks)
+        elif bags_per_token > 1:
             y = ragged_mix(x, ids.reshape(-1) % rows, bag, gates.reshape(-1), u, v, "gelu",
                            table_scale=1.0 / ep)
         else:
             y = peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True)
-        y.square().mean().backward()
+        if chunks <= 1:
+            y.square().mean().backward()
         t1 = _now(device)
+        if chunks > 1:  # the chunks' sum (priced apart by the model: merge_bytes)
+            u.grad, v.grad = (sum_chunk_grads(p) for p in parts)
         sync_layer_grads(alone)
         t2 = _now(device)
         served = served_rows(args, rows, ep, g).to(device)
@@ -499,6 +511,28 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
     return {"mix_s_per_token": med["mix"] / args.tokens, "sync_s": med["sync"],
             "gather_s": med["gather"], "sync_fetch_s": med["sync_fetch"],
             "served_rows": int(served.numel())}
+
+
+def _chunk_mixes(x, rows, bag, gates, u, v, table_scale: float, chunks: int):
+    """The mix over `chunks` contiguous ranges of bags, forward + backward each, as the
+    overlapped dispatch runs it: per table, each chunk's row gradients (unsummed)."""
+    from peer_dist.ops import ragged_mix
+    from peer_dist.parallel.dispatch import chunk_bounds
+
+    bounds = chunk_bounds(x.shape[0], chunks)
+    cuts = torch.searchsorted(bag, torch.tensor([a for a, _ in bounds] + [x.shape[0]],
+                                                device=bag.device)).tolist()
+    parts: tuple[list, list] = ([], [])
+    for (a, b), lo, hi in zip(bounds, cuts[:-1], cuts[1:], strict=True):
+        if hi == lo:
+            continue
+        xs, gs = x[a:b].detach().requires_grad_(True), gates[lo:hi].detach().requires_grad_(True)
+        y = ragged_mix(xs, rows[lo:hi], bag[lo:hi] - a, gs, u, v, "gelu",
+                       table_scale=table_scale)
+        for got, part in zip(torch.autograd.grad(y.square().mean(), [u, v]), parts,
+                             strict=True):
+            part.append(got)
+    return parts
 
 
 def probe_stream(topo, mib: int = 64, reps: int = 3) -> float:
@@ -540,7 +574,8 @@ def probe_mix_world(args: argparse.Namespace, topo, strategy: str = "fetch") -> 
     dist.barrier()
     got = probe_mix(args, -(-args.num_experts // topo.ep), topo.ep,
                     bags_per_token=mix_bags_per_token(args, topo.ep, strategy),
-                    device=topo.device)
+                    device=topo.device,
+                    chunks=_chunks(strategy, args) if strategy in MERGED else 1)
     keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s")
     out = dict(zip(keys, _reduce([got[k] for k in keys], topo.device), strict=True))
     # fetch's gather as a rate: both tables' served rows per second

@@ -13,7 +13,8 @@ Per layer and step (forward + backward), per rank, for one EP x DP layout and st
             Where measured (peer-bench dist on CPU ranks), also at their own rates: the bytes
             zeroed in new buffers (fresh_bytes: fetch's row gradients, replicated's dense
             gradients), fetch's rows gathered into new buffers (gathered_bytes) and the
-            gradient sync's coalesce (sync_bytes)
+            gradient sync's coalesce (sync_bytes); with C > 1 chunks, the chunks' row
+            gradients summed (merge_bytes, at the streaming rate)
   intra     intra-node bytes (parallel/cost.py, by link) / NVLink bandwidth per GPU (the
             replicated all-reduce: at its own measured rate where there is one)
   inter     inter-node bytes / NIC bandwidth per GPU
@@ -161,20 +162,26 @@ def distinct_rows(layer: Layer) -> float:
 def sync_bytes(layer: Layer, ep: int, strategy: str, chunks: int = 1) -> float:
     """Bytes the owner's gradient sync (grad_sync.sync_layer_grads) streams per rank and step,
     U and V. The kernels' row gradients arrive with each touched row once, in order (local,
-    dispatch and node_dispatch in one chunk): marked coalesced, nothing copied. Fetch's (one
-    per served row, rows repeated across members) and chunked ones (a row again in the next
-    chunk) are coalesced: read what arrived (fetch: R_in = R on average, as each owner serves
-    its 1/EP of every member's R; chunks: up to T*S) and write the touched rows. The 1/W of
+    dispatch and node_dispatch; chunked, their chunks' gradients summed in the backward:
+    merge_bytes): marked coalesced, nothing copied. Fetch's (one per served row, rows
+    repeated across members) are coalesced: read what arrived (R_in = R on average, as each
+    owner serves its 1/EP of every member's R) and write the touched rows. The 1/W of
     more than one rank costs no pass: the mix's backward folds it into each selection's weight
     (ShardedExperts.table_scale). The replicated baseline's gradients are dense: no sync."""
-    if strategy == "replicated":
+    if strategy != "fetch":
         return 0.0
-    touched = touched_rows(layer, ep)
-    rows = 0.0
-    if strategy == "fetch" or chunks > 1:
-        arrived = distinct_rows(layer) if strategy == "fetch" else layer.tokens * layer.selections
-        rows += arrived + touched
-    return rows * 2 * layer.dim * layer.elem
+    return (distinct_rows(layer) + touched_rows(layer, ep)) * 2 * layer.dim * layer.elem
+
+
+def merge_bytes(layer: Layer, ep: int, strategy: str, chunks: int = 1) -> float:
+    """Bytes dispatch's and node_dispatch's backward streams with C > 1 chunks to sum the
+    chunks' row gradients into one tensor (dispatch.sum_chunk_grads), U and V: the union of
+    their rows zeroed, and each chunk's rows (the rows T/C tokens touch) read and added
+    (read and write)."""
+    if chunks <= 1 or strategy not in ("dispatch", "node_dispatch"):
+        return 0.0
+    each = touched_rows(replace(layer, tokens=layer.tokens / chunks), ep)
+    return (touched_rows(layer, ep) + 3 * chunks * each) * 2 * layer.dim * layer.elem
 
 
 def fresh_bytes(layer: Layer, strategy: str) -> float:
@@ -279,7 +286,8 @@ def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float,
     work = layer.tokens * (mix_bytes(layer) + packed) + optimizer_bytes(layer, ep)
     fresh = c.fresh_bytes_per_s or stream
     seconds = (work / kernel + fresh_bytes(layer, strategy) / fresh
-               + gathered_bytes(layer, strategy) / (c.gather_bytes_per_s or fresh))
+               + gathered_bytes(layer, strategy) / (c.gather_bytes_per_s or fresh)
+               + merge_bytes(layer, ep, strategy, chunks) / stream)
     sync_rate = (c.sync_fetch_bytes_per_s if strategy == "fetch" else 0.0) or c.sync_bytes_per_s
     if sync_rate:
         seconds += sync_bytes(layer, ep, strategy, chunks) / sync_rate

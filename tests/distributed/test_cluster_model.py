@@ -41,8 +41,11 @@ def test_step_is_compute_plus_exposed_communication_by_hand() -> None:
     assert row["inter_s"] == pytest.approx(16 * inter / 2e5) and row["intra_s"] == 0.0
     assert row["step_s_predicted"] == pytest.approx(compute + 16 * inter / 2e5)
     # four overlap chunks hide what compute covers, never less than one chunk's share
+    # (and compute adds the sum of the chunks' row gradients, at the streaming rate)
     hidden = cm.predict_step(layer, c, ep=2, strategy="dispatch", chunks=4)
-    assert hidden["exposed_s"] == pytest.approx(max(row["exposed_s"] - compute,
+    assert hidden["compute_s"] == pytest.approx(
+        compute + cm.merge_bytes(layer, 2, "dispatch", 4) / 1e9)
+    assert hidden["exposed_s"] == pytest.approx(max(row["exposed_s"] - hidden["compute_s"],
                                                     row["exposed_s"] / 4))
     # slower cores (CPU ranks sharing them) scale compute only
     shared = cm.predict_step(layer, cm.Cluster(**{**c.__dict__, "cores_per_rank": 0.5}), 2,
@@ -87,11 +90,15 @@ def test_sync_and_fresh_buffer_terms_by_hand() -> None:
     # rows in order (local, dispatch in one chunk): nothing, on any number of ranks (the 1/W
     # is folded into the mix's backward)
     assert cm.sync_bytes(tiny, 1, "local") == 0.0
-    # coalesce reads what arrived (fetch: 1.75 served rows; 2 chunks: up to the 2 selections)
-    # and writes the 1.75 touched rows
+    # coalesce reads what arrived (fetch: 1.75 served rows) and writes the 1.75 touched rows
     assert cm.sync_bytes(tiny, 1, "fetch") == pytest.approx((1.75 + 1.75) * row)
-    assert cm.sync_bytes(tiny, 1, "dispatch", chunks=2) == pytest.approx((2 + 1.75) * row)
     assert cm.sync_bytes(tiny, 1, "replicated") == 0.0
+    # chunked dispatch sums its chunks' rows in the backward, in order: no sync pass; the sum
+    # zeroes the 1.75 touched rows, reads and adds each chunk's (half a token: 4 (1 - 3/4) =
+    # 1 row each, read once and added: 3 passes)
+    assert cm.sync_bytes(tiny, 1, "dispatch", chunks=2) == 0.0
+    assert cm.merge_bytes(tiny, 1, "dispatch", chunks=2) == pytest.approx((1.75 + 3 * 2) * row)
+    assert cm.merge_bytes(tiny, 1, "dispatch") == cm.merge_bytes(tiny, 1, "fetch", 2) == 0.0
     # zeroed: fetch's row gradients, both whole tables' gradients (replicated); gathered:
     # fetch's served rows
     assert cm.fresh_bytes(tiny, "fetch") == pytest.approx(1.75 * row)
@@ -225,6 +232,9 @@ def test_mix_probe_runs_at_the_owners_bag_shape(monkeypatch) -> None:
     seen.clear()
     bd.probe_mix(args, 2000, ep=2, reps=1)  # one bag per token: the layer's own mix
     assert seen == [] or all(b == 32 for b, *_ in seen)
+    seen.clear()  # overlapped: one mix per chunk of bags, as OverlappedDispatch runs them
+    got = bd.probe_mix(args, 2000, ep=2, reps=1, bags_per_token=m, chunks=2)
+    assert [(b, s) for b, s, *_ in seen] == [(32, [8] * 32)] * 4 and got["sync_s"] >= 0
 
 
 def test_step_ratios_show_the_mix_probe_against_one_rank() -> None:

@@ -207,19 +207,19 @@ def test_chunks_row_gradients_sum_into_one_coalesced_tensor() -> None:
     with each row once, ascending, marked coalesced (nothing left for the sync to sort), equal
     to the dense sum; a result still held is never handed out again as the next one's buffer;
     a part whose rows are out of order is coalesced first."""
-    from peer_dist.parallel.dispatch import _sum_sparse
+    from peer_dist.parallel.dispatch import sum_chunk_grads
 
     def part(rows, seed):
         vals = torch.randn(len(rows), 4, generator=torch.Generator().manual_seed(seed))
         return torch.sparse_coo_tensor(torch.tensor([rows]), vals, (50, 4))
 
     a, b, c = part([1, 7, 20], 0), part([0, 7, 21, 49], 1), part([21, 3], 2)  # c: unsorted
-    got = _sum_sparse([a, b, c])
+    got = sum_chunk_grads([a, b, c])
     assert got.is_coalesced() and got._indices()[0].tolist() == [0, 1, 3, 7, 20, 21, 49]
     torch.testing.assert_close(got.to_dense(), a.to_dense() + b.to_dense() + c.to_dense())
     kept = got._values().clone()
-    again = _sum_sparse([part([2, 5], 3), part([5, 9], 4)])
+    again = sum_chunk_grads([part([2, 5], 3), part([5, 9], 4)])
     assert again._indices()[0].tolist() == [2, 5, 9]
     assert torch.equal(got._values(), kept)  # the held result's buffer was not reused
-    assert _sum_sparse([a]) is a and _sum_sparse([]) is None
-    assert torch.equal(_sum_sparse([a.to_dense(), b.to_dense()]), a.to_dense() + b.to_dense())
+    assert sum_chunk_grads([a]) is a and sum_chunk_grads([]) is None
+    assert torch.equal(sum_chunk_grads([a.to_dense(), b.to_dense()]), a.to_dense() + b.to_dense())
