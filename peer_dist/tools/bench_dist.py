@@ -260,6 +260,7 @@ def _predicted_step(strategy: str, args, topo, consts: dict) -> float | None:
                    sync_bytes_per_s=_sync_rate(args, topo, consts),
                    sync_fetch_bytes_per_s=_sync_rate(args, topo, consts, "fetch"),
                    allreduce_bytes_per_s=consts.get("allreduce_bytes_per_s", 0.0),
+                   plan_s_per_selection=consts.get("plan_s_per_selection", 0.0),
                    name="this machine")  # core sharing is in the measured constants
     return cm.predict_step(layer, c, topo.ep, strategy, _chunks(strategy, args))[
         "step_s_predicted"]
@@ -451,7 +452,9 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
     chunk of bags, each with its own table gradients, as the overlapped strategies run it,
     their sum left to the model's merge term);
     seconds of the gradient sync's own code on them (the rows'
-    order checked; no DP: nothing travels); and fetch's owner's own two phases at its shape,
+    order checked; no DP: nothing travels); dispatch's grouping of the selections by (owner,
+    token) (group_pairs: a sort; priced per grouping a step makes); and fetch's owner's own two
+    phases at its shape,
     which run at other rates per byte than those (rows at random from the whole shard: a page
     and a TLB miss per row): the served rows gathered (u[served], v[served]) and the sync of
     the row gradients that come back, one per served row."""
@@ -459,7 +462,7 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
 
     from peer_dist.model.peer import ExpertTables, init_rows
     from peer_dist.ops import peer_mix, ragged_mix
-    from peer_dist.parallel.dispatch import sum_chunk_grads
+    from peer_dist.parallel.dispatch import group_pairs, sum_chunk_grads
     from peer_dist.parallel.grad_sync import sync_layer_grads
 
     tables = ExpertTables(args.num_experts, args.dim, "gelu", seed=1)
@@ -469,7 +472,8 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
     alone = SimpleNamespace(topo=SimpleNamespace(dp=1, world_size=1),
                             shard=SimpleNamespace(params=lambda: [u, v]))
     g = torch.Generator().manual_seed(7)
-    times: dict[str, list[float]] = {"mix": [], "sync": [], "gather": [], "sync_fetch": []}
+    times: dict[str, list[float]] = {"mix": [], "sync": [], "gather": [], "sync_fetch": [],
+                                     "plan": []}
     for step in range(reps + 1):
         x, ids, gates = _inputs(args, 0, step, device)
         bags = max(1, round(args.tokens * bags_per_token))
@@ -503,13 +507,19 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
         t5 = _now(device)
         sync_layer_grads(alone)
         t6 = _now(device)
+        # dispatch's grouping of the T*S selections by (owner, token): plan_dispatch's
+        token = torch.arange(args.tokens, device=device).repeat_interleave(ids.shape[1])
+        flat = ids.reshape(-1)
+        group_pairs(flat % ep, flat % rows, token, args.tokens, ep)
+        t7 = _now(device)
         for k, dt in (("mix", t1 - t0), ("sync", t2 - t1), ("gather", t4 - t3),
-                      ("sync_fetch", t6 - t5)):
+                      ("sync_fetch", t6 - t5), ("plan", t7 - t6)):
             times[k].append(dt)
         u.grad = v.grad = None
     med = {k: statistics.median(t[1:]) for k, t in times.items()}
     return {"mix_s_per_token": med["mix"] / args.tokens, "sync_s": med["sync"],
             "gather_s": med["gather"], "sync_fetch_s": med["sync_fetch"],
+            "plan_s_per_selection": med["plan"] / ids.numel(),
             "served_rows": int(served.numel())}
 
 
@@ -576,7 +586,7 @@ def probe_mix_world(args: argparse.Namespace, topo, strategy: str = "fetch") -> 
                     bags_per_token=mix_bags_per_token(args, topo.ep, strategy),
                     device=topo.device,
                     chunks=_chunks(strategy, args) if strategy in MERGED else 1)
-    keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s")
+    keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s", "plan_s_per_selection")
     out = dict(zip(keys, _reduce([got[k] for k in keys], topo.device), strict=True))
     # fetch's gather as a rate: both tables' served rows per second
     out["gather_bytes_per_s"] = got["served_rows"] * 2 * args.dim * 4 / out.pop("gather_s")

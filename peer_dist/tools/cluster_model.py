@@ -79,6 +79,9 @@ class Cluster:
     # fetch's sync (one row gradient per served row, from random rows of the whole shard):
     # 0 = sync_bytes_per_s
     sync_fetch_bytes_per_s: float = 0.0
+    # seconds per selection of one grouping by (destination, token) (group_pairs: a sort),
+    # GROUPINGS per step; 0 = not priced (a GPU sorts a step's selections in well under 1 ms)
+    plan_s_per_selection: float = 0.0
     name: str = "custom"
 
     @property
@@ -230,6 +233,9 @@ def sync_time(layer: Layer, c: Cluster, ep: int, dp: int) -> tuple[float, float]
 # back, dL/dy out, dL/dx with dL/dgates back (Exchange.send_two: one all-to-all for two
 # tensors); node_dispatch: the same over two hops; fetch: U and V rows apart, and their
 # gradients apart; replicated: U's and V's dense all-reduce. CommStats.collectives counts them
+# groupings of a step's selections by (destination, token): dispatch's at the source (also
+# with one rank: the layer runs the same stages), node_dispatch's at the source and the gateway
+GROUPINGS = {"local": 1, "dispatch": 1, "node_dispatch": 2}
 COLLECTIVES = {"fetch": (2, 4), "dispatch": (1, 4), "node_dispatch": (1, 8), "local": (0, 0),
                "replicated": (0, 2)}
 
@@ -287,7 +293,9 @@ def _compute_s(layer: Layer, c: Cluster, ep: int, strategy: str, sent: float,
     fresh = c.fresh_bytes_per_s or stream
     seconds = (work / kernel + fresh_bytes(layer, strategy) / fresh
                + gathered_bytes(layer, strategy) / (c.gather_bytes_per_s or fresh)
-               + merge_bytes(layer, ep, strategy, chunks) / stream)
+               + merge_bytes(layer, ep, strategy, chunks) / stream
+               + GROUPINGS.get(strategy, 0) * layer.tokens * layer.selections
+               * c.plan_s_per_selection)
     sync_rate = (c.sync_fetch_bytes_per_s if strategy == "fetch" else 0.0) or c.sync_bytes_per_s
     if sync_rate:
         seconds += sync_bytes(layer, ep, strategy, chunks) / sync_rate

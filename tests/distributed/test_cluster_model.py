@@ -47,6 +47,14 @@ def test_step_is_compute_plus_exposed_communication_by_hand() -> None:
         compute + cm.merge_bytes(layer, 2, "dispatch", 4) / 1e9)
     assert hidden["exposed_s"] == pytest.approx(max(row["exposed_s"] - hidden["compute_s"],
                                                     row["exposed_s"] / 4))
+    # a measured grouping rate prices dispatch's one grouping of T*S selections (also with
+    # one rank), node_dispatch's two (source and gateway), fetch's none
+    sorting = cm.Cluster(**{**c.__dict__, "plan_s_per_selection": 1e-6})
+    for strategy, ep, n in (("dispatch", 2, 1), ("dispatch", 1, 1), ("node_dispatch", 2, 2),
+                            ("fetch", 2, 0)):
+        plain, priced = (cm.predict_step(layer, k, ep, strategy)["compute_s"]
+                         for k in (c, sorting))
+        assert priced - plain == pytest.approx(n * 16 * 4 * 1e-6), strategy
     # slower cores (CPU ranks sharing them) scale compute only
     shared = cm.predict_step(layer, cm.Cluster(**{**c.__dict__, "cores_per_rank": 0.5}), 2,
                              "dispatch")

@@ -36,7 +36,8 @@ def test_dist_rows_cover_every_strategy(dist_rows):
         k = r["model_constants"]
         assert set(k) == {"mix_s_per_token", "sync_s", "a2a_latency_s", "a2a_bytes_per_s",
                           "allreduce_bytes_per_s", "stream_bytes_per_s", "fresh_bytes_per_s",
-                          "gather_bytes_per_s", "sync_fetch_s", "collective_s"}
+                          "gather_bytes_per_s", "sync_fetch_s", "collective_s",
+                          "plan_s_per_selection"}
         assert all(v > 0 for k_, v in k.items() if k_ != "collective_s")
         assert k["collective_s"] >= 0
         # collectives counted at the calls, as the model counts them: fetch 6, dispatch 5,
