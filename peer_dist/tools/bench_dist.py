@@ -22,15 +22,16 @@ gradient sync, timed over --steps after --warmup. Rows per strategy and world si
   (and _predicted; bytes_intranode_per_token_layer the rest; replicated: the ring's crossings)
   step_s_predicted                the step-time model (tools/cluster_model.py) with this
                                   machine's constants, measured in each world: the mix's speed
-                                  and the gradient sync's over a shard (every rank at once, so
-                                  ranks sharing cores show it; again before each strategy's
-                                  steps), a streaming add's bandwidth, the rates of zeroing new
-                                  buffers (dense gradients) and of gathering random rows into
-                                  them (fetch's owner), the
+                                  (at the strategy's shape), its grouping of the selections and
+                                  the gradient sync's over a shard (every rank at once, so ranks
+                                  sharing cores show it; just before and just after each
+                                  strategy's steps, averaged), a streaming add's bandwidth, the
+                                  rates of zeroing new buffers (dense gradients) and of
+                                  gathering random rows into them (fetch's owner), the
                                   all-to-all's latency between compute phases and bandwidth
-                                  (into new buffers, as the
-                                  strategies receive) and the in-place all-reduce's bandwidth
-                                  (the replicated baseline); model_constants holds them
+                                  (into new buffers, as the strategies receive) and the
+                                  in-place all-reduce's bandwidth (the replicated baseline);
+                                  model_constants holds them
   collectives_per_step            all-to-alls (replicated: all-reduces) of a step, counted at
                                   the collectives (and _predicted: the model's count)
   comm_exposed_s                  seconds a step spent in or waiting on transfers (slowest
@@ -178,7 +179,7 @@ def _build(strategy: str, args, topo):
     return ShardedExperts("bench", tables, topo, strategy, overlap_chunks=_chunks(strategy, args))
 
 
-def _measure(strategy: str, args, topo, consts: dict) -> dict:
+def _measure(strategy: str, args, topo) -> dict:
     import torch.distributed as dist
 
     layer = _build(strategy, args, topo)
@@ -207,8 +208,6 @@ def _measure(strategy: str, args, topo, consts: dict) -> dict:
                measured=float(agg[1]) / per, mem=mem, nodes=topo.nodes)
     row["bytes_internode_per_token_layer"] = float(agg[2]) / per
     row["bytes_intranode_per_token_layer"] = (float(agg[1]) - float(agg[2])) / per
-    row["step_s_predicted"] = _predicted_step(strategy, args, topo, consts)
-    row["model_constants"] = consts  # what the prediction used, measured in this world
     # seconds a step spent in (or waiting on) transfers: what overlap did not hide
     row["comm_exposed_s"] = float(slowest[1])
     row["overlap_chunks"] = _chunks(strategy, args)
@@ -413,9 +412,14 @@ def worker(args: argparse.Namespace) -> None:
             continue  # one node: dispatch with more counts
         for chunks in args.chunk_list if strategy in OVERLAPPING else [1]:
             run = argparse.Namespace(**{**vars(args), "overlap_chunks": chunks})
-            # measured just before the strategy's steps: a shared machine's load drifts
-            consts = {**probe_mix_world(run, topo, strategy), **links}
-            row = _measure(strategy, run, topo, consts)
+            # probed just before and just after the strategy's steps, and the two averaged: a
+            # shared machine's speed drifts within a minute
+            before = probe_mix_world(run, topo, strategy)
+            row = _measure(strategy, run, topo)
+            after = probe_mix_world(run, topo, strategy)
+            consts = {**{k: (before[k] + after[k]) / 2 for k in before}, **links}
+            row["step_s_predicted"] = _predicted_step(strategy, run, topo, consts)
+            row["model_constants"] = consts  # what the prediction used, measured in this world
             if topo.rank == 0:
                 print(json.dumps(row), flush=True)
     dist.barrier()
