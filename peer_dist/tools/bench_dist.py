@@ -477,7 +477,7 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
                             shard=SimpleNamespace(params=lambda: [u, v]))
     g = torch.Generator().manual_seed(7)
     times: dict[str, list[float]] = {"mix": [], "sync": [], "gather": [], "sync_fetch": [],
-                                     "plan": []}
+                                     "plan": [], "fwd": [], "bwd": []}
     for step in range(reps + 1):
         x, ids, gates = _inputs(args, 0, step, device)
         bags = max(1, round(args.tokens * bags_per_token))
@@ -494,6 +494,7 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
                            table_scale=1.0 / ep)
         else:
             y = peer_mix(x, ids % rows, gates, u, v, "gelu", sparse_grad=True)
+        tf = _now(device)  # chunked: forward and backward of each chunk in turn, one phase
         if chunks <= 1:
             y.square().mean().backward()
         t1 = _now(device)
@@ -517,14 +518,18 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
         group_pairs(flat % ep, flat % rows, token, args.tokens, ep)
         t7 = _now(device)
         for k, dt in (("mix", t1 - t0), ("sync", t2 - t1), ("gather", t4 - t3),
-                      ("sync_fetch", t6 - t5), ("plan", t7 - t6)):
+                      ("sync_fetch", t6 - t5), ("plan", t7 - t6), ("fwd", tf - t0),
+                      ("bwd", t1 - tf)):
             times[k].append(dt)
         u.grad = v.grad = None
     med = {k: statistics.median(t[1:]) for k, t in times.items()}
     return {"mix_s_per_token": med["mix"] / args.tokens, "sync_s": med["sync"],
             "gather_s": med["gather"], "sync_fetch_s": med["sync_fetch"],
             "plan_s_per_selection": med["plan"] / ids.numel(),
-            "served_rows": int(served.numel())}
+            "served_rows": int(served.numel()),
+            # each rep's forward and backward seconds (the warm-up left out)
+            "mix_phases": [[f, b] for f, b in zip(times["fwd"][1:], times["bwd"][1:],
+                                                   strict=True)]}
 
 
 def _chunk_mixes(x, rows, bag, gates, u, v, table_scale: float, chunks: int):
@@ -582,7 +587,9 @@ def probe_fresh(topo, mib: int = 64, reps: int = 7) -> float:
 def probe_mix_world(args: argparse.Namespace, topo, strategy: str = "fetch") -> dict:
     """probe_mix on every rank at once, over a shard's rows (the ranks share the cores as in
     the steps that follow), at the strategy's mix shape: the slowest rank's figures, the
-    model's compute constants."""
+    model's compute constants. The mix's: per rep, the slowest rank's forward plus the
+    slowest rank's backward (a step's collectives sit between the two: whichever rank is
+    slower in each phase holds the others), the median over the reps."""
     import torch.distributed as dist
 
     dist.barrier()
@@ -592,6 +599,9 @@ def probe_mix_world(args: argparse.Namespace, topo, strategy: str = "fetch") -> 
                     chunks=_chunks(strategy, args) if strategy in MERGED else 1)
     keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s", "plan_s_per_selection")
     out = dict(zip(keys, _reduce([got[k] for k in keys], topo.device), strict=True))
+    phases = _reduce([t for rep in got["mix_phases"] for t in rep], topo.device)
+    out["mix_s_per_token"] = statistics.median(
+        f + b for f, b in zip(phases[0::2], phases[1::2], strict=True)) / args.tokens
     # fetch's gather as a rate: both tables' served rows per second
     out["gather_bytes_per_s"] = got["served_rows"] * 2 * args.dim * 4 / out.pop("gather_s")
     return out

@@ -284,3 +284,35 @@ def test_hbm_fraction_from_a_bench_run(tmp_path, capsys) -> None:
         with pytest.raises(SystemExit) as e:
             cm.main(["--cluster", "h100", "--from-bench", str(bad)])
         assert str(e.value).startswith(f"cluster_model: --from-bench={bad}: ")
+
+
+def test_mix_constant_is_the_slowest_rank_in_each_phase(monkeypatch) -> None:
+    """The model's mix seconds: per rep the slowest rank's forward plus the slowest rank's
+    backward (collectives sit between them), the median over reps; not the slowest rank's
+    median whole mix (which misses that each phase waits for its own slowest rank)."""
+    import argparse
+    import types
+
+    from peer_dist.tools import bench_dist as bd
+
+    ranks = [  # (forward, backward) seconds of three reps on two ranks
+        [[1.0, 3.0], [1.0, 3.0], [1.0, 3.0]],
+        [[2.0, 1.0], [2.0, 1.0], [2.0, 1.0]],
+    ]
+    mine = {"mix_s_per_token": 0.0, "sync_s": 0.0, "gather_s": 1.0, "sync_fetch_s": 0.0,
+            "plan_s_per_selection": 0.0, "served_rows": 1}
+    monkeypatch.setattr(bd, "probe_mix", lambda *a, **k: {**mine, "mix_phases": ranks[0]})
+    other = [t for rep in ranks[1] for t in rep]  # rank 1's phases, as all_reduce sees them
+
+    def reduce(values, device, op="max"):  # the max over the two ranks of the phases' list
+        return [max(v, w) for v, w in zip(values, other, strict=True)] if len(values) == 6 \
+            else list(values)
+
+    monkeypatch.setattr(bd, "_reduce", reduce)
+    monkeypatch.setattr("torch.distributed.barrier", lambda *a, **k: None)
+    args = argparse.Namespace(num_experts=64, dim=4, heads=1, topk=2, tokens=10,
+                              overlap_chunks=1)
+    topo = types.SimpleNamespace(ep=1, device=torch.device("cpu"))
+    out = bd.probe_mix_world(args, topo, "dispatch")
+    # (max(1, 2) + max(3, 1)) / 10 tokens = 0.5; the slowest whole mix would say 4 / 10
+    assert out["mix_s_per_token"] == pytest.approx(0.5)
