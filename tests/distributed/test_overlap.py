@@ -205,21 +205,26 @@ def test_every_strategy_overlaps() -> None:
 def test_chunks_row_gradients_sum_into_one_coalesced_tensor() -> None:
     """The chunks' table gradients (rows overlapping between chunks) summed into one tensor
     with each row once, ascending, marked coalesced (nothing left for the sync to sort), equal
-    to the dense sum; a result still held is never handed out again as the next one's buffer;
-    a part whose rows are out of order is coalesced first."""
+    to the dense sum; a part whose rows are out of order is coalesced first; a result still
+    held keeps its (pooled) buffer while the next one is made."""
     from peer_dist.parallel.dispatch import sum_chunk_grads
 
-    def part(rows, seed):
-        vals = torch.randn(len(rows), 4, generator=torch.Generator().manual_seed(seed))
-        return torch.sparse_coo_tensor(torch.tensor([rows]), vals, (50, 4))
+    def part(rows, seed, dim=4, n=50):
+        vals = torch.randn(len(rows), dim, generator=torch.Generator().manual_seed(seed))
+        return torch.sparse_coo_tensor(torch.tensor([rows]), vals, (n, dim))
 
     a, b, c = part([1, 7, 20], 0), part([0, 7, 21, 49], 1), part([21, 3], 2)  # c: unsorted
     got = sum_chunk_grads([a, b, c])
     assert got.is_coalesced() and got._indices()[0].tolist() == [0, 1, 3, 7, 20, 21, 49]
     torch.testing.assert_close(got.to_dense(), a.to_dense() + b.to_dense() + c.to_dense())
-    kept = got._values().clone()
-    again = sum_chunk_grads([part([2, 5], 3), part([5, 9], 4)])
-    assert again._indices()[0].tolist() == [2, 5, 9]
-    assert torch.equal(got._values(), kept)  # the held result's buffer was not reused
     assert sum_chunk_grads([a]) is a and sum_chunk_grads([]) is None
     assert torch.equal(sum_chunk_grads([a.to_dense(), b.to_dense()]), a.to_dense() + b.to_dense())
+    # 2,048 rows of 256 floats a part: 2 MB, above the buffer pool's threshold
+    g = torch.Generator().manual_seed(3)
+    big = [part(torch.randperm(5000, generator=g)[:2048].sort().values.tolist(), s, 256, 5000)
+           for s in range(4)]
+    first = sum_chunk_grads(big[:2])
+    kept = first._values().clone()
+    second = sum_chunk_grads(big[2:])
+    assert torch.equal(first._values(), kept)
+    assert first._values().data_ptr() != second._values().data_ptr()
