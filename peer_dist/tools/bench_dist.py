@@ -42,6 +42,9 @@ With --rounds R the world sizes run R times in turn (1, 2, 1, 2, ...: a shared m
 drifts between launches, and a ratio of two launches moves with it): each row is the round
 with the median step time (step_s_rounds holds them all), and each ratio against W = 1 is the
 median of the rounds' own ratios, with their range.
+With --interleave, at W > 1 rank 0 also runs the strategy's one-rank step (the whole table,
+no exchange) between the world's steps while the other ranks wait: solo_step_s, and the ratio
+of the world's step to it, measured at the same moments (a drifting machine moves both).
 With --nodes M each world runs as M torchrun agents on this machine (LOCAL_WORLD_SIZE = W / M):
 the ranks see M nodes, and node_dispatch joins the strategies.
 A model-only row at the paper's scale (N=1024^2, d=1024, h=8, k=16, 4096 tokens, EP=8) closes
@@ -89,6 +92,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "side, e.g. 1,4 (replicated runs unchunked)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--interleave", action="store_true",
+                   help="at W > 1, rank 0 also runs the strategy's one-rank step between the "
+                        "world's steps (the other ranks waiting): solo_step_s, and the ratio "
+                        "to it measured at the same moments")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the world sizes this many times in turn; medians (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank; 0 = cores/W")
@@ -183,7 +190,12 @@ def _measure(strategy: str, args, topo) -> dict:
     import torch.distributed as dist
 
     layer = _build(strategy, args, topo)
-    times, waits, sent, far = [], [], 0.0, 0.0
+    # --interleave: rank 0 also runs the one-rank step between the world's steps, the other
+    # ranks waiting, so the ratio to one rank is measured at the same moments
+    interleave = args.interleave and topo.world_size > 1 and strategy != "replicated"
+    alone = _build(_solo_strategy(strategy), args, solo_topology(topo)) \
+        if interleave and topo.rank == 0 else None
+    times, waits, solo, sent, far = [], [], [], 0.0, 0.0
     for step in range(args.warmup + args.steps):
         if strategy != "replicated":
             layer.stats.reset()
@@ -199,6 +211,13 @@ def _measure(strategy: str, args, topo) -> dict:
         if step >= args.warmup:
             times.append(_now(topo.device) - t0)
             waits.append(0.0 if strategy == "replicated" else layer.stats.seconds)
+        if interleave:
+            dist.barrier()
+            if alone is not None:
+                t0 = _now(topo.device)
+                _sharded_step(alone, args, 0, step, topo.device)
+                if step >= args.warmup:
+                    solo.append(_now(topo.device) - t0)
     slowest = _reduce([statistics.median(times), statistics.median(waits)], topo.device)
     agg = _reduce([statistics.median(times), sent, far], topo.device, "sum")
     mem = (2 * layer[0].numel() * 4 if strategy == "replicated"
@@ -211,6 +230,8 @@ def _measure(strategy: str, args, topo) -> dict:
     # seconds a step spent in (or waiting on) transfers: what overlap did not hide
     row["comm_exposed_s"] = float(slowest[1])
     row["overlap_chunks"] = _chunks(strategy, args)
+    if interleave:  # rank 0's one-rank steps, between the world's (the rows come from rank 0)
+        row["solo_step_s"] = statistics.median(solo) if solo else None
     # all-to-alls (or all-reduces) of the last step, counted at the collectives, and the
     # model's count (a latency each)
     row["collectives_per_step"] = (2 * (topo.world_size > 1) if strategy == "replicated"
@@ -225,6 +246,21 @@ def _model_calls(strategy: str, topo, args) -> int:
 
     return 0 if topo.ep == 1 and strategy != "replicated" else cm.collectives(
         strategy, _chunks(strategy, args))
+
+
+def _solo_strategy(strategy: str) -> str:
+    """The one-rank run of a strategy (one rank is one node: node_dispatch is dispatch)."""
+    return "dispatch" if strategy == "node_dispatch" else strategy
+
+
+def solo_topology(topo):
+    """A world of one (this rank, its device) inside a larger one: a layer built on it makes
+    no collective (its exchanges have one member, its gradients one replica)."""
+    from peer_dist.parallel.topology import Topology
+
+    return Topology(rank=0, world_size=1, ep=1, dp=1, ep_rank=0, dp_rank=0, ep_group=None,
+                    dp_group=None, device=topo.device, mesh=None, backend=topo.backend,
+                    local_world_size=1, ep_nodes=(0,))
 
 
 def _ring_crossing(topo) -> float:
@@ -750,13 +786,18 @@ def median_rows(rounds: list[list[dict]]) -> list[dict]:
         ratios = [q for _, q in same if q is not None]
         if ratios:
             row["step_ratio_w1_rounds"] = ratios
+        solo = [r["step_s"] / r["solo_step_s"] for r, _ in same if r.get("solo_step_s")]
+        if solo:
+            row["step_ratio_solo_rounds"] = solo
         out.append(row)
     return out
 
 
 def step_ratios(rows: list[dict]) -> list[str]:
     """Measured step of each strategy against its W = 1 row (same tokens per rank; of several
-    rounds the median of each round's own ratio, and their range), the mix probe's seconds
+    rounds the median of each round's own ratio, and their range), against rank 0's one-rank
+    steps run between the world's (--interleave: measured at the same moments), the mix
+    probe's seconds
     against W = 1's (the same work per rank, with every rank of the world running at once:
     what sharing the machine's cores, caches and memory costs, before any message), and the
     step against the model's prediction."""
@@ -774,13 +815,18 @@ def step_ratios(rows: list[dict]) -> list[str]:
                      f"rounds, {min(several):.3f}-{max(several):.3f}),")
         elif base and r["world_size"] > 1:
             line += f" / W=1 = {r['step_s'] / base:.3f}x,"
+        if r.get("solo_step_s"):
+            inter = r.get("step_ratio_solo_rounds") or [r["step_s"] / r["solo_step_s"]]
+            line += f" / W=1 interleaved = {statistics.median(inter):.3f}x"
+            line += (f" (median of {len(inter)} rounds, {min(inter):.3f}-{max(inter):.3f}),"
+                     if len(inter) > 1 else ",")
         mix = (r.get("model_constants") or {}).get("mix_s_per_token")
         mix_one = ((base_row or {}).get("model_constants") or {}).get("mix_s_per_token")
         if mix and mix_one and r["world_size"] > 1:
             line += f" mix probe / W=1's = {mix / mix_one:.3f}x,"
         if r["step_s_predicted"]:
             line += f" measured / model = {r['step_s'] / r['step_s_predicted']:.3f}"
-        out.append(line)
+        out.append(line.rstrip(","))
     return out
 
 

@@ -18,7 +18,7 @@ def dist_rows() -> list[dict]:
     cmd = [sys.executable, "-m", "peer_dist.tools.bench", "dist", "--nprocs-list", "2",
            "--num-experts", str(N), "--dim", str(D), "--heads", str(HEADS), "--topk", str(TOPK),
            "--tokens", str(TOKENS), "--steps", "2", "--warmup", "1", "--threads", "1",
-           "--json", "--no-paper"]
+           "--json", "--no-paper", "--interleave"]
     done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -44,6 +44,11 @@ def test_dist_rows_cover_every_strategy(dist_rows):
         # replicated 2 (U's and V's all-reduce)
         want = {"fetch": 6, "dispatch": 5, "replicated": 2}[r["strategy"]]
         assert r["collectives_per_step"] == r["collectives_per_step_predicted"] == want
+        # --interleave: rank 0's one-rank steps between the world's (not the baseline's)
+        if r["strategy"] == "replicated":
+            assert "solo_step_s" not in r
+        else:
+            assert r["solo_step_s"] > 0
 
 
 def test_dist_memory_and_replicated_bytes_by_hand(dist_rows):
