@@ -484,20 +484,19 @@ def probe_mix(args: argparse.Namespace, rows: int, ep: int = 1, reps: int = 3,
               bags_per_token: float = 1.0, device: torch.device | str = "cpu",
               chunks: int = 1) -> dict:
     """One rank's step without messages over a table of `rows` rows (its shard), timed in
-    parts, each priced apart by the model: seconds per token of the mix, forward + backward
-    with sparse table gradients, at the shape the strategy's mix runs (bags_per_token > 1:
-    dispatch's owner, whose T*S selections come as T*m bags, one per (token, owner) pair, m
-    the owners a token touches: at W = 2 twice the bags of half the size, so the x, dy and dx
-    rows the row-major kernels reach at random are twice as many; chunks > 1: one mix per
-    chunk of bags, each with its own table gradients, as the overlapped strategies run it,
-    their sum left to the model's merge term);
-    seconds of the gradient sync's own code on them (the rows'
-    order checked; no DP: nothing travels); dispatch's grouping of the selections by (owner,
-    token) (group_pairs: a sort; priced per grouping a step makes); and fetch's owner's own two
-    phases at its shape,
-    which run at other rates per byte than those (rows at random from the whole shard: a page
-    and a TLB miss per row): the served rows gathered (u[served], v[served]) and the sync of
-    the row gradients that come back, one per served row."""
+    parts, each priced apart by the model:
+    - the mix, forward + backward with sparse table gradients, per token and per rep's two
+      phases, at the shape the strategy's mix runs: bags_per_token > 1 is dispatch's owner,
+      whose T*S selections come as T*m bags, one per (token, owner) pair (m: the owners a
+      token touches; at W = 2 twice the bags of half the size); chunks > 1, one mix per
+      chunk of bags with its own table gradients, as the overlapped strategies run it (their
+      sum is the model's merge term);
+    - the gradient sync's own code on them (the rows' order checked; no DP: nothing travels);
+    - dispatch's grouping of the selections by (owner, token) (group_pairs: a sort);
+    - fetch's owner's two phases at its shape, which run at other rates per byte (rows at
+      random from the whole shard: a page and a TLB miss per row): the served rows gathered
+      (u[served], v[served]) and the sync of the row gradients that come back, one per
+      served row."""
     from types import SimpleNamespace
 
     from peer_dist.model.peer import ExpertTables, init_rows
@@ -633,7 +632,7 @@ def probe_mix_world(args: argparse.Namespace, topo, strategy: str = "fetch") -> 
                     bags_per_token=mix_bags_per_token(args, topo.ep, strategy),
                     device=topo.device,
                     chunks=_chunks(strategy, args) if strategy in MERGED else 1)
-    keys = ("mix_s_per_token", "sync_s", "gather_s", "sync_fetch_s", "plan_s_per_selection")
+    keys = ("sync_s", "gather_s", "sync_fetch_s", "plan_s_per_selection")
     out = dict(zip(keys, _reduce([got[k] for k in keys], topo.device), strict=True))
     phases = _reduce([t for rep in got["mix_phases"] for t in rep], topo.device)
     out["mix_s_per_token"] = statistics.median(
@@ -794,13 +793,12 @@ def median_rows(rounds: list[list[dict]]) -> list[dict]:
 
 
 def step_ratios(rows: list[dict]) -> list[str]:
-    """Measured step of each strategy against its W = 1 row (same tokens per rank; of several
-    rounds the median of each round's own ratio, and their range), against rank 0's one-rank
-    steps run between the world's (--interleave: measured at the same moments), the mix
-    probe's seconds
-    against W = 1's (the same work per rank, with every rank of the world running at once:
-    what sharing the machine's cores, caches and memory costs, before any message), and the
-    step against the model's prediction."""
+    """Per measured row at W > 1: its step against its W = 1 row (same tokens per rank; of
+    several rounds the median of each round's own ratio, and their range); against rank 0's
+    one-rank steps run between the world's (--interleave: measured at the same moments); the
+    mix probe's seconds against W = 1's (the same work per rank with every rank running: what
+    sharing the machine's cores, caches and memory costs, before any message); and, for every
+    row, the step against the model's prediction."""
     meas = [r for r in rows if r["source"] == "measured"]
     one = {(r["strategy"], r["overlap_chunks"]): r for r in meas if r["world_size"] == 1}
     out = []
