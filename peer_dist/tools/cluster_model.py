@@ -440,13 +440,13 @@ def measured_fraction(path: str, c: Cluster) -> float:
             continue
         mix = (r.get("model_constants") or {}).get("mix_s_per_token")
         shape = [r.get(k) for k in ("num_experts", "dim", "heads", "topk", "tokens_per_rank")]
-        if isinstance(mix, (int, float)) and mix > 0 and all(
+        if isinstance(mix, (int, float)) and 0 < mix < float("inf") and all(
                 isinstance(v, int) and v > 0 for v in shape):
             n, d, h, k, t = shape
             rates.append(mix_bytes(Layer(n, d, h * k, t, elem=4, optimizer=False)) / mix)
     if not rates:
-        raise UserError(f"--from-bench={path}: no measured peer-bench dist row with "
-                        "model_constants.mix_s_per_token; allowed is the output of "
+        raise UserError(f"--from-bench={path}: no measured peer-bench dist row with a "
+                        "finite model_constants.mix_s_per_token > 0; allowed is the output of "
                         "`peer-bench dist --json`")
     return statistics.median(rates) / c.hbm_bytes_per_s
 

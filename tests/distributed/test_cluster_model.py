@@ -280,7 +280,10 @@ def test_hbm_fraction_from_a_bench_run(tmp_path, capsys) -> None:
     assert f"x {per_token / 2e-6 / 3.35e12:.1%} (measured: {runs})" in out
     empty = tmp_path / "empty.log"
     empty.write_text("no rows\n")
-    for bad in (empty, tmp_path / "missing.log"):
+    infinite = tmp_path / "inf.log"  # a probe time of Infinity, NaN or 0 is no rate
+    infinite.write_text("\n".join(json.dumps({**row, "model_constants": {
+        "mix_s_per_token": t}}) for t in (float("inf"), float("nan"), 0.0)) + "\n")
+    for bad in (empty, infinite, tmp_path / "missing.log", tmp_path):
         with pytest.raises(SystemExit) as e:
             cm.main(["--cluster", "h100", "--from-bench", str(bad)])
         assert str(e.value).startswith(f"cluster_model: --from-bench={bad}: ")
