@@ -42,9 +42,12 @@ With --rounds R the world sizes run R times in turn (1, 2, 1, 2, ...: a shared m
 drifts between launches, and a ratio of two launches moves with it): each row is the round
 with the median step time (step_s_rounds holds them all), and each ratio against W = 1 is the
 median of the rounds' own ratios, with their range.
-With --interleave, at W > 1 rank 0 also runs the strategy's one-rank step (the whole table,
-no exchange) between the world's steps while the other ranks wait: solo_step_s, and the ratio
-of the world's step to it, measured at the same moments (a drifting machine moves both).
+With --interleave, at W > 1 the strategy's one-rank step (the whole table, no exchange) also
+runs between the world's steps: on rank 0 while the other ranks wait (solo_step_s), then on
+every rank at once (the slowest rank's: solo_all_step_s), and the ratios of the world's step to
+them, measured at the same moments (a drifting machine moves all three). The second keeps the
+other ranks' cores busy as the world does: against it, what sharing the machine's memory and
+caches costs drops out and the exchange and its waits remain.
 With --nodes M each world runs as M torchrun agents on this machine (LOCAL_WORLD_SIZE = W / M):
 the ranks see M nodes, and node_dispatch joins the strategies.
 A model-only row at the paper's scale (N=1024^2, d=1024, h=8, k=16, 4096 tokens, EP=8) closes
@@ -93,9 +96,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--interleave", action="store_true",
-                   help="at W > 1, rank 0 also runs the strategy's one-rank step between the "
-                        "world's steps (the other ranks waiting): solo_step_s, and the ratio "
-                        "to it measured at the same moments")
+                   help="at W > 1, the strategy's one-rank step also runs between the "
+                        "world's steps, on rank 0 alone (the other ranks waiting: solo_step_s) "
+                        "and on every rank at once (the slowest: solo_all_step_s), and the "
+                        "ratios to them measured at the same moments")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the world sizes this many times in turn; medians (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank; 0 = cores/W")
@@ -190,12 +194,12 @@ def _measure(strategy: str, args, topo) -> dict:
     import torch.distributed as dist
 
     layer = _build(strategy, args, topo)
-    # --interleave: rank 0 also runs the one-rank step between the world's steps, the other
-    # ranks waiting, so the ratio to one rank is measured at the same moments
+    # --interleave: between the world's steps, rank 0 runs the one-rank step alone (the other
+    # ranks waiting), then every rank runs its own at once, so the ratio to one rank is
+    # measured at the same moments, without and with the other ranks' cores busy
     interleave = args.interleave and topo.world_size > 1 and strategy != "replicated"
-    alone = _build(_solo_strategy(strategy), args, solo_topology(topo)) \
-        if interleave and topo.rank == 0 else None
-    times, waits, solo, sent, far = [], [], [], 0.0, 0.0
+    alone = _build(_solo_strategy(strategy), args, solo_topology(topo)) if interleave else None
+    times, waits, solo, solo_all, sent, far = [], [], [], [], 0.0, 0.0
     for step in range(args.warmup + args.steps):
         if strategy != "replicated":
             layer.stats.reset()
@@ -212,13 +216,15 @@ def _measure(strategy: str, args, topo) -> dict:
             times.append(_now(topo.device) - t0)
             waits.append(0.0 if strategy == "replicated" else layer.stats.seconds)
         if interleave:
-            dist.barrier()
-            if alone is not None:
-                t0 = _now(topo.device)
-                _sharded_step(alone, args, 0, step, topo.device)
-                if step >= args.warmup:
-                    solo.append(_now(topo.device) - t0)
-    slowest = _reduce([statistics.median(times), statistics.median(waits)], topo.device)
+            for everyone, got in ((False, solo), (True, solo_all)):
+                dist.barrier()
+                if everyone or topo.rank == 0:
+                    t0 = _now(topo.device)
+                    _sharded_step(alone, args, topo.rank, step, topo.device)
+                    if step >= args.warmup:
+                        got.append(_now(topo.device) - t0)
+    slowest = _reduce([statistics.median(times), statistics.median(waits)]
+                      + ([statistics.median(solo_all)] if interleave else []), topo.device)
     agg = _reduce([statistics.median(times), sent, far], topo.device, "sum")
     mem = (2 * layer[0].numel() * 4 if strategy == "replicated"
            else 2 * layer.shard.rows * args.dim * 4)
@@ -230,8 +236,10 @@ def _measure(strategy: str, args, topo) -> dict:
     # seconds a step spent in (or waiting on) transfers: what overlap did not hide
     row["comm_exposed_s"] = float(slowest[1])
     row["overlap_chunks"] = _chunks(strategy, args)
-    if interleave:  # rank 0's one-rank steps, between the world's (the rows come from rank 0)
+    if interleave:  # one-rank steps between the world's: rank 0's alone (the rows come from
+        # rank 0), and the slowest rank's with every rank running its own at once
         row["solo_step_s"] = statistics.median(solo) if solo else None
+        row["solo_all_step_s"] = float(slowest[2])
     # all-to-alls (or all-reduces) of the last step, counted at the collectives, and the
     # model's count (a latency each)
     row["collectives_per_step"] = (2 * (topo.world_size > 1) if strategy == "replicated"
@@ -785,17 +793,21 @@ def median_rows(rounds: list[list[dict]]) -> list[dict]:
         ratios = [q for _, q in same if q is not None]
         if ratios:
             row["step_ratio_w1_rounds"] = ratios
-        solo = [r["step_s"] / r["solo_step_s"] for r, _ in same if r.get("solo_step_s")]
-        if solo:
-            row["step_ratio_solo_rounds"] = solo
+        for key, name in (("solo_step_s", "step_ratio_solo_rounds"),
+                          ("solo_all_step_s", "step_ratio_solo_all_rounds")):
+            solo = [r["step_s"] / r[key] for r, _ in same if r.get(key)]
+            if solo:
+                row[name] = solo
         out.append(row)
     return out
 
 
 def step_ratios(rows: list[dict]) -> list[str]:
     """Per measured row at W > 1: its step against its W = 1 row (same tokens per rank; of
-    several rounds the median of each round's own ratio, and their range); against rank 0's
-    one-rank steps run between the world's (--interleave: measured at the same moments); the
+    several rounds the median of each round's own ratio, and their range); against the
+    one-rank steps run between the world's (--interleave: measured at the same moments), on
+    rank 0 alone and on every rank at once (the latter leaves what sharing the machine costs
+    out of the ratio: what remains is the exchange and its waits); the
     mix probe's seconds against W = 1's (the same work per rank with every rank running: what
     sharing the machine's cores, caches and memory costs, before any message); and, for every
     row, the step against the model's prediction."""
@@ -813,11 +825,14 @@ def step_ratios(rows: list[dict]) -> list[str]:
                      f"rounds, {min(several):.3f}-{max(several):.3f}),")
         elif base and r["world_size"] > 1:
             line += f" / W=1 = {r['step_s'] / base:.3f}x,"
-        if r.get("solo_step_s"):
-            inter = r.get("step_ratio_solo_rounds") or [r["step_s"] / r["solo_step_s"]]
-            line += f" / W=1 interleaved = {statistics.median(inter):.3f}x"
-            line += (f" (median of {len(inter)} rounds, {min(inter):.3f}-{max(inter):.3f}),"
-                     if len(inter) > 1 else ",")
+        for key, rounds, what in (("solo_step_s", "step_ratio_solo_rounds", "interleaved"),
+                                  ("solo_all_step_s", "step_ratio_solo_all_rounds",
+                                   "on every rank at once")):
+            if r.get(key):
+                inter = r.get(rounds) or [r["step_s"] / r[key]]
+                line += f" / W=1 {what} = {statistics.median(inter):.3f}x"
+                line += (f" (median of {len(inter)} rounds, {min(inter):.3f}-"
+                         f"{max(inter):.3f})," if len(inter) > 1 else ",")
         mix = (r.get("model_constants") or {}).get("mix_s_per_token")
         mix_one = ((base_row or {}).get("model_constants") or {}).get("mix_s_per_token")
         if mix and mix_one and r["world_size"] > 1:

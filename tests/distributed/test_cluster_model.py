@@ -322,24 +322,28 @@ def test_mix_constant_is_the_slowest_rank_in_each_phase(monkeypatch) -> None:
 
 
 def test_interleaved_one_rank_steps_give_their_own_ratio() -> None:
-    """--interleave: each W > 1 row carries rank 0's one-rank step measured between the
-    world's; its ratio is printed beside the ratio to the W = 1 launch, of several rounds the
-    median of each round's own ratio with its range."""
+    """--interleave: each W > 1 row carries the one-rank steps measured between the world's,
+    rank 0's alone and the slowest of every rank's at once; their ratios are printed beside
+    the ratio to the W = 1 launch, of several rounds the median of each round's own ratio with
+    its range."""
     from peer_dist.tools import bench_dist as bd
 
-    def row(w, step, solo=None):
+    def row(w, step, solo=None, solo_all=None):
         r = dict(source="measured", strategy="dispatch", world_size=w, nodes=1, ep=w,
                  overlap_chunks=1, step_s=step, step_s_predicted=0.0)
-        return {**r, "solo_step_s": solo} if solo else r
+        return {**r, "solo_step_s": solo, "solo_all_step_s": solo_all} if solo else r
 
-    rounds = [[row(1, 0.10), row(2, 0.15, 0.12)], [row(1, 0.20), row(2, 0.20, 0.19)],
-              [row(1, 0.10), row(2, 0.11, 0.10)]]
+    rounds = [[row(1, 0.10), row(2, 0.15, 0.12, 0.15)], [row(1, 0.20), row(2, 0.20, 0.19, 0.16)],
+              [row(1, 0.10), row(2, 0.11, 0.10, 0.11)]]
     rows = bd.median_rows(rounds)
     two = next(r for r in rows if r["world_size"] == 2)
     assert two["step_ratio_solo_rounds"] == pytest.approx([1.25, 0.20 / 0.19, 1.1])
+    assert two["step_ratio_solo_all_rounds"] == pytest.approx([1.0, 1.25, 1.0])
     assert bd.step_ratios(rows)[1] == (
         "step dispatch W=2 M=1: / W=1 = 1.100x (median of 3 rounds, 1.000-1.500), "
-        "/ W=1 interleaved = 1.100x (median of 3 rounds, 1.053-1.250)")
-    assert bd.step_ratios(rounds[0])[1].endswith("/ W=1 = 1.500x, / W=1 interleaved = 1.250x")
+        "/ W=1 interleaved = 1.100x (median of 3 rounds, 1.053-1.250), "
+        "/ W=1 on every rank at once = 1.000x (median of 3 rounds, 1.000-1.250)")
+    assert bd.step_ratios(rounds[0])[1].endswith(
+        "/ W=1 = 1.500x, / W=1 interleaved = 1.250x, / W=1 on every rank at once = 1.000x")
     with pytest.raises(SystemExit):
         bd.parse(["--interleave", "--rounds", "0"])

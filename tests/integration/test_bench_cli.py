@@ -44,11 +44,12 @@ def test_dist_rows_cover_every_strategy(dist_rows):
         # replicated 2 (U's and V's all-reduce)
         want = {"fetch": 6, "dispatch": 5, "replicated": 2}[r["strategy"]]
         assert r["collectives_per_step"] == r["collectives_per_step_predicted"] == want
-        # --interleave: rank 0's one-rank steps between the world's (not the baseline's)
+        # --interleave: one-rank steps between the world's, on rank 0 alone and on every
+        # rank at once (not the baseline's)
         if r["strategy"] == "replicated":
-            assert "solo_step_s" not in r
+            assert "solo_step_s" not in r and "solo_all_step_s" not in r
         else:
-            assert r["solo_step_s"] > 0
+            assert r["solo_step_s"] > 0 and r["solo_all_step_s"] > 0
 
 
 def test_dist_memory_and_replicated_bytes_by_hand(dist_rows):
