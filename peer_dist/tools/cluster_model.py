@@ -180,8 +180,8 @@ def merge_bytes(layer: Layer, ep: int, strategy: str, chunks: int = 1) -> float:
     """Bytes dispatch's and node_dispatch's backward streams with C > 1 chunks to sum the
     chunks' row gradients into one tensor (dispatch.sum_chunk_grads), U and V: the union of
     their rows zeroed, and each chunk's rows (the rows T/C tokens touch) read and added
-    (read and write)."""
-    if chunks <= 1 or strategy not in ("dispatch", "node_dispatch"):
+    (read and write). "local" is either at EP = 1, which runs the same chunked path."""
+    if chunks <= 1 or strategy not in ("dispatch", "node_dispatch", "local"):
         return 0.0
     each = touched_rows(replace(layer, tokens=layer.tokens / chunks), ep)
     return (touched_rows(layer, ep) + 3 * chunks * each) * 2 * layer.dim * layer.elem

@@ -47,6 +47,11 @@ def test_step_is_compute_plus_exposed_communication_by_hand() -> None:
         compute + cm.merge_bytes(layer, 2, "dispatch", 4) / 1e9)
     assert hidden["exposed_s"] == pytest.approx(max(row["exposed_s"] - hidden["compute_s"],
                                                     row["exposed_s"] / 4))
+    # one rank runs the same chunked path (no messages): the sum is priced there too
+    alone, chunked = (cm.predict_step(layer, c, ep=1, strategy=s, chunks=k)["compute_s"]
+                      for s, k in (("dispatch", 1), ("dispatch", 4)))
+    assert chunked - alone == pytest.approx(cm.merge_bytes(layer, 1, "dispatch", 4) / 1e9)
+    assert cm.merge_bytes(layer, 1, "dispatch", 4) > 0
     # a measured grouping rate prices dispatch's one grouping of T*S selections (also with
     # one rank), node_dispatch's two (source and gateway), fetch's none
     sorting = cm.Cluster(**{**c.__dict__, "plan_s_per_selection": 1e-6})
