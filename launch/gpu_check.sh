@@ -21,6 +21,8 @@
 #   GPU_CHECK_QUICK=1 bash launch/gpu_check.sh  # smaller shapes, a couple of minutes
 #   GPU_CHECK_ONLY=kernels,bench bash launch/gpu_check.sh   # some parts: kernels, bench,
 #                                                           # dist, train, scale (default: all)
+#   GPU_CHECK_WHEELS=.whl bash launch/gpu_check.sh  # no package index there: install what is
+#                                                   # missing from wheels (launch/gpu_wheels.sh)
 #
 # A failing step is recorded in the report (with its log's tail) and the next one runs; the
 # exit status is the number of failed steps.
@@ -37,6 +39,12 @@ for part in ${ONLY//,/ }; do
     esac
 done
 wants() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+WHEELS=${GPU_CHECK_WHEELS:-}
+if [ -n "$WHEELS" ] && ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "gpu_check: GPU_CHECK_WHEELS='$WHEELS' holds no wheels: allowed is a folder of" \
+         "wheels (bash launch/gpu_wheels.sh DIR makes one), or unset to install from the index" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 FAILED=0
@@ -75,10 +83,23 @@ step() {
     return $rc
 }
 
-# 1. the machine, and what is installed
-"$PY" - <<'EOF' >/dev/null 2>&1 || "$PY" -m pip install --quiet -e ".[test,gpu,bench]" >"$OUT/install.log" 2>&1
-import deepspeed, hypothesis, pytest, triton, PEER_pytorch, peer_dist  # noqa: F401
-EOF
+# 1. the machine, and what is installed: what is missing comes from GPU_CHECK_WHEELS (a folder
+#    of wheels for a machine with no package index; launch/gpu_wheels.sh makes one) or the index
+missing() {
+    for m in peer_dist deepspeed triton pytest hypothesis PEER_pytorch; do
+        "$PY" -c "import $m" >/dev/null 2>&1 || printf '%s ' "$m"
+    done
+}
+if [ -n "$(missing)" ]; then
+    if [ -n "$WHEELS" ]; then
+        { "$PY" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation -e . &&
+          "$PY" -m pip install --no-index --find-links "$WHEELS" "PEER-pytorch==0.2.2"; } \
+            >"$OUT/install.log" 2>&1
+    else
+        "$PY" -m pip install --quiet -e ".[test,gpu,bench]" >"$OUT/install.log" 2>&1
+    fi
+fi
+STILL=$(missing)
 {
     echo "# peer_dist GPU check"
     echo
@@ -91,6 +112,10 @@ EOF
     "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -n 1
     "$PY" -c "import PEER_pytorch; print('PEER-pytorch installed')" 2>&1 | tail -n 1
     echo '```'
+    if [ -n "$STILL" ]; then
+        echo
+        echo "**Not installed: ${STILL% }** (see $OUT/install.log); the parts that need them fail."
+    fi
 } >"$REPORT"
 
 # 2. kernel tests on CUDA (TRITON_INTERPRET unset: the compiled kernels)

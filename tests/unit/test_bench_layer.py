@@ -92,17 +92,40 @@ def test_a_failing_row_is_reported_not_fatal(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals without a GPU")
-@pytest.mark.parametrize("only,message", [
-    ("kernels", "gpu_check: no CUDA device visible to torch here"),
-    ("kernels,foo", "gpu_check: GPU_CHECK_ONLY part 'foo' is invalid: allowed are kernels, "
-                    "bench, dist, train, scale (comma-separated)"),
+@pytest.mark.parametrize("only,wheels,message", [
+    ("kernels", None, "gpu_check: no CUDA device visible to torch here"),
+    ("kernels,foo", None, "gpu_check: GPU_CHECK_ONLY part 'foo' is invalid: allowed are "
+                          "kernels, bench, dist, train, scale (comma-separated)"),
+    ("kernels", "empty", "gpu_check: GPU_CHECK_WHEELS='{dir}' holds no wheels: allowed is a "
+                         "folder of wheels (bash launch/gpu_wheels.sh DIR makes one)"),
 ])
-def test_gpu_check_refuses_in_one_line(only, message, tmp_path):
+def test_gpu_check_refuses_in_one_line(only, wheels, message, tmp_path):
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "GPU_CHECK_ONLY": only, "GPU_CHECK_OUT": str(tmp_path),
+    env = {**os.environ, "GPU_CHECK_ONLY": only, "GPU_CHECK_OUT": str(tmp_path / "out"),
            "PYTHON": sys.executable}
+    if wheels:
+        (tmp_path / wheels).mkdir()
+        (tmp_path / wheels / "notes.txt").write_text("not a wheel")
+        env["GPU_CHECK_WHEELS"] = str(tmp_path / wheels)
     done = subprocess.run(["bash", str(root / "launch" / "gpu_check.sh")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
+    assert done.stderr.startswith(message.format(dir=tmp_path / "empty"))
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "gpu_wheels: usage: bash launch/gpu_wheels.sh DIR [PYTHON_VERSION]"),
+    (["w", "3.12", "x"], "gpu_wheels: usage: bash launch/gpu_wheels.sh DIR [PYTHON_VERSION]"),
+    (["w", "312"], "gpu_wheels: PYTHON_VERSION '312' is invalid: allowed is major.minor"),
+])
+def test_gpu_wheels_refuses_in_one_line(args, message, tmp_path):
+    """The wheel maker's argument errors: one line, exit 2, before any download."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["bash", str(root / "launch" / "gpu_wheels.sh"), *args], cwd=tmp_path,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
     assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "report.md").exists()
+    assert not (tmp_path / "w").exists()
