@@ -116,6 +116,12 @@ def _from_int32_columns(cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cols.contiguous().view(torch.uint8)[:, :elem].contiguous().view(dtype).view(-1)
 
 
+def _selection_meta(gates: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
+    """(Q, 2 + gate words) int32 per selection sent: (local row, pair) and the gate's bytes in
+    x's dtype, in the plan's order."""
+    return torch.cat([plan.meta, _as_int32_columns(gates.reshape(-1)[plan.order].to(dtype))], 1)
+
+
 def unpack(x_in: torch.Tensor, meta_in: torch.Tensor, plan: DispatchPlan) -> Received:
     """What an input_dist message delivered: x per pair, and each selection's local row, bag
     (its received pair, nondecreasing: pairs by source) and gate (bytes beside the metadata)."""
@@ -134,10 +140,9 @@ class SendTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gates, plan: DispatchPlan, ex: Exchange):
-        gate_cols = _as_int32_columns(gates.reshape(-1)[plan.order].to(x.dtype))
-        meta = torch.cat([plan.meta, gate_cols], 1)  # (Q, 2 + gate words) int32
         x_in, meta_in = ex.send_two(x[plan.pair_token], plan.pair_splits, plan.recv_pairs,
-                                    meta, plan.sel_splits, plan.recv_sels, "fwd")
+                                    _selection_meta(gates, plan, x.dtype), plan.sel_splits,
+                                    plan.recv_sels, "fwd")
         got = unpack(x_in, meta_in, plan)
         ctx.plan, ctx.ex, ctx.shapes = plan, ex, (x.shape, gates.shape)
         ctx.mark_non_differentiable(got.rows, got.bag)
@@ -237,10 +242,9 @@ class ChunkMix:
 def _send_chunk(x, gates, plan: DispatchPlan, start: int, ex: Exchange):
     """input_dist of one chunk, in flight: x per pair, and (row, pair, gate) per selection,
     in one all-to-all (wait() gives both)."""
-    g = gates.reshape(-1)[plan.order].to(x.dtype)
-    meta = torch.cat([plan.meta, _as_int32_columns(g)], 1)
     return send_two_async(ex, x[plan.pair_token + start], plan.pair_splits, plan.recv_pairs,
-                          meta, plan.sel_splits, plan.recv_sels, "fwd")
+                          _selection_meta(gates, plan, x.dtype), plan.sel_splits,
+                          plan.recv_sels, "fwd")
 
 
 def _mix_chunk(x_in, meta_in, plan: DispatchPlan, u, v, act: str,
