@@ -24,13 +24,26 @@ if ! [[ $PYV =~ ^3\.[0-9]+$ ]]; then
     exit 2
 fi
 mkdir -p "$DIR"
+LOG="$DIR/gpu_wheels.log"
+: >"$LOG"
+# pip's own messages go to the log; a failure is one line naming what could not be had
+pip_or_fail() {
+    local what=$1
+    shift
+    if ! "$PY" -m pip "$@" >>"$LOG" 2>&1; then
+        echo "gpu_wheels: pip could not get $what (a package index reachable from here, and" \
+             "for Python $PYV, is needed; pip's messages: $LOG)" >&2
+        exit 1
+    fi
+}
 DS=$("$PY" -c 'import importlib.metadata as m; print("deepspeed==" + m.version("deepspeed"))' \
      2>/dev/null || echo "deepspeed>=0.16")
 echo "gpu_wheels: $DS and its pure-Python needs, PEER-pytorch 0.2.2 (any Python) ..." >&2
-"$PY" -m pip wheel --quiet --no-deps -w "$DIR" "$DS" hjson py-cpuinfo tqdm einops \
-    PEER-pytorch==0.2.2 einx
+pip_or_fail "$DS, hjson, py-cpuinfo, tqdm, einops, PEER-pytorch 0.2.2, einx" \
+    wheel --no-deps -w "$DIR" "$DS" hjson py-cpuinfo tqdm einops PEER-pytorch==0.2.2 einx
 echo "gpu_wheels: pydantic (and pydantic-core, compiled) and frozendict for Python $PYV ..." >&2
-"$PY" -m pip download --quiet --only-binary=:all: --python-version "$PYV" --implementation cp \
+pip_or_fail "pydantic (with pydantic-core) and frozendict" \
+    download --only-binary=:all: --python-version "$PYV" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$DIR" "pydantic>=2" frozendict
 echo "gpu_wheels: $(find "$DIR" -name '*.whl' | wc -l) wheels in $DIR" \

@@ -129,3 +129,21 @@ def test_gpu_wheels_refuses_in_one_line(args, message, tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_gpu_wheels_names_what_pip_could_not_get(tmp_path):
+    """No index reachable (here: a pip that fails): one line naming the packages and the log,
+    pip's own messages kept in the log, exit 1."""
+    root = Path(__file__).resolve().parents[2]
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ERROR: No matching distribution found' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", str(root / "launch" / "gpu_wheels.sh"), "w", "3.12"],
+                          cwd=tmp_path, env={**os.environ, "PYTHON": str(fake)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpu_wheels: pip could not get deepspeed>=0.16, hjson") and \
+        "w/gpu_wheels.log" in last
+    assert "No matching distribution" not in done.stderr
+    assert "No matching distribution" in (tmp_path / "w" / "gpu_wheels.log").read_text()
