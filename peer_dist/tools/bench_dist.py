@@ -57,8 +57,10 @@ the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -683,13 +685,39 @@ def launch(args: argparse.Namespace, argv: list[str], nprocs: int) -> list[dict]
                f"--nproc-per-node={per}", "-m", "peer_dist.tools.bench_dist", "--worker", *argv]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate() for p in procs]
+    with _stop_on_signal(procs) as stopped:
+        outs = [p.communicate() for p in procs]
+    if stopped:
+        print(f"peer-bench dist: stopped by {stopped[0]} while measuring {nprocs} rank(s); "
+              "nothing is printed for an unfinished run: run it again to measure",
+              file=sys.stderr)
+        raise SystemExit(130)
     for p, (out, err) in zip(procs, outs, strict=True):
         if p.returncode != 0:
             sys.stderr.write(out[-4000:] + err[-4000:])
             raise SystemExit(f"peer-bench dist: torchrun with {nprocs} ranks on {args.nodes} "
                              f"node(s) failed (exit {p.returncode})")
     return [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
+
+
+@contextlib.contextmanager
+def _stop_on_signal(procs: list[subprocess.Popen]):
+    """While the torchrun agents run: Ctrl-C or SIGTERM stops them (they stop their ranks) and
+    is noted in the yielded list, instead of each rank's traceback reaching the user."""
+    stopped: list[str] = []
+
+    def stop(signum, _frame):
+        stopped.append(signal.Signals(signum).name)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopped
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def paper_rows() -> list[dict]:

@@ -352,3 +352,22 @@ def test_interleaved_one_rank_steps_give_their_own_ratio() -> None:
         "/ W=1 = 1.500x, / W=1 interleaved = 1.250x, / W=1 on every rank at once = 1.000x")
     with pytest.raises(SystemExit):
         bd.parse(["--interleave", "--rounds", "0"])
+
+
+def test_a_signal_stops_the_agents_and_is_noted() -> None:
+    """peer-bench dist's launch: Ctrl-C or SIGTERM while the torchrun agents run stops them
+    and is noted (one line to the user, not each rank's traceback); the handlers come back."""
+    import os
+    import signal
+    import subprocess
+
+    from peer_dist.tools import bench_dist as bd
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        agent = subprocess.Popen(["sleep", "30"])
+        with bd._stop_on_signal([agent]) as stopped:
+            os.kill(os.getpid(), sig)
+            assert agent.wait(timeout=10) == -signal.SIGTERM
+        assert stopped == [sig.name]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
