@@ -343,7 +343,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = _read_yaml(path)
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         _merge(cfg, data, prefix="")
@@ -355,20 +355,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg.validate()
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path, what: str = "config file",
+              example: str = "`train: {steps: 10}`") -> Any:
     """The file's YAML data; malformed YAML is a ConfigError naming the line and column."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {e}") from None
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {e}") from None
     try:
         return yaml.safe_load(text) or {}
     except (yaml.YAMLError, ValueError, RecursionError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; "
-                          "allowed is a YAML mapping such as `train: {steps: 10}`") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}; "
+                          f"allowed is a YAML mapping such as {example}") from None
 
 
 def _parse_value(raw: str) -> Any:
@@ -394,7 +395,7 @@ def _merge(node: Any, data: dict, prefix: str) -> None:
                 raise ConfigError(f"{full} must be a mapping of {sorted(_field_names(current))}")
             _merge(current, value, prefix=f"{full}.")
         else:
-            setattr(node, key, _coerce(full, value, _field_type(node, key)))
+            setattr(node, key, coerce(full, value, _field_type(node, key)))
 
 
 def _set_dotted(cfg: Config, key: str, value: Any) -> None:
@@ -418,14 +419,16 @@ def _field_type(node: Any, key: str) -> Any:
     return typing.get_type_hints(type(node))[key]
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """value as type tp (bool, int, float, str or a tuple of them); else a ConfigError naming
+    key, the value and what is allowed."""
     origin = typing.get_origin(tp)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r} is invalid: allowed is a list of {len(args)} "
                               f"numbers, e.g. [0.9, 0.95]")
-        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+        return tuple(coerce(key, v, a) for v, a in zip(value, args, strict=True))
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: union types are not supported in the config")
     if tp is bool:

@@ -35,6 +35,7 @@ inter-node bytes weighted INTERNODE_COST times intra-node ones.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -76,10 +77,11 @@ def replicated_bytes(num_experts: int, dim: int, world: int, elem: int) -> float
     return 2.0 * (world - 1) / world * 2 * num_experts * dim * elem
 
 
-def block_rows(num_experts: int, ep: int) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def block_rows(num_experts: int, ep: int) -> tuple[int, ...]:
     """Rows per owner in the torch.chunk layout (the last owners may hold fewer, or none)."""
     b = -(-num_experts // ep)
-    return [max(0, min(b, num_experts - r * b)) for r in range(ep)]
+    return tuple(max(0, min(b, num_experts - r * b)) for r in range(ep))
 
 
 def expected_distinct(num: int, draws: float) -> float:
@@ -153,6 +155,38 @@ def by_link(strategy: str, c: Counts, me: int, r: Routes, dim: int,
     return out[0], out[1]
 
 
+def mean_by_link(strategy: str, c: Counts, r: Routes, dim: int,
+                 elem: int) -> tuple[float, float]:
+    """The mean over members of by_link(strategy, c, me, ...) when every member holds the same
+    Counts c (expected_counts), in O(W) rather than by_link's O(W) per member: a byte bound for
+    member j is sent by each of the other members, by those on j's node over NVLink."""
+    w = r.size
+    per_pair, per_sel = 4 * dim * elem, meta_bytes(elem) + elem
+    size = [len(r.members[b]) for b in r.node]  # (W,) members of each member's node
+    count_row = {"fetch": COUNT_BYTES, "dispatch": 2 * COUNT_BYTES,
+                 "node_dispatch": COUNT_BYTES * (2 * w + r.num_nodes)}[strategy]
+    intra = count_row * sum(n - 1 for n in size)
+    inter = count_row * sum(w - n for n in size)
+    if strategy in ("fetch", "dispatch"):
+        x = ([rows * (ID_BYTES + 4 * dim * elem) for rows in c.rows] if strategy == "fetch" else
+             [p * per_pair + q * per_sel for p, q in zip(c.pairs, c.sels, strict=True)])
+        intra += sum(xj * (n - 1) for xj, n in zip(x, size, strict=True))
+        inter += sum(xj * (w - n) for xj, n in zip(x, size, strict=True))
+        return intra / w, inter / w
+    for b, members in enumerate(r.members):  # hop 1: every member outside node b sends there
+        hop1 = c.node_pairs[b] * per_pair + sum(c.sels[o] for o in members) * per_sel
+        inter += hop1 * (w - len(members))
+    x = [p * per_pair + q * per_sel for p, q in zip(c.pairs, c.sels, strict=True)]
+    # hop 2: every member sends each owner's share unless the owner is its own gateway there;
+    # member s's gateway on node b is b's member index[s] mod |b|
+    at_index = [0] * (max(size) if size else 0)  # members at each position within a node
+    for i in r.index:
+        at_index[i] += 1
+    relayed_by_self = sum(x[m[i % len(m)]] * k for m in r.members for i, k in enumerate(at_index))
+    intra += w * sum(x) - relayed_by_self
+    return intra / w, inter / w
+
+
 def source_counts(ids: torch.Tensor, idmap: IdMap, r: Routes) -> Counts:
     """The Counts of a rank holding ids (T, S), counted from the ids."""
     t, s = ids.shape
@@ -192,9 +226,9 @@ def predict_by_link(shape: LayerShape) -> dict[str, tuple[float, float]]:
         if shape.ep == 1:
             out[strategy] = (0.0, 0.0)
             continue
-        c = expected_counts(shape, r)
-        links = [by_link(strategy, c, me, r, shape.dim, shape.elem) for me in range(r.size)]
-        out[strategy] = tuple(sum(x[i] for x in links) / (r.size * t) for i in (0, 1))
+        intra, inter = mean_by_link(strategy, expected_counts(shape, r), r, shape.dim,
+                                    shape.elem)
+        out[strategy] = (intra / t, inter / t)
     rep = replicated_bytes(shape.num_experts, shape.dim, shape.world, shape.elem) / t
     # a ring in rank order crosses nodes M times out of W hops
     m = shape.nodes()

@@ -41,6 +41,7 @@ this rank receives as a gateway, P2_in / Q2_in = what it receives as an owner.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -66,14 +67,19 @@ class Routes:
     nodes (W,) any node labels, members of a node consecutive (torchrun's rank order)."""
 
     def __init__(self, nodes: tuple[int, ...], block: int):
-        labels = list(dict.fromkeys(nodes))
-        self.node = [labels.index(n) for n in nodes]  # (W,) node index in [0, M)
-        self.members = [[j for j, n in enumerate(self.node) if n == b] for b in range(len(labels))]
-        self.index = [self.members[n].index(j) for j, n in enumerate(self.node)]  # within node
+        labels = {n: b for b, n in enumerate(dict.fromkeys(nodes))}
+        self.node = [labels[n] for n in nodes]  # (W,) node index in [0, M)
+        self.members: list[list[int]] = [[] for _ in labels]
+        self.index = []  # (W,) position within its node
+        for j, b in enumerate(self.node):
+            self.index.append(len(self.members[b]))
+            self.members[b].append(j)
         self.block = block  # rows per owner
-        # gateway[s][b]: the member of node b that relays s's tokens
-        self.gateway = [[m[self.index[s] % len(m)] for m in self.members]
-                        for s in range(len(nodes))]
+
+    @cached_property
+    def gateway(self) -> list[list[int]]:
+        """gateway[s][b]: the member of node b that relays s's tokens."""
+        return [[m[self.index[s] % len(m)] for m in self.members] for s in range(self.size)]
 
     @property
     def size(self) -> int:

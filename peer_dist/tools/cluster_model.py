@@ -109,21 +109,41 @@ def parse_cluster(text: str) -> Cluster:
         return Cluster(int(m.group(1)), int(m.group(2)), **PRESETS[m.group(3)], name=m.group(3))
     if Path(text).is_file():
         return _cluster_yaml(Path(text))
+    if text.endswith((".yaml", ".yml")):
+        raise UserError(f"--cluster={text!r}: no such file; allowed is {CLUSTER_FORM}")
     raise UserError(f"--cluster={text!r}: allowed is {CLUSTER_FORM}")
 
 
-def _cluster_yaml(path: Path) -> Cluster:
-    import yaml
+CLUSTER_NEEDS = ("nodes", "gpus_per_node", "hbm_bytes_per_s", "intra_bytes_per_s",
+                 "inter_bytes_per_s", "mem_bytes")
 
-    data = yaml.safe_load(path.read_text()) or {}
-    fields = set(Cluster.__dataclass_fields__)
-    bad = sorted(set(data) - fields) if isinstance(data, dict) else ["(not a mapping)"]
-    need = {"nodes", "gpus_per_node", "hbm_bytes_per_s", "intra_bytes_per_s",
-            "inter_bytes_per_s", "mem_bytes"}
+
+def _cluster_yaml(path: Path) -> Cluster:
+    from peer_dist.config import coerce, read_yaml  # their errors are UserErrors
+
+    data = read_yaml(path, "--cluster file", "`nodes: 2` on a line of its own, per field")
+    fields = Cluster.__dataclass_fields__
+    if not isinstance(data, dict):
+        data = {"(not a mapping)": data}
+    bad = sorted(str(k) for k in data if k not in fields)
+    need = set(CLUSTER_NEEDS)
     if bad or need - set(data):
         raise UserError(f"--cluster={path}: unknown keys {bad}, missing "
                         f"{sorted(need - set(data))}; allowed are {sorted(fields)}")
-    return Cluster(**{"name": path.stem, **data})
+    values = {"name": path.stem}
+    types = {"int": int, "float": float, "str": str}
+    for key, value in data.items():
+        values[key] = coerce(f"--cluster={path}: {key}", value, types[fields[key].type])
+    for key, value in values.items():
+        if key == "hbm_fraction":
+            ok, allowed = 0 < value <= 1, "a fraction in (0, 1]"
+        elif key in CLUSTER_NEEDS:
+            ok, allowed = value > 0, "a number > 0"
+        else:  # the measured rates and constants: 0 means not priced
+            ok, allowed = key == "name" or value >= 0, "a number >= 0 (0: not priced)"
+        if not ok:
+            raise UserError(f"--cluster={path}: {key}={value!r} is invalid: allowed is {allowed}")
+    return Cluster(**values)
 
 
 @dataclass

@@ -27,6 +27,23 @@ def test_cluster_forms_and_their_errors(tmp_path) -> None:
     bad.write_text("nodes: 2\ngpus: 4\n")
     with pytest.raises(UserError, match=r"unknown keys \['gpus'\].*gpus_per_node"):
         cm.parse_cluster(str(bad))
+    lines = good.read_text()
+    for text, error in [
+            ("[1, 2\n", r"not valid YAML at line 2, column 1"),
+            ("- nodes: 2\n", r"unknown keys \['\(not a mapping\)'\]"),
+            (lines.replace("nodes: 2", "nodes: two"), r"nodes='two' is invalid: allowed is an int"),
+            (lines.replace("nodes: 2", "nodes: 2.5"), r"nodes=2.5 is invalid: allowed is an int"),
+            (lines.replace("1.0e12", "-1.0e12"), r"hbm_bytes_per_s=-1000000000000.0 .* > 0"),
+            (lines + "hbm_fraction: 1.5\n", r"hbm_fraction=1.5 .* a fraction in \(0, 1\]"),
+            (lines + "latency_s: -1\n", r"latency_s=-1.0 .* allowed is a number >= 0")]:
+        bad.write_text(text)
+        with pytest.raises(UserError, match=error):
+            cm.parse_cluster(str(bad))
+    # YAML 1.1 reads 4e10 (no dot) as text: taken as the number it spells
+    bad.write_text(lines.replace("4.0e10", "4e10"))
+    assert cm.parse_cluster(str(bad)).mem_bytes == 4e10
+    with pytest.raises(UserError, match=r"'missing.yaml': no such file"):
+        cm.parse_cluster("missing.yaml")
 
 
 def test_step_is_compute_plus_exposed_communication_by_hand() -> None:

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from peer_dist.parallel import IdMap
-from peer_dist.parallel.cost import LayerShape, block_rows, predict_by_link, predict_per_token
+from peer_dist.parallel.cost import (
+    Counts,
+    LayerShape,
+    block_rows,
+    by_link,
+    mean_by_link,
+    predict_by_link,
+    predict_per_token,
+)
+from peer_dist.parallel.node_dispatch import Routes
 from peer_dist.parallel.topology import TopologyError, check_degrees
 from peer_dist.tools.bench_dist import paper_rows
 
@@ -30,7 +39,7 @@ def test_id_bijection_and_block_layout(n: int, ep: int) -> None:
     assert torch.equal(m.expert(pos), ids)
     owner, local = m.split(pos)
     sizes = torch.bincount(owner, minlength=ep).tolist()
-    assert sizes == block_rows(n, ep)  # torch.chunk layout
+    assert sizes == list(block_rows(n, ep))  # torch.chunk layout
     chunks = [t.shape[0] for t in torch.arange(n).chunk(ep)]
     assert sizes == chunks + [0] * (ep - len(chunks))
     assert int(local.max()) < m.block
@@ -71,6 +80,24 @@ def test_node_dispatch_sends_a_token_once_per_remote_node() -> None:
     assert paper["node_dispatch"][1] <= paper["dispatch"][1] / 6
     for k, (intra, inter) in paper.items():  # totals unchanged by the split
         assert intra >= 0 and inter >= 0, k
+
+
+@pytest.mark.parametrize("nodes", [(0, 0, 1, 1), (0, 0, 0, 1, 1), (5, 5, 5, 7, 7, 9),
+                                   (0,) * 8 + (1,) * 8 + (2,) * 3, (0, 1), (3,)])
+def test_mean_over_members_in_closed_form_equals_each_member_summed(nodes) -> None:
+    """predict_by_link's closed form (mean_by_link, linear in W) against by_link member by
+    member (quadratic), on uneven nodes too, with different counts for every destination."""
+    w, m = len(nodes), len(set(nodes))
+    g = torch.Generator().manual_seed(w)
+    draw = [torch.rand(k, generator=g, dtype=torch.float64).mul(100).tolist()
+            for k in (w, w, w, m)]
+    c, r = Counts(*draw), Routes(nodes, block=10)
+    for strategy in ("fetch", "dispatch", "node_dispatch"):
+        each = [by_link(strategy, c, me, r, dim=8, elem=4) for me in range(w)]
+        mean = mean_by_link(strategy, c, r, dim=8, elem=4)
+        for i in (0, 1):
+            assert mean[i] == pytest.approx(sum(x[i] for x in each) / w, rel=1e-12, abs=1e-9)
+    assert mean_by_link("dispatch", c, r, 8, 4)[1] > 0 or m == 1  # not trivially zero
 
 
 def test_group_pairs_by_destination_keeps_token_order():
