@@ -69,6 +69,7 @@ import time
 import torch
 
 from peer_dist.config import OVERLAPPING, STRATEGIES
+from peer_dist.train.startup import local_ranks_error
 
 PAPER = dict(num_experts=1024 ** 2, dim=1024, heads=8, topk=16, tokens=4096, ep=8)
 
@@ -121,6 +122,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not sizes or min(sizes) < 1:
         p.error(f"--nprocs-list={args.nprocs_list!r} is invalid: allowed are world sizes >= 1, "
                 "comma-separated, e.g. 1,2,4")
+    too_many = None if args.worker else local_ranks_error(max(sizes), "--nprocs-list")
+    if too_many:  # every world's ranks run on this machine, --nodes or not
+        p.error(too_many)
     args.chunk_list = _int_list(args.overlap_chunks)
     if not args.chunk_list or min(args.chunk_list) < 1:
         p.error(f"--overlap-chunks={args.overlap_chunks!r} is invalid: allowed are integers >= 1 "

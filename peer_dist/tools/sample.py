@@ -197,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.nproc > 1 and "RANK" not in os.environ:
         from peer_dist.train.__main__ import launch
+        from peer_dist.train.startup import local_ranks_error
+
+        problem = local_ranks_error(args.nproc)
+        if problem:
+            print(f"{PROG}: {problem}", file=sys.stderr)
+            return 2
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         return launch(["--standalone", f"--nproc-per-node={args.nproc}", "-m",

@@ -15,6 +15,7 @@ torchrun and reads the per-rank memory it reports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import hashlib
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -857,6 +859,7 @@ def check_plan(args: argparse.Namespace, best: dict) -> None:
                  zero_stage=best["zero_stage"], strategy=best["strategy"],
                  table_state_dtype=best["table_state_dtype"],
                  tokens_per_rank=best["tokens_per_rank"], device=local_device())
+    check_ranks_here(s.world_size)
     work = Path(tempfile.mkdtemp(prefix="peer-scale-check-"))
     data = Path(args.data) if args.data else work / "data"
     row = measure_point(s, args, work, data)
@@ -903,9 +906,40 @@ def launch(world: int, argv: list[str], env: dict, timeout: float) -> tuple[int,
     code and output."""
     launcher = [] if world == 1 else [
         "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-    proc = subprocess.run([sys.executable, *launcher, "-m", "peer_dist.train", *argv], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
+    # a session of its own: Ctrl-C at the terminal reaches this process alone, which stops
+    # the launch (see main), rather than every rank printing its traceback
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "peer_dist.train", *argv],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return LAUNCH_TIMEOUT, stop_launch(proc)
+    except BaseException:  # Ctrl-C or SIGTERM: no rank outlives this process
+        stop_launch(proc)
+        raise
+    return proc.returncode, out
+
+
+LAUNCH_TIMEOUT = 124  # launch's code for a run stopped at its timeout (as timeout(1) says)
+STOP_GRACE_S = 30.0  # torchrun's own wait for its ranks after it forwards a stop
+
+
+def stop_launch(proc: subprocess.Popen) -> str:
+    """Stop a launch and return what it printed: SIGTERM to torchrun's agent, which stops its
+    ranks (each in a session of its own: killing the agent alone would orphan them), then
+    SIGKILL to whatever is left of its session."""
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=STOP_GRACE_S + 5)[0]
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            return proc.communicate(timeout=5)[0]
+        except subprocess.TimeoutExpired:  # a rank that outlived its agent holds the pipe
+            proc.kill()
+            return ""
 
 
 # On CPU the measured peak is the ranks' peak RSS, and glibc's heap keeps freed buffers below
@@ -937,6 +971,13 @@ def run_point(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path) -> 
     t0 = time.perf_counter()
     argv = trainer_argv(args, trainer_overrides(s, args, run_dir, data))
     code, output = launch(s.world_size, argv, env, args.timeout)
+    if code == LAUNCH_TIMEOUT:
+        log = work / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(output)
+        raise SystemExit(f"peer-scale: the run {name} did not finish within --timeout "
+                         f"{args.timeout:g} s and was stopped (its output: {log}); allowed: a "
+                         "larger --timeout")
     if code != 0:
         tail = output[-3000:]
         raise SystemExit(f"peer-scale measure: the run {name} failed (exit {code}):"
@@ -1144,7 +1185,24 @@ MEASURE_KEYS = ("split", "expert_bytes_per_rank_predicted", "expert_bytes_per_ra
 
 
 def measure_points(args: argparse.Namespace) -> tuple[list[mm.Setup], str]:
-    """The grid flags' points, else the named grid (--grid, default validation)."""
+    """The grid flags' points, else the named grid (--grid, default validation); refused
+    before any run when a point has more ranks than this machine can run."""
+    points, name = _grid_points(args)
+    check_ranks_here(max((s.world_size for s in points), default=1))
+    return points, name
+
+
+def check_ranks_here(world: int) -> None:
+    """Every rank of a measured point runs on this machine."""
+    from peer_dist.train.startup import local_ranks_error
+
+    problem = local_ranks_error(world, "world size")
+    if problem:
+        raise SystemExit(f"peer-scale: {problem} (a point's world size: --world-size, else its "
+                         "--ep)")
+
+
+def _grid_points(args: argparse.Namespace) -> tuple[list[mm.Setup], str]:
     flags = any(getattr(args, k) is not None for k in GRID_FLAGS)
     if flags and getattr(args, "grid", None):
         raise SystemExit(f"peer-scale: --grid {args.grid} takes no grid flags (allowed: "
@@ -1342,14 +1400,21 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = list(argv)  # calibrate records the command that made its constants
-    if args.command == "predict":
-        cmd_predict(args)
-    elif args.command == "plan":
-        cmd_plan(args)
-    elif args.command == "measure":
-        cmd_measure(args)
-    elif args.command == "calibrate":
-        cmd_calibrate(args)
+    commands = {"predict": cmd_predict, "plan": cmd_plan, "measure": cmd_measure,
+                "calibrate": cmd_calibrate}
+    old = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: runs stopped too
+    try:
+        commands[args.command](args)
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args else "SIGINT"
+        raise SystemExit(f"peer-scale {args.command}: stopped by {name} (its runs stopped; "
+                         "what was measured before is printed above)") from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -245,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
 def start_ranks(cfg, args: argparse.Namespace, torchrun_args: list[str]) -> int:
     """Check the layout before any rank starts, share the cores among this node's ranks, then
     launch them."""
-    from peer_dist.train.startup import check_layout, cpu_cores, cpu_threads
+    from peer_dist.train.startup import check_layout, cpu_cores, cpu_threads, local_ranks_error
 
+    problem = local_ranks_error(args.nproc)
+    if problem:
+        return report(problem, 2)
     try:
         check_layout(cfg, args.nproc * args.nnodes)
     except UserError as e:

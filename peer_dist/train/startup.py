@@ -192,6 +192,29 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+RANKS_PER_CORE = 8  # CPU ranks beyond this many per core only take turns (and memory)
+
+
+def local_ranks_error(nproc: int, flag: str = "--nproc") -> str | None:
+    """The one-line error for more ranks on this machine than it can run: NCCL runs one rank
+    per GPU; CPU ranks (gloo) at most RANKS_PER_CORE per core. None when they fit."""
+    import torch
+
+    from peer_dist.parallel.topology import pick_backend
+
+    if pick_backend() == "nccl":
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            return (f"{flag}={nproc}: this machine has {gpus} GPU(s) and NCCL runs one rank "
+                    f"per GPU: allowed is 1 to {gpus} (or PEER_BACKEND=gloo for CPU ranks)")
+        return None
+    cores = cpu_cores()
+    if nproc > RANKS_PER_CORE * cores:
+        return (f"{flag}={nproc}: CPU ranks on this machine's {cores} core(s): allowed is 1 to "
+                f"{RANKS_PER_CORE * cores} ({RANKS_PER_CORE} per core at most)")
+    return None
+
+
 def cpu_threads(cfg: Config, local_ranks: int, env: dict[str, str] | None = None) -> int:
     """Threads per rank: train.threads, else OMP_NUM_THREADS, else the cores shared evenly by
     the node's ranks (more would oversubscribe them: threads that spin waiting for a core)."""

@@ -8,8 +8,10 @@ The command that launches several ranks (torchrun) is checked as a command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,14 +81,21 @@ def test_plan_check_runs_the_best_setting(tmp_path, capsys, monkeypatch):
 def test_several_ranks_launch_through_torchrun(monkeypatch):
     """A point of world size 2 is `python -m torch.distributed.run --standalone
     --nproc-per-node=2 -m peer_dist.train ARGV` (the command the CLI tests run), one rank the
-    trainer alone; the exit code and the output both streams come back."""
+    trainer alone, in a session of its own; the exit code and the output both streams come
+    back."""
     seen = []
 
-    def run(cmd, **kw):
-        seen.append((cmd, kw))
-        return subprocess.CompletedProcess(cmd, 3, "out\n", "err\n")
+    class Proc:
+        returncode = 3
 
-    monkeypatch.setattr(scale.subprocess, "run", run)
+        def __init__(self, cmd, **kw):
+            seen.append((cmd, kw))
+
+        def communicate(self, timeout=None):
+            seen[-1][1]["waited"] = timeout
+            return "out\nerr\n", None
+
+    monkeypatch.setattr(scale.subprocess, "Popen", Proc)
     env = {"A": "1"}
     assert scale.launch(2, ["--config", "x.yaml"], env, 7.0) == (3, "out\nerr\n")
     assert scale.launch(1, ["--config", "x.yaml"], env, 7.0)[0] == 3
@@ -94,7 +103,43 @@ def test_several_ranks_launch_through_torchrun(monkeypatch):
     assert two == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc-per-node=2", "-m", "peer_dist.train", "--config", "x.yaml"]
     assert one == [sys.executable, "-m", "peer_dist.train", "--config", "x.yaml"]
-    assert kw["env"] is env and kw["timeout"] == 7.0 and kw["capture_output"]
+    assert kw["env"] is env and kw["waited"] == 7.0 and kw["start_new_session"]
+    assert kw["stdout"] == subprocess.PIPE and kw["stderr"] == subprocess.STDOUT
+
+
+def test_a_run_past_its_timeout_is_stopped_with_its_ranks(tmp_path):
+    """torchrun starts each rank in a session of its own: killing the launch alone left them
+    running (and a timeout ended in a traceback). Stopped, the agent stops its ranks first."""
+    marker = f"train.run_dir={tmp_path / 'timed_out'}"
+    code, out = scale.launch(2, ["--config", str(TINY), marker], dict(os.environ), 4.0)
+    assert code == scale.LAUNCH_TIMEOUT
+    left = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in (proc / "cmdline").read_bytes():
+                left.append(proc.name)
+    assert not left, (left, out[-2000:])
+
+
+def test_a_stop_signal_ends_peer_scale_in_one_line(monkeypatch):
+    def interrupted(args):
+        scale._interrupt(signal.SIGTERM, None)  # the handler main installs for SIGTERM
+
+    monkeypatch.setattr(scale, "cmd_predict", interrupted)
+    with pytest.raises(SystemExit, match=r"^peer-scale predict: stopped by SIGTERM \(its runs"):
+        scale.main(["predict"])
+    assert signal.getsignal(signal.SIGTERM) is not scale._interrupt  # restored
+
+
+def test_more_ranks_than_this_machine_runs_is_refused_before_any_run(monkeypatch):
+    from peer_dist.train import startup
+
+    monkeypatch.setattr(startup, "cpu_cores", lambda: 1)
+    monkeypatch.setattr("peer_dist.parallel.topology.pick_backend", lambda: "gloo")
+    args = scale.build_parser().parse_args(["measure", "--ep", "1,9", "--num-experts", "1024",
+                                            "--dim", "8"])
+    with pytest.raises(SystemExit, match=r"world size=9: CPU ranks on this machine's 1 core"):
+        scale.measure_points(args)
 
 
 def test_measure_tiny_grid(tmp_path, capsys, monkeypatch, forked):

@@ -38,6 +38,35 @@ def test_bad_launcher_flags_are_one_line(capsys, flag, monkeypatch):
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice is kept
 
 
+def test_more_ranks_than_this_machine_runs_is_one_line_before_any_start(capsys, monkeypatch):
+    """CPU ranks: at most 8 per core (--nproc 100000 once started ranks until memory ran out);
+    NCCL: one rank per GPU. peer-train, peer-sample, peer-bench dist and peer-scale's points
+    refuse more before launching anything."""
+    from peer_dist.parallel import topology
+    from peer_dist.tools import bench_dist, sample
+
+    monkeypatch.setattr(startup, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(topology, "pick_backend", lambda: "gloo")
+    assert startup.local_ranks_error(16) is None
+    assert startup.local_ranks_error(17) == (
+        "--nproc=17: CPU ranks on this machine's 2 core(s): allowed is 1 to 16 (8 per core at "
+        "most)")
+    monkeypatch.setattr(topology, "pick_backend", lambda: "nccl")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    assert startup.local_ranks_error(8) is None
+    assert "--nproc=9: this machine has 8 GPU(s)" in startup.local_ranks_error(9)
+    monkeypatch.setattr(topology, "pick_backend", lambda: "gloo")
+    for cli in (lambda: main(["--config", str(TINY), "--nproc", "17", "parallel.ep=1"]),
+                lambda: sample.main(["--checkpoint", "runs/x", "--nproc", "17"])):
+        assert cli() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--nproc=17: CPU ranks" in err[0], err
+    with pytest.raises(SystemExit) as e:
+        bench_dist.parse(["--nprocs-list", "1,17"])
+    assert e.value.code == 2
+    assert "--nprocs-list=17: CPU ranks" in capsys.readouterr().err
+
+
 def test_missing_data_path_is_an_error_without_a_source(tmp_path: Path):
     cfg = load_config(TINY, [f"data.path={tmp_path / 'typo'}", "data.source="])
     with pytest.raises(UserError, match=r"does not exist; allowed: .*data.source=stdlib"):
