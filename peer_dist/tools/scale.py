@@ -1184,14 +1184,6 @@ MEASURE_KEYS = ("split", "expert_bytes_per_rank_predicted", "expert_bytes_per_ra
                 "a2a_bytes_moved_predicted", "bytes_moved_per_step")
 
 
-def measure_points(args: argparse.Namespace) -> tuple[list[mm.Setup], str]:
-    """The grid flags' points, else the named grid (--grid, default validation); refused
-    before any run when a point has more ranks than this machine can run."""
-    points, name = _grid_points(args)
-    check_ranks_here(max((s.world_size for s in points), default=1))
-    return points, name
-
-
 def check_ranks_here(world: int) -> None:
     """Every rank of a measured point runs on this machine."""
     from peer_dist.train.startup import local_ranks_error
@@ -1202,7 +1194,8 @@ def check_ranks_here(world: int) -> None:
                          "--ep)")
 
 
-def _grid_points(args: argparse.Namespace) -> tuple[list[mm.Setup], str]:
+def measure_points(args: argparse.Namespace) -> tuple[list[mm.Setup], str]:
+    """The grid flags' points, else the named grid (--grid, default validation)."""
     flags = any(getattr(args, k) is not None for k in GRID_FLAGS)
     if flags and getattr(args, "grid", None):
         raise SystemExit(f"peer-scale: --grid {args.grid} takes no grid flags (allowed: "
@@ -1219,6 +1212,7 @@ def run_grid(args: argparse.Namespace, points: list[mm.Setup], out: Path, cal: d
              label: str) -> list[dict]:
     """Measure every point, printing progress; a point is in the calibration split when the
     calibration was fitted on it."""
+    check_ranks_here(max((s.world_size for s in points), default=1))  # before any run
     data = Path(args.data) if args.data else out / "data"
     fitted = set(cal["points"]) if cal else set()
     rows, t0 = [], time.perf_counter()

@@ -136,10 +136,14 @@ def test_more_ranks_than_this_machine_runs_is_refused_before_any_run(monkeypatch
 
     monkeypatch.setattr(startup, "cpu_cores", lambda: 1)
     monkeypatch.setattr("peer_dist.parallel.topology.pick_backend", lambda: "gloo")
+    ran = []
+    monkeypatch.setattr(scale, "measure_point", lambda *a: ran.append(a))
     args = scale.build_parser().parse_args(["measure", "--ep", "1,9", "--num-experts", "1024",
                                             "--dim", "8"])
+    points, _ = scale.measure_points(args)
     with pytest.raises(SystemExit, match=r"world size=9: CPU ranks on this machine's 1 core"):
-        scale.measure_points(args)
+        scale.run_grid(args, points, Path("unused"), None, "measure")
+    assert ran == []
 
 
 def test_measure_tiny_grid(tmp_path, capsys, monkeypatch, forked):
