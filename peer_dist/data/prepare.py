@@ -229,6 +229,8 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte",
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"output folder {str(out)!r} exists: remove it or pass --force")
+    if out.exists():
+        _check_replaceable(out, inputs)
     tok = load_tokenizer(tokenizer)
     docs = plan_documents(list_files(inputs), max_bytes, val_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +251,22 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte",
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _check_replaceable(out: Path, inputs: list[str]) -> None:
+    """--force replaces an earlier dataset, or an empty folder: never a file, another folder's
+    contents, or the inputs themselves."""
+    resolved = out.resolve()
+    inside = [i for i in inputs
+              if Path(i).resolve() == resolved or resolved in Path(i).resolve().parents]
+    if inside:
+        raise FileExistsError(f"--out {str(out)!r} holds the input {inside[0]!r}: --force would "
+                              "delete it; allowed: an --out apart from the inputs")
+    if out.is_dir() and ((out / META_FILE).is_file() or not any(out.iterdir())):
+        return
+    raise FileExistsError(f"--out {str(out)!r} exists and is not a dataset written by "
+                          f"peer-prepare (no {META_FILE}): --force replaces only such a folder "
+                          "or an empty one; allowed: a new path, or remove it yourself")
 
 
 def _replace(tmp: Path, out: Path) -> None:

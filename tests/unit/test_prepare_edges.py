@@ -81,6 +81,7 @@ def test_force_replaces_an_existing_folder_and_without_it_nothing_moves(tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.bin").write_bytes(b"old")
+    (out / "meta.json").write_text("{}")  # an earlier dataset: --force may replace it
     code, err = _cli(capsys, str(tmp_path / "a.txt"), "--out", str(out))
     assert code == 2
     _one_error_line(err, f"output folder '{out}' exists", "--force")
@@ -90,6 +91,29 @@ def test_force_replaces_an_existing_folder_and_without_it_nothing_moves(tmp_path
     assert not (out / "stale.bin").exists()  # the old folder is gone, not merged
     assert json.loads((out / "meta.json").read_text())["sources"] == [str(tmp_path / "a.txt")]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_force_never_deletes_the_inputs_a_file_or_another_folder(tmp_path, capsys):
+    """--force once replaced whatever --out named: the input folder itself, a file, a folder of
+    other files. It replaces only a dataset written here, or an empty folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text to hold out a little of\n" * 50)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    for out, words in [(src, ["holds the input", "--force would delete it"]),
+                       (other, ["is not a dataset written by peer-prepare", "empty one"]),
+                       (tmp_path / "notes.txt", ["is not a dataset written by peer-prepare"])]:
+        code, err = _cli(capsys, str(src), "--out", str(out), "--force")
+        assert code == 2
+        _one_error_line(err, f"--out '{out}'", *words)
+    assert (src / "a.txt").is_file() and (other / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert _cli(capsys, str(src), "--out", str(tmp_path / "empty"), "--force")[0] == 0
+    assert (tmp_path / "empty" / "meta.json").is_file()
 
 
 def test_symlinks_inside_folders_are_skipped_but_a_linked_input_is_read(tmp_path):
