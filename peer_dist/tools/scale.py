@@ -412,6 +412,12 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
     cfg = base_config(args)
     seq = cfg.train.seq_len
     token_list = args.tokens_per_rank or [cfg.train.batch_size * seq]
+    if min(args.ep) < 0 or min(args.world_size or [1]) < 1 or (
+            0 in args.ep and not args.world_size):
+        raise SystemExit(f"peer-scale: --ep {','.join(map(str, args.ep))} --world-size "
+                         f"{','.join(map(str, args.world_size or [])) or '(none)'}: allowed are "
+                         "--ep >= 1, or 0 (the whole world) with --world-size, and --world-size "
+                         ">= 1")
     points = []
     for n, d, layers, ep, world, dtype, tdt, opt, zero, strat, tokens, heads, topk in \
             itertools.product(args.num_experts, args.dim, args.layers or [None], args.ep,
@@ -420,6 +426,7 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
                               args.table_optimizer, args.zero_stage, args.strategy, token_list,
                               args.heads or [None], args.topk or [None]):
         world = world or ep
+        ep = ep or world  # 0: the whole world, as parallel.ep=0
         if world % ep:
             continue
         try:

@@ -82,3 +82,17 @@ def test_a_calibration_with_a_malformed_routing_law_is_refused_in_one_line(tmp_p
     path.write_text(json.dumps(cal))
     with pytest.raises(SystemExit, match=r"not a calibration file .*routing law .*not 4 finite"):
         scale.plan_rows(_args("--nodes", "1", "--calibration", str(path)))
+
+
+def test_grid_ep_zero_is_the_whole_world_and_bad_degrees_are_one_line():
+    """--ep 0 divided by zero (a traceback); it is the whole world, as parallel.ep=0."""
+    def grid(*argv):
+        args = scale.build_parser().parse_args(["predict", *argv])
+        scale.fill_grid_defaults(args, "predict")
+        return scale.grid(args)
+
+    for argv in (["--ep", "0"], ["--ep", "-1"], ["--ep", "2", "--world-size", "0"]):
+        with pytest.raises(SystemExit, match=r"allowed are --ep >= 1, or 0 \(the whole world\)"):
+            grid(*argv)
+    (point,) = grid("--ep", "0", "--world-size", "4", "--num-experts", "1024", "--dim", "8")
+    assert (point.ep, point.world_size) == (4, 4)
