@@ -20,6 +20,7 @@ import io
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,10 +102,36 @@ def quiet_stdout() -> Iterator[None]:
         raise
 
 
+# torch waits without end on a compiled op's lock file; DeepSpeed's CPU op compiles in under a
+# minute, so a lock this old was left by a build that was killed
+STALE_LOCK_S = 600.0
+
+
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm") -> bool:
+    """Remove the op's build lock if a killed build left it (older than STALE_LOCK_S), saying so
+    in one line; every later run would otherwise wait on it silently. True if removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+        if age <= STALE_LOCK_S:
+            return False
+        os.unlink(lock)  # one rank succeeds; the others find it gone
+    except OSError:
+        return False
+    print(f"peer-train: removed {lock}, left {age / 60:.0f} min ago by a build of DeepSpeed's "
+          "CPU op that did not finish (it takes under a minute)", file=sys.stderr, flush=True)
+    return True
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> Any:
     """deepspeed.initialize over the dense parameters only (the shards are not parameters)."""
     quiet_deepspeed()
     import deepspeed
+
+    if dist.get_backend() == "gloo":  # the CPU op is built and loaded under a lock
+        clear_stale_build_lock()
 
     with quiet_stdout():  # "DeepSpeed ... shm_comm_op built successfully", once per rank
         deepspeed.init_distributed(dist_backend=dist.get_backend())

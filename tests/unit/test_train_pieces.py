@@ -176,3 +176,25 @@ def test_peak_rss_is_the_process_own_not_its_parents():
                                check=True).stdout.split()[-1])
     assert peak_rss_bytes() > held.numel() * 4
     assert child < held.numel() * 4 / 2
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_in_one_line(tmp_path, monkeypatch,
+                                                                    capsys):
+    """torch waits without end on a compiled op's lock: a build killed mid-way left every later
+    run hanging silently. A lock older than any build is removed, a fresh one left alone."""
+    import os
+    import time
+
+    from peer_dist.train import deepspeed_setup as ds
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert not ds.clear_stale_build_lock() and lock.exists()  # a build may be running
+    old = time.time() - ds.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert ds.clear_stale_build_lock() and not lock.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"removed {lock}, left 11 min ago" in err[0], err
+    assert not ds.clear_stale_build_lock()  # nothing left to remove
