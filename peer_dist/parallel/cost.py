@@ -126,14 +126,19 @@ class Counts:
     node_pairs: list[float]  # (M,) (token, node) pairs
 
 
+def count_bytes(strategy: str, r: Routes) -> int:
+    """Bytes of split counts one member sends each other member, one step."""
+    return {"fetch": COUNT_BYTES, "dispatch": 2 * COUNT_BYTES,
+            "node_dispatch": COUNT_BYTES * (2 * r.size + r.num_nodes)}[strategy]
+
+
 def by_link(strategy: str, c: Counts, me: int, r: Routes, dim: int,
             elem: int) -> tuple[float, float]:
     """(intra-node, inter-node) bytes that member `me` sends or causes, one step, fwd + bwd."""
     w, here = r.size, r.node[me]
     per_pair, per_sel = 4 * dim * elem, meta_bytes(elem) + elem
     out = [0.0, 0.0]  # intra, inter
-    count_row = {"fetch": COUNT_BYTES, "dispatch": 2 * COUNT_BYTES,
-                 "node_dispatch": COUNT_BYTES * (2 * w + r.num_nodes)}[strategy]
+    count_row = count_bytes(strategy, r)
     for j in range(w):
         if j != me:
             out[r.node[j] != here] += count_row
@@ -163,20 +168,19 @@ def mean_by_link(strategy: str, c: Counts, r: Routes, dim: int,
     w = r.size
     per_pair, per_sel = 4 * dim * elem, meta_bytes(elem) + elem
     size = [len(r.members[b]) for b in r.node]  # (W,) members of each member's node
-    count_row = {"fetch": COUNT_BYTES, "dispatch": 2 * COUNT_BYTES,
-                 "node_dispatch": COUNT_BYTES * (2 * w + r.num_nodes)}[strategy]
+    count_row = count_bytes(strategy, r)
     intra = count_row * sum(n - 1 for n in size)
     inter = count_row * sum(w - n for n in size)
+    x = [p * per_pair + q * per_sel for p, q in zip(c.pairs, c.sels, strict=True)]  # per owner
     if strategy in ("fetch", "dispatch"):
-        x = ([rows * (ID_BYTES + 4 * dim * elem) for rows in c.rows] if strategy == "fetch" else
-             [p * per_pair + q * per_sel for p, q in zip(c.pairs, c.sels, strict=True)])
+        if strategy == "fetch":
+            x = [rows * (ID_BYTES + 4 * dim * elem) for rows in c.rows]
         intra += sum(xj * (n - 1) for xj, n in zip(x, size, strict=True))
         inter += sum(xj * (w - n) for xj, n in zip(x, size, strict=True))
         return intra / w, inter / w
     for b, members in enumerate(r.members):  # hop 1: every member outside node b sends there
         hop1 = c.node_pairs[b] * per_pair + sum(c.sels[o] for o in members) * per_sel
         inter += hop1 * (w - len(members))
-    x = [p * per_pair + q * per_sel for p, q in zip(c.pairs, c.sels, strict=True)]
     # hop 2: every member sends each owner's share unless the owner is its own gateway there;
     # member s's gateway on node b is b's member index[s] mod |b|
     at_index = [0] * (max(size) if size else 0)  # members at each position within a node
