@@ -18,11 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from peer_dist import cli
+
 MODES = (("foreground", "false"), ("background", "true"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="peer-bench checkpoint", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="peer-bench checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/million_cpu.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=80)

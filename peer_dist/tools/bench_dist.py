@@ -68,6 +68,7 @@ import time
 
 import torch
 
+from peer_dist import cli
 from peer_dist.config import OVERLAPPING, STRATEGIES
 from peer_dist.train.startup import local_ranks_error
 
@@ -80,7 +81,7 @@ ROWS = (*(s for s in STRATEGIES if s != "auto"), "replicated")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="peer-bench dist", description=__doc__,
+    p = cli.Parser(prog="peer-bench dist", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nprocs-list", default="1,2,4", help="world sizes to launch (torchrun)")
     p.add_argument("--num-experts", type=int, default=512 ** 2)

@@ -43,6 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from peer_dist import cli
 from peer_dist.ops import triton_mix
 
 ARCHS = (80, 90)
@@ -320,7 +321,7 @@ def _ints(p: argparse.ArgumentParser, text: str, name: str, allowed) -> list[int
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="peer-bench kernels", description=__doc__,
+    p = cli.Parser(prog="peer-bench kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", default=",".join(map(str, DIMS)))
     p.add_argument("--dtypes", default=",".join(DTYPES), help="fp32,bf16")

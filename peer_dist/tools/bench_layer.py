@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from peer_dist import cli
 from peer_dist.config import TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
 
 IMPLS = ("peer_dist", "peer-pytorch")
@@ -51,7 +52,7 @@ STATE_DTYPES = TABLE_STATE_DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peer-bench layer", description=__doc__,
+    p = cli.Parser(prog="peer-bench layer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-experts", type=int, default=512 * 512, help="N (a perfect square)")
     p.add_argument("--dim", type=int, default=256)

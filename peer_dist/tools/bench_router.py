@@ -22,11 +22,12 @@ import time
 
 import torch
 
+from peer_dist import cli
 from peer_dist.config import PEERConfig
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="peer-bench router", description=__doc__,
+    p = cli.Parser(prog="peer-bench router", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-experts", type=int, default=1024 ** 2)
     p.add_argument("--dim", type=int, default=1024)

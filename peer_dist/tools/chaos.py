@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from peer_dist import cli
 from peer_dist.config import ConfigError, load_config, to_dict
 from peer_dist.train import checkpoint as ckpt
 from peer_dist.train.preempt import EXIT_INTERRUPTED
@@ -64,7 +65,7 @@ class Fault:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="peer-chaos", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="peer-chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--faults", type=int, default=20, help="faults to inject (>= 1)")

@@ -41,6 +41,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from peer_dist import cli
 from peer_dist.errors import UserError
 from peer_dist.parallel import cost
 
@@ -419,7 +420,7 @@ def scaled(c: Cluster, gpus: int) -> Cluster:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m peer_dist.tools.cluster_model",
+    p = cli.Parser(prog="python -m peer_dist.tools.cluster_model",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cluster", default="8x8:h100", help=CLUSTER_FORM + "; with --gpus the "

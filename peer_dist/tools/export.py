@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from peer_dist import cli
 from peer_dist.config import Config, ConfigError, load_config, save_config
 from peer_dist.errors import UserError
 
@@ -214,7 +215,7 @@ def quiet_env() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+    p = cli.Parser(prog=PROG, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="run directory, its checkpoints/ folder, or one step_* directory")

@@ -12,12 +12,13 @@ import argparse
 import sys
 import time
 
+from peer_dist import cli
 from peer_dist.config import DataConfig
 from peer_dist.data.prepare import prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peer-prepare", description=__doc__.split("\n")[0],
+    p = cli.Parser(prog="peer-prepare", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="files, folders, or 'stdlib'")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")

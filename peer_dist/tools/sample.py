@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from peer_dist import cli
 from peer_dist.config import Config
 from peer_dist.errors import UserError, debug
 
@@ -121,7 +122,7 @@ def load_sharded(spec: str) -> tuple[Config, torch.nn.Module, object]:
 # --------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+    p = cli.Parser(prog=PROG, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoints/ folder, "

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from peer_dist import cli
 from peer_dist.config import TABLE_DTYPES, ConfigError, ModelConfig, load_config
 from peer_dist.tools import memory_model as mm
 from peer_dist.tools.plots import Series, line_chart, predicted_vs_measured
@@ -145,7 +146,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peer-scale", description=__doc__.split("\n")[0])
+    parser = cli.Parser(prog="peer-scale", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _grid_args(sub.add_parser("predict", help="memory model over a grid"), measure=False)
     m = sub.add_parser("measure", help="short torchrun runs of peer-train over a grid "

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from peer_dist import cli
 from peer_dist.config import DataConfig, ModelConfig, MoEConfig, PEERConfig
 
 KINDS = ("dense", "moe", "pkm", "peer", "moe_ec")
@@ -508,7 +509,7 @@ def _kinds(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peer-study", description=__doc__,
+    p = cli.Parser(prog="peer-study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     iso = sub.add_parser("isoflop", help="PEER against dense, MoE and PKM at equal compute")

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 
+from peer_dist import cli
 from peer_dist.config import ConfigError, load_config
 from peer_dist.errors import UserError, debug
 
@@ -27,7 +28,7 @@ PROG = "peer-train"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog=PROG, description="Train a PEER language model (expert tables sharded "
         "across ranks, dense part with DeepSpeed ZeRO).",
         epilog="Example: peer-train --config configs/tiny.yaml train.steps=20 train.zero_stage=2")

@@ -1,0 +1,88 @@
+"""Command-line parsing shared by every tool: a bad flag is one line, and numbers have bounds.
+
+    p = cli.Parser(prog="peer-bench layer")
+    p.add_argument("--threads", type=cli.ints(1, cli.MAX_THREADS), default=2)
+
+A bad value ends the process with `peer-bench layer: argument --threads: 0 is invalid:
+allowed is an integer from 1 to 1024` on stderr and status 2 (argparse's usage block is left
+out: `--help` shows it). Each bound is checked when the flag is read, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+MAX_THREADS = 1024   # torch threads in one process: beyond any machine this runs on
+MAX_COUNT = 1 << 40  # steps, tokens, repeats: a bound that only catches typos and overflow
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse makes subparsers of the same class)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def _allowed(lo, hi, kind: str) -> str:
+    if hi is None:
+        return f"allowed is {'an integer' if kind == 'int' else 'a number'} >= {lo}"
+    if lo is None:
+        return f"allowed is {'an integer' if kind == 'int' else 'a number'} <= {hi}"
+    return f"allowed is {'an integer' if kind == 'int' else 'a number'} from {lo} to {hi}"
+
+
+def ints(lo: int | None = None, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (None: unbounded on that side)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: {_allowed(lo, hi, 'int')}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def floats(lo: float | None = None, hi: float | None = None, *, above: bool = False):
+    """An argparse type: a finite number in [lo, hi]; above=True makes the lower bound strict
+    (a number > lo)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low_ok = lo is None or (value > lo if above else value >= lo)
+        if not math.isfinite(value) or not low_ok or (hi is not None and value > hi):
+            if above and hi is None:
+                allowed = f"allowed is a number > {lo}"
+            elif above:
+                allowed = f"allowed is a number > {lo} and <= {hi}"
+            else:
+                allowed = _allowed(lo, hi, "float")
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: {allowed}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def int_list(lo: int | None = None, hi: int | None = None):
+    """An argparse type: a comma-separated list of integers in [lo, hi], at least one."""
+    one = ints(lo, hi)
+
+    def parse(text: str) -> list[int]:
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is invalid: {_allowed(lo, hi, 'int')}, comma-separated")
+        try:
+            return [one(v) for v in items]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is invalid: {_allowed(lo, hi, 'int')}, comma-separated") from None
+    parse.__name__ = "integer list"
+    return parse
