@@ -142,6 +142,9 @@ class ModelConfig:
         self.moe.validate()
         _check(self.sparse_kind in SPARSE_KINDS, "model.sparse_kind", self.sparse_kind,
                f"one of {list(SPARSE_KINDS)}")
+        _check(self.rope_theta > 1, "model.rope_theta", self.rope_theta,
+               "a number > 1 (the rotary base; 10000 is usual)")
+        _check(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "a number in (0, 1)")
 
 
 @dataclass
@@ -241,6 +244,8 @@ class OptimConfig:
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
                "in [0, 1]")
         _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 = off)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        _check(0 < self.eps < 1, "optim.eps", self.eps, "a number in (0, 1)")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                self.betas, "two numbers in [0, 1)")
 
@@ -302,8 +307,11 @@ class TrainConfig:
                "a number of seconds > 0")
         _check(self.nonfinite in NONFINITE, "train.nonfinite", self.nonfinite,
                f"one of {list(NONFINITE)}")
-        _check(self.collective_timeout_s > 0, "train.collective_timeout_s",
-               self.collective_timeout_s, "a number of seconds > 0")
+        _check(self.collective_timeout_s >= 1, "train.collective_timeout_s",
+               self.collective_timeout_s, "a number of seconds >= 1")
+        _check(0 <= self.seed < 2 ** 63, "train.seed", self.seed, "an integer from 0 to 2**63 - 1")
+        _check(self.run_dir.strip() != "", "train.run_dir", self.run_dir,
+               "a folder path (not empty)")
         _check(self.threads >= 0, "train.threads", self.threads,
                "0 (cores / local ranks, or OMP_NUM_THREADS) or an integer >= 1")
 

@@ -165,11 +165,13 @@ def train(cfg) -> int:
     import torch.distributed as dist
 
     from peer_dist.train.loop import run
-    from peer_dist.train.startup import apply_threads, check_layout
+    from peer_dist.train.startup import apply_threads, check_layout, check_memory
 
     code, error = 0, None
     try:
         check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1") or 1))
+        if "RANK" not in os.environ:  # a world of one (ranks were checked by their launcher)
+            check_memory(cfg, 1, 1)
         apply_threads(cfg)
         line = node_line(dict(os.environ))
         if line:
@@ -246,20 +248,21 @@ def main(argv: list[str] | None = None) -> int:
 def start_ranks(cfg, args: argparse.Namespace, torchrun_args: list[str]) -> int:
     """Check the layout before any rank starts, share the cores among this node's ranks, then
     launch them."""
-    from peer_dist.train.startup import check_layout, cpu_cores, cpu_threads, local_ranks_error
+    from peer_dist.train import startup
 
-    problem = local_ranks_error(args.nproc)
+    problem = startup.local_ranks_error(args.nproc)
     if problem:
         return report(problem, 2)
     try:
-        check_layout(cfg, args.nproc * args.nnodes)
+        startup.check_layout(cfg, args.nproc * args.nnodes)
+        startup.check_memory(cfg, args.nproc * args.nnodes, args.nproc)
     except UserError as e:
         if debug():
             raise
         return report(str(e), e.exit_code)
     # Set here, the ranks inherit it (and torchrun does not force 1 thread with a warning).
-    os.environ["OMP_NUM_THREADS"] = str(cpu_threads(cfg, args.nproc))
-    cores = cpu_cores()
+    os.environ["OMP_NUM_THREADS"] = str(startup.cpu_threads(cfg, args.nproc))
+    cores = startup.cpu_cores()
     if args.nproc > cores and not _has_cuda():
         print(f"{PROG}: warning: --nproc {args.nproc} CPU ranks on {cores} cores: the ranks "
               "take turns on the cores (1 thread each); allowed, but --nproc <= "

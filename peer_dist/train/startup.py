@@ -179,6 +179,77 @@ def check_layout(cfg: Config, world_size: int) -> None:
                         "experts", all_ranks=True)
 
 
+STATE_PER_ROW = {"lazy_adam": None, "dense_adam": None, "adagrad": 1, "sgd": 0}  # None: 2 * d
+ELEM = {"fp32": 4, "bf16": 2}
+
+
+def least_bytes_per_rank(cfg: Config, world_size: int) -> dict[str, int]:
+    """What one rank must hold at the least, from the config alone: its expert-table rows and
+    their optimizer state (exact), the dense parameters (2 bytes each, at ZeRO 3 over the
+    world) and one micro-batch's fp32 logits. The whole peak is larger (peer-scale predicts
+    it); this bound only catches a config that cannot fit at all, before anything allocates."""
+    m, p, t = cfg.model, cfg.model.peer, cfg.train
+    d, vocab = m.dim, max(m.vocab_size, 1)
+    blocks = m.peer_block_ids()
+    sparse = set(blocks)
+    tables = state = sparse_dense = 0
+    if m.sparse_kind == "peer" and blocks:
+        ep = world_size if cfg.parallel.ep == 0 else cfg.parallel.ep
+        rows = -(-p.num_experts // max(ep, 1))
+        per_row = STATE_PER_ROW[cfg.optim.table_optimizer]
+        per_row = 2 * d if per_row is None else per_row
+        tables = len(blocks) * 2 * rows * d * ELEM[p.table_dtype]
+        state = len(blocks) * 2 * rows * per_row * ELEM[cfg.optim.table_state_dtype]
+    elif m.sparse_kind == "pkm":
+        sparse_dense = len(blocks) * p.num_experts * d
+    elif m.sparse_kind == "moe":
+        sparse_dense = len(blocks) * m.moe.experts * 2 * d * m.ffw_mult * d
+    params = (2 * vocab * d + sparse_dense
+              + sum(4 * d * d + (0 if i in sparse else 2 * d * m.ffw_mult * d)
+                    for i in range(m.n_layers)))
+    dense = 2 * params // (world_size if t.zero_stage == 3 else 1)
+    return {"expert tables": tables, "their optimizer state": state, "dense parameters": dense,
+            "logits": 4 * t.batch_size * t.seq_len * vocab}
+
+
+def memory_per_rank(local_ranks: int) -> tuple[int, str] | None:
+    """Bytes each of this machine's local ranks can have, and of what: a GPU's memory (NCCL),
+    else the host's available memory shared by the ranks; None when it cannot be read."""
+    import torch
+
+    from peer_dist.parallel.topology import pick_backend
+
+    if pick_backend() == "nccl":
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    return available // max(local_ranks, 1), f"available memory over {local_ranks} rank(s)"
+
+
+def check_memory(cfg: Config, world_size: int, local_ranks: int) -> None:
+    """Refuse a config whose least bytes per rank exceed what a rank here can have: one line
+    naming the parts and the keys to change, instead of an allocation failure or the kernel's
+    out-of-memory killer part way into the start."""
+    have = memory_per_rank(local_ranks)
+    if have is None:
+        return
+    parts = least_bytes_per_rank(cfg, world_size)
+    need = sum(parts.values())
+    if need <= have[0]:
+        return
+    gib = 1024 ** 3
+    shown = ", ".join(f"{k} {v / gib:,.1f}" for k, v in parts.items()
+                      if v >= need / 100)
+    raise UserError(f"this config needs at least {need / gib:,.1f} GiB per rank ({shown} GiB) "
+                    f"and a rank here has {have[0] / gib:,.1f} GiB ({have[1]}); allowed: a "
+                    "smaller model.peer.num_experts, model.dim, model.vocab_size or "
+                    "train.batch_size, or more ranks (parallel.ep)", all_ranks=True)
+
+
 def _span(ranks: list[int]) -> str:
     return f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 

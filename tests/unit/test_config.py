@@ -54,6 +54,15 @@ def test_override_beats_file(tmp_path):
     ("train.zero_stage=4", "train.zero_stage", "[0, 1, 2, 3]"),
     ("train.dtype=fp16", "train.dtype", "'bf16'"),
     ("model.peer_blocks=7", "model.peer_blocks", "block indices"),
+    # accepted before, and then every step was skipped as non-finite
+    ("model.rope_theta=0", "model.rope_theta", "a number > 1"),
+    ("model.norm_eps=-1", "model.norm_eps", "(0, 1)"),
+    ("optim.eps=0", "optim.eps", "(0, 1)"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay", ">= 0"),
+    ("train.seed=-1", "train.seed", "0 to 2**63 - 1"),  # blamed the data
+    ("train.seed=1e30", "train.seed", "0 to 2**63 - 1"),  # an overflow traceback
+    ("train.run_dir=", "train.run_dir", "not empty"),  # wrote into the working folder
+    ("train.collective_timeout_s=1e-9", "train.collective_timeout_s", ">= 1"),  # a C++ dump
 ])
 def test_invalid_values_name_key_and_allowed(override, key, allowed):
     with pytest.raises(ConfigError) as err:
@@ -159,6 +168,6 @@ def test_new_train_fields_are_validated():
         "stop", 3, 2.5)
     for bad, allowed in [("train.nonfinite=retry", "['skip', 'stop']"),
                          ("train.max_skipped=0", ">= 1"),
-                         ("train.collective_timeout_s=0", "> 0")]:
+                         ("train.collective_timeout_s=0.5", ">= 1")]:
         with pytest.raises(ConfigError, match=re.escape(allowed)):
             load_config(None, [bad])

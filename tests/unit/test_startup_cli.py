@@ -67,6 +67,48 @@ def test_more_ranks_than_this_machine_runs_is_one_line_before_any_start(capsys, 
     assert "--nprocs-list=17: CPU ranks" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name,world", [("tiny", 1), ("small", 2), ("million_cpu", 2),
+                                        ("peer_1m", 1), ("peer_1m", 8)])
+def test_least_bytes_per_rank_stay_under_the_memory_models_peak(name, world):
+    """The start-up refusal must never refuse a config that fits: its bound is at most the
+    memory model's whole peak (the measured one), and its tables are the model's exactly."""
+    from peer_dist.tools import memory_model as mm
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / f"{name}.yaml")
+    cfg.model.vocab_size = cfg.model.vocab_size or 256
+    least = startup.least_bytes_per_rank(cfg, world)
+    ep = world if cfg.parallel.ep == 0 else cfg.parallel.ep
+    peak = mm.breakdown(mm.Setup(cfg.model, ep=ep, world_size=world,
+                                 table_dtype=cfg.model.peer.table_dtype,
+                                 table_optimizer=cfg.optim.table_optimizer,
+                                 zero_stage=cfg.train.zero_stage,
+                                 tokens_per_rank=cfg.train.batch_size * cfg.train.seq_len))
+    assert least["expert tables"] == peak["expert_params"]
+    assert least["their optimizer state"] == peak["expert_optim"]
+    assert 0 < sum(least.values()) <= peak["total"]
+
+
+@pytest.mark.parametrize("override,part", [
+    ("model.peer.num_experts=4294967296", "(expert tables 1,024.0, their optimizer state 2,048.0"),
+    ("train.batch_size=1000000", "(logits 30.5 GiB)"),
+    ("model.vocab_size=1000000000", "(dense parameters 238.4"),
+])
+def test_a_config_that_cannot_fit_is_one_line_before_any_start(capsys, monkeypatch, override,
+                                                               part):
+    """model.peer.num_experts=2**32 ended in an allocator error naming no key; batch_size=1e6
+    in the kernel's out-of-memory killer. Both launchers refuse it first (here: 8 GiB)."""
+    monkeypatch.setattr(startup, "memory_per_rank",
+                        lambda ranks: (8 * 1024 ** 3 // ranks, f"available over {ranks}"))
+    for argv in (["--config", str(TINY), "--nproc", "2", override],  # tables over 2 ranks
+                 ["--config", str(TINY), override]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "allowed: a smaller" in err[0], err
+        assert part in err[0] or "--nproc" not in argv, err
+    cfg = load_config(TINY)
+    startup.check_memory(cfg, 1, 1)  # the tiny config fits
+
+
 def test_missing_data_path_is_an_error_without_a_source(tmp_path: Path):
     cfg = load_config(TINY, [f"data.path={tmp_path / 'typo'}", "data.source="])
     with pytest.raises(UserError, match=r"does not exist; allowed: .*data.source=stdlib"):
