@@ -349,6 +349,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder: allowed is a YAML file "
+                              "such as configs/tiny.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         data = read_yaml(path)

@@ -47,24 +47,26 @@ class Layout:
     max_restarts: int = 0
 
 
-def _int(env: Mapping[str, str], key: str, default: int | None = None, low: int = 1) -> int:
+def _int(env: Mapping[str, str], key: str, default: int | None = None, low: int = 1,
+         high: int | None = None) -> int:
+    allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
     raw = env.get(key)
     if raw is None or raw == "":
         if default is None:
-            raise UserError(f"{key} is not set: allowed is an integer >= {low}")
+            raise UserError(f"{key} is not set: allowed is {allowed}")
         return default
     try:
         value = int(raw)
     except ValueError:
         value = low - 1
-    if value < low:
-        raise UserError(f"{key}={raw!r} is invalid: allowed is an integer >= {low}")
+    if value < low or (high is not None and value > high):
+        raise UserError(f"{key}={raw!r} is invalid: allowed is {allowed}")
     return value
 
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07"."""
-    m = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    m = re.match(r"\s*([^,\[\]]+)(?:\[([^\]]+)\])?\s*(?:,|$)", nodelist)
     if not m or not m.group(1):
         raise UserError(f"SLURM_JOB_NODELIST={nodelist!r} is invalid: allowed is a SLURM host "
                         "list such as node[01-04] or node1,node2")
@@ -97,9 +99,23 @@ def _nproc(env: Mapping[str, str], *scheduler_keys: str) -> int:
     return _gpus_here() or 2
 
 
+NODE_RANK_KEYS = {"slurm": "SLURM_NODEID", "pytorchjob": "PET_NODE_RANK or RANK",
+                  "c10d": "NODE_RANK", "single": "NODE_RANK"}
+
+
 def detect(env: Mapping[str, str]) -> Layout:
-    """The launch layout this environment describes (see the module docstring)."""
-    port = _int(env, "MASTER_PORT", DEFAULT_PORT)
+    """The launch layout this environment describes (see the module docstring), checked: a
+    node rank past the last node is an error here, not a rendezvous that never completes."""
+    layout = _detect(env)
+    if layout.node_rank >= layout.nnodes:
+        raise UserError(f"{NODE_RANK_KEYS[layout.style]}={layout.node_rank} with "
+                        f"{layout.nnodes} node(s): allowed is a node rank from 0 to "
+                        f"{layout.nnodes - 1}")
+    return layout
+
+
+def _detect(env: Mapping[str, str]) -> Layout:
+    port = _int(env, "MASTER_PORT", DEFAULT_PORT, high=65535)
     if env.get("SLURM_JOB_ID"):
         tasks = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
         if tasks not in ("", "1"):
@@ -115,7 +131,8 @@ def detect(env: Mapping[str, str]) -> Layout:
         return Layout("pytorchjob", _int(env, "PET_NNODES"), _nproc(env, "PET_NPROC_PER_NODE"),
                       _int(env, "PET_NODE_RANK", _int(env, "RANK", 0, low=0), low=0),
                       env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR", ""),
-                      _int(env, "PET_MASTER_PORT", port), env.get("PET_RDZV_ID", "peer_dist"),
+                      _int(env, "PET_MASTER_PORT", port, high=65535),
+                      env.get("PET_RDZV_ID", "peer_dist"),
                       _int(env, "MAX_RESTARTS", 3, low=0))
     if env.get("KUBERNETES_SERVICE_HOST") and env.get("MASTER_ADDR") and env.get("WORLD_SIZE"):
         return Layout("pytorchjob", _int(env, "WORLD_SIZE"), _nproc(env),

@@ -69,6 +69,9 @@ def _launch_args(args: argparse.Namespace, argv: list[str]) -> list[str] | str:
     """torchrun's arguments for this command, or the one-line error for bad launcher flags."""
     if args.nnodes > 1 and not args.rdzv_endpoint:
         return f"--nnodes={args.nnodes} needs --rdzv-endpoint HOST:PORT (the first node)"
+    if args.nnodes > 1 and not endpoint_ok(args.rdzv_endpoint):
+        return (f"--rdzv-endpoint={args.rdzv_endpoint!r} is invalid: allowed is HOST or "
+                "HOST:PORT with a port from 1 to 65535 (e.g. node0:29400)")
     rest = [a for a in ([*(["--config", args.config] if args.config else []), *args.overrides])]
     if args.nnodes > 1:
         where = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d",
@@ -77,6 +80,15 @@ def _launch_args(args: argparse.Namespace, argv: list[str]) -> list[str] | str:
         where = ["--standalone"]
     return [*where, f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
             "-m", "peer_dist.train", *rest]
+
+
+def endpoint_ok(endpoint: str) -> bool:
+    """HOST, HOST:PORT or [IPv6]:PORT with a port in 1-65535 (torchrun's own check is a
+    traceback, and only once every node has started)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or (":" in host and not host.startswith("[")):  # HOST alone, or a bare IPv6
+        host, port = endpoint, "29400"
+    return bool(host.strip("[]").strip()) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def launch(torchrun_args: list[str], run_dir: str = "") -> int:

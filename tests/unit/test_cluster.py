@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peer_dist.tools.cluster import first_host
+from peer_dist.errors import UserError
+from peer_dist.tools.cluster import detect, first_host
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--config", "configs/tiny.yaml", "train.steps=2"]
@@ -90,6 +91,22 @@ def test_bad_environment_is_one_line(env: dict, message: str) -> None:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("peer-launch: ")
     assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("env, message", [
+    # each was accepted, and the job waited at a rendezvous that could never complete
+    ({"MASTER_ADDR": "h", "NNODES": "2", "NODE_RANK": "2"},
+     "NODE_RANK=2 with 2 node(s): allowed is a node rank from 0 to 1"),
+    ({"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_NODEID": "3",
+      "SLURM_JOB_NODELIST": "n[1-2]"}, "SLURM_NODEID=3 with 2 node(s)"),
+    ({"MASTER_ADDR": "h", "NNODES": "2", "MASTER_PORT": "99999"},
+     "MASTER_PORT='99999' is invalid: allowed is an integer from 1 to 65535"),
+    ({"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu["},
+     "SLURM_JOB_NODELIST='gpu[' is invalid"),
+])
+def test_a_layout_that_cannot_meet_is_refused(env: dict, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        detect(env)
 
 
 @pytest.mark.parametrize("nodelist, first", [("gpu[07-09,12],cpu1", "gpu07"), ("n1,n2", "n1"),

@@ -38,6 +38,21 @@ def test_bad_launcher_flags_are_one_line(capsys, flag, monkeypatch):
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice is kept
 
 
+@pytest.mark.parametrize("endpoint", [":99999", "node0:99999", "node0:0", "node0:", "h:x"])
+def test_a_bad_rendezvous_endpoint_is_one_line(capsys, endpoint):
+    """torchrun's own check of the port was a ValueError traceback."""
+    assert main(["--config", str(TINY), "--nnodes", "2", "--rdzv-endpoint", endpoint]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"peer-train: --rdzv-endpoint={endpoint!r} is invalid: allowed is HOST or "
+                   "HOST:PORT with a port from 1 to 65535 (e.g. node0:29400)"]
+
+
+def test_a_folder_given_as_the_config_is_named_as_one(capsys, tmp_path):
+    assert main(["--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder: allowed is a YAML file" in err[0], err
+
+
 def test_more_ranks_than_this_machine_runs_is_one_line_before_any_start(capsys, monkeypatch):
     """CPU ranks: at most 8 per core (--nproc 100000 once started ranks until memory ran out);
     NCCL: one rank per GPU. peer-train, peer-sample, peer-bench dist and peer-scale's points
