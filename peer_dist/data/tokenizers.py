@@ -58,7 +58,13 @@ class HFTokenizer:
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist: allowed are "
                                     "'byte' or the path of a tokenizers JSON file")
         self.path = path
-        self._tok = _HFTokenizer.from_file(str(path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the Rust library raises a bare Exception
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"tokenizer file {str(path)!r} is not a Hugging Face tokenizers "
+                             f"file ({why}): allowed are 'byte' or the tokenizer.json a "
+                             "tokenizers Tokenizer saved") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = next((i for t in HF_EOS_CANDIDATES
                             if (i := self._tok.token_to_id(t)) is not None), None)

@@ -257,3 +257,12 @@ def test_hf_tokenizer_without_package_names_the_fix(tmp_path: Path, monkeypatch)
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install tokenizers"):
         HFTokenizer(tmp_path / "tok.json")
+
+
+@pytest.mark.parametrize("body", ['{"a": 1}', "garbage{", ""])
+def test_a_json_file_that_is_no_tokenizer_is_named(tmp_path: Path, body: str):
+    """The tokenizers library's bare Exception was a traceback from peer-prepare and peer-train."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "tok.json").write_text(body)
+    with pytest.raises(ValueError, match=r"tok.json' is not a Hugging Face tokenizers file \("):
+        HFTokenizer(tmp_path / "tok.json")
