@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import struct
 import sys
@@ -67,19 +68,43 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file."""
+    """(tensors, metadata) of a safetensors file; a truncated or damaged one is a UserError
+    naming what is wrong (every offset and shape is checked before a byte is read)."""
     data = Path(path).read_bytes()
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{str(path)!r} is not a whole safetensors file ({what}); allowed: a "
+                         "file written by peer-export (export it again)")
+
+    if len(data) < 8:
+        raise bad(f"{len(data)} bytes, fewer than its 8-byte header length")
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    if n > len(data) - 8:
+        raise bad(f"its header claims {n:,} bytes of {len(data) - 8:,}")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both
+        raise bad(f"its header is not JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
     metadata = header.pop("__metadata__", {})
-    base = 8 + n
+    base, size = 8 + n, len(data) - 8 - n
     out = {}
     for name, e in header.items():
-        start, stop = e["data_offsets"]
+        try:
+            dtype, shape, (start, stop) = DTYPES[e["dtype"]], list(e["shape"]), e["data_offsets"]
+            ok = (all(isinstance(v, int) and v >= 0 for v in (*shape, start, stop))
+                  and start <= stop <= size
+                  and math.prod(shape) * dtype.itemsize == stop - start)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"tensor {name!r}: {json.dumps(e)[:120]} does not fit its {size:,} bytes "
+                      "of data")
         buf = bytearray(data[base + start:base + stop])  # writable: torch shares it
         flat = (torch.frombuffer(buf, dtype=torch.uint8) if buf
                 else torch.empty(0, dtype=torch.uint8))  # frombuffer refuses empty buffers
-        out[name] = flat.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+        out[name] = flat.view(dtype).reshape(shape)
     return out, metadata
 
 
@@ -144,8 +169,12 @@ def build_loaded(cfg: Config, state: dict[str, torch.Tensor]) -> torch.nn.Module
     model = build_model(cfg.model, cfg.train.seed, materialize=False)
     try:
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise UserError(f"the weights do not fit the model of their config: {e}") from None
+    except RuntimeError as e:  # torch lists every mismatch, a line each: the first is named
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines[1:] if ln), lines[0] if lines else "")
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise UserError(f"the weights do not fit the model of their config: {first}{more}; "
+                        "allowed: the config saved with them") from None
     return model.eval()
 
 

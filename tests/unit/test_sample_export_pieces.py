@@ -38,6 +38,51 @@ def test_safetensors_round_trip_keeps_dtypes_shapes_and_values(tmp_path: Path):
     assert header["a"]["data_offsets"] == [0, 60]  # 15 float32 values first
 
 
+def _damaged(raw: bytes, how: str) -> bytes:
+    (n,) = struct.unpack("<Q", raw[:8])
+    if how == "truncated":
+        return raw[:len(raw) - 9]
+    if how == "short":
+        return raw[:5]
+    if how == "length":
+        return struct.pack("<Q", 1 << 40) + raw[8:]
+    if how == "not utf-8":
+        return raw[:8] + b"\xff" * 4 + raw[12:]
+    if how == "not json":
+        return raw[:8] + b"[" + raw[9:]
+    header = json.loads(raw[8:8 + n])
+    header["a"]["shape"] = [3, 6] if how == "shape" else header["a"]["shape"]
+    header["a"]["dtype"] = "Q9" if how == "dtype" else header["a"]["dtype"]
+    head = json.dumps(header).encode().ljust(n)
+    return raw[:8] + head[:n] + raw[8 + n:]
+
+
+@pytest.mark.parametrize("how", ["truncated", "short", "length", "not utf-8", "not json",
+                                 "shape", "dtype"])
+def test_a_damaged_safetensors_file_is_named_not_a_traceback(tmp_path: Path, how: str):
+    """struct.error, UnicodeDecodeError, JSONDecodeError or a reshape error reached the user of
+    peer-sample before; now one UserError names the file and what is wrong."""
+    from peer_dist.errors import UserError
+
+    path = tmp_path / "m.safetensors"
+    save_safetensors(path, {"a": torch.ones(3, 5), "b": torch.ones(7)}, {"format": "x"})
+    path.write_bytes(_damaged(path.read_bytes(), how))
+    with pytest.raises(UserError, match="m.safetensors' is not a whole safetensors file") as e:
+        load_safetensors(path)
+    assert "\n" not in str(e.value)
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path: Path):
+    cfg = load_config(TINY)
+    state = build_model(cfg.model, seed=0).state_dict()
+    small = load_config(TINY, ["model.dim=32", "model.n_heads=2"])
+    from peer_dist.errors import UserError
+
+    with pytest.raises(UserError, match=r"size mismatch for .* \(and \d+ more\); allowed") as e:
+        build_loaded(small, state)
+    assert "\n" not in str(e.value)
+
+
 def _fake_checkpoint(tmp_path: Path, balance: bool):
     """A checkpoint folder as training writes it (dense_full.pt, tables/ by DCP in table-position
     order, config.yaml) for the tiny model; returns (cfg, the model it holds)."""
