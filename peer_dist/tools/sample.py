@@ -123,26 +123,26 @@ def load_sharded(spec: str) -> tuple[Config, torch.nn.Module, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog=PROG, description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoints/ folder, "
                    "step_* directory, or a .safetensors file from peer-export")
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
-    p.add_argument("--tokens", type=int, default=100, help="new tokens at most (default 100)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0 = all")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the draws (default 0)")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--tokens", type=cli.ints(0, cli.MAX_COUNT), default=100,
+                   help="new tokens at most (default 100)")
+    p.add_argument("--temperature", type=cli.floats(0), default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-k", type=cli.ints(0), default=0,
+                   help="sample among the k likeliest; 0 = all")
+    p.add_argument("--seed", type=cli.ints(0, 2 ** 63 - 1), default=0,
+                   help="random seed of the draws (default 0)")
+    p.add_argument("--nproc", type=cli.ints(1), default=1,
                    help="ranks on this node, tables sharded over them (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids and text)")
     return p
 
 
 def arg_error(args: argparse.Namespace) -> str | None:
-    if args.tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.nproc < 1:
-        return (f"--tokens={args.tokens} --temperature={args.temperature} --top-k={args.top_k} "
-                f"--nproc={args.nproc}: allowed are --tokens >= 0, --temperature >= 0, "
-                "--top-k >= 0, --nproc >= 1")
     if args.nproc > 1 and args.checkpoint.endswith(".safetensors"):
         return "--nproc > 1 shards a checkpoint's tables: allowed is --checkpoint <run or step>"
     return None

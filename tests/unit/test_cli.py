@@ -1,0 +1,70 @@
+"""The shared command-line parsing: bounded numbers, and a bad flag as one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer_dist import cli
+
+
+@pytest.mark.parametrize("kind,text,value", [
+    (cli.ints(1, 8), "1", 1), (cli.ints(1, 8), "8", 8), (cli.ints(0), "10000000000", 10 ** 10),
+    (cli.floats(0), "0", 0.0), (cli.floats(0, 1), "0.25", 0.25), (cli.floats(0, above=True),
+                                                                   "1e-9", 1e-9),
+    (cli.int_list(1), "1,2, 4", [1, 2, 4]),
+])
+def test_values_in_bounds_are_read(kind, text, value):
+    assert kind(text) == value
+
+
+@pytest.mark.parametrize("kind,text,allowed", [
+    (cli.ints(1, 8), "0", "an integer from 1 to 8"),
+    (cli.ints(1, 8), "9", "an integer from 1 to 8"),
+    (cli.ints(1), "1.5", "an integer >= 1"),
+    (cli.ints(1), "", "an integer >= 1"),
+    (cli.floats(0), "nan", "a number >= 0"),
+    (cli.floats(0), "inf", "a number >= 0"),
+    (cli.floats(0), "-1e-9", "a number >= 0"),
+    (cli.floats(0, above=True), "0", "a number > 0"),
+    (cli.floats(0, 1, above=True), "1.5", "a number > 0 and <= 1"),
+    (cli.int_list(1), "1,0", "an integer >= 1, comma-separated"),
+    (cli.int_list(1), ",", "an integer >= 1, comma-separated"),
+])
+def test_values_out_of_bounds_name_what_is_allowed(kind, text, allowed):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        kind(text)
+    assert str(e.value) == f"{text!r} is invalid: allowed is {allowed}"
+
+
+def test_a_bad_flag_is_one_line_with_status_2(capsys):
+    p = cli.Parser(prog="peer-x")
+    p.add_argument("--threads", type=cli.ints(1, cli.MAX_THREADS), default=2)
+    assert p.parse_args(["--threads", "3"]).threads == 3
+    for argv, message in [(["--threads", "0"], "argument --threads: '0' is invalid: allowed is "
+                           f"an integer from 1 to {cli.MAX_THREADS}"),
+                          (["--bogus"], "unrecognized arguments: --bogus")]:
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"peer-x: {message} (see peer-x --help)"]
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("plan").add_argument("--n", type=cli.floats(0, above=True))
+    with pytest.raises(SystemExit):
+        p.parse_args(["plan", "--n", "nan"])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("peer-x plan: argument --n: 'nan'"), err
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--seed", "1e30"),
+                                        ("--tokens", "-1"), ("--top-k", "-2"), ("--nproc", "0")])
+def test_peer_sample_flags_are_bounded(capsys, flag, value):
+    from peer_dist.tools import sample
+
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--checkpoint", "m.safetensors", flag, value])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"peer-sample: argument {flag}: {value!r} is invalid"), err
