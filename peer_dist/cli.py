@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import NoReturn
 
 MAX_THREADS = 1024   # torch threads in one process: beyond any machine this runs on
 MAX_COUNT = 1 << 40  # steps, tokens, repeats: a bound that only catches typos and overflow
@@ -24,6 +25,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         raise SystemExit(2)
+
+
+def fail(message: str) -> NoReturn:
+    """End the process for a user error found after parsing: the one line, status 2."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def _allowed(lo, hi, kind: str) -> str:

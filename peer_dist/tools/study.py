@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from peer_dist import cli
-from peer_dist.config import DataConfig, ModelConfig, MoEConfig, PEERConfig
+from peer_dist.config import ConfigError, DataConfig, ModelConfig, MoEConfig, PEERConfig
 
 KINDS = ("dense", "moe", "pkm", "peer", "moe_ec")
 DEFAULT_KINDS = ("dense", "moe", "pkm", "peer")
@@ -134,7 +134,7 @@ def held_out(data, r: Recipe, part: str) -> list:
     two: `selection` (the first half: choosing widths) and `test` (the second: reporting)."""
     batches = list(data.eval_batches(r.batch, r.seq_len, max_batches=2 * r.eval_batches))
     if len(batches) < 2:
-        raise SystemExit(f"peer-study: the held-out split has {len(batches)} batch of "
+        cli.fail(f"peer-study: the held-out split has {len(batches)} batch of "
                          f"{r.batch} x {r.seq_len} tokens: allowed are 2 or more (a larger "
                          "--data-bytes)")
     half = (len(batches) + 1) // 2
@@ -159,10 +159,20 @@ def evaluate(model, data, r: Recipe) -> tuple[float, float]:
 
 
 def open_corpus(path: str, max_bytes: int):
+    """The prepared corpus at `path`, made from this Python's library when `path` does not
+    exist; anything else there is one line (SystemExit), never replaced."""
     from peer_dist.data import TokenDataset, prepare_dataset
 
-    return TokenDataset(prepare_dataset(DataConfig(path=path, source="stdlib", max_bytes=max_bytes),
-                                        log=lambda m: print(m, file=sys.stderr)))
+    if Path(path).exists() and not (Path(path) / "meta.json").is_file():
+        cli.fail(f"peer-study: --data={path!r} exists and holds no prepared dataset (no "
+                         "meta.json): allowed is a folder written by peer-prepare, or a path "
+                         "that does not exist yet (prepared there from this Python's library)")
+    try:
+        return TokenDataset(prepare_dataset(
+            DataConfig(path=path, source="stdlib", max_bytes=max_bytes),
+            log=lambda m: print(m, file=sys.stderr)))
+    except (OSError, ValueError) as e:
+        cli.fail(f"peer-study: --data={path!r}: {e}")
 
 
 # --------------------------------------------------------------------------- isoflop
@@ -510,7 +520,7 @@ def _kinds(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="peer-study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     iso = sub.add_parser("isoflop", help="PEER against dense, MoE and PKM at equal compute")
     # the defaults: the whole study in 26 min on 2 CPU cores (129 models; README)
@@ -522,27 +532,28 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--sizes", type=_ints, default=[16, 24, 32],
                      help="model widths d to start from (multiples of 8)")
     iso.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    iso.add_argument("--max-extend", type=int, default=2,
+    iso.add_argument("--max-extend", type=cli.ints(0, 64), default=2,
                      help="widths added per kind and budget while the optimum is at an edge")
     ex = sub.add_parser("experts", help="expert usage and unevenness (the paper's Table 2)")
     ex.add_argument("--num-experts", type=_ints, default=[32 ** 2, 64 ** 2, 128 ** 2])
-    ex.add_argument("--dim", type=int, default=64)
-    ex.add_argument("--steps", type=int, default=600)
+    ex.add_argument("--dim", type=cli.ints(8), default=64)
+    ex.add_argument("--steps", type=cli.ints(1, cli.MAX_COUNT), default=600)
     ex.add_argument("--seeds", type=_ints, default=[0, 1])
     sc = sub.add_parser("experts-scaling", help="perplexity and usage against N at equal "
                         "active parameters (the paper's Figure 3)")
     sc.add_argument("--num-experts", type=_ints,
                     default=[32 ** 2, 64 ** 2, 128 ** 2, 256 ** 2, 512 ** 2])
-    sc.add_argument("--dim", type=int, default=64)
-    sc.add_argument("--steps", type=int, default=600)
+    sc.add_argument("--dim", type=cli.ints(8), default=64)
+    sc.add_argument("--steps", type=cli.ints(1, cli.MAX_COUNT), default=600)
     sc.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     for q in (iso, ex, sc):
         q.add_argument("--data", default="data/stdlib_study",
                        help="prepared corpus (made from this Python's library if missing)")
-        q.add_argument("--data-bytes", type=int, default=20_000_000,
+        q.add_argument("--data-bytes", type=cli.ints(1), default=20_000_000,
                        help="raw text read when the corpus is prepared")
         q.add_argument("--out", default="runs/study", help="output folder")
-        q.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+        q.add_argument("--threads", type=cli.ints(0, cli.MAX_THREADS), default=0,
+                       help="torch threads (0: all cores)")
         q.add_argument("--json", action="store_true", help="one JSON object per model")
     return p
 
@@ -554,15 +565,19 @@ def main(argv: list[str] | None = None) -> None:
     out, t0 = Path(args.out), time.perf_counter()
     if args.command == "isoflop":
         if any(d % 8 or d < 8 for d in args.sizes) or args.max_extend < 0:
-            raise SystemExit(f"peer-study: --sizes={args.sizes} --max-extend="
+            cli.fail(f"peer-study: --sizes={args.sizes} --max-extend="
                              f"{args.max_extend}: allowed are widths >= 8 divisible by 8 (4 "
                              "attention heads of even size) and --max-extend >= 0")
         write_isoflop(isoflop_rows(args), out)
     else:
         for n in args.num_experts:
             if math.isqrt(n) ** 2 != n or math.isqrt(n) < 8:
-                raise SystemExit(f"peer-study: --num-experts {n}: allowed are perfect squares "
+                cli.fail(f"peer-study: --num-experts {n}: allowed are perfect squares "
                                  ">= 64 (top-k 8 of sqrt(N) sub-keys)")
+            try:  # the model of every point, before the first one trains
+                model_config("peer", args.dim, Recipe(), num_experts=n)
+            except ConfigError as e:
+                cli.fail(f"peer-study: --dim={args.dim}: {e}")
         if args.command == "experts":
             write_experts(experts_rows(args), out)
         else:

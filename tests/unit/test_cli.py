@@ -68,3 +68,25 @@ def test_peer_sample_flags_are_bounded(capsys, flag, value):
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert err[0].startswith(f"peer-sample: argument {flag}: {value!r} is invalid"), err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["experts", "--data", "{empty}"], "exists and holds no prepared dataset (no meta.json)"),
+    (["experts", "--dim", "12"], "--dim=12: model.n_heads=4 is invalid"),
+    (["experts", "--dim", "0"], "argument --dim: '0' is invalid: allowed is an integer >= 8"),
+    (["experts", "--steps", "0"], "argument --steps: '0' is invalid"),
+    (["experts-scaling", "--threads", "-1"], "argument --threads: '-1' is invalid"),
+    (["isoflop", "--max-extend", "-1"], "argument --max-extend: '-1' is invalid"),
+])
+def test_peer_study_refuses_before_training(capsys, tmp_path, argv, message):
+    """An existing folder without a dataset was a FileExistsError traceback, a width the heads
+    do not divide a ConfigError traceback, and --steps 0 or --threads -1 were accepted."""
+    from peer_dist.tools import study
+
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{empty}", str(tmp_path / "empty")) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        study.main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
