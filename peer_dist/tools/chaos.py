@@ -44,7 +44,7 @@ from peer_dist import cli
 from peer_dist.config import ConfigError, load_config, to_dict
 from peer_dist.train import checkpoint as ckpt
 from peer_dist.train.preempt import EXIT_INTERRUPTED
-from peer_dist.train.startup import config_diff
+from peer_dist.train.startup import config_diff, local_ranks_error
 
 KINDS = ("kill_rank", "kill_in_ckpt", "preempt", "damage")
 STEP = re.compile(r"^step\s+(\d+)/")
@@ -67,10 +67,12 @@ class Fault:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.Parser(prog="peer-chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/tiny.yaml")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--faults", type=int, default=20, help="faults to inject (>= 1)")
-    p.add_argument("--ckpt-every", type=int, default=5, help="checkpoint interval in steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=cli.ints(2), default=2)
+    p.add_argument("--faults", type=cli.ints(1, 10_000), default=20,
+                   help="faults to inject (each a restart of a few seconds)")
+    p.add_argument("--ckpt-every", type=cli.ints(1), default=5,
+                   help="checkpoint interval in steps")
+    p.add_argument("--seed", type=cli.ints(0, 2 ** 63 - 1), default=0)
     p.add_argument("--run-dir", default="runs/chaos")
     p.add_argument("--data", default="", help="data.path (default: the config's)")
     p.add_argument("--reference", default="",
@@ -79,9 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for both runs")
     args = p.parse_args(argv)
-    if args.faults < 1 or args.nproc < 2 or args.ckpt_every < 1:
-        p.error(f"--faults={args.faults} --nproc={args.nproc} --ckpt-every={args.ckpt_every}: "
-                "allowed are --faults >= 1, --nproc >= 2, --ckpt-every >= 1")
+    problem = local_ranks_error(args.nproc)
+    if problem:
+        p.error(problem)
     return args
 
 

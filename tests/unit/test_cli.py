@@ -90,3 +90,22 @@ def test_peer_study_refuses_before_training(capsys, tmp_path, argv, message):
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--faults", "0"], "argument --faults: '0' is invalid: allowed is an integer from 1 to"),
+    (["--nproc", "1"], "argument --nproc: '1' is invalid: allowed is an integer >= 2"),
+    (["--nproc", "17"], "--nproc=17: CPU ranks on this machine's 2 core(s)"),
+    (["--seed", "-1"], "argument --seed: '-1' is invalid"),
+])
+def test_peer_chaos_flags_are_bounded(capsys, monkeypatch, argv, message):
+    from peer_dist.parallel import topology
+    from peer_dist.tools import chaos
+    from peer_dist.train import startup
+
+    monkeypatch.setattr(startup, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(topology, "pick_backend", lambda: "gloo")
+    with pytest.raises(SystemExit) as e:
+        chaos.parse_args(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
