@@ -245,7 +245,7 @@ def quiet_env() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog=PROG, description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="run directory, its checkpoints/ folder, or one step_* directory")
     p.add_argument("--out", required=True, help="the .safetensors file to write (config "

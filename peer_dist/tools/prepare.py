@@ -19,7 +19,7 @@ from peer_dist.data.prepare import prepare
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="peer-prepare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="files, folders, or 'stdlib'")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--tokenizer", default="byte", help="byte (default) or a tokenizers .json")
