@@ -10,6 +10,7 @@ ends the job with one line instead of a traceback from every rank (or a hang).
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -190,24 +191,25 @@ def least_bytes_per_rank(cfg: Config, world_size: int) -> dict[str, int]:
     it); this bound only catches a config that cannot fit at all, before anything allocates."""
     m, p, t = cfg.model, cfg.model.peer, cfg.train
     d, vocab = m.dim, max(m.vocab_size, 1)
-    blocks = m.peer_block_ids()
-    sparse = set(blocks)
+    blocks = len(m.peer_block_ids())
     tables = state = sparse_dense = 0
+    if m.sparse_kind in ("peer", "pkm") and blocks:  # the router: queries and sub-keys
+        sparse_dense = blocks * p.heads * p.d_key * (d + math.isqrt(p.num_experts))
     if m.sparse_kind == "peer" and blocks:
         ep = world_size if cfg.parallel.ep == 0 else cfg.parallel.ep
         rows = -(-p.num_experts // max(ep, 1))
         per_row = STATE_PER_ROW[cfg.optim.table_optimizer]
         per_row = 2 * d if per_row is None else per_row
-        tables = len(blocks) * 2 * rows * d * ELEM[p.table_dtype]
-        state = len(blocks) * 2 * rows * per_row * ELEM[cfg.optim.table_state_dtype]
+        tables = blocks * 2 * rows * d * ELEM[p.table_dtype]
+        state = blocks * 2 * rows * per_row * ELEM[cfg.optim.table_state_dtype]
     elif m.sparse_kind == "pkm":
-        sparse_dense = len(blocks) * p.num_experts * d
+        sparse_dense += blocks * p.num_experts * d
     elif m.sparse_kind == "moe":
-        sparse_dense = len(blocks) * m.moe.experts * 2 * d * m.ffw_mult * d
-    params = (2 * vocab * d + sparse_dense
-              + sum(4 * d * d + (0 if i in sparse else 2 * d * m.ffw_mult * d)
-                    for i in range(m.n_layers)))
+        sparse_dense = blocks * m.moe.experts * 2 * d * m.ffw_mult * d
+    params = (2 * vocab * d + sparse_dense + m.n_layers * 4 * d * d
+              + (m.n_layers - blocks) * 2 * d * m.ffw_mult * d)
     dense = 2 * params // (world_size if t.zero_stage == 3 else 1)
+    dense += 4 * m.max_seq_len * (d // m.n_heads)  # the rotary cos and sin tables (fp32)
     return {"expert tables": tables, "their optimizer state": state, "dense parameters": dense,
             "logits": 4 * t.batch_size * t.seq_len * vocab}
 
@@ -230,6 +232,16 @@ def memory_per_rank(local_ranks: int) -> tuple[int, str] | None:
     return available // max(local_ranks, 1), f"available memory over {local_ranks} rank(s)"
 
 
+SHRINK = {  # what makes each part smaller
+    "expert tables": "a smaller model.peer.num_experts or model.dim, or more ranks (parallel.ep)",
+    "their optimizer state": "a smaller model.peer.num_experts or model.dim, "
+                             "optim.table_optimizer=adagrad, or more ranks (parallel.ep)",
+    "dense parameters": "a smaller model.dim, model.n_layers, model.vocab_size, "
+                        "model.max_seq_len or model.peer.heads x d_key",
+    "logits": "a smaller train.batch_size, train.seq_len or model.vocab_size",
+}
+
+
 def check_memory(cfg: Config, world_size: int, local_ranks: int) -> None:
     """Refuse a config whose least bytes per rank exceed what a rank here can have: one line
     naming the parts and the keys to change, instead of an allocation failure or the kernel's
@@ -244,10 +256,10 @@ def check_memory(cfg: Config, world_size: int, local_ranks: int) -> None:
     gib = 1024 ** 3
     shown = ", ".join(f"{k} {v / gib:,.1f}" for k, v in parts.items()
                       if v >= need / 100)
+    largest = max(parts, key=parts.__getitem__)
     raise UserError(f"this config needs at least {need / gib:,.1f} GiB per rank ({shown} GiB) "
-                    f"and a rank here has {have[0] / gib:,.1f} GiB ({have[1]}); allowed: a "
-                    "smaller model.peer.num_experts, model.dim, model.vocab_size or "
-                    "train.batch_size, or more ranks (parallel.ep)", all_ranks=True)
+                    f"and a rank here has {have[0] / gib:,.1f} GiB ({have[1]}); allowed: "
+                    f"{SHRINK[largest]}", all_ranks=True)
 
 
 def _span(ranks: list[int]) -> str:

@@ -103,13 +103,15 @@ def test_least_bytes_per_rank_stay_under_the_memory_models_peak(name, world):
     assert 0 < sum(least.values()) <= peak["total"]
 
 
-@pytest.mark.parametrize("override,part", [
-    ("model.peer.num_experts=4294967296", "(expert tables 1,024.0, their optimizer state 2,048.0"),
-    ("train.batch_size=1000000", "(logits 30.5 GiB)"),
-    ("model.vocab_size=1000000000", "(dense parameters 238.4"),
+@pytest.mark.parametrize("override,part,hint", [
+    ("model.peer.num_experts=4294967296", "(expert tables 1,024.0, their optimizer state 2,048.0",
+     "optim.table_optimizer=adagrad"),
+    ("train.batch_size=1000000", "(logits 30.5 GiB)", "train.batch_size"),
+    ("model.vocab_size=1000000000", "(dense parameters 238.4", "model.vocab_size"),
+    ("model.n_layers=1000000000000", "(dense parameters", "model.n_layers"),  # not a loop
 ])
 def test_a_config_that_cannot_fit_is_one_line_before_any_start(capsys, monkeypatch, override,
-                                                               part):
+                                                               part, hint):
     """model.peer.num_experts=2**32 ended in an allocator error naming no key; batch_size=1e6
     in the kernel's out-of-memory killer. Both launchers refuse it first (here: 8 GiB)."""
     monkeypatch.setattr(startup, "memory_per_rank",
@@ -118,7 +120,7 @@ def test_a_config_that_cannot_fit_is_one_line_before_any_start(capsys, monkeypat
                  ["--config", str(TINY), override]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "allowed: a smaller" in err[0], err
+        assert len(err) == 1 and "allowed: a smaller" in err[0] and hint in err[0], err
         assert part in err[0] or "--nproc" not in argv, err
     cfg = load_config(TINY)
     startup.check_memory(cfg, 1, 1)  # the tiny config fits
