@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -70,6 +71,7 @@ import torch
 
 from peer_dist import cli
 from peer_dist.config import OVERLAPPING, STRATEGIES
+from peer_dist.errors import UserError
 from peer_dist.train.startup import local_ranks_error
 
 PAPER = dict(num_experts=1024 ** 2, dim=1024, heads=8, topk=16, tokens=4096, ep=8)
@@ -80,63 +82,108 @@ MERGED = ("dispatch", "node_dispatch")
 ROWS = (*(s for s in STRATEGIES if s != "auto"), "replicated")
 
 
+COUNT = cli.ints(1, cli.MAX_COUNT)  # a size or count >= 1 (the shape's relations: parse)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
+    """The flags, every one checked here, before any torchrun starts (a bad value is one line
+    and status 2, not a failed launch per world size)."""
     p = cli.Parser(prog="peer-bench dist", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nprocs-list", default="1,2,4", help="world sizes to launch (torchrun)")
-    p.add_argument("--num-experts", type=int, default=512 ** 2)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--topk", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per rank per step")
-    p.add_argument("--ep", type=int, default=0, help="0 = the whole world")
+    p.add_argument("--num-experts", type=COUNT, default=512 ** 2, help="N (a perfect square)")
+    p.add_argument("--dim", type=COUNT, default=256)
+    p.add_argument("--heads", type=COUNT, default=8)
+    p.add_argument("--topk", type=COUNT, default=16, help="experts per head, <= sqrt(N)")
+    p.add_argument("--tokens", type=COUNT, default=1024, help="tokens per rank per step")
+    p.add_argument("--ep", type=cli.ints(0, cli.MAX_COUNT), default=0,
+                   help="0 = the whole world; else a divisor of every world size")
     p.add_argument("--strategies", default=None,
                    help="default fetch,dispatch,replicated (and node_dispatch with --nodes > 1)")
-    p.add_argument("--nodes", type=int, default=1, help="torchrun agents per world size")
+    p.add_argument("--nodes", type=COUNT, default=1,
+                   help="torchrun agents per world size (dividing every world size)")
     p.add_argument("--overlap-chunks", default="1",
                    help="chunks whose transfers run under compute "
                         "(parallel.overlap_chunks), comma-separated to measure several side by "
                         "side, e.g. 1,4 (replicated runs unchunked)")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=COUNT, default=4)
+    p.add_argument("--warmup", type=cli.ints(0, cli.MAX_COUNT), default=1)
     p.add_argument("--interleave", action="store_true",
                    help="at W > 1, the strategy's one-rank step also runs between the "
                         "world's steps, on rank 0 alone (the other ranks waiting: solo_step_s) "
                         "and on every rank at once (the slowest: solo_all_step_s), and the "
                         "ratios to them measured at the same moments")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=COUNT, default=1,
                    help="run the world sizes this many times in turn; medians (default 1)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank; 0 = cores/W")
+    p.add_argument("--threads", type=cli.ints(0, cli.MAX_THREADS), default=0,
+                   help="torch threads per rank; 0 = cores/W")
     p.add_argument("--json", action="store_true", help="one JSON object per line and row")
     p.add_argument("--no-paper", action="store_true", help="leave out the model-only paper row")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.strategies is None:
-        args.strategies = ",".join(s for s in ROWS if args.nodes > 1 or s != "node_dispatch")
-    bad = [s for s in args.strategies.split(",") if s not in ROWS]
-    if bad:
-        p.error(f"--strategies: {bad} invalid; allowed are {', '.join(ROWS)}")
     try:
-        sizes = [int(s) for s in args.nprocs_list.split(",") if s.strip()]
-    except ValueError:
-        sizes = []
+        problem = _problem(args)
+    except UserError as e:  # PEER_BACKEND set to something else than nccl or gloo
+        problem = str(e)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def _problem(args: argparse.Namespace) -> str | None:
+    """The one-line error for flags valid one by one but not together (or not on this
+    machine), None when every world can start; sets args.sizes, chunk_list, strategies."""
+    from peer_dist.tools.bench import memory_error, shape_error
+
+    sizes = _int_list(args.nprocs_list)
     if not sizes or min(sizes) < 1:
-        p.error(f"--nprocs-list={args.nprocs_list!r} is invalid: allowed are world sizes >= 1, "
+        return (f"--nprocs-list={args.nprocs_list!r} is invalid: allowed are world sizes >= 1, "
                 "comma-separated, e.g. 1,2,4")
     too_many = None if args.worker else local_ranks_error(max(sizes), "--nprocs-list")
     if too_many:  # every world's ranks run on this machine, --nodes or not
-        p.error(too_many)
+        return too_many
+    args.sizes = sizes
+    if any(w % args.nodes for w in sizes):
+        return (f"--nodes={args.nodes} with --nprocs-list={args.nprocs_list} is invalid: allowed "
+                "is a node count >= 1 that divides every world size")
+    if args.ep and any(w % args.ep for w in sizes):
+        common = math.gcd(*sizes)
+        return (f"--ep={args.ep} with --nprocs-list={args.nprocs_list} is invalid: allowed are 0 "
+                f"(the whole world) or a divisor of every world size: "
+                f"{[d for d in range(1, common + 1) if common % d == 0]}")
+    if args.strategies is None:
+        args.strategies = ",".join(s for s in ROWS if args.nodes > 1 or s != "node_dispatch")
+    names = args.strategies.split(",")
+    if not all(s in ROWS for s in names):
+        return (f"--strategies={args.strategies!r} is invalid: allowed are {', '.join(ROWS)}, "
+                "comma-separated")
+    if args.nodes == 1 and "node_dispatch" in names:
+        return (f"--strategies={args.strategies!r} with --nodes=1 is invalid: node_dispatch "
+                "needs --nodes >= 2 (one node: it is dispatch)")
+    bad = shape_error(args.num_experts, args.heads, args.topk)
+    if bad:
+        return bad
     args.chunk_list = _int_list(args.overlap_chunks)
-    if not args.chunk_list or min(args.chunk_list) < 1:
-        p.error(f"--overlap-chunks={args.overlap_chunks!r} is invalid: allowed are integers >= 1 "
-                "(1 = no overlap), comma-separated, e.g. 1,4")
+    if not args.chunk_list or not 1 <= min(args.chunk_list) <= max(args.chunk_list) <= args.tokens:
+        return (f"--overlap-chunks={args.overlap_chunks!r} is invalid: allowed are integers from 1 "
+                f"(no overlap) to --tokens={args.tokens}, comma-separated, e.g. 1,4")
     args.overlap_chunks = args.chunk_list[0]
-    if args.rounds < 1:
-        p.error(f"--rounds={args.rounds} is invalid: allowed are integers >= 1")
-    if args.nodes < 1 or any(w % args.nodes for w in sizes):
-        p.error(f"--nodes={args.nodes} with --nprocs-list={args.nprocs_list}: allowed is a "
-                f"node count >= 1 that divides every world size")
-    return args
+    if args.worker:
+        return None
+    # what each rank holds at least: U and V whole where the table is replicated (or
+    # --interleave's one-rank step runs), else its shard; and its activations
+    from peer_dist.parallel.topology import pick_backend
+
+    full = 2 * args.num_experts * args.dim * 4
+    whole = "replicated" in names or args.interleave
+    acts = args.tokens * (16 * args.dim + 12 * args.heads * args.topk)  # x, y, grads; ids, gates
+    flags = (f"--num-experts={args.num_experts} --dim={args.dim} --tokens={args.tokens} "
+             f"--nprocs-list={args.nprocs_list}")
+    if pick_backend() == "nccl":  # a GPU per rank
+        need = max(full if whole else -(-full // w) for w in sizes) + acts
+        return memory_error(flags, "a rank's tables and activations", need, "cuda")
+    need = max(w * (max(full if whole else 0, -(-full // w)) + acts) for w in sizes)
+    return memory_error(flags, "the ranks' tables and activations", need, "cpu")
 
 
 def _int_list(text: str) -> list[int]:
@@ -910,13 +957,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     if "TORCHELASTIC_RUN_ID" in os.environ:  # already under torchrun: this world only
-        raise SystemExit("peer-bench dist launches torchrun itself; run it without torchrun "
-                         "(or pass --worker for one world size)")
+        print("peer-bench dist: running under torchrun is invalid: it launches torchrun "
+              "itself; allowed is a plain run (or --worker for one world size)", file=sys.stderr)
+        raise SystemExit(2)
     passthrough = [a for a in argv if a != "--json"]
     rounds: list[list[dict]] = []
     for i in range(args.rounds):
         rounds.append([])
-        for n in (int(s) for s in args.nprocs_list.split(",") if s):
+        for n in args.sizes:
             of = f" (round {i + 1} of {args.rounds})" if args.rounds > 1 else ""
             print(f"peer-bench dist: {n} rank(s) on {args.nodes} node(s){of}...",
                   file=sys.stderr, flush=True)

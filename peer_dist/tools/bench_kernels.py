@@ -56,6 +56,8 @@ MIX_KERNELS = ("mix_fwd", "mix_bwd_bags", "row_grads")
 SM = {80: dict(regs=65536, smem=164 * 1024, warps=64, blocks=32),
       90: dict(regs=65536, smem=228 * 1024, warps=64, blocks=32)}
 HBM = {"H100": 3.35e12, "H200": 4.8e12}
+MAX_LATENCY_NS = 1e6  # 1 ms: far above any memory's latency; a bound that catches typos
+MAX_JOBS = 64  # compiler processes: the full grid is 160 compiles, each a few hundred MB
 SMS = 132
 
 
@@ -316,8 +318,8 @@ def _ints(p: argparse.ArgumentParser, text: str, name: str, allowed) -> list[int
     if not vals or any(v not in allowed for v in vals):
         p.error(f"{name}={text!r} is invalid: allowed are comma-separated values in "
                 f"{allowed[0]}..{allowed[-1]}" if isinstance(allowed, range) else
-                f"{name}={text!r} is invalid: allowed are {list(allowed)}")
-    return vals
+                f"{name}={text!r} is invalid: allowed are {list(allowed)}, comma-separated")
+    return list(dict.fromkeys(vals))  # a repeat would compile and print the same rows again
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -326,18 +328,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dims", default=",".join(map(str, DIMS)))
     p.add_argument("--dtypes", default=",".join(DTYPES), help="fp32,bf16")
     p.add_argument("--archs", default="80,90", help="80 (sm_80), 90 (sm_90)")
-    p.add_argument("--latency-ns", type=float, default=600.0)
-    p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--latency-ns", type=cli.floats(0, MAX_LATENCY_NS, above=True),
+                   default=600.0, help="HBM latency assumed (ns)")
+    p.add_argument("--jobs", type=cli.ints(1, MAX_JOBS),
+                   default=max(1, min(4, os.cpu_count() or 1)),
+                   help=f"compiler processes (at most {MAX_JOBS})")
     p.add_argument("--json", action="store_true", help="one JSON object per line and row")
     args = p.parse_args(argv)
     args.dims = _ints(p, args.dims, "--dims", range(1, triton_mix.MAX_DIM + 1))
     args.archs = _ints(p, args.archs, "--archs", ARCHS)
-    args.dtypes = args.dtypes.split(",")
-    if any(d not in DTYPES for d in args.dtypes):
-        p.error(f"--dtypes={','.join(args.dtypes)} is invalid: allowed are {list(DTYPES)}")
-    if not (args.latency_ns > 0 and args.jobs >= 1):
-        p.error(f"--latency-ns={args.latency_ns} --jobs={args.jobs}: allowed are a latency "
-                "> 0 and jobs >= 1")
+    names = [d.strip() for d in args.dtypes.split(",")]
+    if any(d not in DTYPES for d in names):
+        p.error(f"--dtypes={args.dtypes!r} is invalid: allowed are {list(DTYPES)}, "
+                "comma-separated")
+    args.dtypes = list(dict.fromkeys(names))
     if not triton_mix.installed():
         p.error("triton is not installed here: allowed is an environment with peer_dist[gpu]")
     return args

@@ -51,44 +51,93 @@ OPTIMIZERS = TABLE_OPTIMIZERS
 STATE_DTYPES = TABLE_STATE_DTYPES
 
 
+COUNT = cli.ints(1, cli.MAX_COUNT)  # a size or count >= 1 (the shape's relations: _check)
+
+
+def _names(allowed: tuple[str, ...]):
+    """An argparse type: a comma list of names from `allowed` (repeats dropped), at least one."""
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items or any(s not in allowed for s in items):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed are {list(allowed)}, "
+                                             "comma-separated")
+        return list(dict.fromkeys(items))
+    parse.__name__ = "name list"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="peer-bench layer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-experts", type=int, default=512 * 512, help="N (a perfect square)")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--topk", type=int, default=16)
-    p.add_argument("--d-key", type=int, default=128,
-                   help="query dim per head (PEER-pytorch's dim_key is half of it)")
-    p.add_argument("--tokens", default="1024", help="comma list of token counts per batch")
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-experts", type=COUNT, default=512 * 512, help="N (a perfect square)")
+    p.add_argument("--dim", type=COUNT, default=256)
+    p.add_argument("--heads", type=COUNT, default=8)
+    p.add_argument("--topk", type=COUNT, default=16, help="experts per head, <= sqrt(N)")
+    p.add_argument("--d-key", type=COUNT, default=128,
+                   help="query dim per head, even (PEER-pytorch's dim_key is half of it)")
+    p.add_argument("--tokens", type=cli.int_list(1, cli.MAX_COUNT), default="1024",
+                   help="comma list of token counts per batch")
     p.add_argument("--device", default="cpu", choices=DEVICES)
-    p.add_argument("--dtype", default="fp32", help=f"comma list of {list(DTYPES)}")
-    p.add_argument("--modes", default="fwd_bwd,step", help=f"comma list of {list(MODES)}")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
-    p.add_argument("--optimizers", default="lazy_adam,adagrad",
+    p.add_argument("--dtype", type=_names(tuple(DTYPES)), default="fp32",
+                   help=f"comma list of {list(DTYPES)}")
+    p.add_argument("--modes", type=_names(MODES), default="fwd_bwd,step",
+                   help=f"comma list of {list(MODES)}")
+    p.add_argument("--impls", type=_names(IMPLS), default=",".join(IMPLS),
+                   help=f"comma list of {list(IMPLS)}")
+    p.add_argument("--optimizers", type=_names(OPTIMIZERS), default="lazy_adam,adagrad",
                    help=f"our table optimizers in step mode, comma list of {list(OPTIMIZERS)}")
-    p.add_argument("--state-dtype", default="fp32",
+    p.add_argument("--state-dtype", type=_names(STATE_DTYPES), default="fp32",
                    help=f"our table optimizer state dtypes in step mode, comma list of "
                         f"{list(STATE_DTYPES)} (optim.table_state_dtype)")
     p.add_argument("--no-batchnorm", action="store_true",
                    help="time ours without query BatchNorm (on by default, as in the paper)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--check-tokens", type=int, default=256, help="tokens in the output check")
+    p.add_argument("--repeats", type=COUNT, default=3)
+    p.add_argument("--warmup", type=cli.ints(0, cli.MAX_COUNT), default=1)
+    p.add_argument("--threads", type=cli.ints(1, cli.MAX_THREADS), default=2)
+    p.add_argument("--check-tokens", type=COUNT, default=256, help="tokens in the output check")
     p.add_argument("--no-check", action="store_true", help="skip the output check")
     p.add_argument("--json", action="store_true", help="one JSON object per measured row")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
 
-def _split(arg: str, allowed: tuple[str, ...], name: str) -> list[str]:
-    items = [s.strip() for s in arg.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        raise SystemExit(f"peer-bench layer: --{name}={arg!r} is invalid: allowed are "
-                         f"{list(allowed)}")
-    return items
+def _check(args: argparse.Namespace) -> str | None:
+    """The one-line error for flags that are valid one by one but not together, or not on this
+    machine; None when the run can start (checked once here, not in each row's child)."""
+    import importlib.util
+
+    from peer_dist.tools.bench import memory_error, shape_error
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device=cuda is invalid here: this torch sees no CUDA device (allowed: cpu)"
+    bad = shape_error(args.num_experts, args.heads, args.topk, args.d_key)
+    if bad:
+        return bad
+    if "peer_dist" in args.impls and not args.no_batchnorm and min(args.tokens) < 2:
+        return (f"--tokens={min(args.tokens)} is invalid with query BatchNorm (a training "
+                "batch of 1 token cannot be normalised): allowed are token counts >= 2, or "
+                "--no-batchnorm")
+    n = math.isqrt(args.num_experts)
+    params = 4 * (2 * args.num_experts * args.dim + args.heads * args.d_key * (args.dim + n))
+    bad = memory_error(f"--num-experts={args.num_experts} --dim={args.dim} --heads="
+                       f"{args.heads} --d-key={args.d_key}", "the layer's fp32 parameters",
+                       params, args.device)
+    if bad:
+        return bad
+    sel = args.heads * args.topk
+    acts = max(args.tokens) * (4 * 4 * args.dim + 12 * sel)  # x, y, dy, dx; ids and gates
+    bad = memory_error(f"--tokens={max(args.tokens)}", "the layer's parameters and a batch's "
+                       "activations", params + acts, args.device)
+    if bad or "peer-pytorch" not in args.impls:
+        return bad
+    check = 4 * args.check_tokens * (2 * sel * args.dim + 2 * args.dim)  # PEER-pytorch's rows
+    bad = None if args.no_check else memory_error(
+        f"--check-tokens={args.check_tokens}", "the output check's parameters and gathered rows",
+        params + check, args.device)
+    if not bad and importlib.util.find_spec("PEER_pytorch") is None:
+        bad = ("--impls=peer-pytorch is invalid here: PEER-pytorch is not installed (allowed: "
+               "--impls peer_dist, or pip install 'peer_dist[bench]')")
+    return bad
 
 
 # --------------------------------------------------------------------------- building layers
@@ -298,29 +347,14 @@ def _spawn(argv: list[str], spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-def _ints(arg: str, name: str) -> list[int]:
-    try:
-        items = [int(s) for s in arg.split(",") if s.strip()]
-    except ValueError:
-        items = []
-    if not items or min(items) < 1:
-        raise SystemExit(f"peer-bench layer: --{name}={arg!r} is invalid: allowed is a comma "
-                         "list of integers >= 1")
-    return items
-
-
 def _rows(args: argparse.Namespace) -> list[dict]:
-    impls = _split(args.impls, IMPLS, "impls")
-    modes = _split(args.modes, MODES, "modes")
-    optimizers = _split(args.optimizers, OPTIMIZERS, "optimizers")
-    state_dtypes = _split(args.state_dtype, STATE_DTYPES, "state-dtype")
     rows = []
     for tokens, dtype, mode, impl in itertools.product(
-            _ints(args.tokens, "tokens"), _split(args.dtype, tuple(DTYPES), "dtype"), modes, impls):
+            dict.fromkeys(args.tokens), args.dtype, args.modes, args.impls):
         common = dict(impl=impl, mode=mode, tokens=tokens, dtype=dtype)
         if mode == "step" and impl == "peer_dist":
             rows += [dict(common, optimizer=o, state_dtype=sd)
-                     for o in optimizers for sd in state_dtypes]
+                     for o in args.optimizers for sd in args.state_dtype]
         elif mode == "step":  # torch Adam keeps its state in the parameters' dtype
             rows.append(dict(common, optimizer="adam", state_dtype=dtype))
         else:
@@ -353,24 +387,26 @@ def _table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
     if args.child is not None:
         print(json.dumps(run_child(args, json.loads(args.child))))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("peer-bench layer: --device cuda is invalid here: this torch sees no "
-                         "CUDA device (allowed: cpu)")
-    specs = _rows(args)  # checks every list argument before any work
+    problem = _check(args)  # every flag checked before any work
+    if problem:
+        p.error(problem)
+    specs = _rows(args)
     torch.set_num_threads(args.threads)
     rel_diff = math.nan
     if not args.no_check and any(s["impl"] == "peer-pytorch" for s in specs):  # the reference
-        small = argparse.Namespace(**{**vars(args), "num_experts": 64 * 64})
+        n_small = max(64, args.topk)  # PEER-pytorch needs topk <= sqrt(N) keys too
+        small = argparse.Namespace(**{**vars(args), "num_experts": n_small * n_small})
         small_diff = check_outputs(small, args.check_tokens)
         rel_diff = check_outputs(args, args.check_tokens)
         if not args.json:
             print(f"output check (same weights, fp32, ours without query BN): rel_diff = "
-                  f"{small_diff:.2e} at N=4096, {rel_diff:.2e} at N={args.num_experts} "
-                  f"({args.check_tokens} tokens)")
+                  f"{small_diff:.2e} at N={small.num_experts}, {rel_diff:.2e} at "
+                  f"N={args.num_experts} ({args.check_tokens} tokens)")
     shape = dict(num_experts=args.num_experts, dim=args.dim, heads=args.heads, topk=args.topk,
                  d_key=args.d_key, threads=args.threads, device=args.device)
     child_argv = [a for a in argv if a != "--json"]

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
+import sys
 import time
 
 import torch
@@ -25,31 +27,41 @@ import torch
 from peer_dist import cli
 from peer_dist.config import PEERConfig
 
+COUNT = cli.ints(1, cli.MAX_COUNT)  # a size or count >= 1 (the shape's relations: parse)
+
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    from peer_dist.tools.bench import memory_error, shape_error
+
     p = cli.Parser(prog="peer-bench router", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-experts", type=int, default=1024 ** 2)
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--topk", type=int, default=16)
-    p.add_argument("--d-key", type=int, default=128)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-experts", type=COUNT, default=1024 ** 2, help="N (a perfect square)")
+    p.add_argument("--dim", type=COUNT, default=1024)
+    p.add_argument("--heads", type=COUNT, default=8)
+    p.add_argument("--topk", type=COUNT, default=16, help="experts per head, <= sqrt(N)")
+    p.add_argument("--d-key", type=COUNT, default=128, help="query dim per head, even")
+    p.add_argument("--tokens", type=cli.ints(2, cli.MAX_COUNT), default=2048,
+                   help="tokens per batch (>= 2: the query BatchNorm trains on them)")
+    p.add_argument("--repeats", type=COUNT, default=5)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="one JSON object per line and row")
     args = p.parse_args(argv)
-    cfg = PEERConfig(num_experts=args.num_experts, heads=args.heads, topk=args.topk,
-                     d_key=args.d_key)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        p.error(str(e))
-    if args.tokens < 2 or args.repeats < 1:
-        p.error(f"--tokens={args.tokens} --repeats={args.repeats}: allowed are tokens >= 2 "
-                "and repeats >= 1")
+    problem = shape_error(args.num_experts, args.heads, args.topk, args.d_key)
+    if problem:
+        p.error(problem)
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device=cuda: no CUDA device is available here; allowed is cpu")
+        p.error("--device=cuda is invalid here: this torch sees no CUDA device (allowed: cpu)")
+    # three routers (bf16, its fp32 twin, a copy per mode); per token the query and each
+    # head's scores against both sub-key sets and the k x k candidates, a few times over
+    n, h = math.isqrt(args.num_experts), args.heads
+    params = 4 * h * args.d_key * (args.dim + n)
+    per_token = 4 * (args.dim + h * args.d_key + 2 * h * n + h * args.topk * args.topk)
+    problem = memory_error(f"--num-experts={args.num_experts} --dim={args.dim} --heads={h} "
+                           f"--d-key={args.d_key} --topk={args.topk} --tokens={args.tokens}",
+                           "the routers and their activations",
+                           3 * params + 3 * args.tokens * per_token, args.device)
+    if problem:
+        p.error(problem)
     return args
 
 
@@ -103,7 +115,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(list(argv or []))
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     rows = run(args)
     if args.json:
         for row in rows:

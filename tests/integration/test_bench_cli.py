@@ -70,3 +70,95 @@ def test_dist_measured_bytes_near_the_cost_model(dist_rows):
     rows = {r["strategy"]: r for r in dist_rows}
     # dispatch moves a token's vector, fetch the rows it selected: fewer bytes at S = 8
     assert rows["dispatch"]["bytes_per_token_layer"] < rows["fetch"]["bytes_per_token_layer"]
+
+
+HUGE = str(2 ** 40)  # passes the integer bound; tables of 2^40 rows fit no machine
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["--steps", "0"], "--steps", "0"),
+    (["--steps", "1e3"], "--steps", "1e3"),
+    (["--warmup", "-1"], "--warmup", "-1"),
+    (["--ep", "3"], "--ep", "3"),  # divides none of 2, 4
+    (["--ep", "2", "--nprocs-list", "1,2"], "--ep", "2"),
+    (["--ep", "-1"], "--ep", "-1"),
+    (["--dim", "0"], "--dim", "0"),
+    (["--tokens", "0"], "--tokens", "0"),
+    (["--threads", "-1"], "--threads", "-1"),
+    (["--threads", "100000"], "--threads", "100000"),
+    (["--rounds", "0"], "--rounds", "0"),
+    (["--nodes", "0"], "--nodes", "0"),
+    (["--nodes", "3"], "--nodes", "3"),  # divides no world size
+    (["--num-experts", "1000"], "--num-experts", "1000"),
+    (["--num-experts", "0"], "--num-experts", "0"),
+    (["--heads", "0"], "--heads", "0"),
+    (["--topk", "0"], "--topk", "0"),
+    (["--topk", "1000"], "--topk", "1000"),  # > sqrt(512^2)
+    (["--overlap-chunks", "0"], "--overlap-chunks", "0"),
+    (["--overlap-chunks", "abc"], "--overlap-chunks", "abc"),
+    (["--overlap-chunks", "8", "--tokens", "4"], "--overlap-chunks", "8"),
+    (["--nprocs-list", "0"], "--nprocs-list", "0"),
+    (["--nprocs-list", "1000"], "--nprocs-list", "1000"),  # more ranks than the machine runs
+    (["--strategies", "foo"], "--strategies", "foo"),
+    (["--strategies", "node_dispatch"], "--strategies", "node_dispatch"),  # one node
+    (["--num-experts", HUGE], "--num-experts", HUGE),
+    (["--tokens", HUGE], "--tokens", HUGE),
+])
+def test_dist_bad_flags_are_one_line_before_any_launch(argv, flag, value, capsys, monkeypatch):
+    """Each bad value: status 2 and one line naming it, and no torchrun started (before: one
+    launch per world size, each ending in ~50 lines and ChildFailedError)."""
+    from peer_dist.tools import bench, bench_dist
+
+    def launched(*a, **k):
+        raise AssertionError(f"torchrun launched for {argv}")
+
+    monkeypatch.setenv("PEER_BACKEND", "gloo")  # CPU ranks: 4 fit any machine (GPUs: not)
+    monkeypatch.setattr(bench_dist, "launch", launched)
+    monkeypatch.setattr(bench_dist.subprocess, "Popen", launched)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["dist", "--nprocs-list", "2,4", *argv])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peer-bench dist: "), lines
+    assert flag in lines[0] and value in lines[0], lines[0]
+
+
+def test_dist_under_torchrun_is_one_line(capsys, monkeypatch):
+    from peer_dist.tools import bench_dist
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(bench_dist, "launch", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(SystemExit) as e:
+        bench_dist.main(["--nprocs-list", "1"])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["--jobs", "0"], "--jobs", "0"),
+    (["--jobs", "100000"], "--jobs", "100000"),  # compiler processes
+    (["--latency-ns", "0"], "--latency-ns", "0"),
+    (["--latency-ns", "nan"], "--latency-ns", "nan"),
+    (["--latency-ns", "inf"], "--latency-ns", "inf"),
+    (["--latency-ns", "-5"], "--latency-ns", "-5"),
+    (["--latency-ns", "1e30"], "--latency-ns", "1e30"),
+    (["--latency-ns", ""], "--latency-ns", "''"),
+    (["--dims", ""], "--dims", "''"),
+    (["--dims", "0"], "--dims", "0"),
+    (["--dims", "abc"], "--dims", "abc"),
+    (["--dims", str(10 ** 30)], "--dims", str(10 ** 30)),
+    (["--archs", "70"], "--archs", "70"),
+    (["--archs", ""], "--archs", "''"),
+    (["--dtypes", "fp16"], "--dtypes", "fp16"),
+])
+def test_kernels_bad_flags_are_one_line(argv, flag, value, capsys, monkeypatch):
+    from peer_dist.tools import bench, bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "measure_all",
+                        lambda *a, **k: pytest.fail(f"compiles started for {argv}"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["kernels", *argv])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peer-bench kernels: "), lines
+    assert flag in lines[0] and value in lines[0], lines[0]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from peer_dist.tools import bench_checkpoint as bench
+
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "million_cpu.yaml")
 
 
 def rows(pauses, writes, waits):
@@ -19,7 +22,7 @@ def test_ratio_is_background_pause_over_foreground_write(monkeypatch, capsys):
     fake = {"false": rows([10.0, 14.0], [10.0, 14.0], [0.0, 0.0]),
             "true": rows([0.2, 1.0], [15.0, 17.0], [0.0, 0.5])}
     monkeypatch.setattr(bench, "run_mode", lambda args, name, flag: fake[flag])
-    bench.main(["--json"])
+    bench.main(["--config", CONFIG, "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     fg, bg = out
     assert fg["pause_s"] == pytest.approx(12.0) and fg["pause_over_foreground_write"] == 1.0
@@ -28,10 +31,29 @@ def test_ratio_is_background_pause_over_foreground_write(monkeypatch, capsys):
     assert bg["pause_over_foreground_write"] == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("argv", [["--every", "0"], ["--steps", "4", "--every", "5"],
-                                  ["--nproc", "0"]])
-def test_bad_arguments_are_one_line(argv, capsys):
+@pytest.mark.parametrize("argv, flag, value", [
+    (["--every", "0"], "--every", "0"),
+    (["--steps", "4", "--every", "5"], "--every", "5"),
+    (["--nproc", "0"], "--nproc", "0"),
+    (["--nproc", "abc"], "--nproc", "abc"),
+    (["--nproc", "1000"], "--nproc", "1000"),  # more ranks than this machine runs
+    (["--steps", "0"], "--steps", "0"),
+    (["--steps", str(10 ** 30)], "--steps", str(10 ** 30)),
+    (["--config", "/nonexistent/bench.yaml"], "config", "/nonexistent/bench.yaml"),
+    (["--config", CONFIG, "model.dim=0"], "model.dim", "0"),
+    (["--config", CONFIG, "train.ckpt_every=0"], "train.ckpt_every", "0"),  # set by --every
+    (["--config", CONFIG, "train.steps=3"], "train.steps", "3"),
+    (["--config", CONFIG, "--run-dir", ""], "--run-dir", "''"),
+])
+def test_bad_arguments_are_one_line(argv, flag, value, capsys, monkeypatch):
+    """Each bad value: status 2 and one line naming it, before either training run starts."""
+    def started(*a, **k):
+        raise AssertionError(f"a training run started for {argv}")
+
+    monkeypatch.setattr(bench, "run_mode", started)
     with pytest.raises(SystemExit) as e:
-        bench.parse_args(argv)
+        bench.main(argv)
     assert e.value.code == 2
-    assert "allowed are" in capsys.readouterr().err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peer-bench checkpoint: "), lines
+    assert flag in lines[0] and value in lines[0], lines[0]

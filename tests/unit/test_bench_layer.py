@@ -40,21 +40,71 @@ def test_rows_and_refusals():
                                    impls="peer_dist"))
     assert [(r["tokens"], r["dtype"]) for r in rows] == [(8, "fp32"), (8, "bf16"),
                                                           (16, "fp32"), (16, "bf16")]
-    with pytest.raises(SystemExit, match=r"peer-bench layer: --dtype='fp16' is invalid: "
-                                         r"allowed are \['fp32', 'bf16'\]"):
-        bench_layer._rows(_args(dtype="fp16"))
-    with pytest.raises(SystemExit, match=r"peer-bench layer: --tokens='0' is invalid"):
-        bench_layer._rows(_args(tokens="0"))
+    with pytest.raises(SystemExit) as e:
+        _args(dtype="fp16")
+    assert e.value.code == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_cuda_refused_in_one_line_without_a_gpu():
     done = subprocess.run([sys.executable, "-m", "peer_dist.tools.bench_layer", "--device",
                            "cuda"], capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
-        "peer-bench layer: --device cuda is invalid here: this torch sees no CUDA device "
-        "(allowed: cpu)"]
+        "peer-bench layer: --device=cuda is invalid here: this torch sees no CUDA device "
+        "(allowed: cpu) (see peer-bench layer --help)"]
+
+
+HUGE = str(2 ** 40)  # passes the integer bound; tables of 2^40 rows fit no machine
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["--threads", "0"], "--threads", "0"),
+    (["--threads", "100000"], "--threads", "100000"),  # beyond cli.MAX_THREADS (segfaulted)
+    (["--threads", "1e3"], "--threads", "1e3"),
+    (["--repeats", "0"], "--repeats", "0"),
+    (["--repeats", "nan"], "--repeats", "nan"),
+    (["--warmup", "-1"], "--warmup", "-1"),
+    (["--check-tokens", "0"], "--check-tokens", "0"),
+    (["--num-experts", "1000"], "--num-experts", "1000"),  # not a perfect square
+    (["--num-experts", "0"], "--num-experts", "0"),
+    (["--num-experts", str(10 ** 30)], "--num-experts", str(10 ** 30)),
+    (["--dim", "0"], "--dim", "0"),
+    (["--heads", "0"], "--heads", "0"),
+    (["--topk", "0"], "--topk", "0"),
+    (["--topk", "600"], "--topk", "600"),  # > sqrt(512 * 512)
+    (["--d-key", "7"], "--d-key", "7"),
+    (["--d-key", "0"], "--d-key", "0"),
+    (["--tokens", "0"], "--tokens", "0"),
+    (["--tokens", "-5"], "--tokens", "-5"),
+    (["--tokens", "abc"], "--tokens", "abc"),
+    (["--tokens", ""], "--tokens", "''"),
+    (["--tokens", "1", "--impls", "peer_dist"], "--tokens", "1"),  # BatchNorm needs 2
+    (["--dtype", "fp16"], "--dtype", "fp16"),
+    (["--modes", "train"], "--modes", "train"),
+    (["--impls", ""], "--impls", "''"),
+    (["--optimizers", "adam"], "--optimizers", "adam"),
+    (["--state-dtype", "fp8"], "--state-dtype", "fp8"),
+    (["--device", "tpu"], "--device", "tpu"),
+    (["--num-experts", HUGE], "--num-experts", HUGE),  # more memory than the machine has
+    (["--dim", HUGE], "--dim", HUGE),
+    (["--tokens", HUGE, "--impls", "peer_dist"], "--tokens", HUGE),
+])
+def test_bad_flags_are_one_line_before_any_work(argv, flag, value, capsys, monkeypatch):
+    """Each bad value: status 2 and one line naming the flag and the value, checked once in
+    this process before the output check, any row's child or any thread setting."""
+    def started(*a, **k):
+        raise AssertionError(f"work started for {argv}")
+
+    for name in ("_spawn", "check_outputs", "run_child"):
+        monkeypatch.setattr(bench_layer, name, started)
+    monkeypatch.setattr(bench_layer.torch, "set_num_threads", started)
+    with pytest.raises(SystemExit) as e:
+        bench_layer.main(argv)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peer-bench layer: "), lines
+    assert flag in lines[0] and value in lines[0], lines[0]
 
 
 def test_tiny_run_gives_roofline_rows():
