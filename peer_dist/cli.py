@@ -93,3 +93,16 @@ def int_list(lo: int | None = None, hi: int | None = None):
                 f"{text!r} is invalid: {_allowed(lo, hi, 'int')}, comma-separated") from None
     parse.__name__ = "integer list"
     return parse
+
+
+def names(choices):
+    """An argparse type: comma-separated names, each one of choices (repeats dropped), at
+    least one."""
+    def parse(text: str) -> list[str]:
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        if not items or any(n not in choices for n in items):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed are any of "
+                                             f"{', '.join(choices)}, comma-separated")
+        return list(dict.fromkeys(items))
+    parse.__name__ = "name list"
+    return parse

@@ -54,18 +54,6 @@ STATE_DTYPES = TABLE_STATE_DTYPES
 COUNT = cli.ints(1, cli.MAX_COUNT)  # a size or count >= 1 (the shape's relations: _check)
 
 
-def _names(allowed: tuple[str, ...]):
-    """An argparse type: a comma list of names from `allowed` (repeats dropped), at least one."""
-    def parse(text: str) -> list[str]:
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        if not items or any(s not in allowed for s in items):
-            raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed are {list(allowed)}, "
-                                             "comma-separated")
-        return list(dict.fromkeys(items))
-    parse.__name__ = "name list"
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="peer-bench layer", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,15 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=cli.int_list(1, cli.MAX_COUNT), default="1024",
                    help="comma list of token counts per batch")
     p.add_argument("--device", default="cpu", choices=DEVICES)
-    p.add_argument("--dtype", type=_names(tuple(DTYPES)), default="fp32",
+    p.add_argument("--dtype", type=cli.names(tuple(DTYPES)), default="fp32",
                    help=f"comma list of {list(DTYPES)}")
-    p.add_argument("--modes", type=_names(MODES), default="fwd_bwd,step",
+    p.add_argument("--modes", type=cli.names(MODES), default="fwd_bwd,step",
                    help=f"comma list of {list(MODES)}")
-    p.add_argument("--impls", type=_names(IMPLS), default=",".join(IMPLS),
+    p.add_argument("--impls", type=cli.names(IMPLS), default=",".join(IMPLS),
                    help=f"comma list of {list(IMPLS)}")
-    p.add_argument("--optimizers", type=_names(OPTIMIZERS), default="lazy_adam,adagrad",
+    p.add_argument("--optimizers", type=cli.names(OPTIMIZERS), default="lazy_adam,adagrad",
                    help=f"our table optimizers in step mode, comma list of {list(OPTIMIZERS)}")
-    p.add_argument("--state-dtype", type=_names(STATE_DTYPES), default="fp32",
+    p.add_argument("--state-dtype", type=cli.names(STATE_DTYPES), default="fp32",
                    help=f"our table optimizer state dtypes in step mode, comma list of "
                         f"{list(STATE_DTYPES)} (optim.table_state_dtype)")
     p.add_argument("--no-batchnorm", action="store_true",

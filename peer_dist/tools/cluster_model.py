@@ -49,6 +49,9 @@ GIB = 1024 ** 3
 # The mix kernels' achieved fraction of HBM bandwidth: FBGEMM's embedding kernels reach 65%
 # forward and 26.5% backward (with the fused optimizer); no GPU has measured ours yet.
 HBM_FRACTION = 0.45
+# The most GPUs a cluster may have: every EP (divisor of the world) is priced, in time that
+# grows with the world (peer-scale plan at 65,536 GPUs: ~2 min); beyond it a count is a typo.
+MAX_GPUS = 1 << 16
 
 
 @dataclass
@@ -107,12 +110,21 @@ def parse_cluster(text: str) -> Cluster:
     """'8x8:h100' or a YAML file with Cluster's fields (nodes, gpus_per_node, bandwidths)."""
     m = re.fullmatch(r"(\d+)x(\d+):(\w+)", text.strip())
     if m and m.group(3) in PRESETS and int(m.group(1)) > 0 and int(m.group(2)) > 0:
-        return Cluster(int(m.group(1)), int(m.group(2)), **PRESETS[m.group(3)], name=m.group(3))
+        return _bounded(text, Cluster(int(m.group(1)), int(m.group(2)), **PRESETS[m.group(3)],
+                                      name=m.group(3)))
     if Path(text).is_file():
-        return _cluster_yaml(Path(text))
+        return _bounded(text, _cluster_yaml(Path(text)))
     if text.endswith((".yaml", ".yml")):
         raise UserError(f"--cluster={text!r}: no such file; allowed is {CLUSTER_FORM}")
     raise UserError(f"--cluster={text!r}: allowed is {CLUSTER_FORM}")
+
+
+def _bounded(text: str, c: Cluster) -> Cluster:
+    """c, if its GPUs number at most MAX_GPUS."""
+    if c.world > MAX_GPUS:
+        raise UserError(f"--cluster={text!r}: {c.nodes} nodes x {c.gpus_per_node} GPUs = "
+                        f"{c.world} GPUs is invalid: allowed are at most {MAX_GPUS} GPUs")
+    return c
 
 
 CLUSTER_NEEDS = ("nodes", "gpus_per_node", "hbm_bytes_per_s", "intra_bytes_per_s",

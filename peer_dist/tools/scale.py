@@ -36,6 +36,7 @@ from pathlib import Path
 from peer_dist import cli
 from peer_dist.config import TABLE_DTYPES, ConfigError, ModelConfig, load_config
 from peer_dist.tools import memory_model as mm
+from peer_dist.tools.cluster_model import MAX_GPUS  # world size, nodes x GPUs, EP
 from peer_dist.tools.plots import Series, line_chart, predicted_vs_measured
 
 GIB = 1024 ** 3
@@ -52,16 +53,66 @@ PREDICT_KEYS = ("expert_params", "expert_optim", "expert_grads", "dense", "activ
 
 # --------------------------------------------------------------------------- arguments
 
-def _ints(text: str) -> list[int]:
+class UserExit(SystemExit):
+    """A user error (a bad value, file or combination of flags): main prints its one line on
+    stderr and the process exits with status 2, as for a bad flag. A run that fails or hangs
+    stays a plain SystemExit (status 1)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+# Bounds of the flags: beyond them a value is a typo (or hangs the planner: every EP of the
+# world is priced, in time that grows with the world), not a setting.
+MAX_EXPERTS = cli.MAX_COUNT
+MAX_DIM = 1 << 20
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_TOPK = 1 << 20  # and at most sqrt(N): the config's check
+MAX_SEQUENCES = 1 << 20  # plan --micro-batch
+MAX_GPU_MEM_GIB = 1 << 20
+MAX_TIMEOUT_S = 1_000_000  # subprocess waits take at most ~2.1e6 s (milliseconds in a C int)
+
+
+SQUARE = f"a perfect square > 0 (N = n*n), e.g. 65536 or 1048576, up to {MAX_EXPERTS}"
+
+
+def _is_square(text: str) -> bool:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers"
-                                         ) from err
+        n = int(text)
+    except ValueError:
+        return False
+    return 1 <= n <= MAX_EXPERTS and math.isqrt(n) ** 2 == n
 
 
-def _strs(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+def _square(text: str) -> int:
+    """An argparse type: a number of experts N, a perfect square (N = n*n) in [1,
+    MAX_EXPERTS]: the config's check of model.peer.num_experts, on the flag."""
+    if not _is_square(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is {SQUARE}")
+    return int(text)
+
+
+def _squares(text: str) -> list[int]:
+    """An argparse type: comma-separated numbers of experts (see _square), at least one."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items or not all(map(_is_square, items)):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is {SQUARE}, "
+                                         "comma-separated")
+    return [int(v) for v in items]
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is a fraction >= 0 and "
+                                         "< 1, e.g. 0.05")
+    return value
 
 
 # Grid flags and their defaults when a grid is given on the command line (predict, and measure
@@ -80,34 +131,38 @@ def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override of the base config, e.g. model.n_layers=2 (repeatable)")
     defaults = GRID_DEFAULTS["measure" if measure else "predict"]
-    p.add_argument("--num-experts", type=_ints, default=None,
+    p.add_argument("--num-experts", type=_squares, default=None,
                    help=f"N values (perfect squares); default {defaults['num_experts']}")
-    p.add_argument("--dim", type=_ints, default=None, help=f"default {defaults['dim']}")
-    p.add_argument("--layers", type=_ints, default=None,
+    p.add_argument("--dim", type=cli.int_list(1, MAX_DIM), default=None,
+                   help=f"default {defaults['dim']}")
+    p.add_argument("--layers", type=cli.int_list(1, MAX_LAYERS), default=None,
                    help="PEER layers (middle blocks); default: the config's peer_blocks")
-    p.add_argument("--ep", type=_ints, default=None, help=f"default {defaults['ep']}")
-    p.add_argument("--world-size", type=_ints, default=None,
+    p.add_argument("--ep", type=cli.int_list(0, MAX_GPUS), default=None,
+                   help=f"default {defaults['ep']}; 0: the whole world (with --world-size)")
+    p.add_argument("--world-size", type=cli.int_list(1, MAX_GPUS), default=None,
                    help="ranks; default: each point's EP (one expert-parallel group)")
-    p.add_argument("--heads", type=_ints, default=None, help="PEER heads; default: the config's")
-    p.add_argument("--topk", type=_ints, default=None,
+    p.add_argument("--heads", type=cli.int_list(1, MAX_HEADS), default=None,
+                   help="PEER heads; default: the config's")
+    p.add_argument("--topk", type=cli.int_list(1, MAX_TOPK), default=None,
                    help="experts per head; default: the config's")
-    p.add_argument("--dtype", type=_strs, default=None,
+    p.add_argument("--dtype", type=cli.names(list(mm.DTYPE_BYTES)), default=None,
                    help="fp32 | bf16: dense part, activations and messages (default fp32)")
-    p.add_argument("--table-dtype", type=_strs, default=None,
+    p.add_argument("--table-dtype", type=cli.names(TABLE_DTYPES), default=None,
                    help=f"any of {list(TABLE_DTYPES)}: expert tables (model.peer.table_dtype; "
                         "default: the config's)")
     p.add_argument("--table-state-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES),
                    help="the table optimizer's state (optim.table_state_dtype)")
-    p.add_argument("--table-optimizer", type=_strs, default=None,
+    p.add_argument("--table-optimizer", type=cli.names(mm.TABLE_OPTIMIZERS), default=None,
                    help=f"any of {list(mm.TABLE_OPTIMIZERS)} (default lazy_adam)")
-    p.add_argument("--zero-stage", type=_ints, default=None, help="default 0")
-    p.add_argument("--strategy", type=_strs, default=None,
+    p.add_argument("--zero-stage", type=cli.int_list(min(mm.ZERO_STAGES), max(mm.ZERO_STAGES)),
+                   default=None, help="default 0")
+    p.add_argument("--strategy", type=cli.names(mm.STRATEGIES), default=None,
                    help=f"any of {list(mm.STRATEGIES)} (default dispatch)")
-    p.add_argument("--tokens-per-rank", type=_ints, default=None,
+    p.add_argument("--tokens-per-rank", type=cli.int_list(1, cli.MAX_COUNT), default=None,
                    help="tokens per rank per micro-batch (rounded to whole sequences); "
                         "default batch_size * seq_len" + (", 128, 1024, 4096 for measure"
                                                           if measure else ""))
-    p.add_argument("--runtime-bytes", type=int, default=None,
+    p.add_argument("--runtime-bytes", type=cli.ints(0, cli.MAX_COUNT), default=None,
                    help="the runtime's own bytes per rank; default: the calibration's, else "
                         "measured by a minimal training run and cached" if measure else
                         "the runtime's own bytes per rank (default 0; peer-scale measure and "
@@ -118,8 +173,8 @@ def _grid_args(p: argparse.ArgumentParser, measure: bool) -> None:
     if not measure:
         p.add_argument("--device", default="cuda", choices=mm.DEVICES,
                        help="what the prediction is for (measure uses this machine's)")
-        p.add_argument("--gpu-mem-gib", type=float, default=None,
-                       help="draw this device memory (GiB) as a line in plot.png")
+        p.add_argument("--gpu-mem-gib", type=cli.floats(0, MAX_GPU_MEM_GIB, above=True),
+                       default=None, help="draw this device memory (GiB) as a line in plot.png")
     p.add_argument("--out", default=None, help="output folder (table.md, table.csv, plot.png, tb/)")
     p.add_argument("--json", action="store_true", help="print one JSON object per point")
 
@@ -136,10 +191,12 @@ def fill_grid_defaults(args: argparse.Namespace, command: str) -> None:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     """What measure and calibrate need to launch the trainer."""
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    p.add_argument("--steps", type=cli.ints(1, cli.MAX_COUNT), default=3,
+                   help="optimizer steps per run")
+    p.add_argument("--timeout", type=cli.floats(0, MAX_TIMEOUT_S, above=True), default=600.0,
+                   help="seconds per run")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's folder")
-    p.add_argument("--data-bytes", type=int, default=2_000_000,
+    p.add_argument("--data-bytes", type=cli.ints(1, cli.MAX_COUNT), default=2_000_000,
                    help="raw text bytes to prepare when the data folder does not exist yet")
     p.add_argument("--data", default=None,
                    help="prepared data folder for the runs (default: OUT/data, made on first use)")
@@ -168,50 +225,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, default=None,
+    p.add_argument("--nodes", type=cli.ints(1, MAX_GPUS), default=None,
                    help="nodes of the cluster (or --min-gpus to find how many are needed)")
-    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--gpus-per-node", type=cli.ints(1, MAX_GPUS), default=None)
     p.add_argument("--cluster", default=None, metavar="NODESxGPUS:KIND|YAML",
                    help="rank EP x DP layouts and strategies by the step-time model's tokens/s "
                         "per GPU (KIND h100, h200 or a100; or a YAML of the cluster's numbers)")
     p.add_argument("--min-gpus", action="store_true",
                    help="the fewest GPUs (1 .. --gpus-per-node, then whole nodes) on which the "
                         "model fits, and the best layout there")
-    p.add_argument("--max-gpus", type=int, default=4096, help="--min-gpus: the largest tried")
-    p.add_argument("--table-optimizer", type=_strs, default=None, metavar="NAMES",
+    p.add_argument("--max-gpus", type=cli.ints(1, MAX_GPUS), default=4096,
+                   help="--min-gpus: the largest tried")
+    p.add_argument("--table-optimizer", type=cli.names(mm.TABLE_OPTIMIZERS), default=None,
+                   metavar="NAMES",
                    help=f"consider only these table optimizers (comma-separated, of "
                         f"{','.join(mm.TABLE_OPTIMIZERS)}; default: all)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write DIR/plan.md and DIR/plan.png (per-rank memory against EP, "
                         "or against GPUs with --min-gpus, and the GPU's capacity)")
-    p.add_argument("--gpu-mem-gib", type=float, default=None, help="memory per GPU, GiB")
-    p.add_argument("--headroom", type=float, default=0.05,
+    p.add_argument("--gpu-mem-gib", type=cli.floats(0, MAX_GPU_MEM_GIB, above=True),
+                   default=None, help="memory per GPU, GiB")
+    p.add_argument("--headroom", type=_fraction, default=0.05,
                    help="fraction of memory that must stay free beyond the predicted peak")
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--num-experts", type=int, default=None)
-    p.add_argument("--dim", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--num-experts", type=_square, default=None)
+    p.add_argument("--dim", type=cli.ints(1, MAX_DIM), default=None)
+    p.add_argument("--layers", type=cli.ints(1, MAX_LAYERS), default=None)
     p.add_argument("--dtype", default="bf16", choices=sorted(mm.DTYPE_BYTES))
     p.add_argument("--table-dtype", default=None, choices=TABLE_DTYPES,
                    help="expert tables (model.peer.table_dtype; default: the config's)")
     p.add_argument("--table-state-dtype", default="fp32", choices=sorted(mm.DTYPE_BYTES))
     p.add_argument("--strategy", default="dispatch", choices=mm.STRATEGIES)
-    p.add_argument("--micro-batch", type=_ints, default=[1, 2, 4, 8, 16, 32],
+    p.add_argument("--micro-batch", type=cli.int_list(1, MAX_SEQUENCES),
+                   default=[1, 2, 4, 8, 16, 32],
                    help="sequences per rank per micro-batch to consider")
-    p.add_argument("--runtime-bytes", type=int, default=None,
+    p.add_argument("--runtime-bytes", type=cli.ints(0, cli.MAX_COUNT), default=None,
                    help="the runtime's own bytes per GPU (CUDA context and allocator pools "
                         "beyond the model's terms; default 0); --check measures it here")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="constants from peer-scale calibrate (on CUDA: launch/gpu_check.sh)")
-    p.add_argument("--top", type=int, default=20, help="rows to print")
+    p.add_argument("--top", type=cli.ints(1), default=20, help="rows to print")
     p.add_argument("--json", action="store_true")
     p.add_argument("--check", action="store_true",
                    help="run the best setting here for a few steps (nodes x GPUs ranks) and "
                         "print predicted against measured")
-    p.add_argument("--steps", type=int, default=3, help="--check: optimizer steps")
-    p.add_argument("--timeout", type=float, default=600.0, help="--check: seconds")
-    p.add_argument("--data-bytes", type=int, default=2_000_000, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=cli.ints(1, cli.MAX_COUNT), default=3,
+                   help="--check: optimizer steps")
+    p.add_argument("--timeout", type=cli.floats(0, MAX_TIMEOUT_S, above=True), default=600.0,
+                   help="--check: seconds")
+    p.add_argument("--data-bytes", type=cli.ints(1, cli.MAX_COUNT), default=2_000_000,
+                   help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help="--check: prepared data folder")
     p.add_argument("--keep-runs", action="store_true", help=argparse.SUPPRESS)
 
@@ -237,7 +301,7 @@ def base_config(args: argparse.Namespace):
     try:
         return load_config(args.config, args.set)
     except ConfigError as err:
-        raise SystemExit(f"peer-scale: {err}") from err
+        raise UserExit(f"peer-scale: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -404,7 +468,11 @@ def _setup(args: argparse.Namespace, cfg, model: ModelConfig, ep: int, world: in
                         tokens_per_rank=tokens, runtime_bytes=args.runtime_bytes or 0,
                         device=getattr(args, "device", None) or local_device()).validate()
     except (ValueError, ConfigError) as err:
-        raise SystemExit(f"peer-scale: {err}") from err
+        raise UserExit(f"peer-scale: {err}") from err
+
+
+def _csv(values: list) -> str:
+    return ",".join(map(str, values))
 
 
 def grid(args: argparse.Namespace) -> list[mm.Setup]:
@@ -415,10 +483,9 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
     token_list = args.tokens_per_rank or [cfg.train.batch_size * seq]
     if min(args.ep) < 0 or min(args.world_size or [1]) < 1 or (
             0 in args.ep and not args.world_size):
-        raise SystemExit(f"peer-scale: --ep {','.join(map(str, args.ep))} --world-size "
-                         f"{','.join(map(str, args.world_size or [])) or '(none)'}: allowed are "
-                         "--ep >= 1, or 0 (the whole world) with --world-size, and --world-size "
-                         ">= 1")
+        raise UserExit(f"peer-scale {args.command}: --ep={_csv(args.ep)} --world-size="
+                       f"{_csv(args.world_size or []) or '(none)'}: allowed are --ep >= 1, or 0 "
+                       "(the whole world) with --world-size, and --world-size >= 1")
     points = []
     for n, d, layers, ep, world, dtype, tdt, opt, zero, strat, tokens, heads, topk in \
             itertools.product(args.num_experts, args.dim, args.layers or [None], args.ep,
@@ -432,12 +499,17 @@ def grid(args: argparse.Namespace) -> list[mm.Setup]:
             continue
         try:
             model = model_for(cfg.model, n, d, layers, heads, topk)
-        except ConfigError as err:
-            raise SystemExit(f"peer-scale: {err}") from err
+        except ConfigError as err:  # e.g. a top-k above sqrt(N), a d the attention heads split
+            given = [f"--{k}={v}" for k, v in (("num-experts", n), ("dim", d), ("layers", layers),
+                                               ("heads", heads), ("topk", topk)) if v]
+            raise UserExit(f"peer-scale {args.command}: the point {' '.join(given)}: {err}"
+                           ) from err
         points.append(_setup(args, cfg, model, ep, world, dtype, tdt, opt, zero, strat,
                              max(1, tokens // seq) * seq))
     if not points:
-        raise SystemExit("peer-scale: the grid is empty (no --ep value divides a --world-size)")
+        raise UserExit(f"peer-scale {args.command}: --ep={_csv(args.ep)} --world-size="
+                       f"{_csv(args.world_size)}: no EP divides a world size, the grid is empty; "
+                       "allowed: an --ep that divides a --world-size (or 0: the whole world)")
     return points
 
 
@@ -622,8 +694,7 @@ def plan_rows(args: argparse.Namespace, world: int | None = None) -> list[dict]:
     --table-optimizer), each with its predicted whole peak and headroom, best first by
     RANK_RULE. world: GPUs in all (default nodes x GPUs per node)."""
     cfg = base_config(args)
-    m = model_for(cfg.model, args.num_experts or cfg.model.peer.num_experts,
-                  args.dim or cfg.model.dim, args.layers)
+    m = plan_model(args, cfg)
     world = world or args.nodes * args.gpus_per_node
     capacity = args.gpu_mem_gib * GIB
     seq = cfg.train.seq_len
@@ -638,6 +709,11 @@ def plan_rows(args: argparse.Namespace, world: int | None = None) -> list[dict]:
                      table_optimizer=opt, zero_stage=zero, strategy=args.strategy,
                      table_state_dtype=args.table_state_dtype, tokens_per_rank=mb * seq,
                      runtime_bytes=plan_runtime(args, cal), device="cuda")
+        if not rows:  # the first setting: what every other shares with it
+            try:
+                s.validate()
+            except (ValueError, ConfigError) as err:
+                raise UserExit(f"peer-scale plan: {err}") from err
         apply_calibration(s, cal)
         if not (cal and cal["device"] == "cuda"):  # a CPU's constants: none below zero
             s.scratch = {k: max(0, v) for k, v in (s.scratch or mm.SELECTION_SCRATCH).items()}
@@ -653,6 +729,17 @@ def plan_rows(args: argparse.Namespace, world: int | None = None) -> list[dict]:
     return rows
 
 
+def plan_model(args: argparse.Namespace, cfg) -> ModelConfig:
+    """The config's model with plan's --num-experts, --dim and --layers."""
+    n, d = args.num_experts or cfg.model.peer.num_experts, args.dim or cfg.model.dim
+    try:
+        return model_for(cfg.model, n, d, args.layers)
+    except ConfigError as err:  # e.g. a top-k above sqrt(N), a d the attention heads split
+        given = [f"--{k}={v}" for k, v in (("num-experts", args.num_experts), ("dim", args.dim),
+                                           ("layers", args.layers)) if v]
+        raise UserExit(f"peer-scale plan: {' '.join(given) or 'the config'}: {err}") from err
+
+
 PLAN_KEYS = ["ep", "dp", "zero_stage", "micro_batch", "table_optimizer", "expert_params",
              "expert_optim", "expert_grads", "dense", "activations", "a2a", "runtime",
              "peak_bytes_per_rank_predicted", "headroom_bytes"]
@@ -663,8 +750,8 @@ def plan_optimizers(args: argparse.Namespace) -> list[str]:
     names = args.table_optimizer or list(mm.TABLE_OPTIMIZERS)
     bad = [n for n in names if n not in mm.TABLE_OPTIMIZERS]
     if bad:
-        raise SystemExit(f"peer-scale: --table-optimizer={','.join(names)}: {bad} unknown; "
-                         f"allowed are {list(mm.TABLE_OPTIMIZERS)}")
+        raise UserExit(f"peer-scale: --table-optimizer={','.join(names)}: {bad} unknown; "
+                       f"allowed are {list(mm.TABLE_OPTIMIZERS)}")
     return names
 
 
@@ -692,10 +779,10 @@ def cmd_min_gpus(args: argparse.Namespace) -> None:
         plot_min_gpus(args, tried, Path(args.out))
     if not g:
         best = tried[-1][1]
-        raise SystemExit(f"peer-scale: nothing fits on up to {args.max_gpus} GPUs of "
-                         f"{args.gpu_mem_gib:g} GiB: {tried[-1][0]} GPUs still need "
-                         f"{human(best['peak_bytes_per_rank_predicted'])} per rank; allowed: "
-                         "a larger --max-gpus or --gpu-mem-gib, or a smaller model")
+        raise UserExit(f"peer-scale: nothing fits on up to {args.max_gpus} GPUs of "
+                       f"{args.gpu_mem_gib:g} GiB: {tried[-1][0]} GPUs still need "
+                       f"{human(best['peak_bytes_per_rank_predicted'])} per rank; allowed: "
+                       "a larger --max-gpus or --gpu-mem-gib, or a smaller model")
     fit = [r for r in rows if r["fits"]]
     if args.json:
         emit(fit[:args.top], list(fit[0]), True)
@@ -746,7 +833,36 @@ def plot_plan(args: argparse.Namespace, rows: list[dict], out: Path) -> None:
                         sorted({r["ep"] for r in rows}))
 
 
+def check_plan_flags(args: argparse.Namespace) -> None:
+    """The combinations of plan's flags that make no sense, each refused in one line before
+    any work: --cluster names the nodes, GPUs and memory itself; --min-gpus finds the number
+    of GPUs, so takes no --nodes and runs nothing (--check); a cluster within MAX_GPUS; and
+    --check's ranks all on this machine."""
+    given = [flag for flag, value in (("--nodes", args.nodes),
+                                      ("--gpus-per-node", args.gpus_per_node),
+                                      ("--gpu-mem-gib", args.gpu_mem_gib),
+                                      ("--min-gpus", args.min_gpus or None),
+                                      ("--check", args.check or None)) if value is not None]
+    if args.cluster is not None and given:
+        raise UserExit(f"peer-scale plan: --cluster={args.cluster!r} with {' '.join(given)}: "
+                       "allowed is --cluster alone (it names the nodes, GPUs per node and their "
+                       "memory), or those flags without --cluster")
+    if args.min_gpus and (args.nodes is not None or args.check):
+        other = "--nodes" if args.nodes is not None else "--check"
+        raise UserExit(f"peer-scale plan: --min-gpus with {other}: allowed is --min-gpus (it "
+                       "finds the number of GPUs) without --nodes and --check")
+    if args.nodes is not None and args.gpus_per_node is not None and (
+            args.nodes * args.gpus_per_node > MAX_GPUS):
+        raise UserExit(f"peer-scale plan: --nodes={args.nodes} x --gpus-per-node="
+                       f"{args.gpus_per_node} = {args.nodes * args.gpus_per_node} GPUs is "
+                       f"invalid: allowed are at most {MAX_GPUS} GPUs in all")
+    if args.check and args.nodes is not None and args.gpus_per_node is not None:
+        check_ranks_here(args.nodes * args.gpus_per_node,
+                         "plan --check runs --nodes x --gpus-per-node ranks here")
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
+    check_plan_flags(args)
     if args.cluster or args.gpus_per_node is None or args.gpu_mem_gib is None:
         cmd_plan_cluster(args)  # --cluster, or the one line naming what is missing
         return
@@ -754,8 +870,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         cmd_min_gpus(args)
         return
     if args.nodes is None:
-        raise SystemExit("peer-scale: plan needs --nodes N (the cluster), or --min-gpus to "
-                         "find how many GPUs the model needs")
+        raise UserExit("peer-scale: plan needs --nodes N (the cluster), or --min-gpus to "
+                       "find how many GPUs the model needs")
     rows = plan_rows(args)
     if args.out:
         plot_plan(args, rows, Path(args.out))
@@ -797,12 +913,12 @@ def cmd_plan_cluster(args: argparse.Namespace) -> None:
     from peer_dist.tools import cluster_model as cm
 
     if not args.cluster:
-        raise SystemExit("peer-scale: plan needs --gpus-per-node and --gpu-mem-gib (with "
-                         f"--nodes or --min-gpus), or --cluster {cm.CLUSTER_FORM}")
+        raise UserExit("peer-scale: plan needs --gpus-per-node and --gpu-mem-gib (with "
+                       f"--nodes or --min-gpus), or --cluster {cm.CLUSTER_FORM}")
     try:
         c = cm.parse_cluster(args.cluster)
     except UserError as e:
-        raise SystemExit(f"peer-scale plan: {e}") from None
+        raise UserExit(f"peer-scale plan: {e}") from None
     args.nodes, args.gpus_per_node, args.gpu_mem_gib = c.nodes, c.gpus_per_node, c.mem_bytes / GIB
     cfg = base_config(args)
     peer = cfg.model.peer
@@ -861,13 +977,13 @@ def check_plan(args: argparse.Namespace, best: dict) -> None:
     """Run the best setting here for a few steps (world = nodes x GPUs per node ranks) and
     print its predicted whole peak beside the measured one."""
     cfg = base_config(args)
-    m = model_for(cfg.model, best["num_experts"], best["dim"], args.layers)
+    m = plan_model(args, cfg)
     s = mm.Setup(m, ep=best["ep"], world_size=best["world_size"], dtype=best["dtype"],
                  table_dtype=best["table_dtype"], table_optimizer=best["table_optimizer"],
                  zero_stage=best["zero_stage"], strategy=best["strategy"],
                  table_state_dtype=best["table_state_dtype"],
                  tokens_per_rank=best["tokens_per_rank"], device=local_device())
-    check_ranks_here(s.world_size)
+    check_ranks_here(s.world_size, "plan --check runs --nodes x --gpus-per-node ranks here")
     work = Path(tempfile.mkdtemp(prefix="peer-scale-check-"))
     data = Path(args.data) if args.data else work / "data"
     row = measure_point(s, args, work, data)
@@ -1054,15 +1170,15 @@ def point_key(s: mm.Setup, args: argparse.Namespace) -> str:
     return f"config {config_digest(args)}|" + "|".join(f"{k}={r[k]}" for k in SETUP_KEYS)
 
 
-def load_calibration(args: argparse.Namespace) -> dict | None:
+def load_calibration(args: argparse.Namespace, flag: str = "--calibration") -> dict | None:
     """--calibration FILE, else this machine's last `peer-scale calibrate` (cached), else None
     (the stored SELECTION_SCRATCH and a runtime from a minimal run)."""
     path = getattr(args, "calibration", None)
     path = Path(path) if path else _cache_file("calibration.json")
     if not path.is_file():
         if getattr(args, "calibration", None):
-            raise SystemExit(f"peer-scale: --calibration {path}: no such file (allowed: a "
-                             "calibration.json written by peer-scale calibrate)")
+            raise UserExit(f"peer-scale: {flag} {path}: no such file (allowed: a "
+                           "calibration.json written by peer-scale calibrate)")
         return None
     try:
         cal = json.loads(path.read_text())
@@ -1073,8 +1189,8 @@ def load_calibration(args: argparse.Namespace) -> dict | None:
             raise ValueError(f"routing law {law!r} is not 4 finite numbers [K, beta, gamma, "
                              "delta]")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise SystemExit(f"peer-scale: --calibration {path}: not a calibration file ({err!r}); "
-                         "allowed: a calibration.json written by peer-scale calibrate") from err
+        raise UserExit(f"peer-scale: {flag} {path}: not a calibration file ({err!r}); "
+                       "allowed: a calibration.json written by peer-scale calibrate") from err
     cal["file"] = str(path)
     return cal
 
@@ -1192,22 +1308,22 @@ MEASURE_KEYS = ("split", "expert_bytes_per_rank_predicted", "expert_bytes_per_ra
                 "a2a_bytes_moved_predicted", "bytes_moved_per_step")
 
 
-def check_ranks_here(world: int) -> None:
+def check_ranks_here(world: int, what: str = "a point's world size: --world-size, else its "
+                     "--ep") -> None:
     """Every rank of a measured point runs on this machine."""
     from peer_dist.train.startup import local_ranks_error
 
     problem = local_ranks_error(world, "world size")
     if problem:
-        raise SystemExit(f"peer-scale: {problem} (a point's world size: --world-size, else its "
-                         "--ep)")
+        raise UserExit(f"peer-scale: {problem} ({what})")
 
 
 def measure_points(args: argparse.Namespace) -> tuple[list[mm.Setup], str]:
     """The grid flags' points, else the named grid (--grid, default validation)."""
     flags = any(getattr(args, k) is not None for k in GRID_FLAGS)
     if flags and getattr(args, "grid", None):
-        raise SystemExit(f"peer-scale: --grid {args.grid} takes no grid flags (allowed: "
-                         "--grid alone, or grid flags without --grid)")
+        raise UserExit(f"peer-scale: --grid {args.grid} takes no grid flags (allowed: "
+                       "--grid alone, or grid flags without --grid)")
     if flags:
         fill_grid_defaults(args, "measure")
         return grid(args), "flags"
@@ -1349,12 +1465,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def stored_rows(args: argparse.Namespace, points: list[mm.Setup]) -> list[dict]:
     """--refit FILE: the measurements of an earlier calibration of the same grid (fitted again,
     e.g. after the fit changed), in the grid's order."""
-    cal = load_calibration(argparse.Namespace(calibration=args.refit))
+    cal = load_calibration(argparse.Namespace(calibration=args.refit), "--refit")
     keys = [point_key(s, args) for s in points]
     if cal["points"] != keys:
-        raise SystemExit(f"peer-scale: --refit {args.refit} measured other points than this "
-                         "grid (allowed: the file of a calibration with the same grid flags, "
-                         "config and versions)")
+        raise UserExit(f"peer-scale: --refit {args.refit} measured other points than this "
+                       "grid (allowed: the file of a calibration with the same grid flags, "
+                       "config and versions)")
     args.measured_by = cal["provenance"].get("measured_by", cal["provenance"]["command"])
     args.measured_s = cal["provenance"]["seconds"]
     return cal["rows"]
@@ -1398,6 +1514,34 @@ def calibration_record(args: argparse.Namespace, points: list[mm.Setup], rows: l
 
 # --------------------------------------------------------------------------- entry point
 
+# path flags: what each must name (a folder made when missing, or a file that must exist)
+PATH_FLAGS = {"out": "a folder, new or existing", "data": "a folder, new or existing",
+              "config": "a YAML config file", "calibration": "a calibration.json file",
+              "refit": "a calibration.json file", "cluster": "NODESxGPUS:KIND or a YAML file"}
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Path flags refused before any work: an empty one, and a folder (--out, --data) where a
+    file, or a folder that cannot be written, stands in its place."""
+    for key, allowed in PATH_FLAGS.items():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        flag = f"--{key}={value!r}"
+        if not value.strip():
+            raise UserExit(f"peer-scale {args.command}: {flag} is invalid: allowed is {allowed}")
+        if not allowed.startswith("a folder"):
+            continue
+        path = Path(value)
+        near = next(q for q in (path, *path.parents) if q.exists() or q == Path(q.anchor))
+        problem = (f"{str(near)!r} is a file" if not near.is_dir() else
+                   f"{str(near)!r} is not writable" if not os.access(near, os.W_OK | os.X_OK)
+                   else None)
+        if problem:
+            raise UserExit(f"peer-scale {args.command}: {flag} is invalid: {problem}; allowed "
+                           f"is {allowed}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -1406,7 +1550,11 @@ def main(argv: list[str] | None = None) -> None:
                 "calibrate": cmd_calibrate}
     old = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: runs stopped too
     try:
+        check_paths(args)
         commands[args.command](args)
+    except UserExit as e:  # one line, status 2 (e.code)
+        print(e, file=sys.stderr, flush=True)
+        raise
     except KeyboardInterrupt as e:
         name = e.args[0] if e.args else "SIGINT"
         raise SystemExit(f"peer-scale {args.command}: stopped by {name} (its runs stopped; "

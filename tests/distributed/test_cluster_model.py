@@ -44,6 +44,14 @@ def test_cluster_forms_and_their_errors(tmp_path) -> None:
     assert cm.parse_cluster(str(bad)).mem_bytes == 4e10
     with pytest.raises(UserError, match=r"'missing.yaml': no such file"):
         cm.parse_cluster("missing.yaml")
+    # a world beyond MAX_GPUS is a typo, not a cluster: every EP of it would be priced
+    with pytest.raises(UserError, match=r"100000 nodes x 8 GPUs = 800000 GPUs is invalid: "
+                                        r"allowed are at most 65536 GPUs"):
+        cm.parse_cluster("100000x8:h100")
+    bad.write_text(lines.replace("nodes: 2", f"nodes: {10 ** 30}"))
+    with pytest.raises(UserError, match=rf"{10 ** 30} nodes x 4 GPUs .* at most 65536 GPUs"):
+        cm.parse_cluster(str(bad))
+    assert cm.parse_cluster(f"{cm.MAX_GPUS // 8}x8:h100").world == cm.MAX_GPUS
 
 
 def test_step_is_compute_plus_exposed_communication_by_hand() -> None:

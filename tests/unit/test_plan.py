@@ -54,9 +54,10 @@ def test_optimizer_filter_and_rule_with_the_table(capsys, tmp_path):
     assert f"best first ({scale.RANK_RULE}):" in capsys.readouterr().out
     assert (tmp_path / "plan.md").read_text().startswith(scale.RANK_RULE)
     assert (tmp_path / "plan.png").is_file()
-    with pytest.raises(SystemExit, match=r"--table-optimizer=adam: \['adam'\] unknown"):
+    with pytest.raises(SystemExit):  # an unknown name: refused by the flag (see below)
         scale.main(["plan", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "16",
                     "--table-optimizer", "adam"])
+    assert "argument --table-optimizer: 'adam' is invalid" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="plan needs --nodes N"):
         scale.main(["plan", "--gpus-per-node", "8", "--gpu-mem-gib", "16"])
 
@@ -91,8 +92,126 @@ def test_grid_ep_zero_is_the_whole_world_and_bad_degrees_are_one_line():
         scale.fill_grid_defaults(args, "predict")
         return scale.grid(args)
 
-    for argv in (["--ep", "0"], ["--ep", "-1"], ["--ep", "2", "--world-size", "0"]):
-        with pytest.raises(SystemExit, match=r"allowed are --ep >= 1, or 0 \(the whole world\)"):
+    with pytest.raises(SystemExit, match=r"allowed are --ep >= 1, or 0 \(the whole world\)"):
+        grid("--ep", "0")
+    for argv in (["--ep", "-1"], ["--ep", "2", "--world-size", "0"]):  # refused by the flags
+        with pytest.raises(SystemExit) as e:
             grid(*argv)
+        assert e.value.code == 2
     (point,) = grid("--ep", "0", "--world-size", "4", "--num-experts", "1024", "--dim", "8")
     assert (point.ep, point.world_size) == (4, 4)
+
+
+# --------------------------------------------------------------------------- user errors
+
+PLAN = ["plan", "--gpus-per-node", "8", "--gpu-mem-gib", "80"]
+CHECK = [*PLAN, "--nodes", "1", "--check"]
+GRID = ["--num-experts", "1024", "--dim", "8"]
+# (argv, what stderr's one line must name: the flag and the bad value); FILE: an existing file
+BAD_INPUTS = [
+    ([*PLAN, "--nodes", "0"], "--nodes", "'0'"),
+    ([*PLAN, "--nodes", "-1"], "--nodes", "'-1'"),
+    ([*PLAN, "--nodes", str(10 ** 30)], "--nodes", str(10 ** 30)),
+    (["plan", "--nodes", "1", "--gpus-per-node", "0", "--gpu-mem-gib", "80"], "--gpus-per-node",
+     "'0'"),
+    ([*PLAN, "--nodes", "1", "--micro-batch", "0"], "--micro-batch", "'0'"),
+    ([*PLAN, "--nodes", "1", "--micro-batch", ""], "--micro-batch", "''"),
+    ([*PLAN, "--min-gpus", "--max-gpus", "0"], "--max-gpus", "'0'"),
+    ([*PLAN, "--nodes", "1", "--num-experts", "1000"], "--num-experts", "'1000'"),
+    ([*PLAN, "--nodes", "1", "--num-experts", "9"], "--num-experts=9", "topk=16"),
+    ([*PLAN, "--nodes", "1", "--dim", "5"], "--dim=5", "model.n_heads"),
+    (["plan", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "0"], "--gpu-mem-gib",
+     "'0'"),
+    (["plan", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "nan"], "--gpu-mem-gib",
+     "'nan'"),
+    (["plan", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "-5"], "--gpu-mem-gib",
+     "'-5'"),
+    (["plan", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "inf"], "--gpu-mem-gib",
+     "'inf'"),
+    ([*PLAN, "--nodes", "1", "--headroom", "nan"], "--headroom", "'nan'"),
+    ([*PLAN, "--nodes", "1", "--headroom", "-0.5"], "--headroom", "'-0.5'"),
+    ([*PLAN, "--nodes", "1", "--headroom", "2"], "--headroom", "'2'"),
+    ([*PLAN, "--nodes", "1", "--headroom", "1"], "--headroom", "'1'"),
+    ([*PLAN, "--nodes", "1", "--out", "FILE"], "--out=", "is a file"),
+    ([*PLAN, "--nodes", "1", "--out", "FILE/sub"], "--out=", "is a file"),
+    ([*PLAN, "--nodes", "1", "--out", ""], "--out=", "''"),
+    ([*PLAN, "--nodes", "1", "--top", "0"], "--top", "'0'"),
+    ([*PLAN, "--nodes", "1", "--runtime-bytes", "-1"], "--runtime-bytes", "'-1'"),
+    ([*PLAN, "--nodes", "1", "--table-optimizer", ""], "--table-optimizer", "''"),
+    ([*CHECK, "--steps", "0"], "--steps", "'0'"),
+    ([*CHECK, "--timeout", "0"], "--timeout", "'0'"),
+    ([*CHECK, "--timeout", "-1"], "--timeout", "'-1'"),
+    ([*CHECK, "--timeout", "nan"], "--timeout", "'nan'"),
+    ([*CHECK, "--timeout", "1e7"], "--timeout", "'1e7'"),  # beyond what a subprocess waits
+    ([*CHECK, "--data-bytes", "-1"], "--data-bytes", "'-1'"),
+    ([*PLAN, "--nodes", "8", "--check"], "world size=64", "allowed is 1 to"),
+    (["plan", "--cluster", "2x8:h100", "--nodes", "2"], "--cluster='2x8:h100'", "--nodes"),
+    (["plan", "--cluster", "100000x8:h100"], "--cluster='100000x8:h100'", "800000 GPUs"),
+    (["plan", "--cluster", ""], "--cluster=", "''"),
+    ([*PLAN, "--min-gpus", "--nodes", "2"], "--min-gpus", "--nodes"),
+    ([*PLAN, "--nodes", "1", "--calibration", ""], "--calibration=", "''"),
+    (["predict", "--num-experts", "0"], "--num-experts", "'0'"),
+    (["predict", "--num-experts", "1000"], "--num-experts", "'1000'"),
+    (["predict", "--num-experts", ""], "--num-experts", "''"),
+    (["predict", "--num-experts", str(10 ** 30)], "--num-experts", str(10 ** 30)),
+    (["predict", "--dim", "0"], "--dim", "'0'"),
+    (["predict", "--dim", "5"], "--dim=5", "model.n_heads"),
+    (["predict", "--layers", "-2"], "--layers", "'-2'"),
+    (["predict", "--heads", "0"], "--heads", "'0'"),
+    (["predict", "--topk", "0"], "--topk", "'0'"),
+    (["predict", "--num-experts", "4096", "--topk", "100"], "--topk=100", "sqrt(num_experts)"),
+    (["predict", "--zero-stage", "4"], "--zero-stage", "'4'"),
+    (["predict", "--zero-stage", "-1"], "--zero-stage", "'-1'"),
+    (["predict", "--tokens-per-rank", "0"], "--tokens-per-rank", "'0'"),
+    (["predict", "--tokens-per-rank", str(10 ** 30)], "--tokens-per-rank", str(10 ** 30)),
+    (["predict", "--world-size", "0"], "--world-size", "'0'"),
+    (["predict", "--ep", "-1"], "--ep", "'-1'"),
+    (["predict", "--ep", "0"], "--ep=0", "--world-size"),
+    (["predict", "--ep", "3", "--world-size", "4"], "--ep=3", "--world-size=4"),
+    (["predict", "--dtype", "fp16"], "--dtype", "'fp16'"),
+    (["predict", "--dtype", ""], "--dtype", "''"),
+    (["predict", "--table-optimizer", ""], "--table-optimizer", "''"),
+    (["predict", "--strategy", "bogus"], "--strategy", "'bogus'"),
+    (["predict", "--gpu-mem-gib", "nan"], "--gpu-mem-gib", "'nan'"),
+    (["predict", "--runtime-bytes", "-5"], "--runtime-bytes", "'-5'"),
+    (["predict", *GRID, "--out", "FILE"], "--out=", "is a file"),
+    (["predict", "--config", "/nonexistent/x.yaml"], "config file", "/nonexistent/x.yaml"),
+    (["measure", "--steps", "0"], "--steps", "'0'"),
+    (["measure", "--timeout", "0"], "--timeout", "'0'"),
+    (["measure", "--timeout", "1e9"], "--timeout", "'1e9'"),
+    (["measure", "--data-bytes", "0"], "--data-bytes", "'0'"),
+    (["measure", *GRID, "--world-size", "100"], "world size=100", "allowed is 1 to"),
+    (["measure", *GRID, "--data", "FILE"], "--data=", "is a file"),
+    (["measure", "--grid", "validation", "--dim", "64"], "--grid validation", "grid flags"),
+    (["calibrate", "--steps", "-1"], "--steps", "'-1'"),
+    (["calibrate", "--refit", ""], "--refit=", "''"),
+    (["calibrate", *GRID, "--refit", "/nonexistent.json"], "--refit /nonexistent.json",
+     "no such file"),
+]
+
+
+@pytest.mark.parametrize("argv,flag,value", BAD_INPUTS,
+                         ids=[" ".join(a[1:]) or "empty" for a, _, _ in BAD_INPUTS])
+def test_a_bad_input_is_one_line_and_status_2_before_any_work(argv, flag, value, capsys,
+                                                              tmp_path, monkeypatch):
+    from peer_dist.train import startup
+
+    def no_runs(*_args, **_kw):
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(scale, "launch", no_runs)  # nothing a bad input reaches may run
+    monkeypatch.setattr(scale, "measure_point", no_runs)
+    monkeypatch.setattr(startup, "cpu_cores", lambda: 1)  # 8 CPU ranks at most, here
+    monkeypatch.setattr("peer_dist.parallel.topology.pick_backend", lambda: "gloo")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no calibration of this host
+    file = tmp_path / "a_file"
+    file.write_text("")
+    argv = [a.replace("FILE", str(file)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        scale.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert flag in err and value in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "a_file").is_dir()
