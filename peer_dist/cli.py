@@ -106,3 +106,6 @@ def names(choices):
         return list(dict.fromkeys(items))
     parse.__name__ = "name list"
     return parse
+
+
+COUNT = ints(1, MAX_COUNT)  # a size or count >= 1 (steps, tokens, dims)

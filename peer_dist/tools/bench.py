@@ -45,6 +45,20 @@ def main(argv: list[str] | None = None) -> None:
 
 # ---------------------------------------------------------------- checks the commands share
 
+def add_shape_args(p, num_experts: int, dim: int, d_key: str | None = None) -> None:
+    """The layer-shape flags of layer, dist and router (their relations: shape_error);
+    d_key: the help of --d-key, None for a command without it."""
+    from peer_dist import cli
+
+    p.add_argument("--num-experts", type=cli.COUNT, default=num_experts,
+                   help="N (a perfect square)")
+    p.add_argument("--dim", type=cli.COUNT, default=dim)
+    p.add_argument("--heads", type=cli.COUNT, default=8)
+    p.add_argument("--topk", type=cli.COUNT, default=16, help="experts per head, <= sqrt(N)")
+    if d_key is not None:
+        p.add_argument("--d-key", type=cli.COUNT, default=128, help=d_key)
+
+
 def shape_error(num_experts: int, heads: int, topk: int, d_key: int = 128) -> str | None:
     """The one-line error for a PEER layer shape the config would refuse (N a perfect square,
     1 <= topk <= sqrt(N), d_key even), naming the command's flags; None when it is valid."""

@@ -72,6 +72,7 @@ import torch
 from peer_dist import cli
 from peer_dist.config import OVERLAPPING, STRATEGIES
 from peer_dist.errors import UserError
+from peer_dist.tools.bench import add_shape_args, memory_error, shape_error
 from peer_dist.train.startup import local_ranks_error
 
 PAPER = dict(num_experts=1024 ** 2, dim=1024, heads=8, topk=16, tokens=4096, ep=8)
@@ -82,8 +83,6 @@ MERGED = ("dispatch", "node_dispatch")
 ROWS = (*(s for s in STRATEGIES if s != "auto"), "replicated")
 
 
-COUNT = cli.ints(1, cli.MAX_COUNT)  # a size or count >= 1 (the shape's relations: parse)
-
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The flags, every one checked here, before any torchrun starts (a bad value is one line
@@ -91,29 +90,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = cli.Parser(prog="peer-bench dist", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nprocs-list", default="1,2,4", help="world sizes to launch (torchrun)")
-    p.add_argument("--num-experts", type=COUNT, default=512 ** 2, help="N (a perfect square)")
-    p.add_argument("--dim", type=COUNT, default=256)
-    p.add_argument("--heads", type=COUNT, default=8)
-    p.add_argument("--topk", type=COUNT, default=16, help="experts per head, <= sqrt(N)")
-    p.add_argument("--tokens", type=COUNT, default=1024, help="tokens per rank per step")
+    add_shape_args(p, num_experts=512 ** 2, dim=256)
+    p.add_argument("--tokens", type=cli.COUNT, default=1024, help="tokens per rank per step")
     p.add_argument("--ep", type=cli.ints(0, cli.MAX_COUNT), default=0,
                    help="0 = the whole world; else a divisor of every world size")
     p.add_argument("--strategies", default=None,
                    help="default fetch,dispatch,replicated (and node_dispatch with --nodes > 1)")
-    p.add_argument("--nodes", type=COUNT, default=1,
+    p.add_argument("--nodes", type=cli.COUNT, default=1,
                    help="torchrun agents per world size (dividing every world size)")
     p.add_argument("--overlap-chunks", default="1",
                    help="chunks whose transfers run under compute "
                         "(parallel.overlap_chunks), comma-separated to measure several side by "
                         "side, e.g. 1,4 (replicated runs unchunked)")
-    p.add_argument("--steps", type=COUNT, default=4)
+    p.add_argument("--steps", type=cli.COUNT, default=4)
     p.add_argument("--warmup", type=cli.ints(0, cli.MAX_COUNT), default=1)
     p.add_argument("--interleave", action="store_true",
                    help="at W > 1, the strategy's one-rank step also runs between the "
                         "world's steps, on rank 0 alone (the other ranks waiting: solo_step_s) "
                         "and on every rank at once (the slowest: solo_all_step_s), and the "
                         "ratios to them measured at the same moments")
-    p.add_argument("--rounds", type=COUNT, default=1,
+    p.add_argument("--rounds", type=cli.COUNT, default=1,
                    help="run the world sizes this many times in turn; medians (default 1)")
     p.add_argument("--threads", type=cli.ints(0, cli.MAX_THREADS), default=0,
                    help="torch threads per rank; 0 = cores/W")
@@ -133,8 +129,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def _problem(args: argparse.Namespace) -> str | None:
     """The one-line error for flags valid one by one but not together (or not on this
     machine), None when every world can start; sets args.sizes, chunk_list, strategies."""
-    from peer_dist.tools.bench import memory_error, shape_error
-
     sizes = _int_list(args.nprocs_list)
     if not sizes or min(sizes) < 1:
         return (f"--nprocs-list={args.nprocs_list!r} is invalid: allowed are world sizes >= 1, "

@@ -42,6 +42,7 @@ import torch
 
 from peer_dist import cli
 from peer_dist.config import TABLE_OPTIMIZERS, TABLE_STATE_DTYPES
+from peer_dist.tools.bench import add_shape_args, memory_error, shape_error
 
 IMPLS = ("peer_dist", "peer-pytorch")
 DEVICES = ("cpu", "cuda")
@@ -51,18 +52,12 @@ OPTIMIZERS = TABLE_OPTIMIZERS
 STATE_DTYPES = TABLE_STATE_DTYPES
 
 
-COUNT = cli.ints(1, cli.MAX_COUNT)  # a size or count >= 1 (the shape's relations: _check)
-
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="peer-bench layer", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-experts", type=COUNT, default=512 * 512, help="N (a perfect square)")
-    p.add_argument("--dim", type=COUNT, default=256)
-    p.add_argument("--heads", type=COUNT, default=8)
-    p.add_argument("--topk", type=COUNT, default=16, help="experts per head, <= sqrt(N)")
-    p.add_argument("--d-key", type=COUNT, default=128,
-                   help="query dim per head, even (PEER-pytorch's dim_key is half of it)")
+    add_shape_args(p, num_experts=512 * 512, dim=256,
+                   d_key="query dim per head, even (PEER-pytorch's dim_key is half of it)")
     p.add_argument("--tokens", type=cli.int_list(1, cli.MAX_COUNT), default="1024",
                    help="comma list of token counts per batch")
     p.add_argument("--device", default="cpu", choices=DEVICES)
@@ -79,10 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                         f"{list(STATE_DTYPES)} (optim.table_state_dtype)")
     p.add_argument("--no-batchnorm", action="store_true",
                    help="time ours without query BatchNorm (on by default, as in the paper)")
-    p.add_argument("--repeats", type=COUNT, default=3)
+    p.add_argument("--repeats", type=cli.COUNT, default=3)
     p.add_argument("--warmup", type=cli.ints(0, cli.MAX_COUNT), default=1)
     p.add_argument("--threads", type=cli.ints(1, cli.MAX_THREADS), default=2)
-    p.add_argument("--check-tokens", type=COUNT, default=256, help="tokens in the output check")
+    p.add_argument("--check-tokens", type=cli.COUNT, default=256, help="tokens in the output check")
     p.add_argument("--no-check", action="store_true", help="skip the output check")
     p.add_argument("--json", action="store_true", help="one JSON object per measured row")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -93,8 +88,6 @@ def _check(args: argparse.Namespace) -> str | None:
     """The one-line error for flags that are valid one by one but not together, or not on this
     machine; None when the run can start (checked once here, not in each row's child)."""
     import importlib.util
-
-    from peer_dist.tools.bench import memory_error, shape_error
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device=cuda is invalid here: this torch sees no CUDA device (allowed: cpu)"

@@ -26,23 +26,16 @@ import torch
 
 from peer_dist import cli
 from peer_dist.config import PEERConfig
-
-COUNT = cli.ints(1, cli.MAX_COUNT)  # a size or count >= 1 (the shape's relations: parse)
+from peer_dist.tools.bench import add_shape_args, memory_error, shape_error
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    from peer_dist.tools.bench import memory_error, shape_error
-
     p = cli.Parser(prog="peer-bench router", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-experts", type=COUNT, default=1024 ** 2, help="N (a perfect square)")
-    p.add_argument("--dim", type=COUNT, default=1024)
-    p.add_argument("--heads", type=COUNT, default=8)
-    p.add_argument("--topk", type=COUNT, default=16, help="experts per head, <= sqrt(N)")
-    p.add_argument("--d-key", type=COUNT, default=128, help="query dim per head, even")
+    add_shape_args(p, num_experts=1024 ** 2, dim=1024, d_key="query dim per head, even")
     p.add_argument("--tokens", type=cli.ints(2, cli.MAX_COUNT), default=2048,
                    help="tokens per batch (>= 2: the query BatchNorm trains on them)")
-    p.add_argument("--repeats", type=COUNT, default=5)
+    p.add_argument("--repeats", type=cli.COUNT, default=5)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="one JSON object per line and row")
     args = p.parse_args(argv)

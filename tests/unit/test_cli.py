@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from oneline import refused
 
 from peer_dist import cli
 
@@ -45,17 +46,12 @@ def test_a_bad_flag_is_one_line_with_status_2(capsys):
     for argv, message in [(["--threads", "0"], "argument --threads: '0' is invalid: allowed is "
                            f"an integer from 1 to {cli.MAX_THREADS}"),
                           (["--bogus"], "unrecognized arguments: --bogus")]:
-        with pytest.raises(SystemExit) as e:
-            p.parse_args(argv)
-        assert e.value.code == 2
-        assert capsys.readouterr().err.splitlines() == [
-            f"peer-x: {message} (see peer-x --help)"]
+        assert refused(capsys, lambda: p.parse_args(argv)) == (  # noqa: B023
+            f"peer-x: {message} (see peer-x --help)")
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("plan").add_argument("--n", type=cli.floats(0, above=True))
-    with pytest.raises(SystemExit):
-        p.parse_args(["plan", "--n", "nan"])
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("peer-x plan: argument --n: 'nan'"), err
+    line = refused(capsys, lambda: p.parse_args(["plan", "--n", "nan"]))
+    assert line.startswith("peer-x plan: argument --n: 'nan'"), line
 
 
 @pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--seed", "1e30"),
@@ -63,11 +59,8 @@ def test_a_bad_flag_is_one_line_with_status_2(capsys):
 def test_peer_sample_flags_are_bounded(capsys, flag, value):
     from peer_dist.tools import sample
 
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--checkpoint", "m.safetensors", flag, value])
-    err = capsys.readouterr().err.splitlines()
-    assert e.value.code == 2 and len(err) == 1
-    assert err[0].startswith(f"peer-sample: argument {flag}: {value!r} is invalid"), err
+    line = refused(capsys, lambda: sample.main(["--checkpoint", "m.safetensors", flag, value]))
+    assert line.startswith(f"peer-sample: argument {flag}: {value!r} is invalid"), line
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -85,10 +78,8 @@ def test_peer_study_refuses_before_training(capsys, tmp_path, argv, message):
 
     (tmp_path / "empty").mkdir()
     argv = [a.replace("{empty}", str(tmp_path / "empty")) for a in argv]
-    with pytest.raises(SystemExit) as e:
-        study.main([*argv, "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.splitlines()
-    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    line = refused(capsys, lambda: study.main([*argv, "--out", str(tmp_path / "out")]))
+    assert message in line, line
     assert not (tmp_path / "out").exists()
 
 
@@ -105,7 +96,5 @@ def test_peer_chaos_flags_are_bounded(capsys, monkeypatch, argv, message):
 
     monkeypatch.setattr(startup, "cpu_cores", lambda: 2)
     monkeypatch.setattr(topology, "pick_backend", lambda: "gloo")
-    with pytest.raises(SystemExit) as e:
-        chaos.parse_args(argv)
-    err = capsys.readouterr().err.splitlines()
-    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    line = refused(capsys, lambda: chaos.parse_args(argv))
+    assert message in line, line

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import peer_dist
 
-ORDER = {"errors": 0, "cli": 0, "config": 0, "ops": 1, "model": 2, "parallel": 3, "data": 4, "train": 5,
-         "tools": 6}
+ORDER = {"errors": 0, "cli": 0, "config": 0, "ops": 1, "model": 2, "parallel": 3, "data": 4,
+         "train": 5, "tools": 6}
 ROOT = Path(peer_dist.__file__).parent
 
 
