@@ -11,6 +11,8 @@ out: `--help` shows it). Each bound is checked when the flag is read, before any
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import math
 import sys
 from typing import NoReturn
@@ -109,3 +111,37 @@ def names(choices):
 
 
 COUNT = ints(1, MAX_COUNT)  # a size or count >= 1 (steps, tokens, dims)
+
+
+# --------------------------------------------------------------------------- console scripts
+
+TOOLS = {"peer-train": "peer_dist.train.__main__", "peer-prepare": "peer_dist.tools.prepare",
+         "peer-bench": "peer_dist.tools.bench", "peer-scale": "peer_dist.tools.scale",
+         "peer-launch": "peer_dist.tools.cluster", "peer-study": "peer_dist.tools.study",
+         "peer-chaos": "peer_dist.tools.chaos", "peer-sample": "peer_dist.tools.sample",
+         "peer-export": "peer_dist.tools.export"}
+
+
+def run(prog: str) -> NoReturn:
+    """The console script `prog`: its module's main() (imported here, so this module stays
+    light), and a Ctrl-C the tool does not handle itself (while torch is imported, while data
+    is read) ends in one line and status 130 instead of a KeyboardInterrupt traceback. Tools
+    that write files write them whole or not at all, so a stop leaves no half-written one."""
+    try:
+        code = importlib.import_module(TOOLS[prog]).main()
+    except KeyboardInterrupt:
+        print(f"{prog}: stopped by SIGINT (Ctrl-C)", file=sys.stderr, flush=True)
+        code = 130
+    raise SystemExit(code)
+
+
+# the console scripts of pyproject.toml
+peer_train = functools.partial(run, "peer-train")
+peer_prepare = functools.partial(run, "peer-prepare")
+peer_bench = functools.partial(run, "peer-bench")
+peer_scale = functools.partial(run, "peer-scale")
+peer_launch = functools.partial(run, "peer-launch")
+peer_study = functools.partial(run, "peer-study")
+peer_chaos = functools.partial(run, "peer-chaos")
+peer_sample = functools.partial(run, "peer-sample")
+peer_export = functools.partial(run, "peer-export")

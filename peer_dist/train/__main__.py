@@ -134,8 +134,8 @@ def launch(torchrun_args: list[str], run_dir: str = "") -> int:
             return report(f"rank {rank} was killed by {name}; the job stopped (checkpoints "
                           "up to the last complete one are intact)", 1)
         return failure.exitcode or 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # before torchrun's handlers: no rank had started
+        return report("stopped by SIGINT (Ctrl-C) before the ranks started", 130)
     if read_marker(run_dir, started) is not None:  # the ranks stopped on a signal they got
         return EXIT_INTERRUPTED
     return 0
@@ -194,8 +194,9 @@ def train(cfg) -> int:
         if debug():
             raise
         code = report(str(e), e.exit_code) if e.should_print(_rank()) else e.exit_code
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt:  # before the stop handlers are in place: nothing to save yet
+        code = report("stopped by SIGINT (Ctrl-C) before the first step; this run wrote no "
+                      "checkpoint", 130) if _rank() == 0 else 130
     except Exception as e:  # a defect, not the user's: still one line, the traceback on request
         error = e
         if debug():

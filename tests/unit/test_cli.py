@@ -98,3 +98,38 @@ def test_peer_chaos_flags_are_bounded(capsys, monkeypatch, argv, message):
     monkeypatch.setattr(topology, "pick_backend", lambda: "gloo")
     line = refused(capsys, lambda: chaos.parse_args(argv))
     assert message in line, line
+
+
+def test_a_ctrl_c_no_tool_handles_is_one_line_and_status_130(capsys, monkeypatch):
+    """peer-prepare, peer-study and peer-train during its imports printed a KeyboardInterrupt
+    traceback; the console scripts now run each tool's main through cli.run."""
+    import sys
+    import types
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    fake = types.ModuleType("fake_tool")
+    fake.main = interrupted
+    monkeypatch.setitem(sys.modules, "fake_tool", fake)
+    monkeypatch.setitem(cli.TOOLS, "peer-x", "fake_tool")
+    with pytest.raises(SystemExit) as e:
+        cli.run("peer-x")
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines() == ["peer-x: stopped by SIGINT (Ctrl-C)"]
+    fake.main = lambda: 3
+    with pytest.raises(SystemExit) as e:
+        cli.run("peer-x")
+    assert e.value.code == 3
+
+
+def test_every_console_script_runs_through_cli_run():
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())[
+        "project"]["scripts"]
+    assert set(scripts) == set(cli.TOOLS)
+    for name, target in scripts.items():
+        module, attr = target.split(":")
+        assert module == "peer_dist.cli" and getattr(cli, attr).args == (name,)
