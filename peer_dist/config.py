@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from peer_dist.cli import MAX_THREADS
 from peer_dist.errors import UserError
 
 
@@ -251,6 +252,7 @@ class OptimConfig:
 
 
 DTYPES = ("auto", "fp32", "bf16")
+MAX_WAIT_S = 1_000_000  # ~11.6 days: a wait in seconds beyond it is a typo (and overflows)
 RESUME_SCHEDULES = ("continue", "recompute")
 NONFINITE = ("skip", "stop")
 
@@ -303,17 +305,17 @@ class TrainConfig:
                "an integer >= 0 (0 = batch_size x grad_accum x world size)")
         _check(self.ckpt_every_s >= 0, "train.ckpt_every_s", self.ckpt_every_s,
                "a number of seconds >= 0 (0 = off)")
-        _check(self.stop_grace_s > 0, "train.stop_grace_s", self.stop_grace_s,
-               "a number of seconds > 0")
         _check(self.nonfinite in NONFINITE, "train.nonfinite", self.nonfinite,
                f"one of {list(NONFINITE)}")
-        _check(self.collective_timeout_s >= 1, "train.collective_timeout_s",
-               self.collective_timeout_s, "a number of seconds >= 1")
+        for key in ("collective_timeout_s", "stop_grace_s"):  # both reach C ints of ms
+            _check(1 <= getattr(self, key) <= MAX_WAIT_S, f"train.{key}", getattr(self, key),
+                   f"a number of seconds from 1 to {MAX_WAIT_S:,}")
         _check(0 <= self.seed < 2 ** 63, "train.seed", self.seed, "an integer from 0 to 2**63 - 1")
         _check(self.run_dir.strip() != "", "train.run_dir", self.run_dir,
                "a folder path (not empty)")
-        _check(self.threads >= 0, "train.threads", self.threads,
-               "0 (cores / local ranks, or OMP_NUM_THREADS) or an integer >= 1")
+        _check(0 <= self.threads <= MAX_THREADS, "train.threads", self.threads,
+               f"0 (cores / local ranks, or OMP_NUM_THREADS) or an integer from 1 to "
+               f"{MAX_THREADS}")
 
 
 @dataclass
@@ -447,10 +449,10 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is int:
         number = _number(value)
-        if number is not None and float(number).is_integer():
+        if number is not None and float(number).is_integer() and abs(int(number)) < 2 ** 63:
             return int(number)
-        raise ConfigError(f"{key}={value!r} is invalid: allowed is an integer, e.g. 1000, "
-                          "1_000 or 1e3")
+        raise ConfigError(f"{key}={value!r} is invalid: allowed is an integer (below 2**63 in "
+                          "size), e.g. 1000, 1_000 or 1e3")
     elif tp is float:
         number = _number(value)
         if number is not None and math.isfinite(number):

@@ -54,10 +54,10 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     if dist.is_initialized():
         return
     backend = backend or pick_backend()
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if "RANK" not in os.environ:  # a world of one talks to itself only, whatever the shell
+        # holds (a MASTER_ADDR left from a cluster job made it wait on that host for ever)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = None if timeout_s is None else timedelta(seconds=timeout_s)

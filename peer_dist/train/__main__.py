@@ -23,6 +23,7 @@ import time
 from peer_dist import cli
 from peer_dist.config import ConfigError, load_config
 from peer_dist.errors import UserError, debug
+from peer_dist.train.faults import parse as parse_faults
 
 PROG = "peer-train"
 
@@ -62,6 +63,40 @@ def launcher_error(args: argparse.Namespace) -> str | None:
         return (f"--nproc={args.nproc} --nnodes={args.nnodes} --max-restarts="
                 f"{args.max_restarts}: allowed are --nproc >= 1, --nnodes >= 1, "
                 "--max-restarts >= 0")
+    return None
+
+
+LAUNCH_INTS = {"RANK": 0, "LOCAL_RANK": 0, "GROUP_RANK": 0, "WORLD_SIZE": 1,
+               "LOCAL_WORLD_SIZE": 1}
+
+
+def env_error(env: dict[str, str]) -> str | None:
+    """The one-line error for a launcher variable no launcher would set (torchrun's, set by
+    hand or left in the shell), OMP_NUM_THREADS beyond any machine, or a malformed
+    PEER_FAULT; None when they are fine or unset. Each was a traceback or an internal error."""
+    got = {}
+    for key, low in LAUNCH_INTS.items():
+        raw = env.get(key)
+        if raw is None:
+            continue
+        if not raw.strip().isdigit() or int(raw) < low:
+            return (f"{key}={raw!r} is invalid: allowed is an integer >= {low} (torchrun sets "
+                    "it; unset it to run without torchrun)")
+        got[key] = int(raw)
+    for rank, size in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+        if rank in got and size in got and got[rank] >= got[size]:
+            return (f"{rank}={got[rank]} with {size}={got[size]}: allowed is a rank from 0 to "
+                    f"{got[size] - 1}")
+    port = env.get("MASTER_PORT")
+    if port is not None and "RANK" in env and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"MASTER_PORT={port!r} is invalid: allowed is a port from 1 to 65535"
+    threads = env.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > cli.MAX_THREADS:
+        return f"OMP_NUM_THREADS={threads} is invalid: allowed is 1 to {cli.MAX_THREADS}"
+    try:
+        parse_faults(env.get("PEER_FAULT", ""))
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -241,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault(*WAIT_POLICY)
     args = parse_args(argv)
-    problem = launcher_error(args)
+    problem = launcher_error(args) or env_error(dict(os.environ))
     if problem:
         return report(problem, 2)
     try:

@@ -20,7 +20,7 @@ POINTS = ("hang", "kill", "kill_in_ckpt", "nan_loss")
 _fired: set[str] = set()
 
 
-def _parse(spec: str) -> list[tuple[str, int, int | None]]:
+def parse(spec: str) -> list[tuple[str, int, int | None]]:
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         point, _, where = item.partition("@")
@@ -37,7 +37,7 @@ def armed(point: str, rank: int, step: int) -> bool:
     spec = os.environ.get("PEER_FAULT", "")
     if not spec or point in _fired or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return False
-    for p, r, s in _parse(spec):
+    for p, r, s in parse(spec):
         if p == point and r == rank and (s is None or s == step):
             _fired.add(point)
             return True

@@ -60,9 +60,13 @@ def test_override_beats_file(tmp_path):
     ("optim.eps=0", "optim.eps", "(0, 1)"),
     ("optim.weight_decay=-0.1", "optim.weight_decay", ">= 0"),
     ("train.seed=-1", "train.seed", "0 to 2**63 - 1"),  # blamed the data
-    ("train.seed=1e30", "train.seed", "0 to 2**63 - 1"),  # an overflow traceback
+    ("train.seed=1e30", "train.seed", "below 2**63"),  # an overflow traceback
     ("train.run_dir=", "train.run_dir", "not empty"),  # wrote into the working folder
-    ("train.collective_timeout_s=1e-9", "train.collective_timeout_s", ">= 1"),  # a C++ dump
+    ("train.steps=1e30", "train.steps", "below 2**63"),  # trained without end
+    ("train.collective_timeout_s=1e30", "train.collective_timeout_s", "from 1 to"),  # overflow
+    ("train.stop_grace_s=0", "train.stop_grace_s", "from 1 to"),
+    ("train.threads=100000", "train.threads", "from 1 to 1024"),
+    ("train.collective_timeout_s=1e-9", "train.collective_timeout_s", "from 1 to"),  # C++ dump
 ])
 def test_invalid_values_name_key_and_allowed(override, key, allowed):
     with pytest.raises(ConfigError) as err:
@@ -168,6 +172,6 @@ def test_new_train_fields_are_validated():
         "stop", 3, 2.5)
     for bad, allowed in [("train.nonfinite=retry", "['skip', 'stop']"),
                          ("train.max_skipped=0", ">= 1"),
-                         ("train.collective_timeout_s=0.5", ">= 1")]:
+                         ("train.collective_timeout_s=0.5", "from 1 to 1,000,000")]:
         with pytest.raises(ConfigError, match=re.escape(allowed)):
             load_config(None, [bad])

@@ -47,6 +47,24 @@ def test_a_bad_rendezvous_endpoint_is_one_line(capsys, endpoint):
                    "HOST:PORT with a port from 1 to 65535 (e.g. node0:29400)"]
 
 
+@pytest.mark.parametrize("env,message", [
+    ({"RANK": "abc", "WORLD_SIZE": "1"}, "RANK='abc' is invalid: allowed is an integer >= 0"),
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 with WORLD_SIZE=2: allowed is a rank from 0 to 1"),
+    ({"LOCAL_WORLD_SIZE": "abc"}, "LOCAL_WORLD_SIZE='abc' is invalid"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "99999"}, "MASTER_PORT='99999' is invalid"),
+    ({"OMP_NUM_THREADS": "1" + "0" * 30}, "OMP_NUM_THREADS=1000"),
+    ({"PEER_FAULT": "garbage"}, "PEER_FAULT item 'garbage' is invalid"),
+])
+def test_launcher_variables_no_launcher_would_set_are_one_line(capsys, monkeypatch, env,
+                                                                message):
+    """Each was a traceback (RANK=abc) or an internal error naming no variable (status 1)."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--config", str(TINY)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_a_folder_given_as_the_config_is_named_as_one(capsys, tmp_path):
     assert main(["--config", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
