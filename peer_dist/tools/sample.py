@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def arg_error(args: argparse.Namespace) -> str | None:
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes the shell passed that are not UTF-8 text
+        return (f"--prompt holds bytes that are not UTF-8 text (at character {e.start}): "
+                "allowed is UTF-8 text")
     if args.nproc > 1 and args.checkpoint.endswith(".safetensors"):
         return "--nproc > 1 shards a checkpoint's tables: allowed is --checkpoint <run or step>"
     return None

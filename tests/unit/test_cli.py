@@ -134,3 +134,14 @@ def test_every_console_script_runs_through_cli_run():
     for name, target in scripts.items():
         module, attr = target.split(":")
         assert module == "peer_dist.cli" and getattr(cli, attr).args == (name,)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(capsys):
+    """Bytes the shell passed that are not UTF-8 (Python reads them as lone surrogates) were a
+    UnicodeEncodeError traceback."""
+    from peer_dist.tools import sample
+
+    assert sample.main(["--checkpoint", "m.safetensors", "--prompt", "ab\udcff\udcfe"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["peer-sample: --prompt holds bytes that are not UTF-8 text (at character 2): "
+                   "allowed is UTF-8 text"]
