@@ -196,8 +196,10 @@ def _check_manifest(path: Path) -> str | None:
         return "does not exist"
     manifest = path / MANIFEST
     if not manifest.is_file():
-        if (path / "meta.json").is_file():
+        if (path / "meta.json").is_file() and (path / "tables").is_dir():
             return None  # written before manifests: loaded, with a warning (load_checkpoint)
+        if (path / "meta.json").is_file() and (path / "train.bin").is_file():
+            return "is a prepared dataset, not a checkpoint"
         return "is incomplete (no manifest.json)"
     try:
         files = json.loads(manifest.read_text())["files"]

@@ -112,6 +112,13 @@ def test_manifest_detects_damage_truncation_and_missing_files(tmp_path):
     assert ckpt.verify(d) is None  # meta.json without a manifest: an older checkpoint
     (d / "meta.json").unlink()
     assert ckpt.verify(d) == "is incomplete (no manifest.json)"
+    data = tmp_path / "data"  # a prepared dataset has a meta.json too (was a KeyError on load)
+    data.mkdir()
+    (data / "meta.json").write_text("{}")
+    (data / "train.bin").write_bytes(b"")
+    assert ckpt.verify(data) == "is a prepared dataset, not a checkpoint"
+    (data / "train.bin").unlink()
+    assert ckpt.verify(data) == "is incomplete (no manifest.json)"
 
 
 def test_resume_auto_falls_back_to_the_newest_valid_checkpoint(tmp_path):
