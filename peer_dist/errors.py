@@ -11,6 +11,8 @@ found it prints it.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -38,3 +40,23 @@ class JobFault(UserError):
 def debug() -> bool:
     """PEER_DEBUG=1: let errors end in their traceback."""
     return os.environ.get("PEER_DEBUG", "") not in ("", "0")
+
+
+def folder_error(path: str | Path, make: bool = False) -> str | None:
+    """Why the output folder `path` cannot be written, in words for a one-line error (the tool
+    adds the flag and what is allowed); None when it can. make=True creates it (and its
+    parents) now; make=False leaves the disk as it was, probing with a temporary folder in the
+    nearest existing folder (a file in its place, /proc, a read-only folder are found here,
+    before any work, not when the results are written)."""
+    path = Path(path)
+    near = next(q for q in (path, *path.parents) if q.exists() or q == Path(q.anchor))
+    if near.exists() and not near.is_dir():
+        return f"{str(near)!r} is a file"
+    try:
+        if make:
+            path.mkdir(parents=True, exist_ok=True)
+            near = path
+        os.rmdir(tempfile.mkdtemp(prefix=".peer-probe-", dir=near))
+    except OSError as e:
+        return f"a folder cannot be made or written in {str(near)!r} ({e.strerror})"
+    return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,6 +33,7 @@ import numpy as np
 from peer_dist.config import DataConfig
 from peer_dist.data.dataset import HF_TOKENIZER_FILE, META_FILE, SPLITS, token_dtype
 from peer_dist.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+from peer_dist.errors import folder_error
 
 STDLIB = "stdlib"
 STDLIB_SUFFIXES = (".py", ".txt", ".rst", ".md")
@@ -72,10 +74,14 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_files(inputs: list[str]) -> list[tuple[str, Path]]:
-    """(name, path) for every input file, in input order then sorted path order."""
+def list_files(inputs: list[str], log: Log | None = None) -> list[tuple[str, Path]]:
+    """(name, path) for every input file, in input order then sorted path order; a file named
+    twice (the same input given again, a file and the folder holding it) is read once, where
+    it is first named."""
     out: list[tuple[str, Path]] = []
     for item in inputs:
+        if item == "":  # Path("") is the current folder: everything under it would be read
+            raise ValueError("input '' is empty: allowed are files, folders or 'stdlib'")
         if item == STDLIB:
             root = stdlib_root()
             out += [(f"stdlib/{p.relative_to(root).as_posix()}", p)
@@ -89,7 +95,15 @@ def list_files(inputs: list[str]) -> list[tuple[str, Path]]:
         else:
             raise FileNotFoundError(f"input {item!r} does not exist: allowed are files, folders "
                                     f"or {STDLIB!r}")
-    return out
+    seen: set[Path] = set()
+    once = []
+    for name, path in out:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            once.append((name, path))
+    if log and len(once) < len(out):
+        log(f"peer-prepare: {len(out) - len(once)} files named more than once are read once")
+    return once
 
 
 def plan_documents(files: list[tuple[str, Path]], max_bytes: int,
@@ -106,6 +120,16 @@ def plan_documents(files: list[tuple[str, Path]], max_bytes: int,
             break
     if not docs:
         raise ValueError("no input text found (all inputs empty): give files with text")
+    need = math.ceil(1 / val_fraction)
+    need += val_fraction * need < 1  # the fewest bytes whose share val_fraction is 1 byte
+    if total < need:
+        held = sum(path.stat().st_size for _, path in files)
+        raise ValueError(
+            f"max_bytes={max_bytes:,} and inputs of {held:,} bytes give {total:,} bytes of text: "
+            f"val_fraction={val_fraction} of it is less than the 1 byte validation needs; "
+            f"allowed is at least {need:,} bytes (1 / val_fraction): "
+            + ("a larger max_bytes" if held >= need else "more text") + " or a larger "
+            "val_fraction")
     return _choose_val(docs, val_fraction * total)
 
 
@@ -231,8 +255,13 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte",
         raise FileExistsError(f"output folder {str(out)!r} exists: remove it or pass --force")
     if out.exists():
         _check_replaceable(out, inputs)
+    problem = folder_error(out.parent)
+    if problem:
+        raise ValueError(f"output folder {str(out)!r} is invalid: {problem}; allowed is a path "
+                         "whose folder can be made and written")
+    files = list_files(inputs, log)
     tok = load_tokenizer(tokenizer)
-    docs = plan_documents(list_files(inputs), max_bytes, val_fraction)
+    docs = plan_documents(files, max_bytes, val_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -240,8 +269,11 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte",
     try:
         writer, skipped = _write(tmp, docs, tok, log)
         if writer.tokens["train"] == 0 or writer.tokens["val"] == 0:
-            raise ValueError(f"inputs {inputs} gave {writer.tokens} tokens: both splits need "
-                             f"text ({len(skipped)} files skipped as not UTF-8 text)")
+            read = sum(d.size for d in docs if d.part != "tail")
+            raise ValueError(f"inputs {inputs} gave {writer.tokens} tokens from {read:,} bytes "
+                             f"({len(skipped)} files skipped as not UTF-8 text): both splits "
+                             f"need text; allowed is more UTF-8 text, or a larger max_bytes "
+                             f"(now {max_bytes:,})")
         meta = _meta(inputs, tokenizer, tok, writer, docs, skipped, val_fraction, max_bytes)
         if isinstance(tok, HFTokenizer):
             shutil.copyfile(tok.path, tmp / HF_TOKENIZER_FILE)

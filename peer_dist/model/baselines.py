@@ -76,7 +76,7 @@ class PKM(nn.Module):
     def __init__(self, dim: int, cfg: PEERConfig, seed: int = 0):
         super().__init__()
         self.router = ProductKeyRouter(dim, cfg)  # validates cfg
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed % (2**63 - 1))  # a block's seed is 1000 x the run's
         self.values = nn.Parameter(torch.randn(cfg.num_experts, dim, generator=g) / math.sqrt(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from peer_dist import cli
 from peer_dist.config import Config, ConfigError, load_config, save_config
-from peer_dist.errors import UserError
+from peer_dist.errors import UserError, folder_error
 
 PROG = "peer-export"
 FORMAT = "peer_dist.model/1"
@@ -260,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".safetensors"):
         print(f"{PROG}: --out={args.out!r}: allowed is a file name ending in .safetensors",
               file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    problem = (f"{args.out!r} is a folder" if out.is_dir() else folder_error(out.parent))
+    if problem:  # found before the checkpoint is read, not when the file is written
+        print(f"{PROG}: --out={args.out!r} is invalid: {problem}; allowed is a .safetensors "
+              "file in a folder that can be made and written", file=sys.stderr)
         return 2
     try:
         path, s = export(args.checkpoint, args.out)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from peer_dist import cli
 from peer_dist.config import DataConfig
 from peer_dist.data.prepare import prepare
+from peer_dist.errors import folder_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
+    problem = "it is empty" if not args.out.strip() else folder_error(Path(args.out).parent)
+    if problem:
+        print(f"peer-prepare: error: --out={args.out!r} is invalid: {problem}; allowed is a "
+              "new folder whose parent can be made and written", file=sys.stderr)
+        return 2
     try:
         meta = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.max_bytes,
                        args.force)

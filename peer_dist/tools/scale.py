@@ -35,6 +35,7 @@ from pathlib import Path
 
 from peer_dist import cli
 from peer_dist.config import TABLE_DTYPES, ConfigError, ModelConfig, load_config
+from peer_dist.errors import folder_error
 from peer_dist.tools import memory_model as mm
 from peer_dist.tools.cluster_model import MAX_GPUS  # world size, nodes x GPUs, EP
 from peer_dist.tools.plots import Series, line_chart, predicted_vs_measured
@@ -1532,11 +1533,7 @@ def check_paths(args: argparse.Namespace) -> None:
             raise UserExit(f"peer-scale {args.command}: {flag} is invalid: allowed is {allowed}")
         if not allowed.startswith("a folder"):
             continue
-        path = Path(value)
-        near = next(q for q in (path, *path.parents) if q.exists() or q == Path(q.anchor))
-        problem = (f"{str(near)!r} is a file" if not near.is_dir() else
-                   f"{str(near)!r} is not writable" if not os.access(near, os.W_OK | os.X_OK)
-                   else None)
+        problem = folder_error(value)  # a probe: the folder is made when it is written
         if problem:
             raise UserExit(f"peer-scale {args.command}: {flag} is invalid: {problem}; allowed "
                            f"is {allowed}")
@@ -1555,10 +1552,11 @@ def main(argv: list[str] | None = None) -> None:
     except UserExit as e:  # one line, status 2 (e.code)
         print(e, file=sys.stderr, flush=True)
         raise
-    except KeyboardInterrupt as e:
-        name = e.args[0] if e.args else "SIGINT"
-        raise SystemExit(f"peer-scale {args.command}: stopped by {name} (its runs stopped; "
-                         "what was measured before is printed above)") from None
+    except KeyboardInterrupt as e:  # one line, and the status of the signal: 130 or 143
+        sig = signal.Signals.__members__.get(e.args[0] if e.args else "", signal.SIGINT)
+        print(f"peer-scale {args.command}: stopped by {sig.name} (its runs stopped; what was "
+              "measured before is printed above)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + sig.value) from None
     finally:
         signal.signal(signal.SIGTERM, old)
 

@@ -158,15 +158,29 @@ def evaluate(model, data, r: Recipe) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def open_corpus(path: str, max_bytes: int):
-    """The prepared corpus at `path`, made from this Python's library when `path` does not
-    exist; anything else there is one line (SystemExit), never replaced."""
-    from peer_dist.data import TokenDataset, prepare_dataset
+def check_data(path: str) -> None:
+    """--data before any work: a prepared corpus, or a new path where one can be written;
+    anything else is one line (SystemExit), never replaced."""
+    from peer_dist.errors import folder_error
 
+    allowed = ("allowed is a folder written by peer-prepare, or a path that does not exist yet "
+               "(prepared there from this Python's library)")
+    if not path.strip():
+        cli.fail(f"peer-study: --data={path!r} is invalid: it is empty; {allowed}")
     if Path(path).exists() and not (Path(path) / "meta.json").is_file():
         cli.fail(f"peer-study: --data={path!r} exists and holds no prepared dataset (no "
-                         "meta.json): allowed is a folder written by peer-prepare, or a path "
-                         "that does not exist yet (prepared there from this Python's library)")
+                 f"meta.json): {allowed}")
+    problem = None if Path(path).exists() else folder_error(Path(path).parent)
+    if problem:
+        cli.fail(f"peer-study: --data={path!r} is invalid: {problem}; {allowed}")
+
+
+def open_corpus(path: str, max_bytes: int):
+    """The prepared corpus at `path`, made from this Python's library when `path` does not
+    exist (check_data)."""
+    from peer_dist.data import TokenDataset, prepare_dataset
+
+    check_data(path)
     try:
         return TokenDataset(prepare_dataset(
             DataConfig(path=path, source="stdlib", max_bytes=max_bytes),
@@ -489,25 +503,30 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
 
 # --------------------------------------------------------------------------- command line
 
+# Bounds of the flags: beyond them a value is a typo, not a setting.
+MAX_SEED = 2 ** 63 - 1  # what torch's generators take
+MAX_WIDTH = 1 << 16  # --sizes, --dim (a width of 65536 is already beyond this machine)
+MAX_EXPERTS = 1 << 40  # --num-experts
+# --budgets: peer-study trains on the CPU, at about 6e9 FLOP/s on 2 cores (the default study,
+# 9e12 FLOPs, takes 26 min), so 1e15 FLOPs is about two days for one model of the 100 or more
+# a study trains: a larger budget is a typo (1e30 ran for ever)
+MAX_BUDGET = 1e15
+
+
 def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or min(values) <= 0 or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed are positive numbers, "
-                                         "comma-separated, e.g. 3e11,1e12")
+    if not values or not all(math.isfinite(v) and 0 < v <= MAX_BUDGET for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is invalid: allowed are numbers > 0 and <= 1e15, "
+            "comma-separated, e.g. 3e10,1e11 (training FLOPs per model, on the CPU: 1e15 is "
+            "about two days for each model)")
     return values
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed are integers >= 0, comma-separated")
-    return values
+SEEDS = cli.int_list(0, MAX_SEED)
 
 
 def _kinds(text: str) -> list[str]:
@@ -529,23 +548,24 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--kinds", type=_kinds, default=list(DEFAULT_KINDS),
                      help=f"any of {', '.join(KINDS)} (moe_ec: expert choice, non-causal, "
                           "not ranked)")
-    iso.add_argument("--sizes", type=_ints, default=[16, 24, 32],
+    iso.add_argument("--sizes", type=cli.int_list(8, MAX_WIDTH), default=[16, 24, 32],
                      help="model widths d to start from (multiples of 8)")
-    iso.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    iso.add_argument("--seeds", type=SEEDS, default=[0, 1, 2])
     iso.add_argument("--max-extend", type=cli.ints(0, 64), default=2,
                      help="widths added per kind and budget while the optimum is at an edge")
     ex = sub.add_parser("experts", help="expert usage and unevenness (the paper's Table 2)")
-    ex.add_argument("--num-experts", type=_ints, default=[32 ** 2, 64 ** 2, 128 ** 2])
-    ex.add_argument("--dim", type=cli.ints(8), default=64)
+    ex.add_argument("--num-experts", type=cli.int_list(64, MAX_EXPERTS),
+                    default=[32 ** 2, 64 ** 2, 128 ** 2])
+    ex.add_argument("--dim", type=cli.ints(8, MAX_WIDTH), default=64)
     ex.add_argument("--steps", type=cli.ints(1, cli.MAX_COUNT), default=600)
-    ex.add_argument("--seeds", type=_ints, default=[0, 1])
+    ex.add_argument("--seeds", type=SEEDS, default=[0, 1])
     sc = sub.add_parser("experts-scaling", help="perplexity and usage against N at equal "
                         "active parameters (the paper's Figure 3)")
-    sc.add_argument("--num-experts", type=_ints,
+    sc.add_argument("--num-experts", type=cli.int_list(64, MAX_EXPERTS),
                     default=[32 ** 2, 64 ** 2, 128 ** 2, 256 ** 2, 512 ** 2])
-    sc.add_argument("--dim", type=cli.ints(8), default=64)
+    sc.add_argument("--dim", type=cli.ints(8, MAX_WIDTH), default=64)
     sc.add_argument("--steps", type=cli.ints(1, cli.MAX_COUNT), default=600)
-    sc.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    sc.add_argument("--seeds", type=SEEDS, default=[0, 1, 2])
     for q in (iso, ex, sc):
         q.add_argument("--data", default="data/stdlib_study",
                        help="prepared corpus (made from this Python's library if missing)")
@@ -558,7 +578,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def memory_problem(args: argparse.Namespace) -> str | None:
+    """The one-line error for a model of the study that cannot fit in this machine's memory at
+    all (fp32 weights and Adam's two moments: 12 bytes a parameter), before the first trains."""
+    from peer_dist.model.flops import param_counts
+    from peer_dist.tools.bench import memory_error
+
+    r = Recipe()
+    if args.command == "isoflop":
+        points = [(f"--sizes={d}", model_config(k, d, r)) for d in args.sizes for k in args.kinds]
+    else:
+        points = [(f"--num-experts={n} --dim={args.dim}",
+                   model_config("peer", args.dim, r, num_experts=n)) for n in args.num_experts]
+    for flags, cfg in points:
+        bad = memory_error(flags, "a model's fp32 weights and Adam's two moments",
+                           12 * param_counts(cfg)[0])
+        if bad:
+            return bad
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    from peer_dist.errors import folder_error
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -568,7 +610,6 @@ def main(argv: list[str] | None = None) -> None:
             cli.fail(f"peer-study: --sizes={args.sizes} --max-extend="
                              f"{args.max_extend}: allowed are widths >= 8 divisible by 8 (4 "
                              "attention heads of even size) and --max-extend >= 0")
-        write_isoflop(isoflop_rows(args), out)
     else:
         for n in args.num_experts:
             if math.isqrt(n) ** 2 != n or math.isqrt(n) < 8:
@@ -578,10 +619,20 @@ def main(argv: list[str] | None = None) -> None:
                 model_config("peer", args.dim, Recipe(), num_experts=n)
             except ConfigError as e:
                 cli.fail(f"peer-study: --dim={args.dim}: {e}")
-        if args.command == "experts":
-            write_experts(experts_rows(args), out)
-        else:
-            write_scaling(scaling_rows(args), out)
+    bad = memory_problem(args)
+    if bad:
+        cli.fail(f"peer-study: {bad}")
+    check_data(args.data)
+    problem = "it is empty" if not args.out.strip() else folder_error(out, make=True)
+    if problem:  # made now: a bad --out is found before the training, not after it
+        cli.fail(f"peer-study: --out={args.out!r} is invalid: {problem}; allowed is a folder, "
+                 "new or existing, that can be written")
+    if args.command == "isoflop":
+        write_isoflop(isoflop_rows(args), out)
+    elif args.command == "experts":
+        write_experts(experts_rows(args), out)
+    else:
+        write_scaling(scaling_rows(args), out)
     print(f"peer-study {args.command}: wrote {out} in {time.perf_counter() - t0:.0f} s "
           f"(wall time)", file=sys.stderr)
 

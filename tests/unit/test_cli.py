@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from oneline import refused
 
@@ -66,7 +68,8 @@ def test_peer_sample_flags_are_bounded(capsys, flag, value):
 @pytest.mark.parametrize("argv,message", [
     (["experts", "--data", "{empty}"], "exists and holds no prepared dataset (no meta.json)"),
     (["experts", "--dim", "12"], "--dim=12: model.n_heads=4 is invalid"),
-    (["experts", "--dim", "0"], "argument --dim: '0' is invalid: allowed is an integer >= 8"),
+    (["experts", "--dim", "0"], "argument --dim: '0' is invalid: allowed is an integer from 8 "
+     "to 65536"),
     (["experts", "--steps", "0"], "argument --steps: '0' is invalid"),
     (["experts-scaling", "--threads", "-1"], "argument --threads: '-1' is invalid"),
     (["isoflop", "--max-extend", "-1"], "argument --max-extend: '-1' is invalid"),
@@ -145,3 +148,76 @@ def test_a_prompt_that_is_not_utf8_is_one_line(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == ["peer-sample: --prompt holds bytes that are not UTF-8 text (at character 2): "
                    "allowed is UTF-8 text"]
+
+
+BIG = str(10 ** 30)
+NO_PROC = not Path("/proc/self").is_dir()  # /proc/x: a path no folder can be made at
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["isoflop", "--sizes", BIG], "argument --sizes: '1" + "0" * 30 + "' is invalid: allowed is "
+     "an integer from 8 to 65536"),
+    (["isoflop", "--seeds", BIG], "argument --seeds: '1" + "0" * 30 + "' is invalid: allowed is "
+     "an integer from 0 to 9223372036854775807"),
+    (["experts", "--seeds", "0," + BIG], "allowed is an integer from 0 to 9223372036854775807"),
+    (["experts-scaling", "--seeds", str(2 ** 63)], "from 0 to 9223372036854775807"),
+    (["experts", "--num-experts", BIG], "argument --num-experts: '1" + "0" * 30 + "' is invalid: "
+     "allowed is an integer from 64 to 1099511627776"),
+    (["experts", "--num-experts", str(1 << 40)], "--num-experts=1099511627776 --dim=64 is "
+     "invalid here: a model's fp32 weights and Adam's two moments take about"),
+    (["experts", "--dim", BIG], "argument --dim: '1" + "0" * 30 + "' is invalid: allowed is an "
+     "integer from 8 to 65536"),
+    (["experts-scaling", "--dim", "65536"], "--dim=65536 is invalid here"),
+    (["isoflop", "--sizes", "16,65536"], "--sizes=65536 is invalid here"),
+    (["isoflop", "--budgets", "1e30"], "argument --budgets: '1e30' is invalid: allowed are "
+     "numbers > 0 and <= 1e15"),
+    (["isoflop", "--budgets", "3e10,inf"], "allowed are numbers > 0 and <= 1e15"),
+    (["isoflop", "--data", "{file}/sub"], "--data='{file}/sub' is invalid: '{file}' is a file"),
+    (["isoflop", "--out", "{file}"], "--out='{file}' is invalid: '{file}' is a file; allowed is a "
+     "folder, new or existing, that can be written"),
+    (["experts", "--out", "{file}/sub"], "--out='{file}/sub' is invalid: '{file}' is a file"),
+    (["experts-scaling", "--out", ""], "--out='' is invalid: it is empty"),
+    pytest.param(["isoflop", "--out", "/proc/x"], "--out='/proc/x' is invalid: a folder cannot "
+                 "be made or written in '/proc'",
+                 marks=pytest.mark.skipif(NO_PROC, reason="/proc")),
+])
+def test_peer_study_bounds_every_value_before_any_work(capsys, tmp_path, monkeypatch, argv,
+                                                       message):
+    """Huge --sizes, --dim, --num-experts or --seeds were tracebacks (an allocator's, torch's
+    `Overflow when unpacking long long`), --budgets 1e30 ran for ever, and an --out that is a file
+    or cannot be made was found only when the results were written, after the training."""
+    from peer_dist.tools import study
+
+    def no_work(*_args, **_kw):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(study, "open_corpus", no_work)
+    monkeypatch.setattr(study, "train_eval", no_work)
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    message = message.replace("{file}", str(tmp_path / "file"))
+    if "--data" not in argv:
+        argv += ["--data", str(tmp_path / "data")]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+    line = refused(capsys, lambda: study.main([*argv, *out]))
+    assert line.startswith("peer-study") and message in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+    assert (tmp_path / "file").is_file()
+
+
+def test_peer_study_makes_out_before_training_and_takes_the_largest_seed(tmp_path, monkeypatch):
+    """--out is made before the first model trains; a seed up to 2**63 - 1 builds every kind
+    (PKM's table seed, 1000 x the seed, overflowed torch's generator)."""
+    from peer_dist.model.transformer import build_model
+    from peer_dist.tools import study
+
+    def started(*_args, **_kw):
+        assert (tmp_path / "a" / "out").is_dir()  # made before the work
+        raise SystemExit(0)
+
+    monkeypatch.setattr(study, "open_corpus", started)
+    with pytest.raises(SystemExit):
+        study.main(["isoflop", "--seeds", str(2 ** 63 - 1), "--data", str(tmp_path / "data"),
+                    "--out", str(tmp_path / "a" / "out")])
+    for kind in study.KINDS:
+        build_model(study.model_config(kind, 8, study.Recipe(), num_experts=64), 2 ** 63 - 1)

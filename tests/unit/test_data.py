@@ -126,7 +126,7 @@ def test_failures_leave_nothing_half_written(corpus: Path, tmp_path: Path):
     with pytest.raises(FileExistsError, match="--force"):
         prepare([str(corpus)], out, log=lambda m: None)
     (tmp_path / "binonly").mkdir()
-    (tmp_path / "binonly" / "x.bin").write_bytes(b"\x00" * 10)
+    (tmp_path / "binonly" / "x.bin").write_bytes(b"\x00" * 1000)  # written, then refused
     with pytest.raises(ValueError, match="both splits need text"):
         prepare([str(tmp_path / "binonly")], out, force=True, log=lambda m: None)
     assert (out / "train.bin").read_bytes() == before  # the old folder is untouched

@@ -4,6 +4,8 @@ rule printed with the table, and the plot with the GPU's capacity."""
 from __future__ import annotations
 
 import json
+import signal
+from pathlib import Path
 
 import pytest
 from oneline import refused
@@ -176,6 +178,11 @@ BAD_INPUTS = [
     (["predict", "--gpu-mem-gib", "nan"], "--gpu-mem-gib", "'nan'"),
     (["predict", "--runtime-bytes", "-5"], "--runtime-bytes", "'-5'"),
     (["predict", *GRID, "--out", "FILE"], "--out=", "is a file"),
+    (["predict", *GRID, "--out", "/proc/x"], "--out='/proc/x' is invalid",
+     "a folder cannot be made or written in '/proc'"),
+    ([*PLAN, "--nodes", "1", "--out", "/proc/x/y"], "--out='/proc/x/y' is invalid", "'/proc'"),
+    (["measure", *GRID, "--out", "/proc/x"], "--out='/proc/x' is invalid", "'/proc'"),
+    (["measure", *GRID, "--data", "/proc/x"], "--data='/proc/x' is invalid", "'/proc'"),
     (["predict", "--config", "/nonexistent/x.yaml"], "config file", "/nonexistent/x.yaml"),
     (["measure", "--steps", "0"], "--steps", "'0'"),
     (["measure", "--timeout", "0"], "--timeout", "'0'"),
@@ -195,6 +202,8 @@ BAD_INPUTS = [
                          ids=[" ".join(a[1:]) or "empty" for a, _, _ in BAD_INPUTS])
 def test_a_bad_input_is_one_line_and_status_2_before_any_work(argv, flag, value, capsys,
                                                               tmp_path, monkeypatch):
+    if "/proc/x" in " ".join(argv) and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here: a path no folder can be made at")
     from peer_dist.train import startup
 
     def no_runs(*_args, **_kw):
@@ -202,6 +211,8 @@ def test_a_bad_input_is_one_line_and_status_2_before_any_work(argv, flag, value,
 
     monkeypatch.setattr(scale, "launch", no_runs)  # nothing a bad input reaches may run
     monkeypatch.setattr(scale, "measure_point", no_runs)
+    for name in ("write_outputs", "plot_plan", "plot_min_gpus", "write_measure"):
+        monkeypatch.setattr(scale, name, no_runs)  # nor write: /proc/x was found only there
     monkeypatch.setattr(startup, "cpu_cores", lambda: 1)  # 8 CPU ranks at most, here
     monkeypatch.setattr("peer_dist.parallel.topology.pick_backend", lambda: "gloo")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no calibration of this host
@@ -211,3 +222,19 @@ def test_a_bad_input_is_one_line_and_status_2_before_any_work(argv, flag, value,
     line = refused(capsys, lambda: scale.main(argv))
     assert flag in line and value in line, line
     assert not (tmp_path / "a_file").is_dir()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_measure_is_one_line_with_the_status_of_its_signal(sig, capsys, tmp_path,
+                                                                     monkeypatch):
+    """Ctrl-C (or SIGTERM) during measure was one line but status 1: now 130 (143)."""
+    def stopped(_args):
+        raise KeyboardInterrupt(*([] if sig == signal.SIGINT else [sig.name]))
+
+    monkeypatch.setattr(scale, "cmd_measure", stopped)
+    with pytest.raises(SystemExit) as e:
+        scale.main(["measure", *GRID, "--out", str(tmp_path / "out")])
+    assert e.value.code == 128 + sig.value
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"peer-scale measure: stopped by {sig.name} (its runs stopped; "
+                                "what was measured before is printed above)"], err

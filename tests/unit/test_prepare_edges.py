@@ -165,3 +165,113 @@ def test_max_bytes_caps_the_corpus_and_val_fraction_its_held_out_share(tmp_path)
     assert abs(meta["bytes"]["val"] - 5_000) <= 4  # a cut rounds to a character
     text = "".join(_docs(tmp_path / "out", "train") + _docs(tmp_path / "out", "val"))
     assert set(text) == {"a", "b", "c", "\n"} and text.count("c") == 5_000
+
+
+def _no_writing(monkeypatch) -> None:
+    """Fail the test when the shards would be written: a bad input is refused before."""
+    def no_work(*_args, **_kw):
+        raise AssertionError("writing started")
+
+    monkeypatch.setattr(prepare_mod, "_write", no_work)
+
+
+def test_an_empty_input_is_one_line_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    """"" was read as the current folder: everything under it prepared."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("text in the current folder\n" * 100)
+    _no_writing(monkeypatch)
+    code, err = _cli(capsys, "", "--out", str(tmp_path / "out"))
+    assert code == 2
+    _one_error_line(err, "input '' is empty: allowed are files, folders or 'stdlib'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """The same file given twice, or a file and the folder holding it, was read twice."""
+    src = tmp_path / "txt"
+    src.mkdir()
+    (src / "a.txt").write_text("a" * 999 + "\n")
+    (src / "b.txt").write_text("b" * 499 + "\n")
+    notes: list[str] = []
+    meta = prepare([str(src / "a.txt"), str(src / "a.txt"), str(src), f"{src}/../txt/b.txt"],
+                   tmp_path / "out", val_fraction=0.1, log=notes.append)
+    assert meta["bytes"]["train"] + meta["bytes"]["val"] == 1500
+    assert sorted({f[0] for f in meta["files"]}) == [f"{src.as_posix()}/a.txt",
+                                                      f"{src.as_posix()}/b.txt"]
+    assert [n for n in notes if "more than once" in n] == [
+        "peer-prepare: 3 files named more than once are read once"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-bytes", "1", "{txt}"],
+     ["max_bytes=1 and inputs of 1,500 bytes give 1 bytes of text", "allowed is at least 100 "
+      "bytes (1 / val_fraction): a larger max_bytes or a larger val_fraction"]),
+    (["{txt}/b.txt", "--val-fraction", "0.001"],
+     ["inputs of 500 bytes", "allowed is at least 1,000 bytes", "more text"]),
+])
+def test_too_little_text_for_validation_says_what_is_allowed(tmp_path, capsys, monkeypatch,
+                                                             argv, words):
+    """--max-bytes 1 failed after writing, with a split error that said nothing allowed."""
+    src = tmp_path / "txt"
+    src.mkdir()
+    (src / "a.txt").write_text("a" * 999 + "\n")
+    (src / "b.txt").write_text("b" * 499 + "\n")
+    _no_writing(monkeypatch)
+    code, err = _cli(capsys, *[a.replace("{txt}", str(src)) for a in argv],
+                     "--out", str(tmp_path / "out"))
+    assert code == 2
+    _one_error_line(err, *words)
+
+
+@pytest.mark.parametrize("out, words", [
+    ("{file}/sub", ["--out='{file}/sub' is invalid: '{file}' is a file", "allowed is a new "
+                    "folder whose parent can be made and written"]),
+    ("", ["--out='' is invalid: it is empty"]),
+    pytest.param("/proc/x", ["--out='/proc/x' is invalid: a folder cannot be made or written "
+                             "in '/proc'"],
+                 marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="/proc")),
+])
+def test_an_out_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys, monkeypatch, out,
+                                                          words):
+    """--out under a file was `[Errno 17] File exists: 'gf2'`, --out /proc/x `[Errno 2] ...`."""
+    (tmp_path / "a.txt").write_text("text\n" * 100)
+    (tmp_path / "file").write_text("mine")
+    _no_writing(monkeypatch)
+    code, err = _cli(capsys, str(tmp_path / "a.txt"),
+                     "--out", out.replace("{file}", str(tmp_path / "file")))
+    assert code == 2
+    _one_error_line(err, *[w.replace("{file}", str(tmp_path / "file")) for w in words])
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("out, words", [
+    ("{file}/m.safetensors", ["--out='{file}/m.safetensors' is invalid: '{file}' is a file",
+                              "allowed is a .safetensors file in a folder that can be made"]),
+    ("{dir}.safetensors", ["--out='{dir}.safetensors' is invalid: '{dir}.safetensors' is a "
+                           "folder"]),
+    pytest.param("/proc/x/m.safetensors", ["--out='/proc/x/m.safetensors' is invalid: a folder "
+                                           "cannot be made or written in '/proc'"],
+                 marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="/proc")),
+])
+def test_peer_export_out_that_cannot_be_written_is_one_line_before_loading(tmp_path, capsys,
+                                                                          monkeypatch, out,
+                                                                          words):
+    """peer-export --out under a file was `[Errno 17] File exists`, found after the checkpoint
+    was loaded."""
+    from peer_dist.tools import export
+
+    def no_work(*_args, **_kw):
+        raise AssertionError("the checkpoint was read")
+
+    monkeypatch.setattr(export, "export", no_work)
+    fill = {"{file}": str(tmp_path / "file"), "{dir}": str(tmp_path / "dir")}
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "dir.safetensors").mkdir()
+    for key, value in fill.items():
+        out = out.replace(key, value)
+        words = [w.replace(key, value) for w in words]
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peer-export: "), err
+    assert all(w in lines[0] for w in words), lines[0]
