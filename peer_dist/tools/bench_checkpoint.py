@@ -59,11 +59,13 @@ def _overrides(args: argparse.Namespace, name: str, flag: str) -> list[str]:
 def _problem(args: argparse.Namespace) -> str | None:
     """The one-line error the training runs would end in at their start (the config and its
     overrides, ranks this machine cannot run), found before either starts; None when both can."""
-    from peer_dist.errors import UserError
+    from peer_dist.errors import UserError, folder_error
     from peer_dist.train.startup import local_ranks_error
 
-    if not args.run_dir.strip():
-        return f"--run-dir={args.run_dir!r} is invalid: allowed is a directory path"
+    problem = "it is empty" if not args.run_dir.strip() else folder_error(args.run_dir)
+    if problem:
+        return (f"--run-dir={args.run_dir!r} is invalid: {problem}; allowed is a folder, new "
+                "or existing, that can be written")
     for item in args.overrides:
         key = item.partition("=")[0].strip()
         if key in OWN:

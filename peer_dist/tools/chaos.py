@@ -42,6 +42,7 @@ import torch
 
 from peer_dist import cli
 from peer_dist.config import ConfigError, load_config, to_dict
+from peer_dist.errors import folder_error
 from peer_dist.train import checkpoint as ckpt
 from peer_dist.train.preempt import EXIT_INTERRUPTED
 from peer_dist.train.startup import config_diff, local_ranks_error
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=cli.ints(2), default=2)
     p.add_argument("--faults", type=cli.ints(1, 10_000), default=20,
                    help="faults to inject (each a restart of a few seconds)")
-    p.add_argument("--ckpt-every", type=cli.ints(1), default=5,
+    p.add_argument("--ckpt-every", type=cli.ints(1, 1_000_000), default=5,
                    help="checkpoint interval in steps")
     p.add_argument("--seed", type=cli.ints(0, 2 ** 63 - 1), default=0)
     p.add_argument("--run-dir", default="runs/chaos")
@@ -81,10 +82,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for both runs")
     args = p.parse_args(argv)
-    problem = local_ranks_error(args.nproc)
+    problem = local_ranks_error(args.nproc) or _problem(args)
     if problem:
         p.error(problem)
     return args
+
+
+def _problem(args: argparse.Namespace) -> str | None:
+    """What the runs would end in at their start (the run folder, the data folder, the config
+    and its overrides), found before the reference run trains; None when they can start."""
+    problem = "it is empty" if not args.run_dir.strip() else folder_error(args.run_dir)
+    if problem:
+        return (f"--run-dir={args.run_dir!r} is invalid: {problem}; allowed is a folder, new or "
+                "existing, that can be written")
+    if args.data and Path(args.data).exists() and not Path(args.data).is_dir():
+        return f"--data={args.data!r} is a file: allowed is a prepared data folder"
+    try:
+        load_config(args.config, run_overrides(args, Path(args.run_dir) / "reference", 1))
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def run_overrides(args: argparse.Namespace, run_dir: Path, steps: int) -> list[str]:

@@ -45,6 +45,7 @@ def test_ratio_is_background_pause_over_foreground_write(monkeypatch, capsys):
     (["--config", CONFIG, "train.ckpt_every=0"], "train.ckpt_every", "0"),  # set by --every
     (["--config", CONFIG, "train.steps=3"], "train.steps", "3"),
     (["--config", CONFIG, "--run-dir", ""], "--run-dir", "''"),
+    (["--config", CONFIG, "--run-dir", "/proc/x"], "--run-dir", "cannot be made or written"),
 ])
 def test_bad_arguments_are_one_line(argv, flag, value, capsys, monkeypatch):
     """Each bad value: status 2 and one line naming it, before either training run starts."""

@@ -9,6 +9,8 @@ from oneline import refused
 
 from peer_dist import cli
 
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
 
 @pytest.mark.parametrize("kind,text,value", [
     (cli.ints(1, 8), "1", 1), (cli.ints(1, 8), "8", 8), (cli.ints(0), "10000000000", 10 ** 10),
@@ -221,3 +223,23 @@ def test_peer_study_makes_out_before_training_and_takes_the_largest_seed(tmp_pat
                     "--out", str(tmp_path / "a" / "out")])
     for kind in study.KINDS:
         build_model(study.model_config(kind, 8, study.Recipe(), num_experts=64), 2 ** 63 - 1)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--run-dir", "{file}"], "is a file; allowed is a folder, new or existing"),
+    (["--run-dir", ""], "--run-dir='' is invalid: it is empty"),
+    (["--data", "{file}"], "is a file: allowed is a prepared data folder"),
+    (["--config", "/nope.yaml"], "config file '/nope.yaml' does not exist"),
+    (["model.dim=nan"], "model.dim='nan' is invalid"),
+    (["--ckpt-every", "1e30"], "argument --ckpt-every: '1e30' is invalid"),
+])
+def test_peer_chaos_checks_its_runs_before_the_reference_trains(capsys, tmp_path, argv, message):
+    """Each of these trained the reference run first (or wrote into the working folder) and
+    ended in three lines, status 1."""
+    from peer_dist.tools import chaos
+
+    (tmp_path / "f").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "f")) for a in argv]
+    line = refused(capsys, lambda: chaos.parse_args(
+        ["--config", str(TINY), "--run-dir", str(tmp_path / "r"), *argv]))
+    assert message in line, line
