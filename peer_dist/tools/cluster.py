@@ -47,6 +47,11 @@ class Layout:
     max_restarts: int = 0
 
 
+MAX_NODES = 65536  # beyond these a value is a typo, not a cluster
+MAX_RANKS_PER_NODE = 1024
+MAX_RESTARTS = 10_000
+
+
 def _int(env: Mapping[str, str], key: str, default: int | None = None, low: int = 1,
          high: int | None = None) -> int:
     allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
@@ -62,6 +67,14 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None, low: int 
     if value < low or (high is not None and value > high):
         raise UserError(f"{key}={raw!r} is invalid: allowed is {allowed}")
     return value
+
+
+def _nodes(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    return _int(env, key, default, high=MAX_NODES)
+
+
+def _restarts(env: Mapping[str, str], default: int) -> int:
+    return _int(env, "MAX_RESTARTS", default, low=0, high=MAX_RESTARTS)
 
 
 def first_host(nodelist: str) -> str:
@@ -95,7 +108,7 @@ def _nproc(env: Mapping[str, str], *scheduler_keys: str) -> int:
         if raw == "cpu":
             return os.cpu_count() or 1
         if raw:
-            return _int({key: raw}, key)
+            return _int({key: raw}, key, high=MAX_RANKS_PER_NODE)
     return _gpus_here() or 2
 
 
@@ -124,25 +137,25 @@ def _detect(env: Mapping[str, str]) -> Layout:
                             "--ntasks-per-node=1)")
         nodes_key = "SLURM_NNODES" if env.get("SLURM_NNODES") else "SLURM_JOB_NUM_NODES"
         master = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", ""))
-        return Layout("slurm", _int(env, nodes_key, 1), _nproc(env, "SLURM_GPUS_ON_NODE"),
+        return Layout("slurm", _nodes(env, nodes_key, 1), _nproc(env, "SLURM_GPUS_ON_NODE"),
                       _int(env, "SLURM_NODEID", 0, low=0), master, port, env["SLURM_JOB_ID"],
-                      _int(env, "MAX_RESTARTS", 3, low=0))
+                      _restarts(env, 3))
     if env.get("PET_NNODES"):
-        return Layout("pytorchjob", _int(env, "PET_NNODES"), _nproc(env, "PET_NPROC_PER_NODE"),
+        return Layout("pytorchjob", _nodes(env, "PET_NNODES"), _nproc(env, "PET_NPROC_PER_NODE"),
                       _int(env, "PET_NODE_RANK", _int(env, "RANK", 0, low=0), low=0),
                       env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR", ""),
                       _int(env, "PET_MASTER_PORT", port, high=65535),
-                      env.get("PET_RDZV_ID", "peer_dist"),
-                      _int(env, "MAX_RESTARTS", 3, low=0))
+                      env.get("PET_RDZV_ID") or "peer_dist",
+                      _restarts(env, 3))
     if env.get("KUBERNETES_SERVICE_HOST") and env.get("MASTER_ADDR") and env.get("WORLD_SIZE"):
-        return Layout("pytorchjob", _int(env, "WORLD_SIZE"), _nproc(env),
+        return Layout("pytorchjob", _nodes(env, "WORLD_SIZE"), _nproc(env),
                       _int(env, "RANK", 0, low=0), env["MASTER_ADDR"], port, "peer_dist",
-                      _int(env, "MAX_RESTARTS", 3, low=0))
-    if env.get("MASTER_ADDR") and _int(env, "NNODES", 1) > 1:
-        return Layout("c10d", _int(env, "NNODES"), _nproc(env), _int(env, "NODE_RANK", 0, low=0),
-                      env["MASTER_ADDR"], port, env.get("RDZV_ID", "peer_dist"),
-                      _int(env, "MAX_RESTARTS", 0, low=0))
-    return Layout("single", 1, _nproc(env), max_restarts=_int(env, "MAX_RESTARTS", 0, low=0))
+                      _restarts(env, 3))
+    if env.get("MASTER_ADDR") and _nodes(env, "NNODES", 1) > 1:
+        return Layout("c10d", _nodes(env, "NNODES"), _nproc(env), _int(env, "NODE_RANK", 0, low=0),
+                      env["MASTER_ADDR"], port, env.get("RDZV_ID") or "peer_dist",
+                      _restarts(env, 0))
+    return Layout("single", 1, _nproc(env), max_restarts=_restarts(env, 0))
 
 
 def command(layout: Layout, train_args: list[str], python: str = "python") -> list[str]:

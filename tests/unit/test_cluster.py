@@ -103,6 +103,9 @@ def test_bad_environment_is_one_line(env: dict, message: str) -> None:
      "MASTER_PORT='99999' is invalid: allowed is an integer from 1 to 65535"),
     ({"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu["},
      "SLURM_JOB_NODELIST='gpu[' is invalid"),
+    ({"NPROC": "1" + "0" * 30}, "allowed is an integer from 1 to 1024"),  # were put in the
+    ({"MASTER_ADDR": "h", "NNODES": "1" + "0" * 30}, "from 1 to 65536"),  # command as given
+    ({"MAX_RESTARTS": "1" + "0" * 30}, "MAX_RESTARTS='1000"),
 ])
 def test_a_layout_that_cannot_meet_is_refused(env: dict, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
