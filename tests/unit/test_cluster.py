@@ -82,7 +82,7 @@ def test_entrypoint_default_config_and_other_commands() -> None:
     ({"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]",
       "SLURM_NTASKS_PER_NODE": "8"}, "SLURM_NTASKS_PER_NODE=8: .* allowed is 1"),
     ({"MASTER_ADDR": "h", "NNODES": "two"}, "NNODES='two' is invalid: allowed is an integer"),
-    ({"NPROC": "0"}, "NPROC='0' is invalid: allowed is an integer >= 1"),
+    ({"NPROC": "0"}, "NPROC='0' is invalid: allowed is an integer from 1 to 1024"),
     ({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "2"}, "2 nodes but no rendezvous host"),
 ])
 def test_bad_environment_is_one_line(env: dict, message: str) -> None:
