@@ -1178,7 +1178,8 @@ def load_calibration(args: argparse.Namespace, flag: str = "--calibration") -> d
     path = Path(path) if path else _cache_file("calibration.json")
     if not path.is_file():
         if getattr(args, "calibration", None):
-            raise UserExit(f"peer-scale: {flag} {path}: no such file (allowed: a "
+            what = "a folder" if path.is_dir() else "no such file"
+            raise UserExit(f"peer-scale: {flag} {path}: {what} (allowed: a "
                            "calibration.json written by peer-scale calibrate)")
         return None
     try:
@@ -1190,7 +1191,10 @@ def load_calibration(args: argparse.Namespace, flag: str = "--calibration") -> d
             raise ValueError(f"routing law {law!r} is not 4 finite numbers [K, beta, gamma, "
                              "delta]")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise UserExit(f"peer-scale: {flag} {path}: not a calibration file ({err!r}); "
+        why = (f"no key {err}" if isinstance(err, KeyError) else
+               "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else
+               str(err).splitlines()[0][:120] if str(err) else type(err).__name__)
+        raise UserExit(f"peer-scale: {flag} {path}: not a calibration file ({why}); "
                        "allowed: a calibration.json written by peer-scale calibrate") from err
     cal["file"] = str(path)
     return cal
@@ -1417,6 +1421,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     """Measure the calibration grid, fit the runtime per group and the scratch per kind
     together (memory_model.fit_calibration), write OUT/calibration.json with every point and
     its residual, and make it this machine's calibration (the cache that measure reads)."""
+    if getattr(args, "calibration", None):  # read by predict, measure and plan; never here
+        raise UserExit(f"peer-scale calibrate: --calibration={args.calibration!r} is invalid "
+                       "here: calibrate writes a calibration (allowed: --refit FILE to fit an "
+                       "earlier one's measurements again)")
     points, name = measure_points(args)
     out = Path(args.out or "runs/scale/calibration")
     t0 = time.perf_counter()

@@ -238,3 +238,24 @@ def test_a_stopped_measure_is_one_line_with_the_status_of_its_signal(sig, capsys
     err = capsys.readouterr().err
     assert err.splitlines() == [f"peer-scale measure: stopped by {sig.name} (its runs stopped; "
                                 "what was measured before is printed above)"], err
+
+
+@pytest.mark.parametrize("flag,body,message", [
+    ("--refit", b"\xff\xfe\x00garbage", "not a calibration file (not UTF-8 text)"),
+    ("--refit", b'{"a": 1}', "not a calibration file (no key 'selection_scratch')"),
+    ("--refit", None, "a folder (allowed: a calibration.json"),
+    ("--calibration", b"{}", "--calibration='FILE' is invalid here: calibrate writes"),
+])
+def test_calibrate_names_a_file_it_cannot_use(capsys, monkeypatch, tmp_path, flag, body, message):
+    """A binary --refit was a one-line dump of the decode error's bytes, a JSON without the
+    keys a bare KeyError repr; --calibration was silently ignored and the runs started."""
+    monkeypatch.setattr(scale, "measure_point", lambda *a: pytest.fail("a run started"))
+    path = tmp_path / "f"
+    if body is None:
+        path.mkdir()
+    else:
+        path.write_bytes(body)
+    line = refused(capsys, lambda: scale.main(
+        ["calibrate", "--num-experts", "256", "--dim", "32", "--ep", "1", "--out",
+         str(tmp_path / "out"), flag, str(path)]))
+    assert message.replace("FILE", str(path)) in line, line
