@@ -48,6 +48,8 @@ def folder_error(path: str | Path, make: bool = False) -> str | None:
     parents) now; make=False leaves the disk as it was, probing with a temporary folder in the
     nearest existing folder (a file in its place, /proc, a read-only folder are found here,
     before any work, not when the results are written)."""
+    if isinstance(path, str) and not path.strip():  # Path("") would be the working folder
+        return "it is empty"
     path = Path(path)
     near = next(q for q in (path, *path.parents) if q.exists() or q == Path(q.anchor))
     if near.exists() and not near.is_dir():

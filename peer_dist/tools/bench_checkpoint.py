@@ -62,7 +62,7 @@ def _problem(args: argparse.Namespace) -> str | None:
     from peer_dist.errors import UserError, folder_error
     from peer_dist.train.startup import local_ranks_error
 
-    problem = "it is empty" if not args.run_dir.strip() else folder_error(args.run_dir)
+    problem = folder_error(args.run_dir)
     if problem:
         return (f"--run-dir={args.run_dir!r} is invalid: {problem}; allowed is a folder, new "
                 "or existing, that can be written")

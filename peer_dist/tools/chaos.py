@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _problem(args: argparse.Namespace) -> str | None:
     """What the runs would end in at their start (the run folder, the data folder, the config
     and its overrides), found before the reference run trains; None when they can start."""
-    problem = "it is empty" if not args.run_dir.strip() else folder_error(args.run_dir)
+    problem = folder_error(args.run_dir)
     if problem:
         return (f"--run-dir={args.run_dir!r} is invalid: {problem}; allowed is a folder, new or "
                 "existing, that can be written")

@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         cli.fail(f"peer-study: {bad}")
     check_data(args.data)
-    problem = "it is empty" if not args.out.strip() else folder_error(out, make=True)
+    problem = folder_error(args.out, make=True)
     if problem:  # made now: a bad --out is found before the training, not after it
         cli.fail(f"peer-study: --out={args.out!r} is invalid: {problem}; allowed is a folder, "
                  "new or existing, that can be written")
