@@ -79,17 +79,24 @@ def floats(lo: float | None = None, hi: float | None = None, *, above: bool = Fa
     return parse
 
 
+def items(text: str) -> list[str] | None:
+    """The comma-separated items of a list flag, stripped; None when there is none or one is
+    empty (`64,,64`, `1,2,`: a typo, not a shorter list)."""
+    out = [v.strip() for v in text.split(",")]
+    return out if all(out) else None
+
+
 def int_list(lo: int | None = None, hi: int | None = None):
     """An argparse type: a comma-separated list of integers in [lo, hi], at least one."""
     one = ints(lo, hi)
 
     def parse(text: str) -> list[int]:
-        items = [v.strip() for v in text.split(",") if v.strip()]
-        if not items:
+        values = items(text)
+        if not values:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is invalid: {_allowed(lo, hi, 'int')}, comma-separated")
         try:
-            return [one(v) for v in items]
+            return [one(v) for v in values]
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is invalid: {_allowed(lo, hi, 'int')}, comma-separated") from None
@@ -101,11 +108,11 @@ def names(choices):
     """An argparse type: comma-separated names, each one of choices (repeats dropped), at
     least one."""
     def parse(text: str) -> list[str]:
-        items = [v.strip() for v in text.split(",") if v.strip()]
-        if not items or any(n not in choices for n in items):
+        values = items(text)
+        if not values or any(n not in choices for n in values):
             raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed are any of "
                                              f"{', '.join(choices)}, comma-separated")
-        return list(dict.fromkeys(items))
+        return list(dict.fromkeys(values))
     parse.__name__ = "name list"
     return parse
 

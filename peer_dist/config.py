@@ -121,7 +121,7 @@ class ModelConfig:
         if spec == "all":
             return list(range(self.n_layers))
         try:
-            ids = sorted({int(s) for s in spec.split(",") if s.strip()})
+            ids = sorted({int(s) for s in spec.split(",")})  # int() refuses an empty item
         except ValueError:
             ids = [-1]
         if not ids or ids[0] < 0 or ids[-1] >= self.n_layers:

@@ -147,7 +147,7 @@ def _problem(args: argparse.Namespace) -> str | None:
                 f"{[d for d in range(1, common + 1) if common % d == 0]}")
     if args.strategies is None:
         args.strategies = ",".join(s for s in ROWS if args.nodes > 1 or s != "node_dispatch")
-    names = args.strategies.split(",")
+    names = cli.items(args.strategies) or [""]
     if not all(s in ROWS for s in names):
         return (f"--strategies={args.strategies!r} is invalid: allowed are {', '.join(ROWS)}, "
                 "comma-separated")
@@ -182,7 +182,7 @@ def _problem(args: argparse.Namespace) -> str | None:
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        return [int(s) for s in cli.items(text) or ()]
     except ValueError:
         return []
 
@@ -499,7 +499,7 @@ def worker(args: argparse.Namespace) -> None:
     topo = Topology.build(args.ep)
     links = {**probe_links(topo), "stream_bytes_per_s": probe_stream(topo),
              "fresh_bytes_per_s": probe_fresh(topo)}
-    for strategy in args.strategies.split(","):
+    for strategy in cli.items(args.strategies):
         if strategy == "node_dispatch" and topo.nodes == 1:
             continue  # one node: dispatch with more counts
         for chunks in args.chunk_list if strategy in OVERLAPPING else [1]:

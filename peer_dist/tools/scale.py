@@ -97,7 +97,7 @@ def _square(text: str) -> int:
 
 def _squares(text: str) -> list[int]:
     """An argparse type: comma-separated numbers of experts (see _square), at least one."""
-    items = [v.strip() for v in text.split(",") if v.strip()]
+    items = cli.items(text)
     if not items or not all(map(_is_square, items)):
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: allowed is {SQUARE}, "
                                          "comma-separated")

@@ -515,7 +515,7 @@ MAX_BUDGET = 1e15
 
 def _floats(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in cli.items(text) or ()]
     except ValueError:
         values = []
     if not values or not all(math.isfinite(v) and 0 < v <= MAX_BUDGET for v in values):
@@ -529,14 +529,6 @@ def _floats(text: str) -> list[float]:
 SEEDS = cli.int_list(0, MAX_SEED)
 
 
-def _kinds(text: str) -> list[str]:
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds:
-        raise argparse.ArgumentTypeError(f"{bad or text!r}: allowed are {', '.join(KINDS)}")
-    return kinds
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="peer-study", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -545,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the defaults: the whole study in 26 min on 2 CPU cores (129 models; README)
     iso.add_argument("--budgets", type=_floats, default=[3e10, 6e10, 1.2e11],
                      help="training FLOPs per model")
-    iso.add_argument("--kinds", type=_kinds, default=list(DEFAULT_KINDS),
+    iso.add_argument("--kinds", type=cli.names(KINDS), default=list(DEFAULT_KINDS),
                      help=f"any of {', '.join(KINDS)} (moe_ec: expert choice, non-causal, "
                           "not ranked)")
     iso.add_argument("--sizes", type=cli.int_list(8, MAX_WIDTH), default=[16, 24, 32],

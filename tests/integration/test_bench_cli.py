@@ -100,6 +100,9 @@ HUGE = str(2 ** 40)  # passes the integer bound; tables of 2^40 rows fit no mach
     (["--overlap-chunks", "8", "--tokens", "4"], "--overlap-chunks", "8"),
     (["--nprocs-list", "0"], "--nprocs-list", "0"),
     (["--nprocs-list", "1000"], "--nprocs-list", "1000"),  # more ranks than the machine runs
+    (["--nprocs-list", "1,,2"], "--nprocs-list", "1,,2"),  # an empty item: a typo
+    (["--overlap-chunks", "1,"], "--overlap-chunks", "1,"),
+    (["--strategies", "dispatch,,fetch"], "--strategies", "dispatch,,fetch"),
     (["--strategies", "foo"], "--strategies", "foo"),
     (["--strategies", "node_dispatch"], "--strategies", "node_dispatch"),  # one node
     (["--num-experts", HUGE], "--num-experts", HUGE),

@@ -34,6 +34,8 @@ def test_values_in_bounds_are_read(kind, text, value):
     (cli.floats(0, 1, above=True), "1.5", "a number > 0 and <= 1"),
     (cli.int_list(1), "1,0", "an integer >= 1, comma-separated"),
     (cli.int_list(1), ",", "an integer >= 1, comma-separated"),
+    (cli.int_list(1), "64,,64", "an integer >= 1, comma-separated"),  # a typo, not [64, 64]
+    (cli.int_list(1), "1,2,", "an integer >= 1, comma-separated"),
 ])
 def test_values_out_of_bounds_name_what_is_allowed(kind, text, allowed):
     import argparse
@@ -174,6 +176,9 @@ NO_PROC = not Path("/proc/self").is_dir()  # /proc/x: a path no folder can be ma
     (["isoflop", "--budgets", "1e30"], "argument --budgets: '1e30' is invalid: allowed are "
      "numbers > 0 and <= 1e15"),
     (["isoflop", "--budgets", "3e10,inf"], "allowed are numbers > 0 and <= 1e15"),
+    (["isoflop", "--budgets", "3e10,,1e11"], "allowed are numbers > 0 and <= 1e15"),
+    (["isoflop", "--kinds", "peer,,dense"], "argument --kinds: 'peer,,dense' is invalid: "
+     "allowed are any of dense, moe, pkm, peer, moe_ec, comma-separated"),
     (["isoflop", "--data", "{file}/sub"], "--data='{file}/sub' is invalid: '{file}' is a file"),
     (["isoflop", "--out", "{file}"], "--out='{file}' is invalid: '{file}' is a file; allowed is a "
      "folder, new or existing, that can be written"),
