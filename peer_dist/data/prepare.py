@@ -321,6 +321,7 @@ def _meta(inputs: list[str], spec: str, tok: ByteTokenizer | HFTokenizer, writer
         "tokenizer": "byte" if spec == "byte" else HF_TOKENIZER_FILE,
         "tokenizer_source": spec,
         "sources": list(inputs),
+        "source_paths": [source_key(i) for i in inputs],  # as read: what prepared_mismatch checks
         "max_bytes": max_bytes,
         "val_fraction": val_fraction,
         "tokens": writer.tokens,
@@ -330,6 +331,51 @@ def _meta(inputs: list[str], spec: str, tok: ByteTokenizer | HFTokenizer, writer
         # Every document in stream order per split: [name, split, part].
         "files": [[d.name, d.split, d.part] for d in docs if d.name not in skip],
     }
+
+
+def source_key(source: str) -> str:
+    """An input as it is read, whatever folder it was named from: 'stdlib' or an absolute path."""
+    return source if source == STDLIB else str(Path(source).resolve())
+
+
+def _sources(data_cfg: DataConfig) -> list[str]:
+    return [s.strip() for s in str(data_cfg.source).split(",") if s.strip()]
+
+
+def prepared_mismatch(data_cfg: DataConfig) -> str | None:
+    """Why the folder prepared at data_cfg.path is not what data.source, data.tokenizer,
+    data.val_fraction and data.max_bytes would prepare (None: it is, or data.source is empty,
+    which means "the folder as it is"). Without this check, changing data.source while data.path
+    still names an earlier dataset trains on the earlier dataset."""
+    sources = _sources(data_cfg)
+    if not sources:
+        return None
+    path = Path(data_cfg.path)
+    meta = json.loads((path / META_FILE).read_text())
+    had = meta.get("source_paths") or [source_key(s) for s in meta.get("sources", [])]
+    differ = []
+    if sorted(map(source_key, sources)) != sorted(had):
+        differ.append(f"data.source={data_cfg.source!r} (it holds {meta.get('sources')})")
+    tok = meta.get("tokenizer", "byte")
+    if data_cfg.tokenizer == "byte" or tok == "byte":
+        same_tok = data_cfg.tokenizer == "byte" and tok == "byte"
+    else:
+        try:
+            same_tok = Path(data_cfg.tokenizer).read_bytes() == (path / tok).read_bytes()
+        except OSError:
+            same_tok = False
+    if not same_tok:
+        differ.append(f"data.tokenizer={data_cfg.tokenizer!r} (it holds "
+                      f"{meta.get('tokenizer_source', tok)!r})")
+    for key in ("val_fraction", "max_bytes"):
+        if key in meta and getattr(data_cfg, key) != meta[key]:
+            differ.append(f"data.{key}={getattr(data_cfg, key)!r} (it holds {meta[key]!r})")
+    if not differ:
+        return None
+    return (f"data.path={str(path)!r} was prepared from other settings than "
+            f"{', '.join(differ)}: allowed are the settings it was prepared with, a new "
+            "data.path to prepare these there, or data.source= (empty) to train on the folder "
+            "as it is")
 
 
 def prepare_dataset(data_cfg: DataConfig, log: Log = print) -> Path:
@@ -349,7 +395,7 @@ def prepare_dataset(data_cfg: DataConfig, log: Log = print) -> Path:
     path = Path(data_cfg.path)
     if (path / META_FILE).is_file():
         return path
-    sources = [s.strip() for s in str(data_cfg.source).split(",") if s.strip()]
+    sources = _sources(data_cfg)
     if not sources:
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist and data.source is "
                                 "empty: allowed are a prepared folder, or a source to prepare")

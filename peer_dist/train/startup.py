@@ -110,10 +110,17 @@ class RunDirLock:
 
 def _prepare(cfg: Config) -> None:
     from peer_dist.data import META_FILE, prepare_dataset
+    from peer_dist.data.prepare import prepared_mismatch
 
     d = cfg.data
     path = Path(d.path)
     if (path / META_FILE).is_file():
+        try:
+            problem = prepared_mismatch(d)
+        except (OSError, ValueError, AttributeError, TypeError):  # _open names a bad meta.json
+            problem = None
+        if problem:
+            raise UserError(problem)
         return
     if path.is_dir():
         raise UserError(f"data.path={d.path!r} holds no prepared dataset (no {META_FILE}); "

@@ -156,6 +156,46 @@ def test_missing_data_path_is_an_error_without_a_source(tmp_path: Path):
     assert "--force" not in str(e.value)
 
 
+def test_a_folder_prepared_from_other_settings_is_refused(tmp_path: Path, monkeypatch):
+    """data.source set while data.path names a folder prepared from other text, tokenizer,
+    split or cap trained on that folder without a word (the shipped configs name a source)."""
+    from peer_dist.data import prepare
+
+    (tmp_path / "a.txt").write_text("hello world\n" * 200)
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", val_fraction=0.1, max_bytes=10 ** 6,
+            log=lambda m: None)
+    same = [f"data.path={tmp_path / 'd'}", f"data.source={tmp_path / 'a.txt'}",
+            "data.val_fraction=0.1", "data.max_bytes=1000000"]
+    startup._prepare(load_config(TINY, same))  # the settings it was prepared with
+    monkeypatch.chdir(tmp_path)
+    startup._prepare(load_config(TINY, [*same, "data.source=a.txt"]))  # named from elsewhere
+    startup._prepare(load_config(TINY, [*same, "data.source="]))  # the folder as it is
+    for change, named in [
+            ("data.source=stdlib", "data.source='stdlib' (it holds ["),
+            ("data.source=a.txt,a.txt", "data.source='a.txt,a.txt'"),
+            ("data.max_bytes=2000000", "data.max_bytes=2000000 (it holds 1000000)"),
+            ("data.val_fraction=0.2", "data.val_fraction=0.2 (it holds 0.1)"),
+            ("data.tokenizer=tok.json", "data.tokenizer='tok.json' (it holds 'byte')")]:
+        with pytest.raises(UserError) as e:
+            startup._prepare(load_config(TINY, [*same, change]))
+        message = str(e.value)
+        assert "\n" not in message and named in message, message
+        assert message.startswith(f"data.path={str(tmp_path / 'd')!r} was prepared from other "
+                                  "settings than ") and "data.source= (empty)" in message
+    # a tokenizers JSON: the same file's bytes, wherever it lies, or another's
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    meta.update(tokenizer="tokenizer.json", tokenizer_source="/elsewhere/tok.json")
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "d" / "tokenizer.json").write_text('{"model": 1}')
+    (tmp_path / "tok.json").write_text('{"model": 1}')
+    startup._prepare(load_config(TINY, [*same, "data.tokenizer=tok.json"]))
+    (tmp_path / "tok.json").write_text('{"model": 2}')
+    for tok in ("tok.json", "byte", "missing.json"):
+        with pytest.raises(UserError, match=f"data.tokenizer='{tok}' .it holds "
+                                            "'/elsewhere/tok.json'"):
+            startup._prepare(load_config(TINY, [*same, f"data.tokenizer={tok}"]))
+
+
 def test_vocab_size_zero_takes_the_prepared_folders(tmp_path: Path):
     (tmp_path / "bpe").mkdir()
     (tmp_path / "bpe" / "meta.json").write_text(json.dumps({"vocab_size": 4000}))
