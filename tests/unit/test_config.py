@@ -6,8 +6,9 @@ import dataclasses
 import re
 
 import pytest
+import yaml
 
-from peer_dist.config import Config, ConfigError, PEERConfig, load_config, save_config
+from peer_dist.config import Config, ConfigError, PEERConfig, load_config, read_yaml, save_config
 
 
 def _write(tmp_path, text: str):
@@ -164,6 +165,21 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path, body, line, column)
     msg = str(err.value)
     assert "bad.yaml" in msg and f"line {line}, column {column}" in msg, msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("body,key,line", [
+    ("train:\n  steps: 5\n  steps: 7\n", "steps", 3),  # PyYAML kept the last: 7
+    ("train: {steps: 5}\nmodel: {dim: 64}\ntrain: {lr: 1.0}\n", "train", 3),  # lost steps
+])
+def test_a_key_written_twice_is_refused(tmp_path, body, key, line):
+    path = tmp_path / "twice.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=f"twice.yaml' is not valid YAML at line {line}, "
+                                          f"column [0-9]+: key '{key}' appears twice"):
+        load_config(path)
+    assert yaml.safe_load(body)  # PyYAML alone takes it
+    path.write_text("a: &b {steps: 5, lr: 0.5}\nc:\n  <<: *b\n  steps: 7\n")
+    assert read_yaml(path)["c"] == {"steps": 7, "lr": 0.5}  # a merge key's later keys override
 
 
 def test_new_train_fields_are_validated():
