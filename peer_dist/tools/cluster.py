@@ -158,11 +158,16 @@ def _detect(env: Mapping[str, str]) -> Layout:
     return Layout("single", 1, _nproc(env), max_restarts=_restarts(env, 0))
 
 
+def with_config(train_args: list[str]) -> list[str]:
+    """peer-train's arguments, with --config configs/small.yaml where they name no config."""
+    if any(a == "--config" or a.startswith("--config=") for a in train_args):
+        return list(train_args)
+    return ["--config", "configs/small.yaml", *train_args]
+
+
 def command(layout: Layout, train_args: list[str], python: str = "python") -> list[str]:
     """The peer-train command (torchrun's launcher flags) for this layout."""
-    args = list(train_args)
-    if not any(a == "--config" or a.startswith("--config=") for a in args):
-        args = ["--config", "configs/small.yaml", *args]
+    args = with_config(train_args)
     cmd = [python, "-m", "peer_dist.train", "--nproc", str(layout.nproc)]
     if layout.nnodes > 1:
         if not layout.master_addr:
@@ -173,6 +178,41 @@ def command(layout: Layout, train_args: list[str], python: str = "python") -> li
     if layout.max_restarts:
         cmd += ["--max-restarts", str(layout.max_restarts)]
     return cmd + args
+
+
+# peer-train's launcher flags: peer-launch sets them from the environment (the module's doc)
+LAUNCHER_FLAGS = {"--nproc": "NPROC", "--nnodes": "NNODES, SLURM_NNODES or PET_NNODES",
+                  "--rdzv-endpoint": "MASTER_ADDR and MASTER_PORT", "--rdzv-id": "RDZV_ID",
+                  "--max-restarts": "MAX_RESTARTS"}
+
+
+def check_train_args(train_args: list[str]) -> None:
+    """Read the arguments passed through to peer-train as it will (its config and overrides),
+    so a bad one is one line here, before any node starts torchrun, and in --dry-run too."""
+    from peer_dist.config import ConfigError, load_config
+
+    config, overrides = None, []
+    args = iter(train_args)
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in LAUNCHER_FLAGS:
+            raise UserError(f"{flag} is set by peer-launch from the environment "
+                            f"({LAUNCHER_FLAGS[flag]}): allowed are --config FILE and dotted "
+                            "overrides such as train.steps=10")
+        if flag == "--config":
+            config = arg.split("=", 1)[1] if "=" in arg else next(args, None)
+            if not config:
+                raise UserError("--config needs a file: allowed is --config FILE")
+        elif arg.startswith("-"):
+            raise UserError(f"{arg!r} is not an option of peer-train that peer-launch passes "
+                            "through: allowed are --config FILE and dotted overrides such as "
+                            "train.steps=10")
+        else:
+            overrides.append(arg)
+    try:
+        load_config(config, overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
 
 
 def launch_env(layout: Layout, env: Mapping[str, str]) -> dict[str, str]:
@@ -194,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layout = detect(os.environ)
         cmd = command(layout, argv, sys.executable if not dry else "python")
+        check_train_args(with_config(argv))
     except UserError as e:
         print(f"peer-launch: {e}", file=sys.stderr)
         return 2

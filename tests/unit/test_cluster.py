@@ -93,6 +93,30 @@ def test_bad_environment_is_one_line(env: dict, message: str) -> None:
     assert re.search(message, lines[0]), lines[0]
 
 
+@pytest.mark.parametrize("train, message", [
+    # each was printed by --dry-run, or handed to every node's torchrun, as if it would run
+    (["--config", "configs/tiny.yaml", "train.steps=abc"], "train.steps='abc' is invalid"),
+    (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+    (["--config", "configs/tiny.yaml", "model.dim=-1"], "model.dim=-1 is invalid"),
+    (["--config", "configs/tiny.yaml", "--nproc", "4"], "--nproc is set by peer-launch from the "
+     "environment (NPROC): allowed are --config FILE and dotted overrides"),
+    (["--max-restarts=2"], "--max-restarts is set by peer-launch from the environment"),
+    (["--config", "configs/tiny.yaml", "--bogus"], "'--bogus' is not an option of peer-train"),
+    (["--config"], "--config needs a file: allowed is --config FILE"),
+    (["nokey"], "override 'nokey' is invalid: allowed is key.path=value"),
+])
+@pytest.mark.parametrize("dry", [True, False])
+def test_bad_training_arguments_are_one_line_before_any_launch(capsys, monkeypatch, train,
+                                                                message, dry):
+    from peer_dist.tools import cluster
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(cluster.os, "execvpe", lambda *a: pytest.fail("launched"))
+    assert cluster.main([*(["--dry-run"] if dry else []), *train]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peer-launch: ") and message in err[0], err
+
+
 @pytest.mark.parametrize("env, message", [
     # each was accepted, and the job waited at a rendezvous that could never complete
     ({"MASTER_ADDR": "h", "NNODES": "2", "NODE_RANK": "2"},
