@@ -36,10 +36,10 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -291,13 +291,23 @@ def _compiler_process() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
 
 
+def compiler_pool(workers: int):
+    """`workers` fresh processes that compile. They start with Ctrl-C ignored (an ignored
+    signal stays ignored in a new interpreter), so a Ctrl-C while they import torch prints no
+    traceback of theirs: this process takes it, and leaving the pool's block terminates them."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(workers, initializer=_compiler_process)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def measure_all(jobs, latency_ns: float, workers: int, progress=None) -> list[dict]:
     """Rows of every (spec, arch), compiled in `workers` fresh processes, in jobs' order."""
     args = [(spec, arch, latency_ns) for spec, arch in jobs]
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_compiler_process) as pool:
+    with compiler_pool(workers) as pool:
         rows = []
-        for i, row in enumerate(pool.map(_job, args)):
+        for i, row in enumerate(pool.imap(_job, args)):
             rows.append(row)
             if progress:
                 progress(i + 1, len(args))

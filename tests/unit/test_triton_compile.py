@@ -121,3 +121,16 @@ def test_cli_json_and_refusals(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert name in err and "allowed" in err
+
+
+def test_compiler_workers_leave_ctrl_c_to_the_tool():
+    """A Ctrl-C reaches the whole process group: workers that took it while importing torch
+    printed their tracebacks before the tool's one line (2 of 3 tries)."""
+    import signal
+
+    from peer_dist.tools import bench_kernels as bk
+
+    before = signal.getsignal(signal.SIGINT)
+    with bk.compiler_pool(1) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is before  # this process still takes it
