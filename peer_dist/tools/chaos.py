@@ -42,6 +42,7 @@ import torch
 
 from peer_dist import cli
 from peer_dist.config import ConfigError, load_config, to_dict
+from peer_dist.data.prepare import prepared_mismatch
 from peer_dist.errors import folder_error
 from peer_dist.train import checkpoint as ckpt
 from peer_dist.train.preempt import EXIT_INTERRUPTED
@@ -88,6 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# the keys both runs get from peer-chaos (run_overrides), and from what
+OWN_KEYS = {"train.run_dir": "--run-dir", "train.steps": "(--faults + 2) x 2 x --ckpt-every",
+            "train.log_every": "1: every step is compared", "train.ckpt_every": "--ckpt-every",
+            "train.keep_last": "3"}
+
+
 def _problem(args: argparse.Namespace) -> str | None:
     """What the runs would end in at their start (the run folder, the data folder, the config
     and its overrides), found before the reference run trains; None when they can start."""
@@ -95,18 +102,29 @@ def _problem(args: argparse.Namespace) -> str | None:
     if problem:
         return (f"--run-dir={args.run_dir!r} is invalid: {problem}; allowed is a folder, new or "
                 "existing, that can be written")
+    for item in args.overrides:
+        key = item.partition("=")[0].strip()
+        if key in OWN_KEYS:
+            return (f"override {item!r} is invalid: peer-chaos sets {key} itself (from "
+                    f"{OWN_KEYS[key]}): allowed are the other keys")
     if args.data and Path(args.data).exists() and not Path(args.data).is_dir():
         return f"--data={args.data!r} is a file: allowed is a prepared data folder"
     try:
-        load_config(args.config, run_overrides(args, Path(args.run_dir) / "reference", 1))
+        cfg = load_config(args.config, run_overrides(args, Path(args.run_dir) / "reference", 1))
+        if (Path(cfg.data.path) / "meta.json").is_file():
+            return prepared_mismatch(cfg.data)
     except ConfigError as e:
         return str(e)
+    except (OSError, ValueError, AttributeError, TypeError):  # a bad meta.json: the run says
+        pass
     return None
 
 
 def run_overrides(args: argparse.Namespace, run_dir: Path, steps: int) -> list[str]:
     """The overrides of both runs (the reference's and the chaos run's)."""
     data = [f"data.path={args.data}"] if args.data else []
+    if args.data and (Path(args.data) / "meta.json").is_file():
+        data.append("data.source=")  # a prepared folder named: trained on as it is
     return [f"train.run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
             f"train.ckpt_every={args.ckpt_every}", "train.keep_last=3", *data, *args.overrides]
 

@@ -237,6 +237,12 @@ def test_peer_study_makes_out_before_training_and_takes_the_largest_seed(tmp_pat
     (["--config", "/nope.yaml"], "config file '/nope.yaml' does not exist"),
     (["model.dim=nan"], "model.dim='nan' is invalid"),
     (["--ckpt-every", "1e30"], "argument --ckpt-every: '1e30' is invalid"),
+    # both runs trained 4 steps, then the check looked for step 30: a FileNotFoundError
+    (["train.steps=4"], "override 'train.steps=4' is invalid: peer-chaos sets train.steps "
+     "itself (from (--faults + 2) x 2 x --ckpt-every): allowed are the other keys"),
+    (["train.keep_last=1"], "peer-chaos sets train.keep_last itself"),
+    (["data.path={data}"], "data.path='{data}' was prepared from other settings than "
+     "data.source='stdlib' (it holds ['mine.txt'])"),
 ])
 def test_peer_chaos_checks_its_runs_before_the_reference_trains(capsys, tmp_path, argv, message):
     """Each of these trained the reference run first (or wrote into the working folder) and
@@ -244,7 +250,15 @@ def test_peer_chaos_checks_its_runs_before_the_reference_trains(capsys, tmp_path
     from peer_dist.tools import chaos
 
     (tmp_path / "f").write_text("x")
-    argv = [a.replace("{file}", str(tmp_path / "f")) for a in argv]
+    data = tmp_path / "data"  # a folder prepared from other text than tiny's data.source
+    data.mkdir()
+    (data / "meta.json").write_text('{"sources": ["mine.txt"], "tokenizer": "byte"}')
+    argv = [a.replace("{file}", str(tmp_path / "f")).replace("{data}", str(data)) for a in argv]
     line = refused(capsys, lambda: chaos.parse_args(
         ["--config", str(TINY), "--run-dir", str(tmp_path / "r"), *argv]))
-    assert message in line, line
+    assert message.replace("{data}", str(data)) in line, line
+    # the same folder named by --data: trained on as it is
+    args = chaos.parse_args(["--config", str(TINY), "--run-dir", str(tmp_path / "r"), "--data",
+                             str(data)])
+    assert chaos.run_overrides(args, tmp_path / "r", 1)[-2:] == [f"data.path={data}",
+                                                                 "data.source="]
