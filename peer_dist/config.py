@@ -9,6 +9,7 @@ message names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -93,6 +94,26 @@ class MoEConfig:
                "> 0")
 
 
+@functools.lru_cache(maxsize=256)  # the memory model asks for every layout it prices
+def _block_ids(peer_blocks: str, n_layers: int) -> tuple[int, ...]:
+    spec = peer_blocks.strip()
+    if spec == "middle":
+        return (n_layers // 2,)
+    if spec == "none":
+        return ()
+    if spec == "all":
+        return tuple(range(n_layers))
+    try:
+        ids = sorted({int(s) for s in spec.split(",")})  # int() refuses an empty item
+    except ValueError:
+        ids = [-1]
+    if not ids or ids[0] < 0 or ids[-1] >= n_layers:
+        raise ConfigError(
+            f"model.peer_blocks={peer_blocks!r}: allowed are 'middle', 'none', 'all' or "
+            f"comma-separated block indices in [0, {n_layers - 1}]")
+    return tuple(ids)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 256  # byte-level tokenizer; in a Config: 0 = the prepared dataset's
@@ -113,22 +134,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def peer_block_ids(self) -> list[int]:
-        spec = self.peer_blocks.strip()
-        if spec == "middle":
-            return [self.n_layers // 2]
-        if spec == "none":
-            return []
-        if spec == "all":
-            return list(range(self.n_layers))
-        try:
-            ids = sorted({int(s) for s in spec.split(",")})  # int() refuses an empty item
-        except ValueError:
-            ids = [-1]
-        if not ids or ids[0] < 0 or ids[-1] >= self.n_layers:
-            raise ConfigError(
-                f"model.peer_blocks={self.peer_blocks!r}: allowed are 'middle', 'none', 'all' or "
-                f"comma-separated block indices in [0, {self.n_layers - 1}]")
-        return ids
+        return list(_block_ids(self.peer_blocks, self.n_layers))
 
     def validate(self) -> None:
         _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size,

@@ -84,12 +84,17 @@ def block_rows(num_experts: int, ep: int) -> tuple[int, ...]:
     return tuple(max(0, min(b, num_experts - r * b)) for r in range(ep))
 
 
+@functools.lru_cache(maxsize=4096)
+def _owners_touched(n: int, ep: int, selections: int) -> float:
+    return sum(1.0 - (1.0 - b / n) ** selections for b in block_rows(n, ep))
+
+
 def expected_distinct(num: int, draws: float) -> float:
     """E[distinct values] among `draws` uniform draws from `num` values."""
     return num * (1.0 - (1.0 - 1.0 / num) ** draws)
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: predict_by_link caches by shape
 class LayerShape:
     num_experts: int
     dim: int
@@ -102,9 +107,7 @@ class LayerShape:
 
     def owners_touched(self) -> float:
         """E[owners holding at least one of a token's S uniform selections]."""
-        n = self.num_experts
-        return sum(1.0 - (1.0 - b / n) ** self.selections
-                   for b in block_rows(n, self.ep))
+        return _owners_touched(self.num_experts, self.ep, self.selections)
 
     def routes(self) -> Routes:
         """The EP group of ranks 0..EP-1: member j on node j // ranks_per_node."""
@@ -224,21 +227,26 @@ SHARDED = ("fetch", "dispatch", "node_dispatch")
 def predict_by_link(shape: LayerShape) -> dict[str, tuple[float, float]]:
     """(intra-node, inter-node) bytes per token per layer and step, mean over ranks, of each
     strategy and of the replicated baseline, for uniform random expert ids."""
+    return dict(_by_link(shape))
+
+
+@functools.lru_cache(maxsize=4096)  # O(EP) each: peer-scale plan asks the same shape per
+def _by_link(shape: LayerShape) -> tuple:  # ZeRO stage and optimizer, and --min-gpus again
     r, t = shape.routes(), shape.tokens
     out = {}
+    counts = expected_counts(shape, r)
     for strategy in SHARDED:
         if shape.ep == 1:
             out[strategy] = (0.0, 0.0)
             continue
-        intra, inter = mean_by_link(strategy, expected_counts(shape, r), r, shape.dim,
-                                    shape.elem)
+        intra, inter = mean_by_link(strategy, counts, r, shape.dim, shape.elem)
         out[strategy] = (intra / t, inter / t)
     rep = replicated_bytes(shape.num_experts, shape.dim, shape.world, shape.elem) / t
     # a ring in rank order crosses nodes M times out of W hops
     m = shape.nodes()
     far = rep * m / shape.world if m > 1 else 0.0
     out["replicated"] = (rep - far, far)
-    return out
+    return tuple(out.items())
 
 
 def predict_per_token(shape: LayerShape) -> dict[str, float]:

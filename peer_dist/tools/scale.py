@@ -690,16 +690,18 @@ RANK_RULE = ("ranked: settings that fit first, then the table optimizer (lazy_ad
              "(3 adds parameter all-gathers), the larger micro-batch, the least memory")
 
 
-def plan_rows(args: argparse.Namespace, world: int | None = None) -> list[dict]:
+def plan_rows(args: argparse.Namespace, world: int | None = None,
+              micro: list[int] | None = None) -> list[dict]:
     """Every EP (divisor of the world) x ZeRO stage x micro-batch x table optimizer (those of
     --table-optimizer), each with its predicted whole peak and headroom, best first by
-    RANK_RULE. world: GPUs in all (default nodes x GPUs per node)."""
+    RANK_RULE. world: GPUs in all (default nodes x GPUs per node); micro: the micro-batches
+    (default --micro-batch's)."""
     cfg = base_config(args)
     m = plan_model(args, cfg)
     world = world or args.nodes * args.gpus_per_node
     capacity = args.gpu_mem_gib * GIB
     seq = cfg.train.seq_len
-    micro = args.micro_batch or [cfg.train.batch_size]
+    micro = micro or args.micro_batch or [cfg.train.batch_size]
     cal = load_calibration(args)
     rows = []
     for ep, zero, mb, opt in itertools.product(
@@ -766,11 +768,20 @@ def min_gpus(args: argparse.Namespace) -> tuple[int, list[dict], list[tuple[int,
     """(the fewest GPUs that fit, that world's rows best first, (GPUs, least-memory row) for
     every count tried); GPUs is 0 when none up to --max-gpus fits."""
     tried: list[tuple[int, dict]] = []
+    # Each world is screened at the smallest micro-batch alone: every part of the peak grows
+    # with the tokens per rank, so if no layout fits there none does (tested), and the least
+    # memory is there; the world that fits gets every micro-batch. 1/6 of the rows priced.
+    least = [min(args.micro_batch)] if args.micro_batch else None
+    said = time.monotonic()
     for g in gpu_counts(args.gpus_per_node, args.max_gpus):
-        rows = plan_rows(args, world=g)
+        rows = plan_rows(args, world=g, micro=least)
         tried.append((g, min(rows, key=lambda r: r["peak_bytes_per_rank_predicted"])))
         if any(r["fits"] for r in rows):
-            return g, rows, tried
+            return g, plan_rows(args, world=g), tried
+        if time.monotonic() - said > 10:  # a long search says where it is
+            said = time.monotonic()
+            print(f"peer-scale plan --min-gpus: no layout fits on up to {g} GPUs (trying up to "
+                  f"--max-gpus={args.max_gpus})", file=sys.stderr, flush=True)
     return 0, [], tried
 
 

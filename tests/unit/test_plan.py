@@ -39,6 +39,38 @@ def test_min_gpus_is_the_fewest_that_fit(capsys, tmp_path):
     assert (tmp_path / "plan.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("model,gibs,want", [
+    (MODEL, ("0.5", "2", "6", "16", "40"), [0, 0, 8, 3, 1]),
+    (["--num-experts", "16384", "--dim", "256"], ("0.02", "0.04", "0.06", "0.08", "0.15"),
+     [0, 8, 3, 2, 1]),
+])
+def test_min_gpus_screen_at_the_smallest_micro_batch_loses_nothing(model, gibs, want):
+    """--min-gpus prices each world at the smallest micro-batch only (1/6 of the rows: the
+    search over 4,096 GPUs took 4 min): the premise, every layout's peak grows with the
+    micro-batch, and the answer against pricing every row."""
+    for world in (1, 3, 8, 24):
+        args = scale.build_parser().parse_args(["plan", "--gpus-per-node", "8", "--gpu-mem-gib",
+                                                "16", *model])
+        by_layout: dict[tuple, list] = {}
+        for r in scale.plan_rows(args, world=world):
+            by_layout.setdefault((r["ep"], r["zero_stage"], r["table_optimizer"]), []).append(
+                (r["micro_batch"], r["peak_bytes_per_rank_predicted"]))
+        for peaks in by_layout.values():
+            ordered = [p for _, p in sorted(peaks)]
+            assert len(ordered) == 6 and ordered == sorted(ordered)
+    found = []
+    for gib in gibs:
+        args = scale.build_parser().parse_args(["plan", "--gpus-per-node", "4", "--gpu-mem-gib",
+                                                gib, *model, "--min-gpus", "--max-gpus", "24"])
+        every = next((g for g in scale.gpu_counts(4, 24)
+                      if any(r["fits"] for r in scale.plan_rows(args, world=g))), 0)
+        g, rows, _ = scale.min_gpus(args)
+        found.append(g)
+        assert g == every
+        assert rows == (scale.plan_rows(args, world=g) if g else [])
+    assert found == want  # nothing, a node and more, one GPU and a few
+
+
 def test_min_gpus_counts_whole_nodes_after_the_first():
     assert scale.gpu_counts(4, 20) == [1, 2, 3, 4, 8, 12, 16, 20]
     with pytest.raises(SystemExit, match="nothing fits on up to 3 GPUs"):
