@@ -104,7 +104,7 @@ class ProductKeyRouter(nn.Module):
                 "normalised (BatchNorm needs more than 1 value per channel); allowed are "
                 "parallel.bn_sync=global (statistics over every rank's tokens), more tokens "
                 "per rank, or model.peer.query_batchnorm=false")
-        if norm.weight is None or norm.weight.dtype == q.dtype:
+        if all(t is None or t.dtype == q.dtype for t in (norm.weight, norm.running_mean)):
             return norm(q)
         return _batch_norm_upcast(norm, q)
 
@@ -154,24 +154,28 @@ class ProductKeyRouter(nn.Module):
 
 
 def _batch_norm_upcast(bn: nn.BatchNorm1d, q: torch.Tensor) -> torch.Tensor:
-    """bn(q) computed in q's dtype (fp32) from parameters and running statistics kept in
-    another (bf16): the statistics are updated in fp32 and stored back rounded."""
+    """bn(q) where q, the parameters and the running statistics do not share a dtype (bf16
+    parameters beside fp32 statistics under train.dtype=bf16, fp32 queries beside bf16
+    parameters): computed in fp32, returned in q's dtype; the statistics are updated in fp32
+    (on copies: autograd keeps the ones it was given) and stored back in their own dtype."""
+    f32 = torch.float32
     track = bn.track_running_stats and bn.running_mean is not None
     use_batch = bn.training or not track
-    rm = bn.running_mean.to(q.dtype) if track else None
-    rv = bn.running_var.to(q.dtype) if track else None
+    rm = bn.running_mean.to(f32, copy=True) if track else None
+    rv = bn.running_var.to(f32, copy=True) if track else None
     momentum = 0.0
     if bn.training and track:
         bn.num_batches_tracked.add_(1)
         momentum = bn.momentum if bn.momentum is not None else (
             1.0 / float(bn.num_batches_tracked))
-    out = F.batch_norm(q, rm, rv, bn.weight.to(q.dtype), bn.bias.to(q.dtype), use_batch,
-                       momentum, bn.eps)
+    weight = None if bn.weight is None else bn.weight.to(f32)
+    bias = None if bn.bias is None else bn.bias.to(f32)
+    out = F.batch_norm(q.to(f32), rm, rv, weight, bias, use_batch, momentum, bn.eps)
     if bn.training and track:
         with torch.no_grad():
             bn.running_mean.copy_(rm)
             bn.running_var.copy_(rv)
-    return out
+    return out.to(q.dtype)
 
 
 class ExpertTables(nn.Module):

@@ -70,9 +70,13 @@ class SyncBatchNorm1d(nn.Module):
             raise ValueError(f"SyncBatchNorm1d expects (tokens, channels), got shape "
                              f"{tuple(x.shape)}")
         use_batch = self.training or not self.track_running_stats
-        if not use_batch:
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
-                                            self.bias, False, 0.0, self.eps)
+        if not use_batch:  # in fp32: under train.dtype=bf16 the statistics stay fp32
+            f32 = torch.float32
+            w, b = ((None, None) if self.weight is None
+                    else (self.weight.to(f32), self.bias.to(f32)))
+            return nn.functional.batch_norm(x.to(f32), self.running_mean.to(f32),
+                                            self.running_var.to(f32), w, b, False, 0.0,
+                                            self.eps).to(x.dtype)
         y, mean, var, n = _SyncBN.apply(x, self.weight, self.bias, self.eps, self.group)
         if self.training and self.track_running_stats:
             self._update_running(mean.detach(), var.detach(), float(n))

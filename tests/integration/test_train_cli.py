@@ -97,6 +97,21 @@ def test_mid_run_evaluation(runs):
     assert_losses_close(runs.get(2, *BASE)["losses"], r["losses"], steps=[4, 5, 7, 8])
 
 
+def test_bf16_trains_as_fp32_does(runs):
+    """train.dtype=bf16 (what auto picks on a GPU): with the query BatchNorm per rank (the
+    plain BatchNorm's path) it died in the first backward, and with it synchronised at the
+    final evaluation; now the losses follow fp32's within bf16's rounding, evaluation
+    included, and the run ends with its checkpoint."""
+    r = runs.get(2, *BASE, "train.dtype=bf16", "train.zero_stage=2", "parallel.bn_sync=local",
+                 MID_EVAL)
+    fp32 = runs.get(2, *BASE)["losses"]
+    assert sorted(r["losses"]) == list(range(1, 9))
+    for step in (1, 4, 8):
+        assert r["losses"][step] == pytest.approx(fp32[step], rel=0.03), (step, r["losses"])
+    assert [row["step"] for row in r["rows"] if row["kind"] == "val"] == [3, 6, 8]
+    assert "bfloat16" in r["log"] and (ckpt(r, 8) / "manifest.json").is_file()
+
+
 def test_sharded_two_ranks_match_one_rank(runs):
     """1 rank x 8 sequences (peer-train, no torchrun) == 2 ranks x 4 sequences."""
     single = runs.get(1, *BASE, "train.batch_size=8")

@@ -340,3 +340,38 @@ def test_key_scores_gradients_in_token_chunks(chunk, monkeypatch):
     want = torch.autograd.grad((ref * grad).sum(), [q, keys])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("synced", [False, True])
+def test_query_batchnorm_with_bf16_parameters_and_fp32_statistics(x_dtype, synced):
+    """train.dtype=bf16: DeepSpeed keeps the BatchNorm's parameters in bf16 and its running
+    statistics in fp32. Training died in backward (a statistic autograd had saved was updated
+    in place) and the 2-rank evaluation on mixed dtypes; now both match fp32 within bf16's
+    rounding, and the statistics move as fp32's do."""
+    from peer_dist.parallel.batchnorm import SyncBatchNorm1d
+
+    torch.manual_seed(5)
+    cfg = PEERConfig(num_experts=256, heads=2, topk=4, d_key=8)
+    ref = PEER(16, cfg, seed=1, table_device="cpu").router
+    low = PEER(16, cfg, seed=1, table_device="cpu").router
+    low.load_state_dict(ref.state_dict())
+    low.norm.weight.data = low.norm.weight.data.bfloat16()
+    low.norm.bias.data = low.norm.bias.data.bfloat16()
+    if synced:  # its eval path (training needs a process group: tests/distributed)
+        ref.norm, low.norm = SyncBatchNorm1d(ref.norm), SyncBatchNorm1d(low.norm)
+    assert low.norm.running_mean.dtype == torch.float32
+    x = torch.randn(40, 16)
+    for train in ([False] if synced else [True, False]):
+        ref.train(train), low.train(train)
+        xs = x.to(x_dtype).requires_grad_()
+        ids, gates = low(xs)
+        want_ids, want_gates = ref(x)
+        assert (ids == want_ids).float().mean() > 0.9  # bf16 rounding may swap a close pair
+        torch.testing.assert_close(gates.float().sum(), want_gates.sum(), rtol=1e-2, atol=1e-2)
+        if train:
+            gates.float().pow(2).sum().backward()
+            assert xs.grad is not None and torch.isfinite(xs.grad.float()).all()
+    torch.testing.assert_close(low.norm.running_mean, ref.norm.running_mean, rtol=2e-2,
+                               atol=2e-2)
+    assert low.norm.running_mean.dtype == torch.float32
