@@ -11,19 +11,27 @@ dies or hangs ends the job with a line naming it (status 1). PEER_DEBUG=1 shows 
 
 from __future__ import annotations
 
-import argparse
-import logging
-import math
 import os
 import signal
-import socket
-import sys
-import time
 
-from peer_dist import cli
-from peer_dist.config import ConfigError, load_config
-from peer_dist.errors import UserError, debug
-from peer_dist.train.faults import parse as parse_faults
+if __name__ == "__main__" and "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+    # A rank under torchrun: a Ctrl-C reaches the whole process group, this rank while it
+    # imports torch too (a KeyboardInterrupt traceback, or a C++ abort inside an extension's
+    # import). Ignored until the loop's stop handlers take it (train/preempt.py); before them
+    # the launcher's agent, which got it as well, stops this rank with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import argparse  # noqa: E402 (after the signal's disposition)
+import logging  # noqa: E402
+import math  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from peer_dist import cli  # noqa: E402
+from peer_dist.config import ConfigError, load_config  # noqa: E402
+from peer_dist.errors import UserError, debug  # noqa: E402
+from peer_dist.train.faults import parse as parse_faults  # noqa: E402
 
 PROG = "peer-train"
 
@@ -152,9 +160,9 @@ def launch(torchrun_args: list[str], run_dir: str = "") -> int:
         if read_marker(run_dir, started) is not None:
             return EXIT_INTERRUPTED  # rank 0 said where the checkpoint is
         name = signal.Signals(e.sigval).name
-        return report(f"stopped by {name} before the ranks saved a checkpoint (the last "
-                      "complete one is intact; raise train.stop_grace_s to give them longer)",
-                      128 + int(e.sigval))
+        return report(f"stopped by {name} before the ranks saved a checkpoint (any earlier "
+                      "one is intact; stopped while training, they have train.stop_grace_s to "
+                      "save: raise it to give them longer)", 128 + int(e.sigval))
     except ChildFailedError as e:
         if debug():
             raise

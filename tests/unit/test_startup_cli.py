@@ -265,3 +265,21 @@ def test_the_data_line_names_tokens_vocabulary_and_threads(tmp_path: Path):
     line = startup.data_line(cfg, TokenDataset(tmp_path / "d"), 3)  # 10% of 2,400 B, + 1 EOS
     assert line == (f"peer-train: data {tmp_path / 'd'}: 2,161 train + 241 val tokens, "
                     "vocabulary 256 (byte tokenizer), model.vocab_size=256; 3 CPU threads per rank")
+
+
+@pytest.mark.parametrize("env,ignored", [({"RANK": "1", "LOCAL_RANK": "1"}, True), ({}, False)])
+def test_a_rank_leaves_ctrl_c_to_its_launcher_until_it_trains(env, ignored):
+    """Ctrl-C to peer-train --nproc 2 reaches the ranks too: while they imported torch each
+    printed a KeyboardInterrupt traceback (39-89 lines), once a C++ abort. A rank under torchrun
+    now starts with SIGINT ignored (the agent stops it with SIGTERM); the loop's stop handlers
+    take it once training starts (tests/integration/test_preempt.py)."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, signal, sys\nsys.argv = ['peer-train', '--help']\ntry:\n"
+            "    runpy.run_module('peer_dist.train', run_name='__main__')\nexcept SystemExit:\n"
+            "    pass\nprint(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)")
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == str(ignored), out.stderr
