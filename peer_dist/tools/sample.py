@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,22 +36,27 @@ PROG = "peer-sample"
 # --------------------------------------------------------------------------- sampling
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int,
-               generator: torch.Generator | None) -> int:
-    """One token id from the last position's logits (V,): argmax when temperature is 0."""
+               generator: torch.Generator | None, vocab: int | None = None) -> int:
+    """One token id from the last position's logits (V,): argmax when temperature is 0. Only
+    ids below `vocab` (the tokenizer's) are drawn: a model.vocab_size above the tokenizer's
+    has ids no text maps to."""
     logits = logits.float()
+    if vocab is not None and vocab < logits.numel():
+        logits = logits[:vocab]
     if temperature <= 0:
         return int(logits.argmax())
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # the largest logit at 0 first: a tiny temperature divides the others to -inf, not inf/inf
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt: list[int], tokens: int, max_len: int,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             eos_id: int | None = None, agree=None) -> list[int]:
+             eos_id: int | None = None, agree=None, vocab: int | None = None) -> list[int]:
     """prompt + up to `tokens` new ids. `agree(token) -> token` makes every rank take rank 0's
     choice (sharded models); the forward itself is the same call on every rank."""
     gen = torch.Generator().manual_seed(seed)
@@ -59,7 +65,7 @@ def generate(model: torch.nn.Module, prompt: list[int], tokens: int, max_len: in
     for _ in range(tokens):
         x = torch.tensor([ids[-max_len:]], device=device)  # (1, T)
         logits = model(x)[0, -1]  # (V,)
-        tok = next_token(logits, temperature, top_k, gen)
+        tok = next_token(logits, temperature, top_k, gen, vocab)
         tok = agree(tok) if agree else tok
         ids.append(tok)
         if eos_id is not None and tok == eos_id:
@@ -72,14 +78,29 @@ def load_tokenizer_of(cfg: Config, spec: str | None = None):
     from peer_dist.data.tokenizers import ByteTokenizer, HFTokenizer
     from peer_dist.tools.export import tokenizer_spec
 
+    given = spec
     spec = spec or tokenizer_spec(cfg)
     if spec == "byte":
-        return ByteTokenizer()
-    try:
-        return HFTokenizer(spec)
-    except (OSError, ImportError) as e:
-        raise UserError(f"the tokenizer {spec!r} of data.path={cfg.data.path!r} cannot be "
-                        f"loaded: {e}; allowed: the prepared data folder at that path") from None
+        if not given and cfg.model.vocab_size != ByteTokenizer.vocab_size and not (
+                Path(cfg.data.path) / "meta.json").is_file():
+            raise UserError(
+                f"the model's tokenizer is not known here: data.path={cfg.data.path!r}, whose "
+                "meta.json names it, is not found from this folder (a relative path is read "
+                f"from the folder you run in), and its vocabulary of {cfg.model.vocab_size} is "
+                "not the byte tokenizer's 256; allowed: the folder training ran in, or "
+                "--tokenizer FILE (the tokenizers JSON the data was prepared with)")
+        tok = ByteTokenizer()
+    else:
+        try:
+            tok = HFTokenizer(spec)
+        except (OSError, ImportError, ValueError) as e:
+            where = "--tokenizer" if given else f"the tokenizer of data.path={cfg.data.path!r}"
+            raise UserError(f"{where}: {e}") from None
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer {spec!r} has {tok.vocab_size} ids, the model "
+                        f"{cfg.model.vocab_size}: allowed is the tokenizer the model was trained "
+                        "with (--tokenizer FILE)")
+    return tok
 
 
 # --------------------------------------------------------------------------- loading
@@ -134,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = greedy (default)")
     p.add_argument("--top-k", type=cli.ints(0), default=0,
                    help="sample among the k likeliest; 0 = all")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="the tokenizers JSON the data was prepared with, or byte (default: the "
+                        "one in the training data.path)")
     p.add_argument("--seed", type=cli.ints(0, 2 ** 63 - 1), default=0,
                    help="random seed of the draws (default 0)")
     p.add_argument("--nproc", type=cli.ints(1), default=1,
@@ -159,6 +183,7 @@ def rank_args(args: argparse.Namespace) -> list[str]:
     out = [f"--checkpoint={args.checkpoint}", f"--prompt={args.prompt}",
            f"--tokens={args.tokens}", f"--temperature={args.temperature}",
            f"--top-k={args.top_k}", f"--seed={args.seed}"]
+    out += [f"--tokenizer={args.tokenizer}"] if args.tokenizer else []
     return out + (["--json"] if args.json else [])
 
 
@@ -180,13 +205,13 @@ def sample(args: argparse.Namespace) -> dict:
     else:
         cfg, model = load_single(args.checkpoint)
         agree = None
-    tok = load_tokenizer_of(cfg)
+    tok = load_tokenizer_of(cfg, args.tokenizer)
     prompt = [int(i) for i in tok.encode(args.prompt)]
     if not prompt:  # start from the end-of-document token, as after a document
         prompt = [tok.eos_id if tok.eos_id is not None else 0]
     t0 = time.perf_counter()
     ids = generate(model, prompt, args.tokens, cfg.model.max_seq_len, args.temperature,
-                   args.top_k, args.seed, tok.eos_id, agree)
+                   args.top_k, args.seed, tok.eos_id, agree, tok.vocab_size)
     new = ids[len(prompt):]
     if sharded:
         dist.barrier()  # no rank leaves while another still needs it

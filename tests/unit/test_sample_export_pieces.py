@@ -128,6 +128,42 @@ def test_next_token_greedy_top_k_and_seed():
     assert a == b
 
 
+def test_a_tiny_temperature_is_nearly_greedy_and_ids_stay_in_the_tokenizer():
+    """--temperature 1e-40 was a traceback (logits / T overflowed: probabilities inf/inf), and
+    a model.vocab_size above the tokenizer's drew ids the byte tokenizer cannot decode."""
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0, 0.5, 9.0])
+    g = torch.Generator().manual_seed(0)
+    assert {next_token(logits, 1e-40, 0, g) for _ in range(10)} == {5}
+    assert {next_token(logits, 1e-40, 3, g) for _ in range(10)} == {5}
+    assert {next_token(logits, 1e-40, 0, g, vocab=5) for _ in range(10)} == {1}  # 5: no text
+    assert next_token(logits, 0.0, 0, None, vocab=5) == 1
+    assert {next_token(logits, 50.0, 0, g, vocab=3) for _ in range(100)} == {0, 1, 2}
+
+
+def test_the_tokenizer_of_a_model_is_its_data_or_one_line(tmp_path: Path, monkeypatch):
+    """A run trained with a relative data.path, sampled from another folder, fell back to the
+    byte tokenizer whatever the data's was (prompt encoded wrongly, then a ValueError)."""
+    from peer_dist.data import prepare
+    from peer_dist.errors import UserError
+    from peer_dist.tools.sample import load_tokenizer_of
+
+    (tmp_path / "a.txt").write_text("hello world\n" * 200)
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", val_fraction=0.1, log=lambda m: None)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TINY, ["data.path=d", "model.vocab_size=300"])
+    assert load_tokenizer_of(cfg).vocab_size == 256  # found: byte, 256 ids of the model's 300
+    monkeypatch.chdir(tmp_path / "d")  # data.path=d is not found from here
+    with pytest.raises(UserError, match=r"the model's tokenizer is not known here: "
+                                        r"data.path='d'.*--tokenizer FILE"):
+        load_tokenizer_of(cfg)
+    assert load_tokenizer_of(cfg, "byte").vocab_size == 256  # named: taken
+    small = load_config(TINY, ["data.path=d", "model.vocab_size=200"])
+    with pytest.raises(UserError, match="the tokenizer 'byte' has 256 ids, the model 200"):
+        load_tokenizer_of(small, "byte")
+    with pytest.raises(UserError, match="--tokenizer: tokenizer file '/nope.json' does not"):
+        load_tokenizer_of(cfg, "/nope.json")
+
+
 def test_generate_continues_greedily_and_stops_at_eos():
     class Fixed(torch.nn.Module):  # next token = (last + 1) % 5, as logits
         def __init__(self):
