@@ -101,11 +101,33 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self.fd = fd
+        problem = run_dir_error(self.path.parent)
+        if problem:
+            self.release()
+            raise UserError(problem)
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+# What a run writes in train.run_dir: found in the way at the start, not at the first save
+RUN_FOLDERS = ("checkpoints", "tb")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/latest")
+
+
+def run_dir_error(run_dir: Path) -> str | None:
+    """Why a run cannot write its files in run_dir (a file where it keeps a folder, or the
+    reverse), in one line; None when it can."""
+    wrong = [f"{n!r} is a file" for n in RUN_FOLDERS
+             if (run_dir / n).exists() and not (run_dir / n).is_dir()]
+    wrong += [f"{n!r} is a folder" for n in RUN_FILES if (run_dir / n).is_dir()]
+    if not wrong:
+        return None
+    return (f"train.run_dir={str(run_dir)!r} cannot hold this run: {', '.join(wrong)} (the run "
+            f"keeps {', '.join(RUN_FOLDERS)} as folders and {', '.join(RUN_FILES)} as files); "
+            "allowed: a run folder written by peer-train, a new one, or move them away")
 
 
 def _prepare(cfg: Config) -> None:

@@ -283,3 +283,26 @@ def test_a_rank_leaves_ctrl_c_to_its_launcher_until_it_trains(env, ignored):
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == str(ignored), out.stderr
+
+
+@pytest.mark.parametrize("made,named", [
+    (lambda d: (d / "checkpoints").write_text(""), "'checkpoints' is a file"),
+    (lambda d: (d / "tb").write_text(""), "'tb' is a file"),
+    (lambda d: (d / "config.yaml").mkdir(), "'config.yaml' is a folder"),
+    (lambda d: (d / "checkpoints" / "latest").mkdir(parents=True),
+     "'checkpoints/latest' is a folder"),
+])
+def test_a_run_folder_that_cannot_hold_the_run_is_refused_at_the_start(tmp_path, made, named):
+    """A file named checkpoints in the run folder let the run train every step and then
+    fail at the first save (internal error, the work lost); a folder named config.yaml or
+    checkpoints/latest failed the same way."""
+    from peer_dist.train.startup import RunDirLock
+
+    made(tmp_path)
+    lock = RunDirLock(tmp_path)
+    with pytest.raises(UserError) as e:
+        lock.acquire()
+    assert str(e.value).startswith(f"train.run_dir={str(tmp_path)!r} cannot hold this run: "
+                                   f"{named} (")
+    assert lock.fd is None  # released
+    RunDirLock(tmp_path / "fresh").acquire()  # a new folder: nothing in the way
