@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # the keys both runs get from peer-chaos (run_overrides), and from what
 OWN_KEYS = {"train.run_dir": "--run-dir", "train.steps": "(--faults + 2) x 2 x --ckpt-every",
             "train.log_every": "1: every step is compared", "train.ckpt_every": "--ckpt-every",
-            "train.keep_last": "3"}
+            "train.keep_last": "3",
+            "train.resume": "auto: each restart resumes from the newest checkpoint"}
 
 
 def _problem(args: argparse.Namespace) -> str | None:
@@ -126,7 +127,8 @@ def run_overrides(args: argparse.Namespace, run_dir: Path, steps: int) -> list[s
     if args.data and (Path(args.data) / "meta.json").is_file():
         data.append("data.source=")  # a prepared folder named: trained on as it is
     return [f"train.run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
-            f"train.ckpt_every={args.ckpt_every}", "train.keep_last=3", *data, *args.overrides]
+            f"train.ckpt_every={args.ckpt_every}", "train.keep_last=3", "train.resume=auto",
+            *data, *args.overrides]
 
 
 def train_cmd(args: argparse.Namespace, run_dir: Path, steps: int) -> list[str]:

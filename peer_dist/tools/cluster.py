@@ -151,11 +151,16 @@ def _detect(env: Mapping[str, str]) -> Layout:
         return Layout("pytorchjob", _nodes(env, "WORLD_SIZE"), _nproc(env),
                       _int(env, "RANK", 0, low=0), env["MASTER_ADDR"], port, "peer_dist",
                       _restarts(env, 3))
-    if env.get("MASTER_ADDR") and _nodes(env, "NNODES", 1) > 1:
-        return Layout("c10d", _nodes(env, "NNODES"), _nproc(env), _int(env, "NODE_RANK", 0, low=0),
+    nodes = _nodes(env, "NNODES", 1)  # checked whether or not MASTER_ADDR is set
+    if nodes > 1 and not env.get("MASTER_ADDR"):  # each node would run a job of its own
+        raise UserError(f"NNODES={nodes} without MASTER_ADDR: allowed is MASTER_ADDR set to "
+                        "node 0's address on every node (or NNODES unset for one node)")
+    if nodes > 1:
+        return Layout("c10d", nodes, _nproc(env), _int(env, "NODE_RANK", 0, low=0),
                       env["MASTER_ADDR"], port, env.get("RDZV_ID") or "peer_dist",
                       _restarts(env, 0))
-    return Layout("single", 1, _nproc(env), max_restarts=_restarts(env, 0))
+    return Layout("single", 1, _nproc(env), _int(env, "NODE_RANK", 0, low=0),
+                  max_restarts=_restarts(env, 0))
 
 
 def with_config(train_args: list[str]) -> list[str]:
@@ -262,7 +267,7 @@ def where(layout: Layout) -> str:
 def shown_command(cmd: list[str], env: Mapping[str, str], parent: Mapping[str, str]) -> str:
     """The command as it will run: the variables the launch sets or changes, then the line."""
     added = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if parent.get(k) != v]
-    return " ".join(["env", *added, *cmd] if added else cmd)
+    return " ".join(["env", *added, *map(shlex.quote, cmd)] if added else map(shlex.quote, cmd))
 
 
 if __name__ == "__main__":

@@ -241,6 +241,7 @@ def test_peer_study_makes_out_before_training_and_takes_the_largest_seed(tmp_pat
     (["train.steps=4"], "override 'train.steps=4' is invalid: peer-chaos sets train.steps "
      "itself (from (--faults + 2) x 2 x --ckpt-every): allowed are the other keys"),
     (["train.keep_last=1"], "peer-chaos sets train.keep_last itself"),
+    (["train.resume=never"], "peer-chaos sets train.resume itself"),  # every restart at step 0
     (["data.path={data}"], "data.path='{data}' was prepared from other settings than "
      "data.source='stdlib' (it holds ['mine.txt'])"),
 ])

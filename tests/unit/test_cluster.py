@@ -130,6 +130,10 @@ def test_bad_training_arguments_are_one_line_before_any_launch(capsys, monkeypat
     ({"NPROC": "1" + "0" * 30}, "allowed is an integer from 1 to 1024"),  # were put in the
     ({"MASTER_ADDR": "h", "NNODES": "1" + "0" * 30}, "from 1 to 65536"),  # command as given
     ({"MAX_RESTARTS": "1" + "0" * 30}, "MAX_RESTARTS='1000"),
+    # each ran as a one-node job: every node a job of its own, in the same run folder
+    ({"NNODES": "2", "NODE_RANK": "1"}, "NNODES=2 without MASTER_ADDR: allowed is MASTER_ADDR"),
+    ({"NNODES": "abc"}, "NNODES='abc' is invalid"),
+    ({"MASTER_ADDR": "h", "NNODES": "1", "NODE_RANK": "3"}, "NODE_RANK=3 with 1 node(s)"),
 ])
 def test_a_layout_that_cannot_meet_is_refused(env: dict, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
