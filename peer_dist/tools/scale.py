@@ -1205,6 +1205,10 @@ def load_calibration(args: argparse.Namespace, flag: str = "--calibration") -> d
         why = (f"no key {err}" if isinstance(err, KeyError) else
                "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else
                str(err).splitlines()[0][:120] if str(err) else type(err).__name__)
+        if not getattr(args, "calibration", None):  # this machine's cached copy: not the user's
+            print(f"peer-scale: this machine's cached calibration {str(path)!r} is damaged "
+                  f"({why}): ignored (peer-scale calibrate writes it again)", file=sys.stderr)
+            return None
         raise UserExit(f"peer-scale: {flag} {path}: not a calibration file ({why}); "
                        "allowed: a calibration.json written by peer-scale calibrate") from err
     cal["file"] = str(path)
@@ -1235,7 +1239,7 @@ def runtime_bytes(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path,
     if cal and key in cal["runtime"]:
         return int(cal["runtime"][key]), "calibration"
     cache = _cache_file()
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    known = _read_cache(cache)
     if key in known:
         return int(known[key]), "minimal run"
     tiny = tiny_setup(s, args)
@@ -1246,6 +1250,22 @@ def runtime_bytes(s: mm.Setup, args: argparse.Namespace, work: Path, data: Path,
     known[key] = value
     _write_json(cache, known)
     return value, "minimal run"
+
+
+def _read_cache(path: Path) -> dict:
+    """The runtime cache's {key: bytes}; a damaged one (a crash elsewhere, an edit) is said in
+    a line and measured again, then rewritten: a cache is never a reason to stop."""
+    if not path.is_file():
+        return {}
+    try:
+        known = json.loads(path.read_text())
+        if isinstance(known, dict) and all(isinstance(v, int) for v in known.values()):
+            return known
+    except (OSError, ValueError):
+        pass
+    print(f"peer-scale: the cache {str(path)!r} is damaged: ignored, and rewritten with what "
+          "is measured now", file=sys.stderr)
+    return {}
 
 
 def tiny_setup(s: mm.Setup, args: argparse.Namespace) -> mm.Setup:

@@ -291,3 +291,25 @@ def test_calibrate_names_a_file_it_cannot_use(capsys, monkeypatch, tmp_path, fla
         ["calibrate", "--num-experts", "256", "--dim", "32", "--ep", "1", "--out",
          str(tmp_path / "out"), flag, str(path)]))
     assert message.replace("FILE", str(path)) in line, line
+
+
+def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, capsys):
+    """Garbage in the cached runtime_bytes.json was a JSONDecodeError traceback from measure;
+    a damaged cached calibration.json was an error blaming --calibration, a flag not given."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = scale._cache_file()
+    cache.parent.mkdir(parents=True)
+    for junk in ("garbage", "[1, 2]", '{"k": "x"}'):
+        cache.write_text(junk)
+        assert scale._read_cache(cache) == {}
+        assert "is damaged: ignored, and rewritten" in capsys.readouterr().err
+    cache.write_text('{"k": 5}')
+    assert scale._read_cache(cache) == {"k": 5}
+    scale._cache_file("calibration.json").write_text("garbage")
+    args = scale.build_parser().parse_args(["plan", "--gpus-per-node", "8", "--gpu-mem-gib",
+                                            "16", *MODEL])
+    assert scale.load_calibration(args) is None
+    assert "cached calibration" in capsys.readouterr().err
+    args.calibration = str(scale._cache_file("calibration.json"))  # named: the user's file
+    with pytest.raises(SystemExit, match="--calibration .*: not a calibration file"):
+        scale.load_calibration(args)
