@@ -152,7 +152,9 @@ def reference_problem(args: argparse.Namespace, ref: Path, steps: int) -> str | 
         have = to_dict(load_config(ref / "config.yaml"))
     except ConfigError as e:
         return f"--reference {ref}: {e}"
-    diff = [d for d in config_diff(want, have) if d[0] not in ("train.run_dir", "train.resume")]
+    # not what trains: where, whether it resumes, what prepared the data folder named
+    diff = [d for d in config_diff(want, have)
+            if d[0] not in ("train.run_dir", "train.resume", "data.source")]
     if diff:
         shown = ", ".join(f"{k}={b!r} there vs {a!r} here" for k, a, b in diff[:3])
         return f"--reference {ref}: another config ({shown})"
