@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peer_dist.config import Config
+from peer_dist.config import Config, to_dict
 from peer_dist.errors import UserError
+from peer_dist.train.startup import config_diff
 
 if TYPE_CHECKING:
     from peer_dist.parallel import Topology
@@ -103,7 +104,19 @@ def on_resume(path: Path, step: int, cfg: Config, topo: Topology) -> tuple[Sched
         lr_next = o.lr * schedule.ratio(step, o.warmup_steps, o.min_lr_ratio)
         notes.append(f"train.steps {old.total} -> {cfg.train.steps}: {how} (lr at step "
                      f"{step + 1}: {lr_next:.3g}; optim.resume_schedule={o.resume_schedule})")
+    now = json.loads(json.dumps(to_dict(cfg)))  # tuples as YAML reads them back: lists
+    derived = ("train.grad_accum",) if cfg.train.global_batch_size else ()  # resolve_batch's
+    changed = [(k, a, b) for k, a, b in config_diff(saved, now)
+               if saved and k not in (*NOTED, *derived) and k != "train.steps"]
+    if changed:
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        notes.append(f"changed since the checkpoint, taken as given now: {shown}{more}")
     return schedule, [f"peer-train: resume: {n}" for n in notes]
+
+
+# what a resume may change without a word: where the run is, and how it was resumed
+NOTED = ("train.run_dir", "train.resume")
 
 
 def meta(schedule: Schedule, cfg: Config, world: int) -> dict:

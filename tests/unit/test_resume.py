@@ -94,4 +94,19 @@ def test_world_size_and_global_batch_changes_are_said(tmp_path):
     cfg = load_config(None, ["train.batch_size=2", "train.global_batch_size=8", "train.steps=8"])
     resolve_batch(cfg, 4)
     _, notes = on_resume(path, 4, cfg, SimpleNamespace(world_size=4, ep=4))
-    assert len(notes) == 1 and "resharded" in notes[0]
+    assert len(notes) == 2 and "resharded" in notes[0]  # the same global batch: no line
+    assert notes[1] == ("peer-train: resume: changed since the checkpoint, taken as given now: "
+                        "train.batch_size 4 -> 2, train.global_batch_size 0 -> 8")
+
+
+def test_every_other_change_since_the_checkpoint_is_said(tmp_path):
+    """A resume with another data.path, seed, sequence length or LR trained on without a
+    word (the README promises a line for each thing that differs)."""
+    path = checkpoint(tmp_path, 4, 1, 1, ["train.steps=8", "optim.lr=0.003"])
+    cfg = load_config(None, ["train.steps=8", "optim.lr=0.1", "train.seed=99",
+                             "data.path=/elsewhere", "train.seq_len=16", "train.run_dir=/r",
+                             "train.resume=" + str(path)])
+    _, notes = on_resume(path, 4, cfg, SimpleNamespace(world_size=1, ep=1))
+    assert notes == ["peer-train: resume: changed since the checkpoint, taken as given now: "
+                     "data.path 'data/stdlib' -> '/elsewhere', optim.lr 0.003 -> 0.1, "
+                     "train.seed 1234 -> 99, train.seq_len 128 -> 16"]
