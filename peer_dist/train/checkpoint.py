@@ -327,7 +327,7 @@ class Saver:
             torch.save(full, tmp / "dense_full.pt")
             save_config(cfg, tmp / "config.yaml")
             meta = dict(step=step, world_size=topo.world_size, ep=topo.ep,
-                        zero_stage=cfg.train.zero_stage,
+                        zero_stage=cfg.train.zero_stage, dtype=engine_dtype(engine),
                         table_optimizer=cfg.optim.table_optimizer, **(extra or {}))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         tables = table_state(shards, table_opt, topo.mesh)
@@ -570,19 +570,23 @@ def load_checkpoint(path: Path, cfg: Config, engine: DeepSpeedEngine,
     if not (path / MANIFEST).is_file() and topo.rank == 0:
         _warn(f"checkpoint {path.name} has no {MANIFEST} (written by an older version): it "
               "cannot be verified")
+    saved_dtype, dtype = saved_engine_dtype(path, meta), engine_dtype(engine)
+    same_dtype = saved_dtype in (None, dtype)  # None: an older checkpoint that did not say
     same_layout = (meta["world_size"] == topo.world_size
-                   and meta["zero_stage"] == cfg.train.zero_stage)
+                   and meta["zero_stage"] == cfg.train.zero_stage and same_dtype)
     # ZeRO 0 state is not partitioned: the engine checkpoint loads at any world size.
     with _one_line(path, "dense", all_ranks=False):  # each rank reads its own files
-        if same_layout or meta["zero_stage"] == cfg.train.zero_stage == 0:
+        if same_layout or (meta["zero_stage"] == cfg.train.zero_stage == 0 and same_dtype):
             with safe_load.engine_loads(engine):
                 engine.load_checkpoint(str(path), tag="dense", load_module_strict=True)
         else:
             load_dense_weights(engine, safe_load.load_tensors(path / "dense_full.pt"))
             if topo.rank == 0:
+                was = "" if same_dtype else f", {saved_dtype}"
+                now = "" if same_dtype else f", {dtype}"
                 _warn(f"checkpoint {path.name} was written at world size "
-                      f"{meta['world_size']}, ZeRO {meta['zero_stage']}; loading at "
-                      f"{topo.world_size}, ZeRO {cfg.train.zero_stage}: dense weights "
+                      f"{meta['world_size']}, ZeRO {meta['zero_stage']}{was}; loading at "
+                      f"{topo.world_size}, ZeRO {cfg.train.zero_stage}{now}: dense weights "
                       "restored, dense optimizer state reinitialised")
     state = table_state(shards, table_opt, topo.mesh)
     with _one_line(path, "tables", all_ranks=True):  # DCP raises on every rank alike
@@ -592,6 +596,26 @@ def load_checkpoint(path: Path, cfg: Config, engine: DeepSpeedEngine,
     if same_layout and rng_file.is_file():
         set_rng_state(safe_load.load_tensors(rng_file))
     return int(meta["step"])
+
+
+def engine_dtype(engine: DeepSpeedEngine) -> str:
+    """The dense part's training dtype: bf16 or fp32 (train.dtype resolved)."""
+    return "bf16" if engine.bfloat16_enabled() else "fp32"
+
+
+def saved_engine_dtype(path: Path, meta: dict) -> str | None:
+    """The dtype checkpoint `path` was trained in: its meta.json's, else its config's where
+    that names one (auto depended on the device); None when unknown."""
+    if meta.get("dtype"):
+        return meta["dtype"]
+    import yaml
+
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        named = (saved.get("train") or {}).get("dtype")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return named if named in ("bf16", "fp32") else None
 
 
 @contextlib.contextmanager

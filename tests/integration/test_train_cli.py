@@ -112,6 +112,22 @@ def test_bf16_trains_as_fp32_does(runs):
     assert "bfloat16" in r["log"] and (ckpt(r, 8) / "manifest.json").is_file()
 
 
+def test_a_checkpoint_resumes_in_another_dtype(runs, tmp_path):
+    """Resumed with train.dtype changed, the engine's own checkpoint did not load
+    (`its dense state cannot be loaded (KeyError: 'dynamic_loss_scale')`, blaming an intact
+    checkpoint): now the weights load in the new dtype, the dense optimizer starts afresh
+    (said), and the change is named."""
+    src = runs.get(2, *BASE, "train.dtype=bf16", "train.zero_stage=2", "parallel.bn_sync=local",
+                   MID_EVAL)
+    out = train_ranks(2, tmp_path / "fp32", [*BASE, "train.zero_stage=2", "train.steps=10",
+                                             "parallel.bn_sync=local", MID_EVAL,
+                                             f"train.resume={ckpt(src, 8)}"], runs.data)
+    assert "ZeRO 2, bf16; loading at 2, ZeRO 2, fp32: dense weights restored" in out["log"]
+    assert "train.dtype 'bf16' -> 'auto'" in out["log"]
+    assert sorted(out["losses"]) == [9, 10]
+    assert abs(out["losses"][9] - src["losses"][8]) < 0.5  # went on, not from scratch
+
+
 def test_sharded_two_ranks_match_one_rank(runs):
     """1 rank x 8 sequences (peer-train, no torchrun) == 2 ranks x 4 sequences."""
     single = runs.get(1, *BASE, "train.batch_size=8")
