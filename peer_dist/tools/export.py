@@ -262,10 +262,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out)
-    problem = (f"{args.out!r} is a folder" if out.is_dir() else folder_error(out.parent))
+    yaml_out = config_path(out)
+    problem = (f"{args.out!r} is a folder" if out.is_dir() else
+               f"its config {str(yaml_out)!r} would replace a folder" if yaml_out.is_dir() else
+               f"its config {str(yaml_out)!r} would replace a file that no earlier export "
+               f"wrote (there is no {args.out!r} beside it)"
+               if yaml_out.exists() and not out.exists() else folder_error(out.parent))
     if problem:  # found before the checkpoint is read, not when the file is written
         print(f"{PROG}: --out={args.out!r} is invalid: {problem}; allowed is a .safetensors "
-              "file in a folder that can be made and written", file=sys.stderr)
+              "file in a folder that can be made and written, whose .yaml name is free or an "
+              "earlier export's", file=sys.stderr)
         return 2
     try:
         path, s = export(args.checkpoint, args.out)

@@ -175,3 +175,25 @@ def test_generate_continues_greedily_and_stops_at_eos():
 
     assert generate(Fixed(), [1], 6, max_len=4) == [1, 2, 3, 4, 0, 1, 2]
     assert generate(Fixed(), [1], 6, max_len=4, eos_id=4) == [1, 2, 3, 4]
+
+
+def test_export_leaves_a_yaml_it_did_not_write_alone(tmp_path: Path, capsys):
+    """--out ex/my.safetensors replaced the user's own ex/my.yaml without a word; with
+    ex/d.yaml a folder the weights were written and the config then failed (weights without
+    their config). Both are refused before the checkpoint is read."""
+    from peer_dist.tools import export
+
+    (tmp_path / "my.yaml").write_text("mine: 1\n")
+    (tmp_path / "d.yaml").mkdir()
+    for name, why in (("my", "would replace a file that no earlier export wrote"),
+                      ("d", "would replace a folder")):
+        assert export.main(["--checkpoint", str(tmp_path / "none"), "--out",
+                            str(tmp_path / f"{name}.safetensors")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
+    assert (tmp_path / "my.yaml").read_text() == "mine: 1\n"
+    assert not list(tmp_path.glob("*.safetensors"))
+    (tmp_path / "my.safetensors").write_bytes(b"")  # an earlier export's pair: replaced
+    assert export.main(["--checkpoint", str(tmp_path / "none"), "--out",
+                        str(tmp_path / "my.safetensors")]) == 2
+    assert "would replace" not in capsys.readouterr().err  # refused for the checkpoint only
