@@ -88,7 +88,8 @@ def run_mode(args: argparse.Namespace, name: str, flag: str) -> list[dict]:
     run_dir = Path(args.run_dir) / name
     cmd = [sys.executable, "-m", "peer_dist.train", "--nproc", str(args.nproc), "--config",
            args.config, *_overrides(args, name, flag)]
-    print(f"peer-bench checkpoint: {name}: {' '.join(cmd[1:])}", flush=True)
+    print(f"peer-bench checkpoint: {name}: {' '.join(cmd[1:])}", flush=True,
+          file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the JSON alone
     proc = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"peer-bench checkpoint: the {name} run failed (status "
@@ -114,14 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = {name: run_mode(args, name, flag) for name, flag in MODES}
     sync_write = mean(results["foreground"], "checkpoint_write_s")
+    table = sys.stderr if args.json else sys.stdout
     print(f"\n{'mode':<11} {'checkpoints':>11} {'pause s':>9} {'of it waiting':>14} "
-          f"{'write s':>9} {'pause / foreground write':>25}")
+          f"{'write s':>9} {'pause / foreground write':>25}", file=table)
     out = []
     for name, rows in results.items():
         pause, write = mean(rows, "checkpoint_pause_s"), mean(rows, "checkpoint_write_s")
         wait, ratio = mean(rows, "checkpoint_wait_s"), pause / sync_write
         print(f"{name:<11} {len(rows):>11} {pause:>9.3f} {wait:>14.3f} {write:>9.3f} "
-              f"{ratio:>25.3f}")
+              f"{ratio:>25.3f}", file=table)
         out.append({"mode": name, "checkpoints": len(rows), "pause_s": pause, "wait_s": wait,
                     "write_s": write, "pause_over_foreground_write": ratio,
                     "config": args.config, "nproc": args.nproc})

@@ -44,6 +44,7 @@ from peer_dist import cli
 from peer_dist.config import ConfigError, load_config, to_dict
 from peer_dist.data.prepare import prepared_mismatch
 from peer_dist.errors import folder_error
+from peer_dist.tools.export import quiet_env
 from peer_dist.train import checkpoint as ckpt
 from peer_dist.train.preempt import EXIT_INTERRUPTED
 from peer_dist.train.startup import config_diff, local_ranks_error
@@ -300,6 +301,7 @@ def make_plan(n: int, rng: random.Random) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_env()  # DeepSpeed's guess of the accelerator printed a warning on stdout (--json)
     t0 = time.monotonic()
     rng = random.Random(args.seed)
     plan = make_plan(args.faults, rng)

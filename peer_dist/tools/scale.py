@@ -1582,6 +1582,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = list(argv)  # calibrate records the command that made its constants
+    from peer_dist.tools.export import quiet_env
+
+    quiet_env()  # DeepSpeed's guess of the accelerator printed a warning on stdout (--json)
     commands = {"predict": cmd_predict, "plan": cmd_plan, "measure": cmd_measure,
                 "calibrate": cmd_calibrate}
     old = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: runs stopped too

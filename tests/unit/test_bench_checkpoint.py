@@ -24,7 +24,7 @@ def test_ratio_is_background_pause_over_foreground_write(monkeypatch, capsys):
             "true": rows([0.2, 1.0], [15.0, 17.0], [0.0, 0.5])}
     monkeypatch.setattr(bench, "run_mode", lambda args, name, flag: fake[flag])
     bench.main(["--config", CONFIG, "--json"])
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(capsys.readouterr().out)  # stdout is the JSON alone (the table: stderr)
     fg, bg = out
     assert fg["pause_s"] == pytest.approx(12.0) and fg["pause_over_foreground_write"] == 1.0
     assert bg["pause_s"] == pytest.approx(0.6) and bg["wait_s"] == pytest.approx(0.25)
