@@ -260,6 +260,12 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte",
         raise ValueError(f"output folder {str(out)!r} is invalid: {problem}; allowed is a path "
                          "whose folder can be made and written")
     files = list_files(inputs, log)
+    own = out.resolve()  # an earlier output inside an input folder is not text to learn from
+    kept = [(n, p) for n, p in files if own != p.resolve() and own not in p.resolve().parents]
+    if len(kept) < len(files):
+        log(f"peer-prepare: {len(files) - len(kept)} files under --out {str(out)!r} (an "
+            "earlier output) are not read")
+    files = kept
     tok = load_tokenizer(tokenizer)
     docs = plan_documents(files, max_bytes, val_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -202,6 +202,21 @@ def test_a_file_named_twice_is_read_once(tmp_path):
         "peer-prepare: 3 files named more than once are read once"]
 
 
+def test_an_earlier_output_inside_the_input_is_not_read(tmp_path):
+    """`peer-prepare fdir --out fdir/out --force` a second time read the first output's
+    meta.json as a training document."""
+    src = tmp_path / "fdir"
+    src.mkdir()
+    (src / "a.txt").write_text("a" * 999 + "\n")
+    first = prepare([str(src)], src / "out", val_fraction=0.1, log=lambda m: None)
+    notes: list[str] = []
+    again = prepare([str(src)], src / "out", val_fraction=0.1, force=True, log=notes.append)
+    assert again["bytes"] == first["bytes"] and again["files"] == first["files"]
+    assert [n for n in notes if "--out" in n] == [
+        f"peer-prepare: 3 files under --out {str(src / 'out')!r} (an earlier output) are not "
+        "read"]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--max-bytes", "1", "{txt}"],
      ["max_bytes=1 and inputs of 1,500 bytes give 1 bytes of text", "allowed is at least 100 "
