@@ -998,7 +998,10 @@ def check_plan(args: argparse.Namespace, best: dict) -> None:
     check_ranks_here(s.world_size, "plan --check runs --nodes x --gpus-per-node ranks here")
     work = Path(tempfile.mkdtemp(prefix="peer-scale-check-"))
     data = Path(args.data) if args.data else work / "data"
-    row = measure_point(s, args, work, data)
+    try:
+        row = measure_point(s, args, work, data)
+    finally:  # a failed or stopped check leaves no folder behind either
+        shutil.rmtree(work, ignore_errors=True)
     print(f"plan --check: ep={s.ep} zero={s.zero_stage} micro_batch={best['micro_batch']} "
           f"{s.table_optimizer}, {s.world_size} ranks here, {args.steps} steps")
     print(f"  predicted whole peak {human(row['peak_bytes_per_rank_predicted'])} per rank "
@@ -1007,7 +1010,6 @@ def check_plan(args: argparse.Namespace, best: dict) -> None:
           f"error {100 * row['peak_rel_err']:+.1f}%")
     if args.json:
         print(json.dumps(row))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- measure
@@ -1437,7 +1439,12 @@ def cmd_measure(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="peer-scale-"))
     cal = load_calibration(args)
     t0 = time.perf_counter()
-    rows = run_grid(args, points, out, cal, "measure")
+    try:
+        rows = run_grid(args, points, out, cal, "measure")
+    except BaseException:
+        if not args.out:  # a temporary folder that holds nothing of use yet
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     write_measure(rows, out)
     if not args.json:
         print(markdown(rows, shown_keys(rows, list(SETUP_KEYS) + list(MEASURE_KEYS))), end="")
