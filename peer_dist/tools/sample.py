@@ -234,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"{PROG}: {problem}", file=sys.stderr)
             return 2
+        from peer_dist.tools.export import checkpoint_config, resolve_checkpoint
+
+        try:  # what every rank would find alike, found here once (each rank printed it)
+            load_tokenizer_of(checkpoint_config(resolve_checkpoint(args.checkpoint)),
+                              args.tokenizer)
+        except UserError as e:
+            if debug():
+                raise
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return e.exit_code
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         return launch(["--standalone", f"--nproc-per-node={args.nproc}", "-m",

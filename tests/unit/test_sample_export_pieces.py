@@ -197,3 +197,18 @@ def test_export_leaves_a_yaml_it_did_not_write_alone(tmp_path: Path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "none"), "--out",
                         str(tmp_path / "my.safetensors")]) == 2
     assert "would replace" not in capsys.readouterr().err  # refused for the checkpoint only
+
+
+def test_sharded_sampling_names_a_bad_checkpoint_once_before_the_ranks(tmp_path, capsys,
+                                                                        monkeypatch):
+    """peer-sample --nproc 2 with a folder holding no checkpoint printed the line once per
+    rank, after starting them."""
+    from peer_dist.tools import sample
+    from peer_dist.train import __main__ as train_main
+
+    monkeypatch.setattr(train_main, "launch", lambda *a, **k: pytest.fail("ranks started"))
+    monkeypatch.delenv("RANK", raising=False)
+    assert sample.main(["--checkpoint", str(tmp_path), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"peer-sample: --checkpoint={str(tmp_path)!r} holds no checkpoint; allowed: "
+                   "a run directory, its checkpoints/ folder, or one step_* directory in it"]
