@@ -191,6 +191,15 @@ def open_corpus(path: str, max_bytes: int):
 
 # --------------------------------------------------------------------------- isoflop
 
+def least_budget(kinds: list[str], dims: list[int], r: Recipe) -> float:
+    """The smallest budget at which every (kind, width) trains at least one whole step: the
+    FLOPs of the costliest one's step (isoflop_model rounds the steps)."""
+    from peer_dist.model.flops import train_flops_per_token
+
+    return max(train_flops_per_token(model_config(k, d, r), r.seq_len) * r.batch * r.seq_len
+               for k in kinds for d in dims)
+
+
 def isoflop_model(kind: str, dim: int, budget: float, seed: int, data, r: Recipe) -> dict:
     """Train one model on `budget` FLOPs; its row (what --json prints)."""
     from peer_dist.model.flops import param_counts, train_flops_per_token
@@ -602,6 +611,12 @@ def main(argv: list[str] | None = None) -> None:
             cli.fail(f"peer-study: --sizes={args.sizes} --max-extend="
                              f"{args.max_extend}: allowed are widths >= 8 divisible by 8 (4 "
                              "attention heads of even size) and --max-extend >= 0")
+        least = least_budget(args.kinds, args.sizes, Recipe())
+        if min(args.budgets) < least:  # each model would train one step whatever its budget
+            cli.fail(f"peer-study: --budgets={min(args.budgets):g} is invalid: below one "
+                     f"training step of the largest model of --sizes={args.sizes} "
+                     f"({least:.2g} FLOPs), so a model would train more than its budget; "
+                     f"allowed are budgets >= {least:.2g}")
     else:
         for n in args.num_experts:
             if math.isqrt(n) ** 2 != n or math.isqrt(n) < 8:

@@ -177,6 +177,9 @@ NO_PROC = not Path("/proc/self").is_dir()  # /proc/x: a path no folder can be ma
      "numbers > 0 and <= 1e15"),
     (["isoflop", "--budgets", "3e10,inf"], "allowed are numbers > 0 and <= 1e15"),
     (["isoflop", "--budgets", "3e10,,1e11"], "allowed are numbers > 0 and <= 1e15"),
+    # every model trained one step and the table still said "budget 1.0e+00"
+    (["isoflop", "--budgets", "1,3e10"], "--budgets=1 is invalid: below one training step of "
+     "the largest model of --sizes=[16, 24, 32] (4.9e+08 FLOPs)"),
     (["isoflop", "--kinds", "peer,,dense"], "argument --kinds: 'peer,,dense' is invalid: "
      "allowed are any of dense, moe, pkm, peer, moe_ec, comma-separated"),
     (["isoflop", "--data", "{file}/sub"], "--data='{file}/sub' is invalid: '{file}' is a file"),
