@@ -611,12 +611,6 @@ def main(argv: list[str] | None = None) -> None:
             cli.fail(f"peer-study: --sizes={args.sizes} --max-extend="
                              f"{args.max_extend}: allowed are widths >= 8 divisible by 8 (4 "
                              "attention heads of even size) and --max-extend >= 0")
-        least = least_budget(args.kinds, args.sizes, Recipe())
-        if min(args.budgets) < least:  # each model would train one step whatever its budget
-            cli.fail(f"peer-study: --budgets={min(args.budgets):g} is invalid: below one "
-                     f"training step of the largest model of --sizes={args.sizes} "
-                     f"({least:.2g} FLOPs), so a model would train more than its budget; "
-                     f"allowed are budgets >= {least:.2g}")
     else:
         for n in args.num_experts:
             if math.isqrt(n) ** 2 != n or math.isqrt(n) < 8:
@@ -629,6 +623,13 @@ def main(argv: list[str] | None = None) -> None:
     bad = memory_problem(args)
     if bad:
         cli.fail(f"peer-study: {bad}")
+    if args.command == "isoflop":
+        least = least_budget(args.kinds, args.sizes, Recipe())
+        if min(args.budgets) < least:  # each model would train one step whatever its budget
+            cli.fail(f"peer-study: --budgets={min(args.budgets):g} is invalid: below one "
+                     f"training step of the largest model of --sizes={args.sizes} "
+                     f"({least:.2g} FLOPs), so a model would train more than its budget; "
+                     f"allowed are budgets >= {least:.2g}")
     check_data(args.data)
     problem = folder_error(args.out, make=True)
     if problem:  # made now: a bad --out is found before the training, not after it
