@@ -43,13 +43,22 @@ def _allowed(lo, hi, kind: str) -> str:
     return f"allowed is {'an integer' if kind == 'int' else 'a number'} from {lo} to {hi}"
 
 
+def _whole(text: str) -> int | None:
+    """A whole number written as a float (1e12, 2.0), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value.is_integer() else None
+
+
 def ints(lo: int | None = None, hi: int | None = None):
     """An argparse type: an integer in [lo, hi] (None: unbounded on that side)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = None
+            value = _whole(text)  # 1e12, as the config's integers are read
         if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
             raise argparse.ArgumentTypeError(f"{text!r} is invalid: {_allowed(lo, hi, 'int')}")
         return value

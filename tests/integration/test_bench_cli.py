@@ -78,7 +78,7 @@ HUGE = str(2 ** 40)  # passes the integer bound; tables of 2^40 rows fit no mach
 
 @pytest.mark.parametrize("argv, flag, value", [
     (["--steps", "0"], "--steps", "0"),
-    (["--steps", "1e3"], "--steps", "1e3"),
+    (["--steps", "2.5"], "--steps", "2.5"),  # 1e3 is 1000, as in a config
     (["--warmup", "-1"], "--warmup", "-1"),
     (["--ep", "3"], "--ep", "3"),  # divides none of 2, 4
     (["--ep", "2", "--nprocs-list", "1,2"], "--ep", "2"),

@@ -62,7 +62,7 @@ HUGE = str(2 ** 40)  # passes the integer bound; tables of 2^40 rows fit no mach
 @pytest.mark.parametrize("argv, flag, value", [
     (["--threads", "0"], "--threads", "0"),
     (["--threads", "100000"], "--threads", "100000"),  # beyond cli.MAX_THREADS (segfaulted)
-    (["--threads", "1e3"], "--threads", "1e3"),
+    (["--threads", "1e4"], "--threads", "1e4"),
     (["--repeats", "0"], "--repeats", "0"),
     (["--repeats", "nan"], "--repeats", "nan"),
     (["--warmup", "-1"], "--warmup", "-1"),

@@ -17,6 +17,7 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
     (cli.floats(0), "0", 0.0), (cli.floats(0, 1), "0.25", 0.25), (cli.floats(0, above=True),
                                                                    "1e-9", 1e-9),
     (cli.int_list(1), "1,2, 4", [1, 2, 4]),
+    (cli.ints(1), "1e12", 10 ** 12), (cli.ints(1), "2.0", 2),  # as the config reads integers
 ])
 def test_values_in_bounds_are_read(kind, text, value):
     assert kind(text) == value
