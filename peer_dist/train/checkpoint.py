@@ -193,9 +193,13 @@ def verify(path: Path) -> str | None:
 def _check_manifest(path: Path) -> str | None:
     """Sizes against the manifest (cheap; every rank); None when they all match."""
     if not path.is_dir():
-        return "does not exist"
+        return "is a file, not a checkpoint folder" if path.exists() else "does not exist"
     manifest = path / MANIFEST
     if not manifest.is_file():
+        if (path / "checkpoints").is_dir():
+            return (f"is a run folder, not a checkpoint: name one in "
+                    f"{str(path / 'checkpoints')!r}, or set train.run_dir={str(path)!r} "
+                    "(train.resume=auto takes its newest)")
         if (path / "meta.json").is_file() and (path / "tables").is_dir():
             return None  # written before manifests: loaded, with a warning (load_checkpoint)
         if (path / "meta.json").is_file() and (path / "train.bin").is_file():

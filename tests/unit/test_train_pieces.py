@@ -119,6 +119,12 @@ def test_manifest_detects_damage_truncation_and_missing_files(tmp_path):
     assert ckpt.verify(data) == "is a prepared dataset, not a checkpoint"
     (data / "train.bin").unlink()
     assert ckpt.verify(data) == "is incomplete (no manifest.json)"
+    # a file and a run folder were "does not exist" and "is incomplete (no manifest.json)"
+    assert ckpt.verify(data / "meta.json") == "is a file, not a checkpoint folder"
+    (data / "checkpoints").mkdir()
+    assert ckpt.verify(data) == (f"is a run folder, not a checkpoint: name one in "
+                                 f"{str(data / 'checkpoints')!r}, or set train.run_dir="
+                                 f"{str(data)!r} (train.resume=auto takes its newest)")
 
 
 def test_resume_auto_falls_back_to_the_newest_valid_checkpoint(tmp_path):
