@@ -178,6 +178,8 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
                "a fraction in (0, 1)")
         _check(self.max_bytes > 0, "data.max_bytes", self.max_bytes, "> 0")
+        _check(bool(str(self.tokenizer).strip()), "data.tokenizer", self.tokenizer,
+               "byte or the path of a tokenizers JSON file")
 
 
 # The sets of choices live here, at the bottom of the package order (config <- ops <- model <-

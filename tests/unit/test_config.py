@@ -56,6 +56,7 @@ def test_override_beats_file(tmp_path):
     ("train.dtype=fp16", "train.dtype", "'bf16'"),
     ("model.peer_blocks=7", "model.peer_blocks", "block indices"),
     ("model.peer_blocks=0,,1", "model.peer_blocks", "block indices"),  # an empty item: a typo
+    ("data.tokenizer=", "data.tokenizer", "byte or the path"),
     # accepted before, and then every step was skipped as non-finite
     ("model.rope_theta=0", "model.rope_theta", "a number > 1"),
     ("model.norm_eps=-1", "model.norm_eps", "(0, 1)"),
