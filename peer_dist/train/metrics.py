@@ -169,7 +169,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
              f"{summary['zero_stage']}, {summary['dtype']})",
              f"final loss       {summary['final_loss']:.4f} (train, last step)"
              if math.isfinite(summary["final_loss"]) else
-             "final loss       n/a (no step run: the checkpoint was already at train.steps)"]
+             "final loss       n/a (no step run: the checkpoint was at or past train.steps)"]
     if summary.get("val_loss") is not None:
         lines.append(f"validation       loss {summary['val_loss']:.4f}, perplexity "
                      f"{summary['val_ppl']:.2f}")

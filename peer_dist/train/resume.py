@@ -93,7 +93,10 @@ def on_resume(path: Path, step: int, cfg: Config, topo: Topology) -> tuple[Sched
         notes.append(f"global batch {old_batch} -> {new_batch} sequences a step (set "
                      f"train.global_batch_size={old_batch} to keep it at any world size)")
     schedule = old
-    if cfg.train.steps != old.total:
+    if step >= cfg.train.steps and cfg.train.steps != old.total:  # no LR of the new length runs
+        notes.append(f"train.steps {old.total} -> {cfg.train.steps}: the checkpoint is at step "
+                     f"{step}, at or past it: nothing to train (evaluated, and saved as it is)")
+    elif cfg.train.steps != old.total:
         lr_now = o.lr * old.ratio(step, o.warmup_steps, o.min_lr_ratio)
         if o.resume_schedule == "recompute" or step < o.warmup_steps:
             schedule = Schedule.fresh(cfg)

@@ -110,3 +110,12 @@ def test_every_other_change_since_the_checkpoint_is_said(tmp_path):
     assert notes == ["peer-train: resume: changed since the checkpoint, taken as given now: "
                      "data.path 'data/stdlib' -> '/elsewhere', optim.lr 0.003 -> 0.1, "
                      "train.seed 1234 -> 99, train.seq_len 128 -> 16"]
+
+
+def test_a_checkpoint_past_the_steps_says_there_is_nothing_to_train(tmp_path):
+    """train.steps below the checkpoint's step printed an LR for a step that never runs."""
+    path = checkpoint(tmp_path, 8, 1, 1, ["train.steps=8"])
+    cfg = load_config(None, ["train.steps=4"])
+    _, notes = on_resume(path, 8, cfg, SimpleNamespace(world_size=1, ep=1))
+    assert notes == ["peer-train: resume: train.steps 8 -> 4: the checkpoint is at step 8, at "
+                     "or past it: nothing to train (evaluated, and saved as it is)"]
