@@ -190,6 +190,24 @@ def verify(path: Path) -> str | None:
     return problems[0] if problems else None
 
 
+META_KEYS = ("step", "world_size", "ep", "zero_stage", "table_optimizer")  # what loading reads
+
+
+def _legacy_meta_problem(path: Path) -> str | None:
+    """A checkpoint without a manifest (an older version's) has only its meta.json to say it
+    is one: it must hold what loading reads."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        missing = [k for k in META_KEYS if k not in meta]
+        bad = not all(isinstance(meta.get(k), int) for k in META_KEYS[:4])
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "is damaged: meta.json is not a JSON object (and there is no manifest.json)"
+    if missing or bad:
+        return (f"is damaged: meta.json lacks {missing or 'whole numbers'} (and there is no "
+                "manifest.json)")
+    return None
+
+
 def _check_manifest(path: Path) -> str | None:
     """Sizes against the manifest (cheap; every rank); None when they all match."""
     if not path.is_dir():
@@ -201,7 +219,7 @@ def _check_manifest(path: Path) -> str | None:
                     f"{str(path / 'checkpoints')!r}, or set train.run_dir={str(path)!r} "
                     "(train.resume=auto takes its newest)")
         if (path / "meta.json").is_file() and (path / "tables").is_dir():
-            return None  # written before manifests: loaded, with a warning (load_checkpoint)
+            return _legacy_meta_problem(path)  # before manifests: loaded, with a warning
         if (path / "meta.json").is_file() and (path / "train.bin").is_file():
             return "is a prepared dataset, not a checkpoint"
         return "is incomplete (no manifest.json)"

@@ -109,7 +109,16 @@ def test_manifest_detects_damage_truncation_and_missing_files(tmp_path):
     (d / ckpt.MANIFEST).write_text("{not json")
     assert "manifest.json is not a valid manifest" in ckpt.verify(d)
     (d / ckpt.MANIFEST).unlink()
-    assert ckpt.verify(d) is None  # meta.json without a manifest: an older checkpoint
+    # meta.json without a manifest: an older checkpoint, if its meta.json holds what loading
+    # reads (any folder with meta.json and tables/ passed, then failed to load: a KeyError)
+    assert ckpt.verify(d) == ("is damaged: meta.json lacks ['step', 'world_size', 'ep', "
+                              "'zero_stage', 'table_optimizer'] (and there is no manifest.json)")
+    (d / "meta.json").write_text("[1]")
+    assert ckpt.verify(d) == ("is damaged: meta.json is not a JSON object (and there is no "
+                              "manifest.json)")
+    (d / "meta.json").write_text(json.dumps({"step": 4, "world_size": 1, "ep": 1,
+                                             "zero_stage": 0, "table_optimizer": "lazy_adam"}))
+    assert ckpt.verify(d) is None
     (d / "meta.json").unlink()
     assert ckpt.verify(d) == "is incomplete (no manifest.json)"
     data = tmp_path / "data"  # a prepared dataset has a meta.json too (was a KeyError on load)
