@@ -92,6 +92,9 @@ def list_files(inputs: list[str], log: Log | None = None) -> list[tuple[str, Pat
             out.append((path.as_posix(), path))
         elif path.is_dir():
             out += [((path / p.relative_to(path)).as_posix(), p) for p in _walk(path, None)]
+        elif path.exists():  # /dev/null, a pipe, a socket
+            raise ValueError(f"input {item!r} is not a file or a folder (a device or a pipe): "
+                             f"allowed are files, folders or {STDLIB!r}")
         else:
             raise FileNotFoundError(f"input {item!r} does not exist: allowed are files, folders "
                                     f"or {STDLIB!r}")

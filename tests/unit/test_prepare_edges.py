@@ -290,3 +290,16 @@ def test_peer_export_out_that_cannot_be_written_is_one_line_before_loading(tmp_p
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("peer-export: "), err
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_a_device_or_a_pipe_as_input_is_named_as_such(tmp_path, capsys):
+    """/dev/null or a FIFO was 'does not exist'."""
+    import os
+
+    pipe = tmp_path / "fifo"
+    os.mkfifo(pipe)
+    for item in ("/dev/null", str(pipe)):
+        code, err = _cli(capsys, item, "--out", str(tmp_path / "out"))
+        assert code == 2
+        _one_error_line(err, f"input {item!r} is not a file or a folder (a device or a pipe)")
+    assert not (tmp_path / "out").exists()
