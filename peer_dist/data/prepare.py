@@ -363,7 +363,7 @@ def prepared_mismatch(data_cfg: DataConfig) -> str | None:
     meta = json.loads((path / META_FILE).read_text())
     had = meta.get("source_paths") or [source_key(s) for s in meta.get("sources", [])]
     differ = []
-    if sorted(map(source_key, sources)) != sorted(had):
+    if had and sorted(map(source_key, sources)) != sorted(had):  # none recorded: not known
         differ.append(f"data.source={data_cfg.source!r} (it holds {meta.get('sources')})")
     tok = meta.get("tokenizer", "byte")
     if data_cfg.tokenizer == "byte" or tok == "byte":
