@@ -631,16 +631,22 @@ def main(argv: list[str] | None = None) -> None:
                      f"({least:.2g} FLOPs), so a model would train more than its budget; "
                      f"allowed are budgets >= {least:.2g}")
     check_data(args.data)
+    made = not out.exists()
     problem = folder_error(args.out, make=True)
     if problem:  # made now: a bad --out is found before the training, not after it
         cli.fail(f"peer-study: --out={args.out!r} is invalid: {problem}; allowed is a folder, "
                  "new or existing, that can be written")
-    if args.command == "isoflop":
-        write_isoflop(isoflop_rows(args), out)
-    elif args.command == "experts":
-        write_experts(experts_rows(args), out)
-    else:
-        write_scaling(scaling_rows(args), out)
+    try:
+        if args.command == "isoflop":
+            write_isoflop(isoflop_rows(args), out)
+        elif args.command == "experts":
+            write_experts(experts_rows(args), out)
+        else:
+            write_scaling(scaling_rows(args), out)
+    except BaseException:  # stopped or failed before writing: no empty folder of ours left
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     print(f"peer-study {args.command}: wrote {out} in {time.perf_counter() - t0:.0f} s "
           f"(wall time)", file=sys.stderr)
 

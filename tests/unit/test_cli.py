@@ -230,6 +230,17 @@ def test_peer_study_makes_out_before_training_and_takes_the_largest_seed(tmp_pat
     with pytest.raises(SystemExit):
         study.main(["isoflop", "--seeds", str(2 ** 63 - 1), "--data", str(tmp_path / "data"),
                     "--out", str(tmp_path / "a" / "out")])
+    assert not (tmp_path / "a" / "out").exists()  # stopped before writing: not left empty
+
+    def stopped(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "open_corpus", stopped)
+    (tmp_path / "mine").mkdir()  # the user's folder stays, empty or not
+    for out in (tmp_path / "new", tmp_path / "mine"):
+        with pytest.raises(KeyboardInterrupt):
+            study.main(["isoflop", "--data", str(tmp_path / "data"), "--out", str(out)])
+    assert not (tmp_path / "new").exists() and (tmp_path / "mine").is_dir()
     for kind in study.KINDS:
         build_model(study.model_config(kind, 8, study.Recipe(), num_experts=64), 2 ** 63 - 1)
 
