@@ -96,15 +96,15 @@ class Job:
 
 # --------------------------------------------------------------------------- set-up
 
-def setup(cfg: Config) -> Job:
-    """Process group, data, model -> parallelize -> DeepSpeed engine + table optimizer."""
+def setup(cfg: Config, lock: RunDirLock) -> Job:
+    """Process group, the run folder's lock, data, model -> parallelize -> DeepSpeed engine +
+    table optimizer."""
     from peer_dist.parallel import Topology, expert_shards, parallelize
     from peer_dist.parallel.topology import init_distributed
 
     init_distributed(timeout_s=cfg.train.collective_timeout_s)
     check_same_config(cfg)
     topo = Topology.build(cfg.parallel.ep)
-    lock = RunDirLock(cfg.train.run_dir)
     agree(lock.acquire, rank0_only=True)
     data = open_data(cfg)
     resolve_batch(cfg, topo.world_size)  # train.global_batch_size -> train.grad_accum
@@ -335,7 +335,12 @@ def memory_scalars(job: Job) -> dict[str, float]:
 def run(cfg: Config) -> dict[str, Any]:
     """Train per cfg (every rank calls this); returns the summary (on every rank). A collective
     that fails ends the run with a JobFault naming the ranks that did not take part."""
-    job = setup(cfg)
+    lock = RunDirLock(cfg.train.run_dir)
+    try:
+        job = setup(cfg, lock)
+    except BaseException:  # refused before training: no run folder left holding only .lock
+        lock.release(tidy=True)
+        raise
     try:
         return _run(job)
     except Exception as e:

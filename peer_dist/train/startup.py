@@ -9,6 +9,7 @@ ends the job with one line instead of a traceback from every rank (or a hang).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -82,9 +83,11 @@ class RunDirLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
         self.fd: int | None = None
+        self.made = False  # whether acquire() made the run folder
 
     def acquire(self) -> None:
         try:
+            self.made = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -106,10 +109,17 @@ class RunDirLock:
             self.release()
             raise UserError(problem)
 
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+    def release(self, tidy: bool = False) -> None:
+        """Unlock; with tidy=True (a run refused before training) also remove the lock file
+        and the run folder this lock made, when nothing else was written there."""
+        if self.fd is None:
+            return
+        if tidy and self.made and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
+        os.close(self.fd)
+        self.fd = None
 
 
 # What a run writes in train.run_dir: found in the way at the start, not at the first save

@@ -306,3 +306,24 @@ def test_a_run_folder_that_cannot_hold_the_run_is_refused_at_the_start(tmp_path,
                                    f"{named} (")
     assert lock.fd is None  # released
     RunDirLock(tmp_path / "fresh").acquire()  # a new folder: nothing in the way
+
+
+def test_a_run_refused_before_training_leaves_no_folder_of_its_own(tmp_path):
+    """A run refused after taking its folder's lock (data of other settings, say) left a
+    run folder holding only .lock."""
+    from peer_dist.train.startup import RunDirLock
+
+    lock = RunDirLock(tmp_path / "new")
+    lock.acquire()
+    lock.release(tidy=True)
+    assert not (tmp_path / "new").exists()
+    lock = RunDirLock(tmp_path / "wrote")
+    lock.acquire()
+    (tmp_path / "wrote" / "metrics.jsonl").write_text("")  # something of the run's: kept
+    lock.release(tidy=True)
+    assert (tmp_path / "wrote" / "metrics.jsonl").is_file()
+    (tmp_path / "mine").mkdir()  # the user's folder: kept as it was given
+    lock = RunDirLock(tmp_path / "mine")
+    lock.acquire()
+    lock.release(tidy=True)
+    assert (tmp_path / "mine").is_dir()
