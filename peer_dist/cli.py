@@ -129,6 +129,16 @@ def names(choices):
 COUNT = ints(1, MAX_COUNT)  # a size or count >= 1 (steps, tokens, dims)
 
 
+def own_override(overrides: list[str], keys) -> tuple[str, str] | None:
+    """(override, key) of the first dotted override setting one of `keys`, the keys a tool
+    sets itself for the runs it starts (a user's value would be lost or break them)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in keys:
+            return item, key
+    return None
+
+
 # --------------------------------------------------------------------------- console scripts
 
 TOOLS = {"peer-train": "peer_dist.train.__main__", "peer-prepare": "peer_dist.tools.prepare",

@@ -66,11 +66,11 @@ def _problem(args: argparse.Namespace) -> str | None:
     if problem:
         return (f"--run-dir={args.run_dir!r} is invalid: {problem}; allowed is a folder, new "
                 "or existing, that can be written")
-    for item in args.overrides:
-        key = item.partition("=")[0].strip()
-        if key in OWN:
-            return (f"override {item!r} is invalid here: peer-bench checkpoint sets {key} "
-                    f"itself{f' (allowed: {OWN[key]})' if OWN[key] else ''}")
+    own = cli.own_override(args.overrides, OWN)
+    if own:
+        item, key = own
+        return (f"override {item!r} is invalid here: peer-bench checkpoint sets {key} "
+                f"itself{f' (allowed: {OWN[key]})' if OWN[key] else ''}")
     too_many = local_ranks_error(args.nproc, "--nproc")
     if too_many:
         return too_many

@@ -104,11 +104,10 @@ def _problem(args: argparse.Namespace) -> str | None:
     if problem:
         return (f"--run-dir={args.run_dir!r} is invalid: {problem}; allowed is a folder, new or "
                 "existing, that can be written")
-    for item in args.overrides:
-        key = item.partition("=")[0].strip()
-        if key in OWN_KEYS:
-            return (f"override {item!r} is invalid: peer-chaos sets {key} itself (from "
-                    f"{OWN_KEYS[key]}): allowed are the other keys")
+    own = cli.own_override(args.overrides, OWN_KEYS)
+    if own:
+        return (f"override {own[0]!r} is invalid: peer-chaos sets {own[1]} itself (from "
+                f"{OWN_KEYS[own[1]]}): allowed are the other keys")
     if args.data and Path(args.data).exists() and not Path(args.data).is_dir():
         return f"--data={args.data!r} is a file: allowed is a prepared data folder"
     try:
