@@ -1585,6 +1585,61 @@ def check_paths(args: argparse.Namespace) -> None:
                            f"is {allowed}")
 
 
+# the config keys each command sets itself (a --set of one would be replaced without a word):
+# key -> where its value comes from
+GRID_OWN = {"model.dim": "--dim", "model.peer.num_experts": "--num-experts",
+            "parallel.ep": "--ep", "parallel.strategy": "--strategy",
+            "optim.table_optimizer": "--table-optimizer",
+            "optim.table_state_dtype": "--table-state-dtype", "train.zero_stage": "--zero-stage",
+            "train.dtype": "--dtype"}
+# keys that follow the config unless their grid flag is given
+FLAG_OWN = {"model.peer.heads": "heads", "model.peer.topk": "topk", "model.peer_blocks": "layers",
+            "model.peer.table_dtype": "table_dtype", "train.batch_size": "tokens_per_rank"}
+PLAN_OWN = {"parallel.ep": "it ranks every EP", "train.zero_stage": "it ranks every ZeRO stage",
+            "parallel.strategy": "--strategy", "train.dtype": "--dtype",
+            "optim.table_optimizer": "--table-optimizer",
+            "optim.table_state_dtype": "--table-state-dtype", "train.batch_size": "--micro-batch"}
+RUN_OWN = {"train.steps": "--steps", "data.path": "--data", "data.max_bytes": "--data-bytes",
+           "train.run_dir": "a run folder of its own per point", "train.resume": "never",
+           "train.log_every": "every step", "train.eval_every": "once, after the last step",
+           "train.eval_batches": "one batch"}
+
+
+def own_keys(args: argparse.Namespace) -> dict[str, str]:
+    """The config keys this command sets itself, each with where its value comes from."""
+    if args.command == "plan":
+        own = dict(PLAN_OWN)
+        if args.layers is not None:
+            own["model.peer_blocks"] = "--layers"
+        return {**own, **(RUN_OWN if args.check else {})}
+    if any(getattr(args, k) is not None for k in GRID_FLAGS) or args.command == "predict":
+        own = dict(GRID_OWN)
+        if args.command != "predict":  # measure's default tokens: 128, 1024, 4096
+            own["train.batch_size"] = "--tokens-per-rank"
+        own.update({key: "--" + flag.replace("_", "-") for key, flag in FLAG_OWN.items()
+                    if getattr(args, flag) is not None})
+    else:  # a named grid: each point sets its shape and layout
+        grid = getattr(args, "grid", None) or ("calibration" if args.command == "calibrate"
+                                              else "validation")
+        own = {key: f"each point of the {grid} grid has its own"
+               for key in [*GRID_OWN, *FLAG_OWN]
+               if key != "model.peer_blocks"}
+    return {**own, **RUN_OWN}
+
+
+def check_set(args: argparse.Namespace) -> None:
+    """A --set of a key the command sets itself is refused, naming where its value comes from
+    (a flag to give instead, or what the command decides)."""
+    own = own_keys(args)
+    hit = cli.own_override(args.set, own)
+    if hit:
+        item, key = hit
+        source = own[key]
+        hint = f"give {source} instead" if source.startswith("--") else source
+        raise UserExit(f"peer-scale {args.command}: --set {item!r} is invalid: {args.command} "
+                       f"sets {key} itself ({hint}); allowed are the other keys")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -1597,6 +1652,7 @@ def main(argv: list[str] | None = None) -> None:
     old = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: runs stopped too
     try:
         check_paths(args)
+        check_set(args)
         commands[args.command](args)
     except UserExit as e:  # one line, status 2 (e.code)
         print(e, file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from oneline import refused
 
+from peer_dist.config import Config
 from peer_dist.tools import scale
 
 GIB = 1024 ** 3
@@ -137,6 +138,20 @@ def test_grid_ep_zero_is_the_whole_world_and_bad_degrees_are_one_line():
     assert (point.ep, point.world_size) == (4, 4)
 
 
+def test_a_set_of_a_key_the_command_leaves_to_the_config_is_used(capsys):
+    """--set keys the grid does not set reach every point (the refused ones: BAD_INPUTS)."""
+    scale.main(["predict", "--num-experts", "4096", "--dim", "64", "--ep", "1", "--json",
+                "--set", "model.peer.heads=4", "--set", "model.peer.topk=2",
+                "--set", "train.batch_size=3"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["heads"], row["topk"]) == (4, 2)
+    assert row["tokens_per_rank"] == 3 * Config().train.seq_len
+    scale.main([*PLAN, "--nodes", "1", "--set", "model.dim=512", "--set",
+                "model.peer.num_experts=16384", "--json", "--top", "1"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["dim"], row["num_experts"]) == (512, 16384)
+
+
 # --------------------------------------------------------------------------- user errors
 
 PLAN = ["plan", "--gpus-per-node", "8", "--gpu-mem-gib", "80"]
@@ -223,6 +238,20 @@ BAD_INPUTS = [
     (["measure", *GRID, "--world-size", "100"], "world size=100", "allowed is 1 to"),
     (["measure", *GRID, "--data", "FILE"], "--data=", "is a file"),
     (["measure", "--grid", "validation", "--dim", "64"], "--grid validation", "grid flags"),
+    # a --set of a key the command sets itself would be replaced without a word
+    (["predict", "--set", "model.dim=64"], "--set 'model.dim=64'", "give --dim instead"),
+    (["predict", "--heads", "8", "--set", "model.peer.heads=4"], "model.peer.heads=4",
+     "give --heads instead"),
+    (["measure", "--set", "model.peer.heads=4"], "model.peer.heads=4",
+     "each point of the validation grid has its own"),
+    (["measure", *GRID, "--set", "train.steps=5"], "train.steps=5", "give --steps instead"),
+    (["measure", *GRID, "--set", "train.batch_size=2"], "train.batch_size=2",
+     "give --tokens-per-rank instead"),
+    (["calibrate", "--set", "data.path=x"], "data.path=x", "give --data instead"),
+    ([*PLAN, "--nodes", "1", "--set", "parallel.ep=2"], "parallel.ep=2", "it ranks every EP"),
+    ([*PLAN, "--nodes", "1", "--set", "train.dtype=fp32"], "train.dtype=fp32",
+     "give --dtype instead"),
+    ([*CHECK, "--set", "train.resume=auto"], "train.resume=auto", "sets train.resume itself"),
     (["calibrate", "--steps", "-1"], "--steps", "'-1'"),
     (["calibrate", "--refit", ""], "--refit=", "''"),
     (["calibrate", *GRID, "--refit", "/nonexistent.json"], "--refit /nonexistent.json",
