@@ -37,6 +37,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
 def test_override_beats_file(tmp_path):
     path = _write(tmp_path, "train:\n  steps: 5\n")
     assert load_config(path, ["train.steps=7"]).train.steps == 7
+    # in order: a key given twice takes its last value (README)
+    assert load_config(path, ["train.steps=2", "train.steps=3"]).train.steps == 3
 
 
 @pytest.mark.parametrize("override,key,allowed", [
