@@ -165,10 +165,11 @@ def model_state(path: Path, cfg: Config) -> dict[str, torch.Tensor]:
 def build_loaded(cfg: Config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The single-process model holding `state` exactly (strict: every weight, nothing more)."""
     from peer_dist.model.transformer import build_model
+    from peer_dist.train.checkpoint import without_unsaved_buffers
 
     model = build_model(cfg.model, cfg.train.seed, materialize=False)
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(without_unsaved_buffers(state, model), strict=True, assign=True)
     except RuntimeError as e:  # torch lists every mismatch, a line each: the first is named
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         first = next((ln for ln in lines[1:] if ln), lines[0] if lines else "")

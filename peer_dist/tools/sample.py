@@ -121,7 +121,7 @@ def load_sharded(spec: str) -> tuple[Config, torch.nn.Module, object]:
     from peer_dist.parallel import Topology, expert_shards, parallelize
     from peer_dist.parallel.parallelize import shard_dtensors
     from peer_dist.tools.export import checkpoint_config, resolve_checkpoint
-    from peer_dist.train.checkpoint import verify
+    from peer_dist.train.checkpoint import verify, without_unsaved_buffers
 
     path = resolve_checkpoint(spec)
     problem = verify(path)  # collective: every rank gets the same answer
@@ -133,7 +133,7 @@ def load_sharded(spec: str) -> tuple[Config, torch.nn.Module, object]:
     model = parallelize(build_model(cfg.model, cfg.train.seed, materialize=False), topo,
                         cfg.parallel).to(topo.device)
     dense = torch.load(path / "dense_full.pt", weights_only=True, map_location=topo.device)
-    model.load_state_dict(dense, strict=True)
+    model.load_state_dict(without_unsaved_buffers(dense, model), strict=True)
     tables = {f"{s.name}.{side}": t for s in expert_shards(model)
               for side, t in shard_dtensors(s, topo).items()}
     dcp.load(tables, checkpoint_id=str(path / "tables"))  # this rank's rows, in place

@@ -420,8 +420,25 @@ class Saver:
             self.done.append(done)
 
 
+def unsaved_buffers(module: torch.nn.Module) -> set[str]:
+    """The names of a module's non-persistent buffers (the rotary tables: rebuilt from the
+    config, never part of its state_dict)."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, m in module.named_modules()
+            for name in m._non_persistent_buffers_set}
+
+
+def without_unsaved_buffers(state: dict[str, torch.Tensor], module: torch.nn.Module
+                            ) -> dict[str, torch.Tensor]:
+    """`state` less the module's non-persistent buffers, which ZeRO-3 checkpoints of earlier
+    versions saved (at another stage, in peer-sample and peer-export they were refused as
+    unexpected keys)."""
+    unsaved = unsaved_buffers(module)
+    return {k: v for k, v in state.items() if k not in unsaved}
+
+
 def consolidated_dense_state(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
-    """Full fp32 dense weights on rank 0 (empty elsewhere); gathers ZeRO-3 partitions."""
+    """Full fp32 dense weights on rank 0 (empty elsewhere), the module's state_dict at any
+    stage; gathers ZeRO-3 partitions."""
     module = engine.module
     if engine.zero_optimization_stage() == 3:
         import deepspeed
@@ -432,8 +449,10 @@ def consolidated_dense_state(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]
                 if dist.get_rank() == 0:
                     out[name] = p.detach().float().cpu().clone()
         if dist.get_rank() == 0:
+            unsaved = unsaved_buffers(module)
             for name, b in module.named_buffers():
-                out[name] = b.detach().cpu().clone()
+                if name not in unsaved:
+                    out[name] = b.detach().cpu().clone()
         return out
     if dist.get_rank() != 0:
         return {}
@@ -682,7 +701,8 @@ def load_dense_weights(engine: DeepSpeedEngine, full: dict[str, torch.Tensor]) -
             if name in full:
                 b.copy_(full[name].to(b.dtype))
     else:
-        missing, unexpected = module.load_state_dict(full, strict=False)
+        missing, unexpected = module.load_state_dict(without_unsaved_buffers(full, module),
+                                                     strict=False)
         if unexpected or [m for m in missing if m in dict(module.named_parameters())]:
             raise KeyError(f"dense_full.pt does not match the model: missing {missing}, "
                            f"unexpected {unexpected}")

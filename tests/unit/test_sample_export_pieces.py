@@ -83,6 +83,21 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path: Path):
     assert "\n" not in str(e.value)
 
 
+def test_the_rotary_tables_an_earlier_zero3_checkpoint_saved_are_left_out():
+    """ZeRO-3 checkpoints saved every buffer, the rotary tables (non-persistent) too: peer-sample
+    and peer-export refused them (`Unexpected key(s) in state_dict: "rope_cos", "rope_sin"`)."""
+    from peer_dist.train.checkpoint import unsaved_buffers
+
+    cfg = load_config(TINY)
+    model = build_model(cfg.model, seed=0)
+    unsaved = unsaved_buffers(model)
+    assert unsaved == {"rope_cos", "rope_sin"}
+    state = {**model.state_dict(), **{k: v for k, v in model.named_buffers() if k in unsaved}}
+    loaded = build_loaded(cfg, state)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 def _fake_checkpoint(tmp_path: Path, balance: bool):
     """A checkpoint folder as training writes it (dense_full.pt, tables/ by DCP in table-position
     order, config.yaml) for the tiny model; returns (cfg, the model it holds)."""
