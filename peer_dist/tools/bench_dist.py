@@ -70,7 +70,7 @@ import time
 import torch
 
 from peer_dist import cli
-from peer_dist.config import OVERLAPPING, STRATEGIES
+from peer_dist.config import MAX_OVERLAP_CHUNKS, OVERLAPPING, STRATEGIES
 from peer_dist.errors import UserError
 from peer_dist.tools.bench import add_shape_args, memory_error, shape_error
 from peer_dist.train.startup import local_ranks_error
@@ -158,9 +158,11 @@ def _problem(args: argparse.Namespace) -> str | None:
     if bad:
         return bad
     args.chunk_list = _int_list(args.overlap_chunks)
-    if not args.chunk_list or not 1 <= min(args.chunk_list) <= max(args.chunk_list) <= args.tokens:
+    most = min(args.tokens, MAX_OVERLAP_CHUNKS)
+    if not args.chunk_list or not 1 <= min(args.chunk_list) <= max(args.chunk_list) <= most:
         return (f"--overlap-chunks={args.overlap_chunks!r} is invalid: allowed are integers from 1 "
-                f"(no overlap) to --tokens={args.tokens}, comma-separated, e.g. 1,4")
+                f"(no overlap) to {most} (--tokens={args.tokens}, and at most "
+                f"{MAX_OVERLAP_CHUNKS} as parallel.overlap_chunks), comma-separated, e.g. 1,4")
     args.overlap_chunks = args.chunk_list[0]
     if args.worker:
         return None

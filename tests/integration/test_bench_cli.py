@@ -98,6 +98,7 @@ HUGE = str(2 ** 40)  # passes the integer bound; tables of 2^40 rows fit no mach
     (["--overlap-chunks", "0"], "--overlap-chunks", "0"),
     (["--overlap-chunks", "abc"], "--overlap-chunks", "abc"),
     (["--overlap-chunks", "8", "--tokens", "4"], "--overlap-chunks", "8"),
+    (["--overlap-chunks", "1,65"], "--overlap-chunks", "to 64"),
     (["--nprocs-list", "0"], "--nprocs-list", "0"),
     (["--nprocs-list", "1000"], "--nprocs-list", "1000"),  # more ranks than the machine runs
     (["--nprocs-list", "1,,2"], "--nprocs-list", "1,,2"),  # an empty item: a typo

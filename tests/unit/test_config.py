@@ -52,6 +52,9 @@ def test_override_beats_file(tmp_path):
     ("parallel.strategy=scatter", "parallel.strategy",
      "['auto', 'fetch', 'dispatch', 'node_dispatch']"),
     ("parallel.bn_sync=maybe", "parallel.bn_sync", "['global', 'local']"),
+    # each chunk makes all-to-alls of its own: 100,000 of them took a step to minutes
+    ("parallel.overlap_chunks=65", "parallel.overlap_chunks", "from 1 (no overlap) to 64"),
+    ("parallel.overlap_chunks=0", "parallel.overlap_chunks", "from 1 (no overlap) to 64"),
     ("optim.table_optimizer=rmsprop", "optim.table_optimizer", "lazy_adam"),
     ("optim.betas=[0.9, 1.5]", "optim.betas", "[0, 1)"),
     ("train.zero_stage=4", "train.zero_stage", "[0, 1, 2, 3]"),
@@ -78,6 +81,15 @@ def test_invalid_values_name_key_and_allowed(override, key, allowed):
         load_config(None, [override])
     msg = str(err.value)
     assert key in msg and allowed in msg, msg
+
+
+def test_overlap_chunks_at_most_a_micro_batch_of_tokens():
+    cfg = load_config(None, ["parallel.overlap_chunks=6", "train.batch_size=2",
+                             "train.seq_len=3"])
+    assert cfg.parallel.overlap_chunks == 6
+    with pytest.raises(ConfigError, match=r"parallel.overlap_chunks=7 is invalid: allowed is at "
+                       r"most .* train.batch_size x train.seq_len = 6"):
+        load_config(None, ["parallel.overlap_chunks=7", "train.batch_size=2", "train.seq_len=3"])
 
 
 @pytest.mark.parametrize("override,allowed", [
