@@ -284,7 +284,7 @@ class TrainConfig:
     seed: int = 1234
     log_every: int = 10
     eval_every: int = 50
-    eval_batches: int = 8
+    eval_batches: int = 8  # global batches (batch_size x world size x grad_accum sequences)
     ckpt_every: int = 0  # every this many steps (0 = by time only, and at the end)
     # also every this many seconds of training (0 = off): bounds what a kill can lose
     ckpt_every_s: float = 1800.0

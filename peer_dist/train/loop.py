@@ -264,16 +264,19 @@ def log_text(job: Job, message: str) -> None:
 
 @torch.no_grad()
 def evaluate(job: Job) -> dict[str, float]:
-    """Validation loss / perplexity over train.eval_batches global batches, and expert usage and
-    unevenness per PEER layer. Every rank runs the same number of forwards (the sharded layers
-    are collective); a rank with no batch left repeats one with weight 0."""
+    """Validation loss / perplexity over train.eval_batches global batches (the sequences of an
+    optimizer step: batch_size x world size x grad_accum, the same held-out sequences at every
+    world size and micro-batch of one global batch), and expert usage and unevenness per PEER
+    layer. Every rank runs the same number of forwards (the sharded layers are collective); a
+    rank with no batch left repeats one with weight 0."""
     from peer_dist.train.expert_stats import ExpertStats
 
     cfg, topo, engine = job.cfg, job.topo, job.engine
     layers = {name: m for name, m in job.model.named_modules() if hasattr(m, "record_routing")}
     stats = {name: ExpertStats(m.cfg.num_experts) for name, m in layers.items()}
     batches = list(job.data.eval_batches(cfg.train.batch_size, cfg.train.seq_len, "val",
-                                         max_batches=cfg.train.eval_batches * topo.world_size,
+                                         max_batches=cfg.train.eval_batches * topo.world_size
+                                         * cfg.train.grad_accum,
                                          rank=topo.rank, world_size=topo.world_size))
     n_iter = torch.tensor([len(batches)])
     dist.all_reduce(n_iter, op=dist.ReduceOp.MAX)

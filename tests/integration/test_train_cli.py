@@ -140,7 +140,12 @@ def test_grad_accum_matches_larger_micro_batch(runs):
     (The query BatchNorm is off: its batch statistics depend on the micro-batch size.)"""
     no_bn = (*BASE, "model.peer.query_batchnorm=false")
     acc = runs.get(2, *no_bn, "train.batch_size=2", "train.grad_accum=2")
-    assert_losses_close(runs.get(2, *no_bn)["losses"], acc["losses"])
+    whole = runs.get(2, *no_bn)
+    assert_losses_close(whole["losses"], acc["losses"])
+    # validation over the same held-out sequences (train.eval_batches global batches): it took
+    # eval_batches x world size micro-batches, half the sequences here, and another loss
+    val = [r["summary"]["val_loss"] for r in (whole, acc)]
+    assert val[1] == pytest.approx(val[0], rel=LOSS_TOL)
 
 
 def test_resume_matches_uninterrupted_run(runs, tmp_path):
