@@ -253,6 +253,11 @@ class OptimConfig:
                self.table_state_dtype, f"one of {list(TABLE_STATE_DTYPES)}")
         _check(self.table_bias_correction in BIAS_CORRECTIONS, "optim.table_bias_correction",
                self.table_bias_correction, f"one of {list(BIAS_CORRECTIONS)}")
+        _check(self.table_bias_correction == "global" or self.table_optimizer == "lazy_adam",
+               "optim.table_bias_correction", self.table_bias_correction,
+               f"'global' with optim.table_optimizer={self.table_optimizer!r} (per-row counts "
+               "are lazy_adam's: dense_adam updates every row each step, adagrad and sgd have "
+               "no bias correction)")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio,
                "in [0, 1]")

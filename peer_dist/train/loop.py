@@ -310,6 +310,27 @@ def evaluate(job: Job) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- the job
 
+def exchange_note(job: Job) -> str:
+    """How the expert layers reach their rows, from the settings that apply (and those that
+    do not, named: a setting with no effect is said, not ignored)."""
+    from peer_dist.parallel.parallelize import sharded_modules
+
+    p, m = job.cfg.parallel, job.cfg.model
+    if not sharded_modules(job.model):
+        what = (f"model.sparse_kind={m.sparse_kind}: its layers are replicated on every rank"
+                if m.sparse_kind != "peer" else "no PEER layer (model.peer_blocks="
+                f"{m.peer_blocks!r})")
+        return (f"expert tables: none to shard ({what}); parallel.ep, strategy and "
+                "overlap_chunks have no effect")
+    if job.topo.ep == 1:
+        return ("expert tables: EP 1, every row on every rank (no exchange; parallel.strategy "
+                "and overlap_chunks have no effect)")
+    how = p.strategy + (" (the cost model's choice each step: comm/<layer>/strategy/<name> in "
+                        "the metrics)" if p.strategy == "auto" else "")
+    chunks = f", {p.overlap_chunks} overlap chunks" if p.overlap_chunks > 1 else ""
+    return f"expert tables: EP {job.topo.ep}, exchange {how}{chunks}"
+
+
 def comm_scalars(job: Job, steps: int) -> dict[str, float]:
     """All-to-all bytes and seconds per PEER layer per step since the last call (this rank)."""
     from peer_dist.parallel import comm_stats, reset_comm_stats
@@ -321,6 +342,8 @@ def comm_scalars(job: Job, steps: int) -> dict[str, float]:
         out[f"comm/{layer}/seconds"] = s["seconds"] / steps
         if s["grad_rows"]:
             out[f"comm/{layer}/grad_rows"] = s["grad_rows"]
+        for name, calls in s["strategy_calls"].items():  # forward calls by strategy
+            out[f"comm/{layer}/strategy/{name}"] = calls
     reset_comm_stats(job.model)
     return out
 
@@ -381,6 +404,7 @@ def _run(job: Job) -> dict[str, Any]:
     log.text(f"peer-train: {job.topo.describe()}; {t.steps} steps, ZeRO {t.zero_stage}, "
              f"{str(job.dtype).replace('torch.', '')}"
              + (f"; resumed from {resume} at step {job.step}" if resume else ""))
+    log.text(f"peer-train: {exchange_note(job)}")
     last: dict[str, float] = {}
     timed_tokens, timed_seconds, since_log = 0.0, 0.0, 0
     while job.step < t.steps:

@@ -58,6 +58,10 @@ def test_two_ranks_lower_the_loss_and_report(runs):
     assert s["world_size"] == 2 and s["steps"] == 8 and s["val_ppl"] > 1
     assert len(s["expert_mib_per_rank"]) == 2 and min(s["expert_mib_per_rank"]) > 0
     assert "=== summary ===" in r["log"] and "ETA" in r["log"]
+    # the exchange the expert layers use is said at the start, what ran logged per window
+    assert "peer-train: expert tables: EP 2, exchange auto (the cost model's choice" in r["log"]
+    ran = [k.rsplit("/", 1)[1] for row in r["rows"] for k in row if "/strategy/" in k]
+    assert ran and set(ran) <= {"fetch", "dispatch", "node_dispatch"}, ran
     usage = [v for k, v in s["experts"].items() if k.endswith("/usage")]
     assert usage and 0 < usage[0] <= 1
     rows = r["rows"]
@@ -221,3 +225,5 @@ def test_baseline_layers_train_in_the_sharded_trainer(runs, kind):
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1] - 1.0, losses
     assert r["summary"]["val_ppl"] > 1 and max(r["summary"]["expert_mib_per_rank"]) == 0
+    assert (f"expert tables: none to shard (model.sparse_kind={kind}: its layers are replicated "
+            "on every rank); parallel.ep, strategy and overlap_chunks have no effect") in r["log"]

@@ -56,6 +56,9 @@ def test_override_beats_file(tmp_path):
     ("parallel.overlap_chunks=65", "parallel.overlap_chunks", "from 1 (no overlap) to 64"),
     ("parallel.overlap_chunks=0", "parallel.overlap_chunks", "from 1 (no overlap) to 64"),
     ("optim.table_optimizer=rmsprop", "optim.table_optimizer", "lazy_adam"),
+    # accepted, and had no effect
+    (["optim.table_optimizer=adagrad", "optim.table_bias_correction=row"],
+     "optim.table_bias_correction", "'global' with optim.table_optimizer='adagrad'"),
     ("optim.betas=[0.9, 1.5]", "optim.betas", "[0, 1)"),
     ("train.zero_stage=4", "train.zero_stage", "[0, 1, 2, 3]"),
     ("train.dtype=fp16", "train.dtype", "'bf16'"),
@@ -78,7 +81,7 @@ def test_override_beats_file(tmp_path):
 ])
 def test_invalid_values_name_key_and_allowed(override, key, allowed):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, [override] if isinstance(override, str) else override)
     msg = str(err.value)
     assert key in msg and allowed in msg, msg
 
