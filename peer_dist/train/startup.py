@@ -198,14 +198,24 @@ def empty_shard_ranks(num_experts: int, ep: int) -> list[int]:
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
-    """Refuse a layout that leaves a rank with nothing to hold: an EP rank without a table row.
-    Every rank finds the same answer (one line, from rank 0)."""
+    """Refuse a layout that leaves a rank with nothing to hold (an EP rank without a table row)
+    or a query BatchNorm of one token. Every rank finds the same answer (one line, from
+    rank 0)."""
     from peer_dist.parallel.topology import TopologyError, check_degrees
 
     try:
         ep, _ = check_degrees(world_size, cfg.parallel.ep)
     except TopologyError as e:
         raise UserError(str(e), all_ranks=True) from None
+    m, tokens = cfg.model, cfg.train.batch_size * cfg.train.seq_len
+    global_bn = world_size > 1 and cfg.parallel.bn_sync == "global"
+    if (m.sparse_kind in ("peer", "pkm") and m.peer_block_ids() and m.peer.query_batchnorm
+            and tokens == 1 and not global_bn):  # BatchNorm of one value per channel
+        raise UserError("model.peer.query_batchnorm: a training batch of 1 token per rank "
+                        "(train.batch_size=1 x train.seq_len=1) cannot be normalised; allowed "
+                        "are more tokens per rank, model.peer.query_batchnorm=false"
+                        + (", or parallel.bn_sync=global (statistics over every rank's tokens)"
+                           if world_size > 1 else ""), all_ranks=True)
     n = cfg.model.peer.num_experts
     if cfg.model.sparse_kind != "peer" or not cfg.model.peer_block_ids():
         return  # only PEER tables are sharded

@@ -219,6 +219,22 @@ def test_a_rank_without_table_rows_is_refused():
                                             "model.peer.topk=3"]), 4)  # no PEER table
 
 
+def test_a_query_batchnorm_of_one_token_is_refused_before_the_ranks():
+    """It was found at the first forward, once per rank, and advised parallel.bn_sync=global on
+    one rank, where it cannot help."""
+    one = ["train.batch_size=1", "train.seq_len=1"]
+    with pytest.raises(UserError, match=r"1 token per rank .* model.peer.query_batchnorm=false$"):
+        startup.check_layout(load_config(TINY, one), 1)
+    with pytest.raises(UserError, match=r"model.peer.query_batchnorm=false, or parallel.bn_sync"):
+        startup.check_layout(load_config(TINY, [*one, "parallel.bn_sync=local"]), 2)
+    with pytest.raises(UserError, match="1 token per rank"):
+        startup.check_layout(load_config(TINY, [*one, "model.sparse_kind=pkm"]), 1)
+    startup.check_layout(load_config(TINY, one), 2)  # statistics over both ranks' tokens
+    for fine in (["model.peer.query_batchnorm=false"], ["model.sparse_kind=moe"],
+                 ["train.seq_len=2"]):
+        startup.check_layout(load_config(TINY, [*one, *fine]), 1)
+
+
 def test_threads_share_the_cores_unless_set(monkeypatch):
     monkeypatch.setattr(startup, "cpu_cores", lambda: 8)
     cfg = load_config(TINY)
