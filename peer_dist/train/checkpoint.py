@@ -261,7 +261,10 @@ def check_compatible(path: Path, cfg: Config) -> None:
             if k.startswith(LAYOUT_KEYS) and a is not None]
     if diff:
         shown = ", ".join(f"{k}={a!r} (checkpoint) vs {b!r} (this run)" for k, a, b in diff)
-        raise UserError(f"checkpoint {str(path)!r} was written for another model: {shown}; "
+        kinds = {"model": "another model", "optim": "another table optimizer",
+                 "parallel": "another order of the experts"}
+        what = " and ".join(dict.fromkeys(kinds[k.split(".")[0]] for k, _, _ in diff))
+        raise UserError(f"checkpoint {str(path)!r} was written for {what}: {shown}; "
                         "allowed: the same values, or train.resume=never, or another "
                         "train.run_dir", all_ranks=True)
 

@@ -83,9 +83,15 @@ def on_resume(path: Path, step: int, cfg: Config, topo: Topology) -> tuple[Sched
     old = Schedule(**meta["lr_schedule"]) if "lr_schedule" in meta else Schedule(
         o.warmup_steps, 1.0, int(st.get("steps", cfg.train.steps)))
     notes = []
-    if meta["world_size"] != topo.world_size or meta["ep"] != topo.ep:
-        notes.append(f"world size {meta['world_size']} -> {topo.world_size}: the tables were "
-                     f"resharded from EP {meta['ep']} to EP {topo.ep}")
+    tables = cfg.model.sparse_kind == "peer" and bool(cfg.model.peer_block_ids())
+    moved = [f"world size {meta['world_size']} -> {topo.world_size}"] * (
+        meta["world_size"] != topo.world_size)
+    if tables and meta["ep"] != topo.ep:
+        moved.append(f"the tables were resharded from EP {meta['ep']} to EP {topo.ep}")
+    elif tables and moved:
+        moved.append(f"the tables keep their EP {topo.ep} shards")
+    if moved:
+        notes.append(": ".join(moved))
     old_batch = meta.get("global_batch") or int(st.get("batch_size", 0)) * int(
         st.get("grad_accum", 1)) * meta["world_size"]
     new_batch = global_batch(cfg, topo.world_size)

@@ -99,6 +99,22 @@ def test_world_size_and_global_batch_changes_are_said(tmp_path):
                         "train.batch_size 4 -> 2, train.global_batch_size 0 -> 8")
 
 
+def test_a_world_size_change_says_what_happened_to_the_tables(tmp_path):
+    """It said `world size 2 -> 2: ... resharded from EP 2 to EP 1` for a change of EP alone,
+    `from EP 1 to EP 1`, and resharded tables a MoE model does not have."""
+    base = ["train.steps=8", "train.global_batch_size=32"]
+    path = checkpoint(tmp_path, 4, 2, 2, base)
+    for extra, world, ep, want in (
+            ([], 2, 1, "the tables were resharded from EP 2 to EP 1"),
+            ([], 4, 2, "world size 2 -> 4: the tables keep their EP 2 shards"),
+            ([], 4, 4, "world size 2 -> 4: the tables were resharded from EP 2 to EP 4"),
+            (["model.sparse_kind=moe"], 4, 4, "world size 2 -> 4")):
+        cfg = load_config(None, [*base, *extra])
+        resolve_batch(cfg, world)
+        _, notes = on_resume(path, 4, cfg, SimpleNamespace(world_size=world, ep=ep))
+        assert notes[0] == f"peer-train: resume: {want}", notes
+
+
 def test_every_other_change_since_the_checkpoint_is_said(tmp_path):
     """A resume with another data.path, seed, sequence length or LR trained on without a
     word (the README promises a line for each thing that differs)."""

@@ -175,6 +175,9 @@ def test_incompatible_checkpoint_lists_the_keys_that_differ(tmp_path):
     assert "model.peer.topk=16 (checkpoint) vs 8 (this run)" in msg
     assert "optim.table_optimizer='adagrad' (checkpoint) vs 'lazy_adam'" in msg
     assert "optim.lr" not in msg and "\n" not in msg
+    assert "was written for another model and another table optimizer:" in msg
+    with pytest.raises(UserError, match="was written for another table optimizer: optim.table_"):
+        ckpt.check_compatible(tmp_path, load_config(None, ["model.dim=64"]))
 
 
 def test_cli_arguments():
