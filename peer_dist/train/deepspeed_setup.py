@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,6 +86,11 @@ def quiet_deepspeed() -> None:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
+    # ZeRO's gathers and reduce-scatters call collectives torch deprecates for their *_single
+    # forms (DeepSpeed's calls; this project makes none): lines per rank and run that no
+    # user setting can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
+                            r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 
 @contextlib.contextmanager

@@ -83,7 +83,9 @@ def zero_run(runs, stage: int) -> dict:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_give_the_same_losses(runs, stage):
     base = runs.get(2, *BASE)
-    assert_losses_close(base["losses"], zero_run(runs, stage)["losses"])
+    run = zero_run(runs, stage)
+    assert_losses_close(base["losses"], run["losses"])
+    assert "Warning" not in run["log"]  # ZeRO's deprecated collectives: 2-4 lines per rank
 
 
 def test_mid_run_evaluation(runs):
