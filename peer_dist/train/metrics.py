@@ -164,8 +164,9 @@ class Logger:
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The end-of-run summary as console lines."""
+    ranks = summary["world_size"]
     lines = ["", "=== summary ===",
-             f"steps            {summary['steps']} ({summary['world_size']} ranks, ZeRO "
+             f"steps            {summary['steps']} ({ranks} rank{'s' * (ranks != 1)}, ZeRO "
              f"{summary['zero_stage']}, {summary['dtype']})",
              f"final loss       {summary['final_loss']:.4f} (train, last step)"
              if math.isfinite(summary["final_loss"]) else

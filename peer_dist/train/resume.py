@@ -39,7 +39,8 @@ def resolve_batch(cfg: Config, world: int) -> None:
     per_step = world * t.batch_size
     if t.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size={t.global_batch_size} cannot be split over "
-                        f"{world} ranks with train.batch_size={t.batch_size}: allowed are "
+                        f"{world} rank{'s' * (world != 1)} with train.batch_size={t.batch_size}: "
+                        "allowed are "
                         f"multiples of {per_step} (ranks x batch_size), or a train.batch_size "
                         "that divides global_batch_size / ranks", all_ranks=True)
     t.grad_accum = t.global_batch_size // per_step

@@ -70,7 +70,7 @@ def test_plan_check_runs_the_best_setting(tmp_path, capsys, monkeypatch):
           "16384", "--check", "--steps", "2", "--data", str(tmp_path / "data"), "--json"])
     out = capsys.readouterr().out
     # a tiny dense part: ZeRO 1-2 buckets (2^20 values) outweigh what they partition
-    assert "plan --check: ep=1 zero=0 micro_batch=4 lazy_adam, 1 ranks here" in out
+    assert "plan --check: ep=1 zero=0 micro_batch=4 lazy_adam, 1 rank here" in out
     row = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert row["tokens_per_rank"] == 4 * 32 and row["zero_stage"] == 0
     # the runtime from a minimal run, then the point: each a fresh process
