@@ -49,8 +49,10 @@ def error_lines(out: str) -> list[str]:
             and not INFO.match(line)]
 
 
-# what a run says on start: the banner, the data line, a data folder being prepared
-INFO = re.compile(r"peer-train: (rank \d+/|data |node \d+ of |.*: preparing it from )")
+# what a run says on start: the banner, the data line, a data folder being prepared, how the
+# expert layers reach their rows
+INFO = re.compile(r"peer-train: (rank \d+/|data |node \d+ of |.*: preparing it from |"
+                  r"expert tables: )")
 
 
 def assert_one_line(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
