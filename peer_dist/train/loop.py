@@ -107,7 +107,9 @@ def setup(cfg: Config, lock: RunDirLock) -> Job:
     topo = Topology.build(cfg.parallel.ep)
     agree(lock.acquire, rank0_only=True)
     data = open_data(cfg)
-    resolve_batch(cfg, topo.world_size)  # train.global_batch_size -> train.grad_accum
+    replaced = resolve_batch(cfg, topo.world_size)  # train.global_batch_size -> grad_accum
+    if replaced and topo.rank == 0:
+        print(replaced, flush=True)
     dtype = resolve_dtype(cfg, topo.device)
     model = build_model(cfg.model, cfg.train.seed, materialize=False)
     model = parallelize(model, topo, cfg.parallel).to(topo.device)  # shards are on the device

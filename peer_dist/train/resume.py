@@ -30,12 +30,13 @@ if TYPE_CHECKING:
     from peer_dist.parallel import Topology
 
 
-def resolve_batch(cfg: Config, world: int) -> None:
+def resolve_batch(cfg: Config, world: int) -> str | None:
     """With train.global_batch_size set, derive train.grad_accum (in place) or refuse in one
-    line; `world` is the number of ranks."""
+    line; `world` is the number of ranks. Returns a line when a train.grad_accum other than 1
+    was given and is replaced."""
     t = cfg.train
     if not t.global_batch_size:
-        return
+        return None
     per_step = world * t.batch_size
     if t.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size={t.global_batch_size} cannot be split over "
@@ -43,7 +44,12 @@ def resolve_batch(cfg: Config, world: int) -> None:
                         "allowed are "
                         f"multiples of {per_step} (ranks x batch_size), or a train.batch_size "
                         "that divides global_batch_size / ranks", all_ranks=True)
-    t.grad_accum = t.global_batch_size // per_step
+    given, t.grad_accum = t.grad_accum, t.global_batch_size // per_step
+    if given in (1, t.grad_accum):
+        return None
+    return (f"peer-train: train.grad_accum={given} replaced by {t.grad_accum}: "
+            f"train.global_batch_size={t.global_batch_size} sets it ({world} "
+            f"rank{'s' * (world != 1)} x train.batch_size={t.batch_size} x {t.grad_accum})")
 
 
 def global_batch(cfg: Config, world: int) -> int:

@@ -99,6 +99,18 @@ def test_world_size_and_global_batch_changes_are_said(tmp_path):
                         "train.batch_size 4 -> 2, train.global_batch_size 0 -> 8")
 
 
+def test_a_grad_accum_that_the_global_batch_replaces_is_said():
+    cfg = load_config(None, ["train.global_batch_size=8", "train.batch_size=4",
+                             "train.grad_accum=3"])
+    assert resolve_batch(cfg, 1) == (
+        "peer-train: train.grad_accum=3 replaced by 2: train.global_batch_size=8 sets it (1 rank "
+        "x train.batch_size=4 x 2)")
+    assert cfg.train.grad_accum == 2
+    assert resolve_batch(cfg, 1) is None  # given as it is derived: nothing replaced
+    cfg = load_config(None, ["train.global_batch_size=8", "train.batch_size=4"])
+    assert resolve_batch(cfg, 2) is None and cfg.train.grad_accum == 1
+
+
 def test_a_world_size_change_says_what_happened_to_the_tables(tmp_path):
     """It said `world size 2 -> 2: ... resharded from EP 2 to EP 1` for a change of EP alone,
     `from EP 1 to EP 1`, and resharded tables a MoE model does not have."""
