@@ -403,8 +403,8 @@ def _run(job: Job) -> dict[str, Any]:
     log = Logger(t.run_dir, job.topo.rank, t.steps, job.step)
     if job.topo.rank == 0:
         save_config(cfg, Path(t.run_dir) / "config.yaml")
-    log.text(f"peer-train: {job.topo.describe()}; {t.steps} steps, ZeRO {t.zero_stage}, "
-             f"{str(job.dtype).replace('torch.', '')}"
+    log.text(f"peer-train: {job.topo.describe()}; {t.steps} step{'s' * (t.steps != 1)}, "
+             f"ZeRO {t.zero_stage}, {str(job.dtype).replace('torch.', '')}"
              + (f"; resumed from {resume} at step {job.step}" if resume else ""))
     log.text(f"peer-train: {exchange_note(job)}")
     last: dict[str, float] = {}
