@@ -185,11 +185,13 @@ def rank_pids(launcher: int) -> list[int]:
 def damage_newest(run_dir: Path) -> str:
     root = run_dir / "checkpoints"
     newest = sorted(root.glob("step_*"), key=ckpt.step_of)[-1]
-    target = sorted((newest / "tables").glob("*.distcp"))[0]
+    # a table shard, else (a model without PEER tables: empty shards) the dense weights
+    files = [f for f in sorted((newest / "tables").glob("*.distcp")) if f.stat().st_size]
+    target = (files or [newest / "dense_full.pt"])[0]
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    return f"{newest.name}/tables/{target.name}"
+    return str(target.relative_to(newest.parent))
 
 
 class Driver:

@@ -40,7 +40,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int,
     """One token id from the last position's logits (V,): argmax when temperature is 0. Only
     ids below `vocab` (the tokenizer's) are drawn: a model.vocab_size above the tokenizer's
     has ids no text maps to."""
-    logits = logits.float()
+    logits = logits.double()  # a temperature below float32's range (1e-300) stays nonzero
     if vocab is not None and vocab < logits.numel():
         logits = logits[:vocab]
     if temperature <= 0:

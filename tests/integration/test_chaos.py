@@ -29,6 +29,23 @@ def test_plan_holds_every_kind_and_arms_kill_in_ckpt_at_a_job_start():
                 assert kind != "kill_in_ckpt" or i == 0 or plan[i - 1] in ("preempt", "damage")
 
 
+def test_damage_hits_a_table_shard_else_the_dense_weights(tmp_path):
+    """A model without PEER tables (MoE, PKM, peer_blocks=none) writes empty shards: flipping
+    a byte in the middle of one was an IndexError traceback after the reference run."""
+    from peer_dist.tools.chaos import damage_newest
+
+    step = tmp_path / "checkpoints" / "step_00000004"
+    (step / "tables").mkdir(parents=True)
+    for name in ("__0_0.distcp", "__1_0.distcp"):
+        (step / "tables" / name).write_bytes(b"")
+    (step / "dense_full.pt").write_bytes(bytes(8))
+    assert damage_newest(tmp_path) == "step_00000004/dense_full.pt"
+    assert (step / "dense_full.pt").read_bytes() == bytes(4) + b"\xff" + bytes(3)
+    (step / "tables" / "__1_0.distcp").write_bytes(bytes(4))
+    assert damage_newest(tmp_path) == "step_00000004/tables/__1_0.distcp"
+    assert (step / "tables" / "__1_0.distcp").read_bytes() == bytes(2) + b"\xff" + bytes(1)
+
+
 # peer-chaos's runs (2 faults, a checkpoint every 3 steps: (2 + 2) x 2 x 3 = 24 steps); the
 # reference is made here on forked ranks and handed over with --reference
 REFERENCE = ("train.steps=24", "train.log_every=1", "train.ckpt_every=3", "train.keep_last=3")

@@ -149,6 +149,8 @@ def test_a_tiny_temperature_is_nearly_greedy_and_ids_stay_in_the_tokenizer():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0, 0.5, 9.0])
     g = torch.Generator().manual_seed(0)
     assert {next_token(logits, 1e-40, 0, g) for _ in range(10)} == {5}
+    for tiny in (1e-300, 5e-324):  # below float32: 0/0 was NaN (a traceback)
+        assert {next_token(logits, tiny, 0, g) for _ in range(10)} == {5}
     assert {next_token(logits, 1e-40, 3, g) for _ in range(10)} == {5}
     assert {next_token(logits, 1e-40, 0, g, vocab=5) for _ in range(10)} == {1}  # 5: no text
     assert next_token(logits, 0.0, 0, None, vocab=5) == 1
