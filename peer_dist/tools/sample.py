@@ -219,10 +219,21 @@ def sample(args: argparse.Namespace) -> dict:
             "seconds": time.perf_counter() - t0, "ranks": dist.get_world_size() if sharded else 1}
 
 
+def launch_env_error(env) -> str | None:
+    """torchrun's variables set by hand or left in the shell (RANK alone made this process a
+    rank of a job that does not exist: a traceback), as peer-train checks them."""
+    from peer_dist.train.__main__ import env_error
+
+    if "RANK" in env and "WORLD_SIZE" not in env:
+        return (f"RANK={env['RANK']!r} without WORLD_SIZE: allowed are both (torchrun sets "
+                "them), or neither (unset RANK; --nproc N starts the ranks)")
+    return env_error(dict(env))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_intermixed_args(argv)
-    problem = arg_error(args)
+    problem = arg_error(args) or launch_env_error(os.environ)
     if problem:
         print(f"{PROG}: {problem}", file=sys.stderr)
         return 2

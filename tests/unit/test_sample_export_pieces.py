@@ -229,3 +229,14 @@ def test_sharded_sampling_names_a_bad_checkpoint_once_before_the_ranks(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"peer-sample: --checkpoint={str(tmp_path)!r} holds no checkpoint; allowed: "
                    "a run directory, its checkpoints/ folder, or one step_* directory in it"]
+
+
+def test_launcher_variables_left_in_the_shell_are_one_line():
+    """RANK alone made peer-sample a rank of a job that does not exist (a traceback)."""
+    from peer_dist.tools.sample import launch_env_error
+
+    assert "RANK='0' without WORLD_SIZE" in launch_env_error({"RANK": "0"})
+    assert "RANK='abc' is invalid" in launch_env_error({"RANK": "abc", "WORLD_SIZE": "2"})
+    assert "RANK=2 with WORLD_SIZE=2" in launch_env_error({"RANK": "2", "WORLD_SIZE": "2"})
+    assert launch_env_error({}) is None
+    assert launch_env_error({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}) is None
