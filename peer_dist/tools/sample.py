@@ -215,8 +215,15 @@ def sample(args: argparse.Namespace) -> dict:
     new = ids[len(prompt):]
     if sharded:
         dist.barrier()  # no rank leaves while another still needs it
-    return {"prompt": args.prompt, "ids": new, "text": tok.decode(new),
+    return {"prompt": args.prompt, "ids": new, "text": new_text(tok, new),
             "seconds": time.perf_counter() - t0, "ranks": dist.get_world_size() if sharded else 1}
+
+
+def new_text(tok, new: list[int]) -> str:
+    """The generated ids as text; the end-of-document token that stopped them is not text (it
+    printed a NUL byte)."""
+    end = new and tok.eos_id is not None and new[-1] == tok.eos_id
+    return tok.decode(new[:-1] if end else new)
 
 
 def launch_env_error(env) -> str | None:

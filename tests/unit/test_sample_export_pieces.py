@@ -240,3 +240,14 @@ def test_launcher_variables_left_in_the_shell_are_one_line():
     assert "RANK=2 with WORLD_SIZE=2" in launch_env_error({"RANK": "2", "WORLD_SIZE": "2"})
     assert launch_env_error({}) is None
     assert launch_env_error({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}) is None
+
+
+def test_the_end_of_document_token_is_not_printed():
+    from peer_dist.data.tokenizers import load_tokenizer
+    from peer_dist.tools.sample import new_text
+
+    tok = load_tokenizer("byte")
+    assert tok.eos_id is not None
+    ids = [int(i) for i in tok.encode("hi")]
+    assert new_text(tok, [*ids, tok.eos_id]) == "hi"  # was "hi\x00"
+    assert new_text(tok, ids) == "hi"
