@@ -126,7 +126,12 @@ def names(choices):
     return parse
 
 
-COUNT = ints(1, MAX_COUNT)  # a size or count >= 1 (steps, tokens, dims)
+COUNT = ints(1, MAX_COUNT)
+
+
+def plural(n: int, word: str) -> str:
+    """"1 rank", "2 ranks"."""
+    return f"{n} {word}{'s' * (n != 1)}"  # a size or count >= 1 (steps, tokens, dims)
 
 
 def own_override(overrides: list[str], keys) -> tuple[str, str] | None:

@@ -136,6 +136,10 @@ class ModelConfig:
     def peer_block_ids(self) -> list[int]:
         return list(_block_ids(self.peer_blocks, self.n_layers))
 
+    def has_expert_tables(self) -> bool:
+        """Whether the model has PEER tables to shard (MoE and PKM layers are replicated)."""
+        return self.sparse_kind == "peer" and bool(self.peer_block_ids())
+
     def validate(self) -> None:
         _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size,
                "an integer >= 1, or 0 (the prepared dataset's vocabulary)")

@@ -1003,8 +1003,8 @@ def check_plan(args: argparse.Namespace, best: dict) -> None:
     finally:  # a failed or stopped check leaves no folder behind either
         shutil.rmtree(work, ignore_errors=True)
     print(f"plan --check: ep={s.ep} zero={s.zero_stage} micro_batch={best['micro_batch']} "
-          f"{s.table_optimizer}, {s.world_size} rank{'s' * (s.world_size != 1)} here, "
-          f"{args.steps} steps")
+          f"{s.table_optimizer}, {cli.plural(s.world_size, 'rank')} here, "
+          f"{cli.plural(args.steps, 'step')}")
     print(f"  predicted whole peak {human(row['peak_bytes_per_rank_predicted'])} per rank "
           f"(runtime {human(row['runtime'])}), measured "
           f"{human(row['peak_bytes_per_rank_measured'])} ({row['peak_source']}): "

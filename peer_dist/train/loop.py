@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from peer_dist.cli import plural
 from peer_dist.config import Config, save_config
 from peer_dist.errors import UserError
 from peer_dist.model.transformer import build_model, lm_loss
@@ -403,7 +404,7 @@ def _run(job: Job) -> dict[str, Any]:
     log = Logger(t.run_dir, job.topo.rank, t.steps, job.step)
     if job.topo.rank == 0:
         save_config(cfg, Path(t.run_dir) / "config.yaml")
-    log.text(f"peer-train: {job.topo.describe()}; {t.steps} step{'s' * (t.steps != 1)}, "
+    log.text(f"peer-train: {job.topo.describe()}; {plural(t.steps, 'step')}, "
              f"ZeRO {t.zero_stage}, {str(job.dtype).replace('torch.', '')}"
              + (f"; resumed from {resume} at step {job.step}" if resume else ""))
     log.text(f"peer-train: {exchange_note(job)}")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from peer_dist.cli import plural
+
 
 def tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -164,9 +166,8 @@ class Logger:
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The end-of-run summary as console lines."""
-    ranks = summary["world_size"]
     lines = ["", "=== summary ===",
-             f"steps            {summary['steps']} ({ranks} rank{'s' * (ranks != 1)}, ZeRO "
+             f"steps            {summary['steps']} ({plural(summary['world_size'], 'rank')}, ZeRO "
              f"{summary['zero_stage']}, {summary['dtype']})",
              f"final loss       {summary['final_loss']:.4f} (train, last step)"
              if math.isfinite(summary["final_loss"]) else

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peer_dist.cli import plural
 from peer_dist.config import Config, to_dict
 from peer_dist.errors import UserError
 from peer_dist.train.startup import config_diff
@@ -40,7 +41,7 @@ def resolve_batch(cfg: Config, world: int) -> str | None:
     per_step = world * t.batch_size
     if t.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size={t.global_batch_size} cannot be split over "
-                        f"{world} rank{'s' * (world != 1)} with train.batch_size={t.batch_size}: "
+                        f"{plural(world, 'rank')} with train.batch_size={t.batch_size}: "
                         "allowed are "
                         f"multiples of {per_step} (ranks x batch_size), or a train.batch_size "
                         "that divides global_batch_size / ranks", all_ranks=True)
@@ -48,8 +49,8 @@ def resolve_batch(cfg: Config, world: int) -> str | None:
     if given in (1, t.grad_accum):
         return None
     return (f"peer-train: train.grad_accum={given} replaced by {t.grad_accum}: "
-            f"train.global_batch_size={t.global_batch_size} sets it ({world} "
-            f"rank{'s' * (world != 1)} x train.batch_size={t.batch_size} x {t.grad_accum})")
+            f"train.global_batch_size={t.global_batch_size} sets it ({plural(world, 'rank')} x "
+            f"train.batch_size={t.batch_size} x {t.grad_accum})")
 
 
 def global_batch(cfg: Config, world: int) -> int:
@@ -90,7 +91,7 @@ def on_resume(path: Path, step: int, cfg: Config, topo: Topology) -> tuple[Sched
     old = Schedule(**meta["lr_schedule"]) if "lr_schedule" in meta else Schedule(
         o.warmup_steps, 1.0, int(st.get("steps", cfg.train.steps)))
     notes = []
-    tables = cfg.model.sparse_kind == "peer" and bool(cfg.model.peer_block_ids())
+    tables = cfg.model.has_expert_tables()
     moved = [f"world size {meta['world_size']} -> {topo.world_size}"] * (
         meta["world_size"] != topo.world_size)
     if tables and meta["ep"] != topo.ep:

@@ -217,7 +217,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
                         + (", or parallel.bn_sync=global (statistics over every rank's tokens)"
                            if world_size > 1 else ""), all_ranks=True)
     n = cfg.model.peer.num_experts
-    if cfg.model.sparse_kind != "peer" or not cfg.model.peer_block_ids():
+    if not cfg.model.has_expert_tables():
         return  # only PEER tables are sharded
     empty = empty_shard_ranks(n, ep)
     if empty:
